@@ -1,0 +1,1 @@
+//! `fedml_config.yaml` → typed configuration.

@@ -1,0 +1,18 @@
+//! fedmq: federated learning over MQTT (control plane) and S3 (data plane), training with candle.
+//!
+//! Clients train a shared model on data that never leaves them; a server coordinates rounds.
+//!
+//! # Layout
+//! - [`config`]: `fedml_config.yaml` → typed structs, defaults, validation with file:line errors.
+//! - [`data`]: data sets fetched by package name and checked by SHA-256, IDX/CIFAR loaders,
+//!   FedML-style partitions (`homo`, `hetero`, `pathological`) and their statistics.
+//! - [`train`]: candle models named as FedML's `model_args.model` (`lr`, `mlp`, `cnn`), optimizers,
+//!   the local trainer, evaluation and the training benchmark.
+//! - [`tensor`]: model parameters ↔ safetensors bytes in memory, with SHA-256 digests.
+//! - `cli` (binary only): the `fedmq` command line.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod data;
+pub mod tensor;
+pub mod train;

@@ -1,0 +1,1 @@
+//! Model parameters as bytes: safetensors in memory, SHA-256 digests.

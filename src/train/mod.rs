@@ -1,0 +1,1 @@
+//! candle models, optimizers, the local trainer and the training benchmark.
