@@ -8,11 +8,21 @@
 //!   FedML-style partitions (`homo`, `hetero`, `pathological`) and their statistics.
 //! - [`train`]: candle models named as FedML's `model_args.model` (`lr`, `mlp`, `cnn`), optimizers,
 //!   the local trainer, evaluation and the training benchmark.
+//! - [`proto`]: protocol v1: MQTT topics, JSON control messages, blob references, blob keys.
+//! - [`strategy`]: configure/aggregate strategies with streaming aggregation; FedAvg.
+//! - [`server`]: the round engine as a sans-IO state machine.
 //! - [`tensor`]: model parameters ↔ safetensors bytes in memory, with SHA-256 digests.
 //! - `cli` (binary only): the `fedmq` command line.
 #![warn(missing_docs)]
 
 pub mod config;
 pub mod data;
+pub mod proto;
+pub mod server;
+#[cfg(feature = "wip-store")]
+pub mod store;
+pub mod strategy;
 pub mod tensor;
 pub mod train;
+#[cfg(feature = "wip-mqtt")]
+pub mod transport;

@@ -1,1 +1,604 @@
 //! `fedml_config.yaml` → typed configuration.
+//!
+//! The file keeps FedML's sections and keys with FedML's meaning (`common_args`, `data_args`,
+//! `model_args`, `train_args`, `validation_args`, `device_args`, `comm_args`, `tracking_args`,
+//! `lsa_args`, plus FedML's `environment_args`), so a FedML user's file loads as it is. Unlike FedML,
+//! sections are not flattened: an unknown or misplaced key is an error naming the file, the line and
+//! the closest valid key (or the section where the key belongs). Keys that fedmq adds are marked
+//! "fedmq addition" below; everything fedmq-specific without a FedML counterpart lives in the
+//! `fedmq_args` section.
+//!
+//! Secrets can come from the environment instead of the file (see [`Config::apply_env`]); the CLI
+//! applies `--rank`, `--run-id` and a few other overrides on top.
+//!
+//! # Layout
+//! - this file: the section structs and their defaults, [`Config::load`], [`Config::validate`].
+//! - `error.rs`: [`ConfigError`], including the "did you mean" machinery.
+
+mod error;
+
+pub use error::ConfigError;
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Result of configuration loading and validation.
+pub type Result<T> = std::result::Result<T, ConfigError>;
+
+/// The whole configuration file. Every section is optional; missing keys take the defaults below.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Run-wide settings (seed, training type).
+    pub common_args: CommonArgs,
+    /// FedML's environment section (accepted for compatibility; fedmq needs no bootstrap).
+    pub environment_args: EnvironmentArgs,
+    /// Which data set, where it is cached and how it is partitioned among clients.
+    pub data_args: DataArgs,
+    /// Which model to train.
+    pub model_args: ModelArgs,
+    /// Federation size, rounds and local training hyper-parameters.
+    pub train_args: TrainArgs,
+    /// How often the server evaluates the global model.
+    pub validation_args: ValidationArgs,
+    /// CPU or GPU.
+    pub device_args: DeviceArgs,
+    /// Broker (MQTT) and object store (S3) endpoints and credentials.
+    pub comm_args: CommArgs,
+    /// Logging and metrics output.
+    pub tracking_args: TrackingArgs,
+    /// LightSecAgg parameters (FedML's `lsa_args`; used by secure aggregation).
+    pub lsa_args: LsaArgs,
+    /// fedmq additions without a FedML counterpart.
+    pub fedmq_args: FedmqArgs,
+}
+
+/// `common_args`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommonArgs {
+    /// FedML's training type; fedmq runs `cross_silo` and `cross_device` the same way.
+    pub training_type: String,
+    /// Seed for partitions, client selection, model initialization and shuffling.
+    pub random_seed: u64,
+    /// FedML's scenario (`horizontal`).
+    pub scenario: String,
+    /// FedML's MLOps switch; accepted and ignored.
+    pub using_mlops: bool,
+    /// FedML's config version label (e.g. `release`); informational.
+    pub config_version: String,
+    /// Run identifier: scopes MQTT topics and blob keys. CLI `--run-id` overrides.
+    pub run_id: String,
+}
+
+impl Default for CommonArgs {
+    fn default() -> Self {
+        Self {
+            training_type: "cross_silo".into(),
+            random_seed: 0,
+            scenario: "horizontal".into(),
+            using_mlops: false,
+            config_version: "release".into(),
+            run_id: "fedmq".into(),
+        }
+    }
+}
+
+/// `environment_args` (FedML compatibility).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvironmentArgs {
+    /// FedML's bootstrap script path; accepted and ignored.
+    pub bootstrap: Option<String>,
+}
+
+/// `data_args`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataArgs {
+    /// Data set name: `mnist`, `fashion_mnist`, `cifar10`.
+    pub dataset: String,
+    /// Where fetched data is cached; empty means the per-user cache directory.
+    pub data_cache_dir: String,
+    /// `homo`, `hetero` (Dirichlet over labels) or `pathological` (2 label shards per client).
+    pub partition_method: String,
+    /// Dirichlet concentration for `hetero`; smaller is more skewed.
+    pub partition_alpha: f64,
+    /// fedmq addition: minimum samples per client for `hetero`.
+    pub partition_min_samples: usize,
+    /// fedmq addition: shards per client for `pathological` (McMahan et al. use 2).
+    pub partition_shards_per_client: usize,
+    /// fedmq addition: fetch the data set automatically when it is not in the cache.
+    pub auto_fetch: bool,
+}
+
+impl Default for DataArgs {
+    fn default() -> Self {
+        Self {
+            dataset: "mnist".into(),
+            data_cache_dir: String::new(),
+            partition_method: "hetero".into(),
+            partition_alpha: 0.5,
+            partition_min_samples: 10,
+            partition_shards_per_client: 2,
+            auto_fetch: true,
+        }
+    }
+}
+
+/// `model_args`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelArgs {
+    /// `lr` (multinomial logistic regression), `mlp` (FedAvg's 2NN) or `cnn` (FedAvg's CNN).
+    pub model: String,
+    /// FedML's model cache folder; accepted, unused.
+    pub model_file_cache_folder: Option<String>,
+    /// FedML's initial global model path; a safetensors file to start from when set.
+    pub global_model_file_path: Option<String>,
+}
+
+impl Default for ModelArgs {
+    fn default() -> Self {
+        Self {
+            model: "cnn".into(),
+            model_file_cache_folder: None,
+            global_model_file_path: None,
+        }
+    }
+}
+
+/// `train_args`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainArgs {
+    /// Aggregation algorithm (`FedAvg`).
+    pub federated_optimizer: String,
+    /// FedML's explicit client id list (`[]` = ranks 1..=client_num_in_total).
+    pub client_id_list: Option<serde_yaml_ng::Value>,
+    /// Number of clients in the federation.
+    pub client_num_in_total: usize,
+    /// Clients selected per round.
+    pub client_num_per_round: usize,
+    /// Number of federated rounds.
+    pub comm_round: usize,
+    /// Local epochs per round (and epochs of `fedmq train`).
+    pub epochs: usize,
+    /// Mini-batch size.
+    pub batch_size: usize,
+    /// `sgd` or `adam`.
+    pub client_optimizer: String,
+    /// Local learning rate.
+    pub learning_rate: f64,
+    /// fedmq addition: SGD momentum.
+    pub momentum: f64,
+    /// L2 weight decay (PyTorch semantics).
+    pub weight_decay: f64,
+    /// Server optimizer for FedOpt (`sgd`); FedAvg ignores it.
+    pub server_optimizer: String,
+    /// Server learning rate for FedOpt; FedAvg ignores it.
+    pub server_lr: f64,
+    /// Server momentum for FedOpt; FedAvg ignores it.
+    pub server_momentum: f64,
+}
+
+impl Default for TrainArgs {
+    fn default() -> Self {
+        Self {
+            federated_optimizer: "FedAvg".into(),
+            client_id_list: None,
+            client_num_in_total: 10,
+            client_num_per_round: 10,
+            comm_round: 10,
+            epochs: 1,
+            batch_size: 32,
+            client_optimizer: "sgd".into(),
+            learning_rate: 0.05,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            server_optimizer: "sgd".into(),
+            server_lr: 1.0,
+            server_momentum: 0.0,
+        }
+    }
+}
+
+/// `validation_args`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationArgs {
+    /// Evaluate the global model every this many rounds (and after the last).
+    pub frequency_of_the_test: usize,
+}
+
+impl Default for ValidationArgs {
+    fn default() -> Self {
+        Self {
+            frequency_of_the_test: 1,
+        }
+    }
+}
+
+/// `device_args`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeviceArgs {
+    /// FedML's worker count; accepted, informational.
+    pub worker_num: Option<usize>,
+    /// Train on CUDA when this build has the `cuda` feature.
+    pub using_gpu: bool,
+    /// fedmq addition: CUDA device ordinal.
+    pub gpu_id: usize,
+    /// FedML's GPU mapping file; accepted, unused.
+    pub gpu_mapping_file: Option<String>,
+    /// FedML's GPU mapping key; accepted, unused.
+    pub gpu_mapping_key: Option<String>,
+}
+
+/// `comm_args`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommArgs {
+    /// Transport backend: `MQTT_S3` (control over MQTT, blobs over S3).
+    pub backend: String,
+    /// FedML's external MQTT config file; fedmq reads `customized_training_mqtt_config` instead.
+    pub mqtt_config_path: Option<String>,
+    /// FedML's external S3 config file; fedmq reads `customized_training_s3_config` instead.
+    pub s3_config_path: Option<String>,
+    /// Broker address and credentials.
+    pub customized_training_mqtt_config: MqttConfig,
+    /// Object store address, bucket and credentials.
+    pub customized_training_s3_config: S3Config,
+}
+
+impl Default for CommArgs {
+    fn default() -> Self {
+        Self {
+            backend: "MQTT_S3".into(),
+            mqtt_config_path: None,
+            s3_config_path: None,
+            customized_training_mqtt_config: MqttConfig::default(),
+            customized_training_s3_config: S3Config::default(),
+        }
+    }
+}
+
+/// `comm_args.customized_training_mqtt_config` (FedML's upper-case keys).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// Broker host name or IP.
+    #[serde(rename = "BROKER_HOST")]
+    pub broker_host: String,
+    /// Broker port; 0 with `fedmq run` means "embedded broker on a free port".
+    #[serde(rename = "BROKER_PORT")]
+    pub broker_port: u16,
+    /// MQTT user name (env `FEDMQ_MQTT_USER` overrides).
+    #[serde(rename = "MQTT_USER")]
+    pub mqtt_user: String,
+    /// MQTT password (env `FEDMQ_MQTT_PWD` overrides; prefer the environment for secrets).
+    #[serde(rename = "MQTT_PWD")]
+    pub mqtt_pwd: String,
+    /// MQTT keep-alive in seconds.
+    #[serde(rename = "MQTT_KEEPALIVE")]
+    pub mqtt_keepalive: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            broker_host: "127.0.0.1".into(),
+            broker_port: 0,
+            mqtt_user: String::new(),
+            mqtt_pwd: String::new(),
+            mqtt_keepalive: 180,
+        }
+    }
+}
+
+/// `comm_args.customized_training_s3_config` (FedML's upper-case keys).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Bucket for model blobs (created when missing).
+    #[serde(rename = "BUCKET_NAME")]
+    pub bucket_name: String,
+    /// Access key id (env `FEDMQ_S3_AKI` overrides).
+    #[serde(rename = "CN_S3_AKI")]
+    pub cn_s3_aki: String,
+    /// Secret access key (env `FEDMQ_S3_SAK` overrides; prefer the environment for secrets).
+    #[serde(rename = "CN_S3_SAK")]
+    pub cn_s3_sak: String,
+    /// Region used in SigV4 signatures.
+    #[serde(rename = "CN_REGION_NAME")]
+    pub cn_region_name: String,
+    /// S3 endpoint URL (e.g. `http://127.0.0.1:9000` for MinIO); empty with `fedmq run` means
+    /// "embedded store on a free port".
+    #[serde(rename = "CN_S3_ENDPOINT")]
+    pub cn_s3_endpoint: String,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            bucket_name: "fedmq".into(),
+            cn_s3_aki: "fedmq".into(),
+            cn_s3_sak: String::new(),
+            cn_region_name: "us-east-1".into(),
+            cn_s3_endpoint: String::new(),
+        }
+    }
+}
+
+/// `tracking_args`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrackingArgs {
+    /// Where logs and per-round metrics are written.
+    pub log_file_dir: String,
+    /// FedML's Weights & Biases switch; accepted, unused (fedmq writes JSONL/CSV).
+    pub enable_wandb: bool,
+    /// FedML's W&B key; accepted, unused.
+    pub wandb_key: Option<String>,
+    /// FedML's W&B entity; accepted, unused.
+    pub wandb_entity: Option<String>,
+    /// FedML's W&B project; accepted, unused.
+    pub wandb_project: Option<String>,
+    /// FedML's run name; used as a label in metrics.
+    pub run_name: Option<String>,
+}
+
+impl Default for TrackingArgs {
+    fn default() -> Self {
+        Self {
+            log_file_dir: "out".into(),
+            enable_wandb: false,
+            wandb_key: None,
+            wandb_entity: None,
+            wandb_project: None,
+            run_name: None,
+        }
+    }
+}
+
+/// `lsa_args` (FedML's LightSecAgg parameters).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LsaArgs {
+    /// Field prime for masking arithmetic.
+    pub prime_number: u64,
+    /// Fixed-point precision (bits) for quantizing updates.
+    pub precision_parameter: u32,
+    /// Number of colluding parties tolerated.
+    pub privacy_guarantee: usize,
+}
+
+impl Default for LsaArgs {
+    fn default() -> Self {
+        Self {
+            prime_number: (1 << 15) - 19,
+            precision_parameter: 10,
+            privacy_guarantee: 2,
+        }
+    }
+}
+
+/// `fedmq_args`: fedmq additions without a FedML counterpart.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FedmqArgs {
+    /// This process's rank: 0 = server, 1.. = clients (CLI `--rank` overrides).
+    pub rank: usize,
+}
+
+/// Environment variables that override secrets and endpoints (name, what it sets).
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("FEDMQ_MQTT_USER", "comm_args.customized_training_mqtt_config.MQTT_USER"),
+    ("FEDMQ_MQTT_PWD", "comm_args.customized_training_mqtt_config.MQTT_PWD"),
+    ("FEDMQ_S3_AKI", "comm_args.customized_training_s3_config.CN_S3_AKI"),
+    ("FEDMQ_S3_SAK", "comm_args.customized_training_s3_config.CN_S3_SAK"),
+    ("FEDMQ_S3_ENDPOINT", "comm_args.customized_training_s3_config.CN_S3_ENDPOINT"),
+    ("FEDMQ_RUN_ID", "common_args.run_id"),
+];
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::UnknownKey`] for a typo'd or
+    /// misplaced key (with line and suggestion), [`ConfigError::Parse`] for other YAML or type errors,
+    /// [`ConfigError::Invalid`] when values are inconsistent.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cfg = Self::from_yaml_str(&text, path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses YAML text (no validation, no environment); `path` is used in error messages only.
+    ///
+    /// # Errors
+    /// As [`Config::load`], without `Read` and `Invalid`.
+    pub fn from_yaml_str(text: &str, path: &Path) -> Result<Config> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml_ng::from_str::<Config>(text).map_err(|e| error::from_yaml(e, path))
+    }
+
+    /// Applies the environment overrides listed in [`ENV_OVERRIDES`] (non-empty values only).
+    pub fn apply_env(&mut self) {
+        self.apply_env_from(|k| std::env::var(k).ok());
+    }
+
+    /// As [`Config::apply_env`], reading variables through `get` (testable without touching the
+    /// process environment).
+    pub fn apply_env_from(&mut self, get: impl Fn(&str) -> Option<String>) {
+        let mqtt = &mut self.comm_args.customized_training_mqtt_config;
+        let s3 = &mut self.comm_args.customized_training_s3_config;
+        let slots: [(&str, &mut String); 6] = [
+            ("FEDMQ_MQTT_USER", &mut mqtt.mqtt_user),
+            ("FEDMQ_MQTT_PWD", &mut mqtt.mqtt_pwd),
+            ("FEDMQ_S3_AKI", &mut s3.cn_s3_aki),
+            ("FEDMQ_S3_SAK", &mut s3.cn_s3_sak),
+            ("FEDMQ_S3_ENDPOINT", &mut s3.cn_s3_endpoint),
+            ("FEDMQ_RUN_ID", &mut self.common_args.run_id),
+        ];
+        for (name, slot) in slots {
+            if let Some(v) = get(name).filter(|v| !v.is_empty()) {
+                *slot = v;
+            }
+        }
+    }
+
+    /// Checks values that parse but make no sense together; every problem is reported at once.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] listing each problem with its key.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, key: &str, msg: String| {
+            if !ok {
+                problems.push(format!("{key}: {msg}"));
+            }
+        };
+        let t = &self.train_args;
+        check(
+            t.client_num_in_total >= 1,
+            "train_args.client_num_in_total",
+            "must be at least 1".into(),
+        );
+        check(
+            (1..=t.client_num_in_total.max(1)).contains(&t.client_num_per_round),
+            "train_args.client_num_per_round",
+            format!(
+                "must be between 1 and client_num_in_total ({}), got {}",
+                t.client_num_in_total, t.client_num_per_round
+            ),
+        );
+        check(t.comm_round >= 1, "train_args.comm_round", "must be at least 1".into());
+        check(t.epochs >= 1, "train_args.epochs", "must be at least 1".into());
+        check(t.batch_size >= 1, "train_args.batch_size", "must be at least 1".into());
+        check(
+            t.learning_rate.is_finite() && t.learning_rate > 0.0,
+            "train_args.learning_rate",
+            format!("must be a positive number, got {}", t.learning_rate),
+        );
+        check(
+            t.momentum.is_finite() && (0.0..1.0).contains(&t.momentum),
+            "train_args.momentum",
+            format!("must be in [0, 1), got {}", t.momentum),
+        );
+        check(
+            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+            "train_args.weight_decay",
+            format!("must be ≥ 0, got {}", t.weight_decay),
+        );
+        check(
+            one_of(&t.client_optimizer, &["sgd", "adam"]),
+            "train_args.client_optimizer",
+            format!("unknown optimizer {:?}; valid: sgd, adam", t.client_optimizer),
+        );
+        check(
+            t.federated_optimizer.eq_ignore_ascii_case("fedavg"),
+            "train_args.federated_optimizer",
+            format!(
+                "{:?} is not available yet; valid: FedAvg",
+                t.federated_optimizer
+            ),
+        );
+        let d = &self.data_args;
+        check(
+            one_of(&d.dataset, &["mnist", "fashion_mnist", "fashion-mnist", "fmnist", "cifar10"]),
+            "data_args.dataset",
+            format!(
+                "unknown data set {:?}; valid: mnist, fashion_mnist, cifar10",
+                d.dataset
+            ),
+        );
+        check(
+            one_of(&d.partition_method, &["homo", "hetero", "pathological"]),
+            "data_args.partition_method",
+            format!(
+                "unknown method {:?}; valid: homo, hetero, pathological",
+                d.partition_method
+            ),
+        );
+        check(
+            d.partition_alpha.is_finite() && d.partition_alpha > 0.0,
+            "data_args.partition_alpha",
+            format!("must be a positive number, got {}", d.partition_alpha),
+        );
+        check(
+            d.partition_shards_per_client >= 1,
+            "data_args.partition_shards_per_client",
+            "must be at least 1".into(),
+        );
+        check(
+            one_of(&self.model_args.model, &["lr", "mlp", "cnn"]),
+            "model_args.model",
+            format!("unknown model {:?}; valid: lr, mlp, cnn", self.model_args.model),
+        );
+        check(
+            self.validation_args.frequency_of_the_test >= 1,
+            "validation_args.frequency_of_the_test",
+            "must be at least 1".into(),
+        );
+        check(
+            self.comm_args.backend.eq_ignore_ascii_case("mqtt_s3"),
+            "comm_args.backend",
+            format!("{:?} is not supported; valid: MQTT_S3", self.comm_args.backend),
+        );
+        check(
+            !self.common_args.run_id.is_empty()
+                && self
+                    .common_args
+                    .run_id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+            "common_args.run_id",
+            format!(
+                "{:?} must be non-empty and use only letters, digits, '-' and '_' (it is part of MQTT topics and S3 keys)",
+                self.common_args.run_id
+            ),
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
+    /// The data cache directory: `data_args.data_cache_dir`, or the per-user default when empty.
+    pub fn data_cache_dir(&self) -> PathBuf {
+        if self.data_args.data_cache_dir.is_empty() {
+            crate::data::default_cache_dir()
+        } else {
+            PathBuf::from(&self.data_args.data_cache_dir)
+        }
+    }
+
+    /// The effective configuration as YAML, with secrets masked.
+    pub fn to_yaml_masked(&self) -> String {
+        let mut c = self.clone();
+        for s in [
+            &mut c.comm_args.customized_training_mqtt_config.mqtt_pwd,
+            &mut c.comm_args.customized_training_s3_config.cn_s3_sak,
+        ] {
+            if !s.is_empty() {
+                *s = "********".into();
+            }
+        }
+        serde_yaml_ng::to_string(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn one_of(v: &str, valid: &[&str]) -> bool {
+    valid.iter().any(|x| x.eq_ignore_ascii_case(v))
+}
+
+#[cfg(test)]
+mod tests;

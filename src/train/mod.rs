@@ -1,1 +1,113 @@
 //! candle models, optimizers, the local trainer and the training benchmark.
+//!
+//! The models are FedML's `lr`, `mlp` (FedAvg 2NN) and `cnn` (FedAvg CNN); see [`model`] for
+//! their parameter names, which are part of the wire protocol, and for the seeded
+//! initialization every client of a federation shares.
+//!
+//! Training runs on one of two engines with the same semantics:
+//! - on the CPU, a native engine (`native`) with hand-written forward and backward passes over
+//!   the three architectures, calling the `gemm` crate directly, splitting each mini-batch over
+//!   the rayon pool and updating parameters in place. It exists because candle's CPU path
+//!   spends most of a small step in per-op overhead and does not use the second core well
+//!   (measurements in `docs/BENCH-train-notes.md`);
+//! - on other devices (CUDA), candle's autograd with the [`optim`] optimizers written in candle
+//!   tensor ops. [`Engine::Candle`] forces this path on the CPU too (tests compare both).
+//!
+//! # Layout
+//! - [`model`]: [`ModelKind`], [`Model`] (a `candle_nn::Module`), [`init_params`].
+//! - [`optim`]: SGD (momentum, Nesterov, L2 weight decay) and Adam with PyTorch's update
+//!   rules, as host kernels and as a candle-tensor optimizer.
+//! - [`trainer`]: [`train_local`], [`evaluate`], [`train_central`], [`select_device`].
+//! - [`bench`]: [`bench_train`], the fwd+bwd+SGD throughput benchmark.
+//! - `native`: the CPU engine.
+
+pub mod bench;
+pub mod model;
+mod native;
+pub mod optim;
+pub mod trainer;
+
+pub use bench::{bench_train, BenchOptions, BenchReport};
+pub use model::{init_params, Model, ModelKind, ParamSpec};
+pub use optim::{OptimizerConfig, OptimizerKind, TensorOptimizer};
+pub use trainer::{
+    evaluate, select_device, train_central, train_local, CentralEpoch, Engine, EpochStats,
+    EvalReport, TrainOptions, TrainOutcome, TrainReport,
+};
+
+/// Errors of model building, training and evaluation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `model_args.model` names no model fedmq has.
+    #[error("unknown model `{name}`; valid models: {valid}")]
+    UnknownModel {
+        /// The name given.
+        name: String,
+        /// The valid names, comma-separated.
+        valid: String,
+    },
+    /// `train_args.client_optimizer` names no optimizer fedmq has.
+    #[error("unknown optimizer `{name}`; valid optimizers: {valid}")]
+    UnknownOptimizer {
+        /// The name given.
+        name: String,
+        /// The valid names, comma-separated.
+        valid: String,
+    },
+    /// The model cannot take samples of this shape.
+    #[error("model `{model}` cannot take samples of shape {shape:?}: {reason}")]
+    SampleShape {
+        /// The model.
+        model: ModelKind,
+        /// The sample shape.
+        shape: Vec<usize>,
+        /// Why.
+        reason: String,
+    },
+    /// A data set with no classes.
+    #[error("the data set has no classes")]
+    NoClasses,
+    /// The data set does not fit the model (sample shape or class count differ).
+    #[error("data set `{dataset}` does not fit the model: {reason}")]
+    DataMismatch {
+        /// The data set's name.
+        dataset: String,
+        /// What differs.
+        reason: String,
+    },
+    /// A sample index past the end of the data set.
+    #[error("sample index {index} is out of range for data set `{dataset}` of {len} samples")]
+    IndexOutOfRange {
+        /// The data set's name.
+        dataset: String,
+        /// The offending index.
+        index: usize,
+        /// The data set's length.
+        len: usize,
+    },
+    /// A training option is out of its valid range.
+    #[error("invalid training option `{field}`: {reason}")]
+    InvalidOption {
+        /// The option, as named in [`TrainOptions`].
+        field: &'static str,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// Building a thread pool failed.
+    #[error("cannot build a thread pool of {threads} threads: {reason}")]
+    ThreadPool {
+        /// Requested threads.
+        threads: usize,
+        /// rayon's message.
+        reason: String,
+    },
+    /// Converting parameters failed.
+    #[error(transparent)]
+    Tensor(#[from] crate::tensor::Error),
+    /// A candle operation failed (device memory, kernel launch, shape bug).
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result of the training layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,68 @@
+//! `fedmq bench ...`: benchmarks printing one JSON object per configuration.
+
+use anyhow::Result;
+use clap::Subcommand;
+use fedmq::train::{bench_train, BenchOptions, ModelKind};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Training throughput: forward + backward + SGD step on MNIST-shaped synthetic batches.
+    /// Prints {"model","batch","samples_per_s",...} with the median over timed runs after warm-up.
+    Train {
+        /// lr | mlp | cnn
+        #[arg(long, default_value = "cnn")]
+        model: String,
+        /// Mini-batch size.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Timed runs (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 20)]
+        warmup: usize,
+        /// Steps per timed run (0: chosen so a run takes about a second).
+        #[arg(long, default_value_t = 0)]
+        steps: usize,
+        /// Compute threads (0: all cores).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+    },
+    /// Blob put+get throughput against the embedded store (or an S3 endpoint).
+    #[cfg(feature = "wip-store")]
+    Blob(super::store_cmd::BenchBlobArgs),
+    /// Control-message round-trip latency through a broker.
+    #[cfg(feature = "wip-mqtt")]
+    Mqtt(super::broker_cmd::BenchMqttArgs),
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Train {
+            model,
+            batch,
+            runs,
+            warmup,
+            steps,
+            threads,
+        } => {
+            let kind: ModelKind = model.parse()?;
+            let report = bench_train(
+                kind,
+                batch,
+                &BenchOptions {
+                    warmup,
+                    runs,
+                    steps_per_run: steps,
+                    threads,
+                },
+            )?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+        #[cfg(feature = "wip-store")]
+        BenchCommand::Blob(a) => super::store_cmd::run_bench_blob(a),
+        #[cfg(feature = "wip-mqtt")]
+        BenchCommand::Mqtt(a) => super::broker_cmd::run_bench_mqtt(a),
+    }
+}

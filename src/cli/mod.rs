@@ -1,0 +1,105 @@
+//! The `fedmq` command line: argument definitions and dispatch to one module per subcommand.
+
+mod bench;
+#[cfg(feature = "wip-mqtt")]
+mod broker_cmd;
+mod config_cmd;
+mod data_cmd;
+#[cfg(feature = "wip-store")]
+mod store_cmd;
+mod train_cmd;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fedmq::config::Config;
+use std::path::{Path, PathBuf};
+
+/// Federated learning over MQTT (control) and S3 (model blobs), training with candle.
+///
+/// Configuration follows FedML's fedml_config.yaml (sections common_args, data_args, model_args,
+/// train_args, ...). Secrets may come from the environment: FEDMQ_MQTT_USER, FEDMQ_MQTT_PWD,
+/// FEDMQ_S3_AKI, FEDMQ_S3_SAK, FEDMQ_S3_ENDPOINT, FEDMQ_RUN_ID.
+#[derive(Debug, Parser)]
+#[command(name = "fedmq", version, about, long_about)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fetch data sets and inspect federated partitions.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
+    /// Train centrally on the whole training set: the baseline to compare a federation against.
+    Train(train_cmd::TrainArgs),
+    /// Benchmarks that print one JSON object per configuration.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Validate a configuration file and print the effective configuration.
+    #[command(subcommand)]
+    Config(config_cmd::ConfigCommand),
+    /// Run the embedded MQTT broker (rumqttd) on 127.0.0.1 unless told otherwise.
+    #[cfg(feature = "wip-mqtt")]
+    Broker(broker_cmd::BrokerArgs),
+    /// Run the embedded S3-compatible object store over a data directory.
+    #[cfg(feature = "wip-store")]
+    Store(store_cmd::StoreArgs),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Data(c) => data_cmd::run(c),
+        Command::Train(a) => train_cmd::run(a),
+        Command::Bench(c) => bench::run(c),
+        Command::Config(c) => config_cmd::run(c),
+        #[cfg(feature = "wip-mqtt")]
+        Command::Broker(a) => broker_cmd::run(a),
+        #[cfg(feature = "wip-store")]
+        Command::Store(a) => store_cmd::run(a),
+    }
+}
+
+/// Sets up logging to stderr; `RUST_LOG` wins over `-v`.
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// The config file used when `-c` is not given.
+pub const DEFAULT_CONFIG: &str = "config/fedml_config.yaml";
+
+/// Loads a config file (or the defaults when `path` is the default and does not exist), then
+/// applies environment overrides.
+pub fn load_config(path: &Path) -> Result<Config> {
+    let mut cfg = if path == Path::new(DEFAULT_CONFIG) && !path.exists() {
+        tracing::info!("{DEFAULT_CONFIG} not found; using built-in defaults");
+        Config::default()
+    } else {
+        Config::load(path).with_context(|| format!("loading {}", path.display()))?
+    };
+    cfg.apply_env();
+    Ok(cfg)
+}
+
+/// `-c/--config` shared by subcommands.
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Configuration file (FedML's fedml_config.yaml layout).
+    #[arg(short, long = "config", default_value = DEFAULT_CONFIG)]
+    pub config: PathBuf,
+}

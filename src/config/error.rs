@@ -1,0 +1,206 @@
+//! Configuration errors, and turning YAML errors into messages that point at the fix.
+
+use super::Config;
+use serde_yaml_ng::Value;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source} (pass an existing file with -c/--config)", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A key that does not exist in its section (typo or misplaced key).
+    #[error("{}", UnknownKeyMsg(self))]
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the key.
+        line: usize,
+        /// 1-based column of the key.
+        column: usize,
+        /// Dotted path of the section holding the key (empty for the top level).
+        section: String,
+        /// The key as written.
+        key: String,
+        /// The closest valid key in the same section, when one is close enough.
+        suggestion: Option<String>,
+        /// Dotted path of another section where this exact key is valid.
+        belongs_in: Option<String>,
+        /// Valid keys of the section (for the message when there is no suggestion).
+        valid: Vec<String>,
+    },
+    /// Any other YAML or type error.
+    #[error("{}{}: {message}", path.display(), location(*line, *column))]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line, when known.
+        line: Option<usize>,
+        /// 1-based column, when known.
+        column: Option<usize>,
+        /// What the parser said.
+        message: String,
+    },
+    /// Values that parse but are not usable; all problems at once.
+    #[error("invalid configuration:\n  - {}", problems.join("\n  - "))]
+    Invalid {
+        /// One line per problem, each starting with the key.
+        problems: Vec<String>,
+    },
+}
+
+fn location(line: Option<usize>, column: Option<usize>) -> String {
+    match (line, column) {
+        (Some(l), Some(c)) => format!(":{l}:{c}"),
+        (Some(l), None) => format!(":{l}"),
+        _ => String::new(),
+    }
+}
+
+struct UnknownKeyMsg<'a>(&'a ConfigError);
+
+impl fmt::Display for UnknownKeyMsg<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ConfigError::UnknownKey {
+            path,
+            line,
+            column,
+            section,
+            key,
+            suggestion,
+            belongs_in,
+            valid,
+        } = self.0
+        else {
+            return Ok(());
+        };
+        let where_ = if section.is_empty() {
+            "at the top level".to_string()
+        } else {
+            format!("in section `{section}`")
+        };
+        write!(
+            f,
+            "{}:{line}:{column}: unknown key `{key}` {where_}",
+            path.display()
+        )?;
+        if let Some(b) = belongs_in {
+            write!(f, "; `{key}` belongs in section `{b}`: move it there")?;
+        } else if let Some(s) = suggestion {
+            write!(f, "; did you mean `{s}`?")?;
+        } else {
+            write!(f, "; valid keys here: {}", valid.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// Converts a serde_yaml_ng error into a [`ConfigError`], recognizing unknown keys.
+pub(super) fn from_yaml(e: serde_yaml_ng::Error, path: &Path) -> ConfigError {
+    let msg = e.to_string();
+    let (line, column) = e
+        .location()
+        .map(|l| (Some(l.line()), Some(l.column())))
+        .unwrap_or((None, None));
+    if let Some(key) = between(&msg, "unknown field `", "`") {
+        // The message starts with the dotted section path when the key is nested:
+        // "train_args: unknown field `x`, expected ...".
+        let section = match msg.split_once(": unknown field") {
+            Some((s, _)) if !s.contains(' ') => s.to_string(),
+            _ => String::new(),
+        };
+        let tree = reference_tree();
+        let valid = keys_at(&tree, &section);
+        let suggestion = closest(&key, &valid);
+        let belongs_in = find_key(&tree, &key, "").filter(|p| *p != section);
+        return ConfigError::UnknownKey {
+            path: path.to_path_buf(),
+            line: line.unwrap_or(0),
+            column: column.unwrap_or(0),
+            section,
+            key,
+            suggestion,
+            belongs_in,
+            valid,
+        };
+    }
+    // serde_yaml_ng appends " at line L column C"; we print the location in front instead.
+    let message = match msg.rfind(" at line ") {
+        Some(i) if line.is_some() => msg[..i].to_string(),
+        _ => msg,
+    };
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        line,
+        column,
+        message,
+    }
+}
+
+fn between(s: &str, start: &str, end: &str) -> Option<String> {
+    let i = s.find(start)? + start.len();
+    let j = s[i..].find(end)?;
+    Some(s[i..i + j].to_string())
+}
+
+/// The default configuration as a YAML tree: its mappings are exactly the valid sections and keys.
+fn reference_tree() -> Value {
+    serde_yaml_ng::to_value(Config::default()).unwrap_or(Value::Null)
+}
+
+fn keys_at(tree: &Value, dotted: &str) -> Vec<String> {
+    let mut node = tree;
+    for part in dotted.split('.').filter(|p| !p.is_empty()) {
+        match node.get(part) {
+            Some(n) => node = n,
+            None => return Vec::new(),
+        }
+    }
+    match node {
+        Value::Mapping(m) => m.keys().filter_map(|k| k.as_str().map(String::from)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Dotted path of the section where `key` is a valid key, searching the whole tree.
+fn find_key(tree: &Value, key: &str, prefix: &str) -> Option<String> {
+    let Value::Mapping(m) = tree else {
+        return None;
+    };
+    for (k, v) in m {
+        let Some(k) = k.as_str() else { continue };
+        if k == key && !prefix.is_empty() {
+            return Some(prefix.to_string());
+        }
+        let sub = if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        if let Some(p) = find_key(v, key, &sub) {
+            return Some(p);
+        }
+    }
+    None
+}
+
+/// The closest candidate by edit distance (case-insensitive), if it is plausibly a typo.
+pub(super) fn closest(key: &str, candidates: &[String]) -> Option<String> {
+    let lower = key.to_ascii_lowercase();
+    candidates
+        .iter()
+        .map(|c| {
+            let d = strsim::damerau_levenshtein(&lower, &c.to_ascii_lowercase());
+            (d, c)
+        })
+        .filter(|(d, c)| *d <= (c.len().max(key.len()) / 3).max(2))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c.clone())
+}

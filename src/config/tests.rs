@@ -1,0 +1,183 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config> {
+    Config::from_yaml_str(text, Path::new("fedml_config.yaml"))
+}
+
+#[test]
+fn typo_points_at_line_and_suggests_key() {
+    let text = "common_args:\n  random_seed: 1\ntrain_args:\n  epochs: 2\n  bach_size: 4\n";
+    let err = parse(text).unwrap_err();
+    match &err {
+        ConfigError::UnknownKey {
+            line,
+            section,
+            key,
+            suggestion,
+            ..
+        } => {
+            assert_eq!(*line, 5);
+            assert_eq!(section, "train_args");
+            assert_eq!(key, "bach_size");
+            assert_eq!(suggestion.as_deref(), Some("batch_size"));
+        }
+        other => panic!("expected UnknownKey, got {other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.starts_with("fedml_config.yaml:5:3: unknown key `bach_size`"), "{msg}");
+    assert!(msg.contains("did you mean `batch_size`?"), "{msg}");
+}
+
+#[test]
+fn misplaced_key_names_its_section() {
+    let text = "data_args:\n  dataset: mnist\n  epochs: 3\n";
+    let msg = parse(text).unwrap_err().to_string();
+    assert!(msg.contains(":3:3: unknown key `epochs` in section `data_args`"), "{msg}");
+    assert!(msg.contains("belongs in section `train_args`"), "{msg}");
+}
+
+#[test]
+fn nested_upper_case_keys_are_checked() {
+    let text = "comm_args:\n  customized_training_s3_config:\n    CN_S3_ENDPIONT: http://x\n";
+    let msg = parse(text).unwrap_err().to_string();
+    assert!(
+        msg.contains("in section `comm_args.customized_training_s3_config`"),
+        "{msg}"
+    );
+    assert!(msg.contains("did you mean `CN_S3_ENDPOINT`?"), "{msg}");
+}
+
+#[test]
+fn unknown_section_is_rejected() {
+    let msg = parse("train_arg:\n  epochs: 1\n").unwrap_err().to_string();
+    assert!(msg.contains("unknown key `train_arg` at the top level"), "{msg}");
+    assert!(msg.contains("did you mean `train_args`?"), "{msg}");
+}
+
+#[test]
+fn far_off_key_lists_valid_keys() {
+    let msg = parse("validation_args:\n  zzzzzzzzzz: 1\n").unwrap_err().to_string();
+    assert!(msg.contains("valid keys here: frequency_of_the_test"), "{msg}");
+}
+
+#[test]
+fn wrong_type_names_line() {
+    let err = parse("train_args:\n  epochs: two\n").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ConfigError::Parse { line: Some(2), .. }), "{msg}");
+    assert!(msg.starts_with("fedml_config.yaml:2:"), "{msg}");
+    assert!(msg.contains("train_args.epochs"), "{msg}");
+}
+
+#[test]
+fn empty_file_gives_defaults() {
+    assert_eq!(parse("").unwrap(), Config::default());
+    assert_eq!(parse("# nothing\n").unwrap(), Config::default());
+}
+
+#[test]
+fn fedml_style_file_loads() {
+    let text = r#"
+common_args:
+  training_type: "cross_silo"
+  random_seed: 0
+  using_mlops: false
+  config_version: release
+environment_args:
+  bootstrap: config/bootstrap.sh
+data_args:
+  dataset: "mnist"
+  data_cache_dir: ~/fedml_data
+  partition_method: "hetero"
+  partition_alpha: 0.5
+model_args:
+  model: "lr"
+  model_file_cache_folder: "./model_file_cache"
+  global_model_file_path: "./model_file_cache/global_model.pt"
+train_args:
+  federated_optimizer: "FedAvg"
+  client_id_list: "[]"
+  client_num_in_total: 1000
+  client_num_per_round: 2
+  comm_round: 50
+  epochs: 1
+  batch_size: 10
+  client_optimizer: sgd
+  learning_rate: 0.03
+  weight_decay: 0.001
+validation_args:
+  frequency_of_the_test: 5
+device_args:
+  worker_num: 2
+  using_gpu: false
+  gpu_mapping_file: config/gpu_mapping.yaml
+  gpu_mapping_key: mapping_default
+comm_args:
+  backend: "MQTT_S3"
+  mqtt_config_path: config/mqtt_config.yaml
+  s3_config_path: config/s3_config.yaml
+  customized_training_mqtt_config:
+    BROKER_HOST: mqtt.example.org
+    BROKER_PORT: 1883
+    MQTT_USER: admin
+    MQTT_PWD: secret
+    MQTT_KEEPALIVE: 180
+  customized_training_s3_config:
+    BUCKET_NAME: fedml
+    CN_S3_AKI: AKI
+    CN_S3_SAK: SAK
+    CN_REGION_NAME: us-east-1
+    CN_S3_ENDPOINT: http://minio:9000
+tracking_args:
+  log_file_dir: ./log
+  enable_wandb: false
+lsa_args:
+  prime_number: 2147483647
+  precision_parameter: 10
+  privacy_guarantee: 2
+"#;
+    let cfg = parse(text).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.train_args.client_num_in_total, 1000);
+    assert_eq!(cfg.comm_args.customized_training_mqtt_config.broker_port, 1883);
+    assert_eq!(
+        cfg.comm_args.customized_training_s3_config.cn_s3_endpoint,
+        "http://minio:9000"
+    );
+    assert_eq!(cfg.lsa_args.prime_number, 2147483647);
+    let masked = cfg.to_yaml_masked();
+    assert!(!masked.contains("SAK\n") && !masked.contains("secret"), "{masked}");
+}
+
+#[test]
+fn validate_reports_every_problem() {
+    let mut cfg = Config::default();
+    cfg.train_args.client_num_per_round = 50;
+    cfg.model_args.model = "resnet".into();
+    cfg.data_args.partition_alpha = 0.0;
+    let msg = cfg.validate().unwrap_err().to_string();
+    assert!(msg.contains("train_args.client_num_per_round"), "{msg}");
+    assert!(msg.contains("model_args.model: unknown model \"resnet\""), "{msg}");
+    assert!(msg.contains("data_args.partition_alpha"), "{msg}");
+}
+
+#[test]
+fn env_overrides_secrets() {
+    let mut cfg = Config::default();
+    cfg.apply_env_from(|k| match k {
+        "FEDMQ_S3_SAK" => Some("from-env".into()),
+        "FEDMQ_MQTT_PWD" => Some(String::new()),
+        _ => None,
+    });
+    assert_eq!(cfg.comm_args.customized_training_s3_config.cn_s3_sak, "from-env");
+    assert_eq!(cfg.comm_args.customized_training_mqtt_config.mqtt_pwd, "");
+    assert_eq!(ENV_OVERRIDES.len(), 6);
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    for f in ["config/fedml_config.yaml", "config/fedml_config_minio.yaml"] {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+        Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
+    }
+}

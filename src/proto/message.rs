@@ -1,0 +1,306 @@
+//! Control messages: the [`Envelope`] every message shares and the typed [`Body`] it carries.
+
+use super::{valid_id, PROTOCOL_VERSION};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+/// One control message. JSON on the wire; fields in `docs/PROTOCOL.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version; must equal [`PROTOCOL_VERSION`].
+    pub v: u32,
+    /// Run id: which federation this message belongs to.
+    pub run: String,
+    /// Round the message refers to (0 for run-level messages such as presence).
+    pub round: u64,
+    /// Message id, unique per sender (16 random hex digits from [`Envelope::new`]); receivers use
+    /// it to drop duplicates delivered twice by QoS 1.
+    pub id: String,
+    /// Sender: `server` or a client id.
+    pub from: String,
+    /// Sender's clock, milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    /// What the message says.
+    pub body: Body,
+}
+
+/// The typed content of a message, tagged by `"type"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Body {
+    /// Presence of a participant (retained on its status topic).
+    Status(Status),
+    /// Server → client: train on a global model.
+    Train(Train),
+    /// Client → server: a trained update is in the store.
+    Update(Update),
+    /// Client → server: the client cannot complete the round.
+    Failure(Failure),
+    /// Server → client: the run is over; disconnect.
+    Finish(Finish),
+}
+
+impl Body {
+    /// The wire name of the message type.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Status(_) => "status",
+            Body::Train(_) => "train",
+            Body::Update(_) => "update",
+            Body::Failure(_) => "failure",
+            Body::Finish(_) => "finish",
+        }
+    }
+}
+
+/// A reference to a blob in the object store. The receiver checks length and digest before use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// Object key in the run's bucket.
+    pub key: String,
+    /// Exact length in bytes.
+    pub len: u64,
+    /// SHA-256 of the bytes, 64 lowercase hex digits.
+    pub sha256: String,
+}
+
+/// Online or offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presence {
+    /// Connected and ready.
+    Online,
+    /// Disconnected (published by the participant on clean exit, or by the broker as last will).
+    Offline,
+}
+
+/// Whether a participant is the server or a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Coordinates the run.
+    Server,
+    /// Trains on its own data.
+    Client,
+}
+
+/// Presence message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Online or offline.
+    pub state: Presence,
+    /// Server or client.
+    pub role: Role,
+    /// What the participant can do (clients, when online).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capabilities: Option<Capabilities>,
+}
+
+/// What a client brings to the federation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Training device, e.g. `cpu` or `cuda:0`.
+    pub device: String,
+    /// CPU cores available for training.
+    pub cores: u32,
+    /// GPU model, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
+    /// Number of local training samples.
+    pub samples: u64,
+    /// fedmq version (or the implementation's own version string).
+    pub version: String,
+}
+
+/// Local training hyper-parameters sent with a train command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Model name (`lr`, `mlp`, `cnn`); the client checks it matches its own.
+    pub model: String,
+    /// Local epochs.
+    pub epochs: u32,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// `sgd` or `adam`.
+    pub optimizer: String,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// SGD momentum.
+    #[serde(default)]
+    pub momentum: f64,
+    /// L2 weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Shuffling seed for this round.
+    pub seed: u64,
+}
+
+/// Server → client: train on the global model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Train {
+    /// The global model to start from.
+    pub global: BlobRef,
+    /// How to train.
+    pub config: TrainConfig,
+    /// Unix time (ms) by which the update must be reported; later reports are discarded.
+    pub deadline_ms: u64,
+}
+
+/// Metrics of one local training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct TrainMetrics {
+    /// Mean training loss over the last local epoch.
+    pub train_loss: f64,
+    /// Wall-clock seconds spent training.
+    pub train_seconds: f64,
+}
+
+/// Client → server: an update is ready.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    /// The trained model (full parameters, safetensors).
+    pub update: BlobRef,
+    /// Samples the client trained on (the FedAvg weight).
+    pub num_samples: u64,
+    /// Training metrics.
+    pub metrics: TrainMetrics,
+}
+
+/// Client → server: this round failed on the client.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+/// Server → clients: the run is over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finish {
+    /// Why (`completed`, `aborted: ...`).
+    pub reason: String,
+    /// The final model, when the run completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_model: Option<BlobRef>,
+}
+
+impl Envelope {
+    /// A new message from `from` in run `run`, with a fresh random id and the current time.
+    pub fn new(run: &str, round: u64, from: &str, body: Body) -> Self {
+        let id: u64 = rand::rng().random();
+        Self {
+            v: PROTOCOL_VERSION,
+            run: run.to_string(),
+            round,
+            id: format!("{id:016x}"),
+            from: from.to_string(),
+            ts_ms: now_ms(),
+            body,
+        }
+    }
+
+    /// Checks the fields that JSON typing cannot: ids, digests, lengths, finite numbers.
+    ///
+    /// # Errors
+    /// A human-readable reason naming the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.v != PROTOCOL_VERSION {
+            return Err(format!("unsupported protocol version {}", self.v));
+        }
+        for (name, v) in [("run", &self.run), ("id", &self.id), ("from", &self.from)] {
+            if !valid_id(v) {
+                return Err(format!(
+                    "field `{name}` must be 1-64 characters of [A-Za-z0-9_-], got {:?}",
+                    truncate(v)
+                ));
+            }
+        }
+        match &self.body {
+            Body::Status(s) => {
+                if let Some(c) = &s.capabilities {
+                    check_text("capabilities.device", &c.device)?;
+                    check_text("capabilities.version", &c.version)?;
+                    if let Some(g) = &c.gpu {
+                        check_text("capabilities.gpu", g)?;
+                    }
+                }
+            }
+            Body::Train(t) => {
+                t.global.validate("global")?;
+                let c = &t.config;
+                check_text("config.model", &c.model)?;
+                check_text("config.optimizer", &c.optimizer)?;
+                if c.epochs == 0 || c.batch_size == 0 {
+                    return Err("config.epochs and config.batch_size must be ≥ 1".into());
+                }
+                for (n, x) in [
+                    ("config.learning_rate", c.learning_rate),
+                    ("config.momentum", c.momentum),
+                    ("config.weight_decay", c.weight_decay),
+                ] {
+                    if !x.is_finite() || x < 0.0 {
+                        return Err(format!("{n} must be a finite number ≥ 0"));
+                    }
+                }
+            }
+            Body::Update(u) => {
+                u.update.validate("update")?;
+                if u.num_samples == 0 {
+                    return Err("num_samples must be ≥ 1".into());
+                }
+                if !u.metrics.train_loss.is_finite() || !u.metrics.train_seconds.is_finite() {
+                    return Err("metrics must be finite numbers".into());
+                }
+            }
+            Body::Failure(f) => check_text("reason", &f.reason)?,
+            Body::Finish(f) => {
+                check_text("reason", &f.reason)?;
+                if let Some(b) = &f.final_model {
+                    b.validate("final_model")?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlobRef {
+    /// Checks the key shape and the digest format.
+    ///
+    /// # Errors
+    /// A reason naming `field`.
+    pub fn validate(&self, field: &str) -> Result<(), String> {
+        if self.key.is_empty() || self.key.len() > 1024 {
+            return Err(format!("{field}.key must be 1-1024 bytes"));
+        }
+        if self.key.starts_with('/')
+            || self.key.split('/').any(|s| s.is_empty() || s == "." || s == "..")
+            || self.key.chars().any(|c| c.is_control())
+        {
+            return Err(format!("{field}.key {:?} is not a clean object key", truncate(&self.key)));
+        }
+        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(format!("{field}.sha256 must be 64 lowercase hex digits"));
+        }
+        Ok(())
+    }
+}
+
+/// Free text in messages is short and printable.
+fn check_text(name: &str, s: &str) -> Result<(), String> {
+    if s.len() > 1024 || s.chars().any(|c| c.is_control()) {
+        return Err(format!("{name} must be at most 1024 printable characters"));
+    }
+    Ok(())
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

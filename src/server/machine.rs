@@ -1,0 +1,722 @@
+//! The round engine as a sans-IO state machine: `handle(event, now) -> actions`.
+//!
+//! The machine never touches the network, the store or the clock. The driver (`server::driver`)
+//! turns MQTT messages, finished transfers and timers into [`Event`]s, and carries out the
+//! [`Action`]s. That makes dropouts, deadlines, stale and duplicate messages testable with plain
+//! values (see the tests at the bottom).
+//!
+//! # A round
+//! ```text
+//! Admitting --enough clients online--> Uploading --GlobalUploaded--> Training --all reported,
+//!     or deadline with quorum--> (RoundClosed) --> Uploading (next round) | Finished
+//! ```
+//! In `Training`, an `UpdateReady` notice from a selected client makes the driver fetch the blob
+//! (`FetchUpdate`); the fetched update is folded into the strategy's streaming aggregate at once.
+//! At the deadline, selected clients that announced nothing are failures (`Timeout`); updates
+//! announced in time but still downloading are waited for. Without a quorum the round is re-sent
+//! (to the failed clients that are online, and replacements) up to `max_retries` times, then the
+//! run is aborted with a message saying what to check.
+
+use crate::proto::{BlobRef, Capabilities, TrainConfig, TrainMetrics};
+use crate::strategy::{ClientFailure, FailureReason, RoundAggregate, Strategy};
+use crate::tensor::ParamSet;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// Policy of the round engine (from `train_args`, `validation_args` and `fedmq_args`).
+#[derive(Debug, Clone)]
+pub struct RoundConfig {
+    /// Number of rounds (`comm_round`); rounds are numbered from 1.
+    pub rounds: u64,
+    /// Clients selected per round (`client_num_per_round`).
+    pub clients_per_round: usize,
+    /// Clients that must be online before round 1 starts.
+    pub min_clients: usize,
+    /// Give up when `min_clients` are not online after this long.
+    pub admission_timeout: Option<Duration>,
+    /// Time from the train commands to the round's deadline.
+    pub round_timeout: Duration,
+    /// Fraction of the selected clients whose updates close a round at its deadline (0 < q ≤ 1).
+    pub quorum: f64,
+    /// Re-sends of a round that missed its quorum before the run is aborted.
+    pub max_retries: u32,
+    /// Evaluate every this many rounds (`frequency_of_the_test`), and after the last.
+    pub eval_every: u64,
+    /// Seed of client selection (and of per-round shuffling seeds sent to clients).
+    pub seed: u64,
+    /// Local training settings sent with every train command (`seed` is replaced per round).
+    pub train: TrainConfig,
+}
+
+/// Something that happened, as seen by the driver.
+#[derive(Debug)]
+pub enum Event {
+    /// A client announced itself online (retained status).
+    ClientOnline {
+        /// Client id.
+        client: String,
+        /// What it brings.
+        capabilities: Option<Capabilities>,
+    },
+    /// A client went offline (last will or clean exit).
+    ClientOffline {
+        /// Client id.
+        client: String,
+    },
+    /// The driver stored the global model of `round`.
+    GlobalUploaded {
+        /// Round.
+        round: u64,
+        /// Where it is.
+        blob: BlobRef,
+    },
+    /// Storing the global model failed.
+    GlobalUploadFailed {
+        /// Round.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// A client says its update for `round` is in the store.
+    UpdateReady {
+        /// Client id (already checked against the topic by the driver).
+        client: String,
+        /// Round the update belongs to.
+        round: u64,
+        /// Where the update is.
+        blob: BlobRef,
+        /// FedAvg weight.
+        num_samples: u64,
+        /// Training metrics.
+        metrics: TrainMetrics,
+    },
+    /// The driver fetched, verified and decoded an update announced by `UpdateReady`.
+    UpdateFetched {
+        /// Client id.
+        client: String,
+        /// Round.
+        round: u64,
+        /// The client's trained parameters.
+        params: ParamSet,
+    },
+    /// The announced update could not be fetched or decoded (digest mismatch, store error).
+    UpdateRejected {
+        /// Client id.
+        client: String,
+        /// Round.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The client reported that it cannot complete `round`.
+    ClientFailed {
+        /// Client id.
+        client: String,
+        /// Round.
+        round: u64,
+        /// Its reason.
+        reason: String,
+    },
+    /// Time passed (the driver sends this at [`RoundMachine::next_deadline`]).
+    Tick,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Store [`RoundMachine::global`] as the global model of `round`, then send
+    /// [`Event::GlobalUploaded`].
+    UploadGlobal {
+        /// Round.
+        round: u64,
+    },
+    /// Send a train command.
+    SendTrain {
+        /// Client id.
+        client: String,
+        /// Round.
+        round: u64,
+        /// The global model.
+        global: BlobRef,
+        /// Local training settings.
+        config: TrainConfig,
+        /// When the update is due.
+        deadline: Instant,
+    },
+    /// Fetch, verify and decode an update, then send [`Event::UpdateFetched`] or
+    /// [`Event::UpdateRejected`].
+    FetchUpdate {
+        /// Client id.
+        client: String,
+        /// Round.
+        round: u64,
+        /// Where the update is.
+        blob: BlobRef,
+    },
+    /// A round closed: [`RoundMachine::global`] is its new model. Record metrics, evaluate when
+    /// `summary.evaluate`, checkpoint, delete blobs of old rounds.
+    RoundClosed(RoundSummary),
+    /// The run is over: store the final model, send finish to the clients, stop.
+    Finish(Outcome),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", content = "reason", rename_all = "snake_case")]
+pub enum Outcome {
+    /// All rounds ran.
+    Completed,
+    /// The run stopped early; the message says why and what to check.
+    Aborted(String),
+}
+
+/// What happened in a closed round.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundSummary {
+    /// Round number (from 1).
+    pub round: u64,
+    /// Clients whose updates were aggregated.
+    pub participants: Vec<String>,
+    /// Selected clients that contributed nothing, with reasons.
+    pub failures: Vec<ClientFailure>,
+    /// Samples behind the aggregate.
+    pub num_samples: u64,
+    /// Sample-weighted mean of the participants' training losses.
+    pub train_loss: f64,
+    /// Train commands sent (including re-sends).
+    pub commands: usize,
+    /// Re-sends because the quorum was missed.
+    pub retries: u32,
+    /// Time from the upload request to the close.
+    pub seconds: f64,
+    /// Whether this round's model is to be evaluated.
+    pub evaluate: bool,
+    /// Whether the global model changed (false when no update arrived).
+    pub updated: bool,
+}
+
+/// Phase of the run.
+enum Phase {
+    Admitting { since: Instant },
+    Uploading { round: u64 },
+    Training(Box<RoundState>),
+    Finished,
+}
+
+struct RoundState {
+    round: u64,
+    global: BlobRef,
+    started: Instant,
+    deadline: Instant,
+    retries: u32,
+    commands: usize,
+    selected: BTreeSet<String>,
+    /// Announced in time, being fetched: client → (samples, metrics).
+    fetching: BTreeMap<String, (u64, TrainMetrics)>,
+    /// Folded into the aggregate: client → (samples, loss).
+    reported: BTreeMap<String, (u64, f64)>,
+    failed: BTreeMap<String, FailureReason>,
+    aggregate: Option<Box<dyn RoundAggregate>>,
+    /// Deadline passed: no new announcements are accepted.
+    closed_for_updates: bool,
+}
+
+/// Known client.
+#[derive(Debug, Clone)]
+struct ClientEntry {
+    online: bool,
+    #[allow(dead_code)]
+    capabilities: Option<Capabilities>,
+}
+
+/// The round engine.
+pub struct RoundMachine {
+    cfg: RoundConfig,
+    strategy: Box<dyn Strategy>,
+    rng: ChaCha8Rng,
+    clients: BTreeMap<String, ClientEntry>,
+    global: ParamSet,
+    phase: Phase,
+    /// Last completed round (0 before the first).
+    completed: u64,
+    upload_started: Option<Instant>,
+}
+
+impl RoundMachine {
+    /// A machine that starts from `initial` and waits for clients. `now` starts the admission
+    /// timeout.
+    pub fn new(
+        cfg: RoundConfig,
+        strategy: Box<dyn Strategy>,
+        initial: ParamSet,
+        now: Instant,
+    ) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        Self {
+            cfg,
+            strategy,
+            rng,
+            clients: BTreeMap::new(),
+            global: initial,
+            phase: Phase::Admitting { since: now },
+            completed: 0,
+            upload_started: None,
+        }
+    }
+
+    /// Resumes after round `completed` with `global` (from a checkpoint).
+    pub fn resume(&mut self, completed: u64, global: ParamSet) {
+        self.completed = completed;
+        self.global = global;
+    }
+
+    /// The current global model.
+    pub fn global(&self) -> &ParamSet {
+        &self.global
+    }
+
+    /// The strategy (for checkpointing its state).
+    pub fn strategy(&self) -> &dyn Strategy {
+        self.strategy.as_ref()
+    }
+
+    /// Last completed round.
+    pub fn completed_rounds(&self) -> u64 {
+        self.completed
+    }
+
+    /// The round in progress, if any.
+    pub fn current_round(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Uploading { round } => Some(*round),
+            Phase::Training(r) => Some(r.round),
+            _ => None,
+        }
+    }
+
+    /// Whether the run is over.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Finished)
+    }
+
+    /// Online clients, sorted.
+    pub fn online_clients(&self) -> Vec<String> {
+        self.clients
+            .iter()
+            .filter(|(_, c)| c.online)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// When the driver must send [`Event::Tick`] next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Admitting { since } => self.cfg.admission_timeout.map(|t| *since + t),
+            Phase::Training(r) if !r.closed_for_updates => Some(r.deadline),
+            _ => None,
+        }
+    }
+
+    /// Feeds one event; returns what to do, in order.
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::ClientOnline {
+                client,
+                capabilities,
+            } => {
+                self.clients.insert(
+                    client,
+                    ClientEntry {
+                        online: true,
+                        capabilities,
+                    },
+                );
+                self.maybe_start(now, &mut out);
+            }
+            Event::ClientOffline { client } => {
+                if let Some(c) = self.clients.get_mut(&client) {
+                    c.online = false;
+                }
+                if let Phase::Training(r) = &mut self.phase {
+                    if r.selected.contains(&client)
+                        && !r.reported.contains_key(&client)
+                        && !r.fetching.contains_key(&client)
+                    {
+                        tracing::info!(round = r.round, %client, "selected client went offline");
+                        r.failed.insert(client, FailureReason::Disconnected);
+                    }
+                }
+                self.maybe_close(now, &mut out);
+            }
+            Event::GlobalUploaded { round, blob } => {
+                if matches!(self.phase, Phase::Uploading { round: r } if r == round) {
+                    self.start_training(round, blob, now, &mut out);
+                }
+            }
+            Event::GlobalUploadFailed { round, reason } => {
+                if matches!(self.phase, Phase::Uploading { round: r } if r == round) {
+                    self.finish(
+                        Outcome::Aborted(format!(
+                            "round {round}: storing the global model failed: {reason}; check the \
+                             object store (comm_args.customized_training_s3_config)"
+                        )),
+                        &mut out,
+                    );
+                }
+            }
+            Event::UpdateReady {
+                client,
+                round,
+                blob,
+                num_samples,
+                metrics,
+            } => {
+                let Phase::Training(r) = &mut self.phase else {
+                    tracing::debug!(%client, round, "update outside a round ignored");
+                    return out;
+                };
+                if round != r.round {
+                    tracing::info!(%client, round, current = r.round, "stale update ignored");
+                } else if !r.selected.contains(&client) {
+                    tracing::warn!(%client, round, "update from a client not selected ignored");
+                } else if r.reported.contains_key(&client) || r.fetching.contains_key(&client) {
+                    tracing::debug!(%client, round, "duplicate update notice ignored");
+                } else if r.closed_for_updates {
+                    tracing::info!(%client, round, "update after the deadline discarded");
+                } else {
+                    r.failed.remove(&client);
+                    r.fetching.insert(client.clone(), (num_samples, metrics));
+                    out.push(Action::FetchUpdate {
+                        client,
+                        round,
+                        blob,
+                    });
+                }
+            }
+            Event::UpdateFetched {
+                client,
+                round,
+                params,
+            } => {
+                if let Phase::Training(r) = &mut self.phase {
+                    if r.round == round {
+                        if let Some((samples, metrics)) = r.fetching.remove(&client) {
+                            let agg = r.aggregate.as_mut();
+                            match agg.map(|a| a.add(&client, &params, samples)) {
+                                Some(Ok(())) => {
+                                    r.reported.insert(client, (samples, metrics.train_loss));
+                                }
+                                Some(Err(e)) => {
+                                    tracing::warn!(%client, round, "update rejected: {e}");
+                                    r.failed
+                                        .insert(client, FailureReason::BadUpdate(e.to_string()));
+                                }
+                                None => {}
+                            }
+                        }
+                    }
+                }
+                self.maybe_close(now, &mut out);
+            }
+            Event::UpdateRejected {
+                client,
+                round,
+                reason,
+            } => {
+                if let Phase::Training(r) = &mut self.phase {
+                    if r.round == round && r.fetching.remove(&client).is_some() {
+                        tracing::warn!(%client, round, "update rejected: {reason}");
+                        r.failed.insert(client, FailureReason::BadUpdate(reason));
+                    }
+                }
+                self.maybe_close(now, &mut out);
+            }
+            Event::ClientFailed {
+                client,
+                round,
+                reason,
+            } => {
+                if let Phase::Training(r) = &mut self.phase {
+                    if r.round == round
+                        && r.selected.contains(&client)
+                        && !r.reported.contains_key(&client)
+                        && !r.fetching.contains_key(&client)
+                    {
+                        tracing::info!(%client, round, "client failed: {reason}");
+                        r.failed.insert(client, FailureReason::Reported(reason));
+                    }
+                }
+                self.maybe_close(now, &mut out);
+            }
+            Event::Tick => {
+                match &mut self.phase {
+                    Phase::Admitting { since } => {
+                        if let Some(t) = self.cfg.admission_timeout {
+                            if now >= *since + t {
+                                let online = self.online_clients().len();
+                                let msg = format!(
+                                    "only {online} of the {} required clients came online within \
+                                     {:?}; start more clients or lower train_args.client_num_per_round",
+                                    self.cfg.min_clients, t
+                                );
+                                self.finish(Outcome::Aborted(msg), &mut out);
+                            }
+                        }
+                    }
+                    Phase::Training(r) => {
+                        if !r.closed_for_updates && now >= r.deadline {
+                            r.closed_for_updates = true;
+                            let silent: Vec<String> = r
+                                .selected
+                                .iter()
+                                .filter(|c| {
+                                    !r.reported.contains_key(*c)
+                                        && !r.fetching.contains_key(*c)
+                                        && !r.failed.contains_key(*c)
+                                })
+                                .cloned()
+                                .collect();
+                            for c in silent {
+                                r.failed.insert(c, FailureReason::Timeout);
+                            }
+                        }
+                        self.maybe_close(now, &mut out);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    fn maybe_start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if let Phase::Admitting { .. } = self.phase {
+            if self.online_clients().len() >= self.cfg.min_clients.max(1) {
+                self.begin_round(self.completed + 1, now, out);
+            }
+        }
+    }
+
+    fn begin_round(&mut self, round: u64, now: Instant, out: &mut Vec<Action>) {
+        if round > self.cfg.rounds {
+            self.finish(Outcome::Completed, out);
+            return;
+        }
+        self.phase = Phase::Uploading { round };
+        self.upload_started = Some(now);
+        out.push(Action::UploadGlobal { round });
+    }
+
+    fn train_config(&self, round: u64) -> TrainConfig {
+        let mut c = self.cfg.train.clone();
+        c.seed = self.cfg.seed.wrapping_mul(1_000_003).wrapping_add(round);
+        c
+    }
+
+    fn start_training(&mut self, round: u64, global: BlobRef, now: Instant, out: &mut Vec<Action>) {
+        let available = self.online_clients();
+        let selected = self.strategy.configure_train(
+            round,
+            &available,
+            self.cfg.clients_per_round,
+            &mut self.rng,
+        );
+        let deadline = now + self.cfg.round_timeout;
+        let config = self.train_config(round);
+        for c in &selected {
+            out.push(Action::SendTrain {
+                client: c.clone(),
+                round,
+                global: global.clone(),
+                config: config.clone(),
+                deadline,
+            });
+        }
+        tracing::info!(round, selected = selected.len(), "round started");
+        let aggregate = Some(self.strategy.begin_round(round, &self.global));
+        self.phase = Phase::Training(Box::new(RoundState {
+            round,
+            global,
+            started: self.upload_started.unwrap_or(now),
+            deadline,
+            retries: 0,
+            commands: selected.len(),
+            selected: selected.into_iter().collect(),
+            fetching: BTreeMap::new(),
+            reported: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            aggregate,
+            closed_for_updates: false,
+        }));
+        // No client online at all: nothing will ever arrive; let the deadline logic handle it.
+        self.maybe_close(now, out);
+    }
+
+    fn quorum_of(&self, selected: usize) -> usize {
+        ((self.cfg.quorum * selected as f64).ceil() as usize).clamp(1, selected.max(1))
+    }
+
+    /// Closes the round when nothing more can change its outcome, or re-sends / aborts when the
+    /// quorum was missed.
+    fn maybe_close(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Phase::Training(r) = &self.phase else {
+            return;
+        };
+        if !r.fetching.is_empty() {
+            return;
+        }
+        let quorum = self.quorum_of(r.selected.len());
+        let everyone_done = r.reported.len() + r.failed.len() >= r.selected.len();
+        let reached = r.reported.len() >= quorum;
+        if reached && (everyone_done || r.closed_for_updates) {
+            self.close_round(now, out);
+            return;
+        }
+        if !r.closed_for_updates {
+            // Wait for more updates, or for the deadline (also when everyone already failed:
+            // a disconnected client may come back and report before it).
+            return;
+        }
+        // The deadline passed without a quorum.
+        if r.retries < self.cfg.max_retries {
+            self.resend(now, out);
+        } else {
+            let msg = format!(
+                "round {}: only {} of {} selected clients reported (quorum {quorum}) after {} \
+                 attempt(s); failures: {}. Check that clients are online and that \
+                 fedmq_args.round_timeout_s is long enough for local training",
+                r.round,
+                r.reported.len(),
+                r.selected.len(),
+                r.retries + 1,
+                describe_failures(&r.failed)
+            );
+            self.finish(Outcome::Aborted(msg), out);
+        }
+    }
+
+    /// Re-sends a round that missed its quorum: to failed clients that are online, plus
+    /// replacements, with a fresh deadline. Updates already folded in are kept: the global
+    /// model of the round has not changed.
+    fn resend(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let online: BTreeSet<String> = self.online_clients().into_iter().collect();
+        let config = {
+            let Phase::Training(r) = &self.phase else {
+                return;
+            };
+            self.train_config(r.round)
+        };
+        let Phase::Training(r) = &mut self.phase else {
+            return;
+        };
+        r.retries += 1;
+        r.closed_for_updates = false;
+        r.deadline = now + self.cfg.round_timeout;
+        let need = self.cfg.clients_per_round.saturating_sub(r.reported.len());
+        let mut targets: Vec<String> = r
+            .failed
+            .keys()
+            .filter(|c| online.contains(*c))
+            .cloned()
+            .collect();
+        let spare: Vec<String> = online
+            .iter()
+            .filter(|c| !r.selected.contains(*c))
+            .cloned()
+            .collect();
+        for c in spare {
+            if targets.len() >= need {
+                break;
+            }
+            targets.push(c);
+        }
+        tracing::warn!(
+            round = r.round,
+            retry = r.retries,
+            reported = r.reported.len(),
+            resend_to = targets.len(),
+            "quorum missed; re-sending the round"
+        );
+        for c in &targets {
+            r.failed.remove(c);
+            r.selected.insert(c.clone());
+            r.commands += 1;
+            out.push(Action::SendTrain {
+                client: c.clone(),
+                round: r.round,
+                global: r.global.clone(),
+                config: config.clone(),
+                deadline: r.deadline,
+            });
+        }
+        // Clients that are gone stay failed; if nobody could be asked, wait for the deadline.
+    }
+
+    fn close_round(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let Phase::Training(mut r) = std::mem::replace(&mut self.phase, Phase::Finished) else {
+            return;
+        };
+        let failures: Vec<ClientFailure> = r
+            .failed
+            .iter()
+            .filter(|(c, _)| !r.reported.contains_key(*c))
+            .map(|(c, reason)| ClientFailure {
+                client: c.clone(),
+                reason: reason.clone(),
+            })
+            .collect();
+        let new_global = r.aggregate.take().and_then(|a| a.finish(&failures));
+        let updated = new_global.is_some();
+        if let Some(g) = new_global {
+            self.global = g;
+        }
+        let num_samples: u64 = r.reported.values().map(|(s, _)| s).sum();
+        let train_loss = if num_samples > 0 {
+            r.reported
+                .values()
+                .map(|(s, l)| *s as f64 * l)
+                .sum::<f64>()
+                / num_samples as f64
+        } else {
+            f64::NAN
+        };
+        self.completed = r.round;
+        let evaluate = r.round % self.cfg.eval_every.max(1) == 0 || r.round == self.cfg.rounds;
+        out.push(Action::RoundClosed(RoundSummary {
+            round: r.round,
+            participants: r.reported.keys().cloned().collect(),
+            failures,
+            num_samples,
+            train_loss,
+            commands: r.commands,
+            retries: r.retries,
+            seconds: now.saturating_duration_since(r.started).as_secs_f64(),
+            evaluate,
+            updated,
+        }));
+        self.begin_round(r.round + 1, now, out);
+    }
+
+    fn finish(&mut self, outcome: Outcome, out: &mut Vec<Action>) {
+        self.phase = Phase::Finished;
+        out.push(Action::Finish(outcome));
+    }
+}
+
+fn describe_failures(failed: &BTreeMap<String, FailureReason>) -> String {
+    if failed.is_empty() {
+        return "none".into();
+    }
+    failed
+        .iter()
+        .map(|(c, r)| format!("{c}: {r}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,352 @@
+use super::*;
+use crate::strategy::FedAvg;
+use crate::tensor::NamedTensor;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn params(v: f32) -> ParamSet {
+    ParamSet::new(vec![NamedTensor::new("w", vec![2], vec![v, 2.0 * v]).unwrap()]).unwrap()
+}
+
+fn blob(key: &str) -> BlobRef {
+    BlobRef {
+        key: key.into(),
+        len: 8,
+        sha256: "00".repeat(32),
+    }
+}
+
+fn cfg(rounds: u64, per_round: usize) -> RoundConfig {
+    RoundConfig {
+        rounds,
+        clients_per_round: per_round,
+        min_clients: per_round,
+        admission_timeout: Some(60 * SEC),
+        round_timeout: 10 * SEC,
+        quorum: 0.5,
+        max_retries: 1,
+        eval_every: 2,
+        seed: 1,
+        train: TrainConfig {
+            model: "lr".into(),
+            epochs: 1,
+            batch_size: 32,
+            optimizer: "sgd".into(),
+            learning_rate: 0.1,
+            momentum: 0.0,
+            weight_decay: 0.0,
+            seed: 0,
+        },
+    }
+}
+
+/// A machine plus a clock, with helpers that drive it like the real driver would.
+struct Harness {
+    m: RoundMachine,
+    now: Instant,
+}
+
+impl Harness {
+    fn new(cfg: RoundConfig) -> Self {
+        let now = Instant::now();
+        Self {
+            m: RoundMachine::new(cfg, Box::new(FedAvg), params(0.0), now),
+            now,
+        }
+    }
+    fn ev(&mut self, e: Event) -> Vec<Action> {
+        self.m.handle(e, self.now)
+    }
+    fn online(&mut self, ids: &[&str]) -> Vec<Action> {
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(self.ev(Event::ClientOnline {
+                client: id.to_string(),
+                capabilities: None,
+            }));
+        }
+        out
+    }
+    /// Uploads the global model of `round`; returns the clients that got a train command.
+    fn upload(&mut self, round: u64) -> Vec<String> {
+        let acts = self.ev(Event::GlobalUploaded {
+            round,
+            blob: blob(&format!("p/run/r{round:06}/global")),
+        });
+        trains(&acts)
+    }
+    /// A client announces and delivers an update equal to `params(v)`.
+    fn report(&mut self, client: &str, round: u64, v: f32, samples: u64) -> Vec<Action> {
+        let mut acts = self.ev(Event::UpdateReady {
+            client: client.into(),
+            round,
+            blob: blob(&format!("p/run/r{round:06}/updates/{client}")),
+            num_samples: samples,
+            metrics: TrainMetrics {
+                train_loss: 1.0,
+                train_seconds: 0.1,
+            },
+        });
+        if acts
+            .iter()
+            .any(|a| matches!(a, Action::FetchUpdate { client: c, .. } if c == client))
+        {
+            acts.extend(self.ev(Event::UpdateFetched {
+                client: client.into(),
+                round,
+                params: params(v),
+            }));
+        }
+        acts
+    }
+    fn advance(&mut self, d: Duration) -> Vec<Action> {
+        self.now += d;
+        self.ev(Event::Tick)
+    }
+}
+
+fn trains(acts: &[Action]) -> Vec<String> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::SendTrain { client, .. } => Some(client.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn closed(acts: &[Action]) -> Option<&RoundSummary> {
+    acts.iter().find_map(|a| match a {
+        Action::RoundClosed(s) => Some(s),
+        _ => None,
+    })
+}
+
+#[test]
+fn admission_waits_for_enough_clients() {
+    let mut h = Harness::new(cfg(1, 3));
+    assert!(h.online(&["a", "b"]).is_empty());
+    assert_eq!(h.online(&["c"]), vec![Action::UploadGlobal { round: 1 }]);
+}
+
+#[test]
+fn happy_path_runs_every_round_and_averages() {
+    let mut h = Harness::new(cfg(2, 2));
+    h.online(&["a", "b"]);
+    let sel = h.upload(1);
+    assert_eq!(sel, vec!["a", "b"]);
+    assert!(closed(&h.report("a", 1, 1.0, 1)).is_none());
+    let acts = h.report("b", 1, 4.0, 2);
+    let s = closed(&acts).expect("round closes when all reported");
+    assert_eq!(s.participants, vec!["a", "b"]);
+    assert!(s.failures.is_empty());
+    assert_eq!(s.num_samples, 3);
+    assert!(!s.evaluate, "eval_every is 2");
+    assert!(acts.contains(&Action::UploadGlobal { round: 2 }));
+    assert_eq!(h.m.global().get("w").unwrap().data(), &[3.0, 6.0]);
+
+    h.upload(2);
+    h.report("a", 2, 1.0, 1);
+    let acts = h.report("b", 2, 1.0, 1);
+    assert!(closed(&acts).unwrap().evaluate);
+    assert_eq!(acts.last(), Some(&Action::Finish(Outcome::Completed)));
+    assert!(h.m.is_finished());
+}
+
+#[test]
+fn dead_client_becomes_a_failure_and_round_closes_with_quorum() {
+    let mut h = Harness::new(cfg(1, 3));
+    h.online(&["a", "b", "c"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 10);
+    // c dies (its last will arrives) while b is still training: nothing closes yet.
+    assert!(h.ev(Event::ClientOffline { client: "c".into() }).is_empty());
+    // b reports: every selected client is accounted for and the quorum is met, so the round
+    // closes without waiting for the deadline.
+    let acts = h.report("b", 1, 1.0, 10);
+    let s = closed(&acts).expect("closed");
+    assert_eq!(s.participants, vec!["a", "b"]);
+    assert_eq!(
+        s.failures,
+        vec![ClientFailure {
+            client: "c".into(),
+            reason: FailureReason::Disconnected
+        }]
+    );
+    assert_eq!(acts.last(), Some(&Action::Finish(Outcome::Completed)));
+}
+
+#[test]
+fn dead_client_that_returns_in_time_still_counts() {
+    let mut h = Harness::new(cfg(1, 2));
+    h.online(&["a", "b"]);
+    h.upload(1);
+    h.ev(Event::ClientOffline { client: "b".into() });
+    h.online(&["b"]);
+    h.report("b", 1, 1.0, 1);
+    let acts = h.report("a", 1, 1.0, 1);
+    assert_eq!(closed(&acts).unwrap().participants, vec!["a", "b"]);
+}
+
+#[test]
+fn silent_client_times_out() {
+    let mut h = Harness::new(cfg(1, 2));
+    h.online(&["a", "b"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 10);
+    let acts = h.advance(10 * SEC);
+    let s = closed(&acts).unwrap();
+    assert_eq!(s.failures[0].reason, FailureReason::Timeout);
+}
+
+#[test]
+fn stale_duplicate_foreign_and_late_updates_are_ignored() {
+    let mut h = Harness::new(cfg(2, 2));
+    h.online(&["a", "b", "x"]);
+    let sel = h.upload(1);
+    let outsider = ["a", "b", "x"]
+        .into_iter()
+        .find(|c| !sel.contains(&c.to_string()))
+        .unwrap();
+    let (p, q) = (sel[0].clone(), sel[1].clone());
+    // Not selected.
+    assert!(h.report(outsider, 1, 9.0, 1).is_empty());
+    h.report(&p, 1, 1.0, 1);
+    // Duplicate notice (QoS 1 redelivery) of an update already folded in.
+    assert!(h.report(&p, 1, 9.0, 1).is_empty());
+    // A replayed notice of a future/other round.
+    assert!(h.report(&q, 7, 9.0, 1).is_empty());
+    h.report(&q, 1, 1.0, 1);
+    h.upload(2);
+    // A replayed round-1 message during round 2 changes nothing.
+    assert!(h.report(&p, 1, 9.0, 1).is_empty());
+    // Deadline passes with only p: quorum (1 of 2) reached, q times out; q's late update is
+    // discarded.
+    h.report(&p, 2, 1.0, 1);
+    let acts = h.advance(10 * SEC);
+    assert!(closed(&acts).is_some());
+    assert!(h.report(&q, 2, 9.0, 1).is_empty());
+    assert_eq!(h.m.global().get("w").unwrap().data(), &[1.0, 2.0]);
+}
+
+#[test]
+fn update_announced_in_time_is_waited_for_after_the_deadline() {
+    let mut h = Harness::new(cfg(1, 2));
+    h.online(&["a", "b"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 1);
+    let acts = h.ev(Event::UpdateReady {
+        client: "b".into(),
+        round: 1,
+        blob: blob("p/run/r000001/updates/b"),
+        num_samples: 1,
+        metrics: TrainMetrics::default(),
+    });
+    assert!(matches!(acts[0], Action::FetchUpdate { .. }));
+    assert!(closed(&h.advance(10 * SEC)).is_none(), "b is still downloading");
+    let acts = h.ev(Event::UpdateFetched {
+        client: "b".into(),
+        round: 1,
+        params: params(3.0),
+    });
+    assert_eq!(closed(&acts).unwrap().participants, vec!["a", "b"]);
+}
+
+#[test]
+fn rejected_and_malformed_updates_are_failures() {
+    let mut c = cfg(1, 3);
+    c.quorum = 0.3;
+    let mut h = Harness::new(c);
+    h.online(&["a", "b", "c"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 1);
+    h.ev(Event::UpdateReady {
+        client: "b".into(),
+        round: 1,
+        blob: blob("k/b"),
+        num_samples: 1,
+        metrics: TrainMetrics::default(),
+    });
+    h.ev(Event::UpdateRejected {
+        client: "b".into(),
+        round: 1,
+        reason: "digest mismatch".into(),
+    });
+    // c sends parameters of the wrong shape.
+    h.ev(Event::UpdateReady {
+        client: "c".into(),
+        round: 1,
+        blob: blob("k/c"),
+        num_samples: 1,
+        metrics: TrainMetrics::default(),
+    });
+    let bad = ParamSet::new(vec![NamedTensor::new("w", vec![3], vec![0.0; 3]).unwrap()]).unwrap();
+    let acts = h.ev(Event::UpdateFetched {
+        client: "c".into(),
+        round: 1,
+        params: bad,
+    });
+    // Everyone is done and the quorum (1 of 3) is met: the round closes at once.
+    let s = closed(&acts).expect("closed");
+    assert_eq!(s.participants, vec!["a"]);
+    let reasons: Vec<String> = s.failures.iter().map(|f| f.reason.to_string()).collect();
+    assert_eq!(reasons.len(), 2);
+    assert!(reasons[0].contains("digest mismatch"), "{reasons:?}");
+    assert!(reasons[1].contains("does not match the global model"), "{reasons:?}");
+}
+
+#[test]
+fn missed_quorum_is_resent_then_aborted_with_a_reason() {
+    let mut c = cfg(1, 2);
+    c.quorum = 1.0;
+    let mut h = Harness::new(c);
+    h.online(&["a", "b"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 1);
+    // b never answers: at the deadline the round is re-sent to b (still online).
+    let acts = h.advance(10 * SEC);
+    assert_eq!(trains(&acts), vec!["b"]);
+    // Second deadline: max_retries (1) used up, the run aborts naming the failure.
+    let acts = h.advance(10 * SEC);
+    match acts.last() {
+        Some(Action::Finish(Outcome::Aborted(msg))) => {
+            assert!(msg.contains("only 1 of 2"), "{msg}");
+            assert!(msg.contains("b: timeout"), "{msg}");
+        }
+        other => panic!("expected abort, got {other:?}"),
+    }
+}
+
+#[test]
+fn resend_recovers_when_the_client_answers() {
+    let mut c = cfg(1, 2);
+    c.quorum = 1.0;
+    let mut h = Harness::new(c);
+    h.online(&["a", "b"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 1);
+    h.advance(10 * SEC);
+    let acts = h.report("b", 1, 3.0, 1);
+    let s = closed(&acts).unwrap();
+    assert_eq!((s.participants.len(), s.retries, s.commands), (2, 1, 3));
+}
+
+#[test]
+fn admission_timeout_aborts_with_advice() {
+    let mut h = Harness::new(cfg(1, 3));
+    h.online(&["a"]);
+    let acts = h.advance(61 * SEC);
+    match &acts[..] {
+        [Action::Finish(Outcome::Aborted(msg))] => assert!(msg.contains("only 1 of the 3"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn selection_is_seeded() {
+    let run = || {
+        let mut h = Harness::new(cfg(1, 3));
+        h.online(&["a", "b", "c", "d", "e", "f"]);
+        h.upload(1)
+    };
+    assert_eq!(run(), run());
+}

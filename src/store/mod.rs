@@ -1,0 +1,29 @@
+//! Object store: blob layer over aws-sdk-s3 and the embedded S3-compatible server.
+//!
+//! The data plane of the design: model parameters travel as blobs in an S3 bucket, referenced from
+//! control messages by [`BlobRef`](crate::proto::BlobRef) (key, length, SHA-256). The same code
+//! talks to the embedded store (local default) and to MinIO, Garage or AWS S3 (production).
+//!
+//! # Layout
+//! - `blob.rs`: [`BlobStore`] (put/get with digest checks, multipart and ranged transfers,
+//!   retries, listing, prefix and retention deletes), [`S3Options`], [`RetentionPolicy`].
+//! - `server.rs`: [`EmbeddedStore`], the S3-compatible HTTP server (s3s + s3s-fs, SigV4) on a
+//!   free loopback port; [`serve`] and [`run_blocking`] for other lifecycles.
+//! - `fast_fs.rs`: [`FastFs`], s3s-fs with a faster `GetObject` body.
+//! - `bench.rs`: the put/get throughput measurement behind `fedmq bench blob`.
+//! - `error.rs`: [`Error`], with the mapping of S3 error responses to it.
+
+pub mod bench;
+mod blob;
+mod error;
+mod fast_fs;
+mod server;
+
+pub use blob::{
+    BlobStore, ObjectMeta, RetentionPolicy, S3Options, MAX_PARTS, MIB, MIN_PART_SIZE,
+};
+pub use error::{Error, Result, AUTH_HINT, UNREACHABLE_HINT};
+pub use fast_fs::{FastFs, READ_CHUNK};
+pub use server::{
+    default_listen, run_blocking, serve, EmbeddedStore, StoreOptions, SHUTDOWN_GRACE,
+};

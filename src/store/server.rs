@@ -1,0 +1,272 @@
+//! The embedded S3-compatible server: [`s3s_fs`] (objects as files under a data directory) behind
+//! [`s3s`]'s HTTP service with SigV4 authentication, served by hyper on the current tokio runtime.
+//!
+//! It is the local default of the design's "store" part: the server and every client talk to it
+//! over real HTTP with real SigV4 signatures, exactly as they would to MinIO or AWS S3. A request
+//! signed with any other key pair is rejected (`SignatureDoesNotMatch` / `InvalidAccessKeyId`).
+//!
+//! Lifecycle: [`EmbeddedStore::start`] binds (port 0 picks a free port) and spawns the accept loop;
+//! [`EmbeddedStore::shutdown`] stops accepting, lets in-flight requests finish for up to
+//! [`SHUTDOWN_GRACE`] and returns. Dropping the handle also stops the server (without waiting).
+//! [`serve`] is the same loop as an `async fn run(.., cancel)` for callers that own a
+//! `TaskTracker`; [`run_blocking`] is the entry for synchronous callers such as the CLI.
+
+use super::error::{Error, Result};
+use super::fast_fs::FastFs;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use s3s::auth::SimpleAuth;
+use s3s::service::{S3Service, S3ServiceBuilder};
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long [`EmbeddedStore::shutdown`] waits for in-flight requests before dropping them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What [`EmbeddedStore::start`] needs.
+#[derive(Clone)]
+pub struct StoreOptions {
+    /// Address to listen on. The default `127.0.0.1:0` picks a free port on loopback only; read
+    /// the chosen one back with [`EmbeddedStore::addr`] / [`EmbeddedStore::endpoint`].
+    pub listen: SocketAddr,
+    /// Root of the stored data: one sub-directory per bucket, one file per object, plus s3s-fs's
+    /// hidden metadata files. Created when missing. Survives restarts.
+    pub data_dir: PathBuf,
+    /// The only access key id accepted (FedML's `CN_S3_AKI`).
+    pub access_key: String,
+    /// Its secret (FedML's `CN_S3_SAK`). Must not be empty.
+    pub secret_key: String,
+}
+
+impl StoreOptions {
+    /// Options for a store on `127.0.0.1:<free port>` over `data_dir`.
+    pub fn new(
+        data_dir: impl Into<PathBuf>,
+        access_key: impl Into<String>,
+        secret_key: impl Into<String>,
+    ) -> Self {
+        Self {
+            listen: default_listen(),
+            data_dir: data_dir.into(),
+            access_key: access_key.into(),
+            secret_key: secret_key.into(),
+        }
+    }
+
+    /// Checks that the options can run a store (non-empty keys).
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] naming the config key or variable to set.
+    pub fn validate(&self) -> Result<()> {
+        if self.access_key.is_empty() {
+            return Err(Error::InvalidOptions {
+                reason: "the embedded store needs an access key: set \
+                         comm_args.customized_training_s3_config.CN_S3_AKI or FEDMQ_S3_AKI"
+                    .into(),
+            });
+        }
+        if self.secret_key.is_empty() {
+            return Err(Error::InvalidOptions {
+                reason: "the embedded store refuses to start with an empty secret key: set \
+                         comm_args.customized_training_s3_config.CN_S3_SAK or FEDMQ_S3_SAK"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for StoreOptions {
+    // The secret never reaches logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreOptions")
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `127.0.0.1:0`: loopback, free port.
+pub fn default_listen() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 0))
+}
+
+/// A running embedded store. Stops when [`shutdown`](Self::shutdown) is awaited or the handle is
+/// dropped.
+#[derive(Debug)]
+pub struct EmbeddedStore {
+    /// The bound address (the real port when `listen` had port 0).
+    addr: SocketAddr,
+    /// Cancelled to stop the accept loop; the loop then drains connections.
+    cancel: CancellationToken,
+    /// The accept loop; joined by `shutdown`.
+    task: Option<JoinHandle<()>>,
+}
+
+impl EmbeddedStore {
+    /// Validates the options, creates the data directory, binds and starts serving on the
+    /// current tokio runtime.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] (empty keys), [`Error::Io`] (data directory), [`Error::Bind`],
+    /// [`Error::Server`] (s3s-fs refused the directory).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (it spawns the accept loop).
+    pub async fn start(opts: StoreOptions) -> Result<Self> {
+        let service = build_service(&opts)?;
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: opts.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        let cancel = CancellationToken::new();
+        let span = tracing::info_span!("store", %addr);
+        let task = tokio::spawn(serve(listener, service, cancel.clone()).instrument(span));
+        tracing::info!(endpoint = %format!("http://{addr}"), data_dir = %opts.data_dir.display(), "embedded S3 store listening");
+        Ok(Self {
+            addr,
+            cancel,
+            task: Some(task),
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The endpoint URL for S3 clients, e.g. `http://127.0.0.1:40123`.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A token that stops the server when cancelled (as [`shutdown`](Self::shutdown) does,
+    /// without waiting).
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish for up to
+    /// [`SHUTDOWN_GRACE`], and returns once the server is down.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        if let Some(task) = self.task.take() {
+            // The loop bounds its own drain; the extra second covers scheduling.
+            match tokio::time::timeout(SHUTDOWN_GRACE + Duration::from_secs(1), task).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "embedded store task failed"),
+                Err(_) => tracing::warn!("embedded store did not stop in time"),
+            }
+        }
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// Builds the s3s service over `opts.data_dir` with SigV4 auth for the one key pair.
+fn build_service(opts: &StoreOptions) -> Result<S3Service> {
+    opts.validate()?;
+    std::fs::create_dir_all(&opts.data_dir).map_err(|source| Error::Io {
+        op: "creating data directory",
+        path: opts.data_dir.clone(),
+        source,
+    })?;
+    let fs = FastFs::new(&opts.data_dir)?;
+    let mut b = S3ServiceBuilder::new(fs);
+    b.set_auth(SimpleAuth::from_single(
+        opts.access_key.clone(),
+        opts.secret_key.clone(),
+    ));
+    Ok(b.build())
+}
+
+/// Serves `service` on `listener` until `cancel` fires, then drains in-flight connections for up
+/// to [`SHUTDOWN_GRACE`]. Accept errors (e.g. too many open files) are logged and retried with
+/// backoff, never fatal.
+pub async fn serve(listener: TcpListener, service: S3Service, cancel: CancellationToken) {
+    let http = ConnBuilder::new(TokioExecutor::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let socket = tokio::select! {
+            () = cancel.cancelled() => break,
+            res = listener.accept() => match res {
+                Ok((socket, peer)) => {
+                    tracing::trace!(%peer, "connection");
+                    backoff = Duration::from_millis(5);
+                    socket
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        // Small control requests (HEAD, list, complete) should not wait for Nagle.
+        let _ = socket.set_nodelay(true);
+        let conn = http.serve_connection(TokioIo::new(socket), service.clone());
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::debug!("embedded store drained"),
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            tracing::warn!("embedded store: in-flight requests still running after {SHUTDOWN_GRACE:?}; dropping them");
+        }
+    }
+    tracing::info!("embedded S3 store stopped");
+}
+
+/// Runs a store on a new multi-threaded tokio runtime until `shutdown` completes, calling `ready`
+/// with the running store first (to print or publish its endpoint). For synchronous callers.
+///
+/// # Errors
+/// As [`EmbeddedStore::start`], plus [`Error::Server`] if the runtime cannot be built.
+pub fn run_blocking<F, R>(opts: StoreOptions, shutdown: F, ready: R) -> Result<()>
+where
+    F: Future<Output = ()>,
+    R: FnOnce(&EmbeddedStore),
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fedmq-store")
+        .build()
+        .map_err(|e| Error::Server {
+            reason: format!("cannot build the tokio runtime: {e}"),
+        })?;
+    rt.block_on(async move {
+        let store = EmbeddedStore::start(opts).await?;
+        ready(&store);
+        shutdown.await;
+        store.shutdown().await;
+        Ok(())
+    })
+}

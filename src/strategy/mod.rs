@@ -1,0 +1,151 @@
+//! Aggregation strategies: which clients train in a round, and how their updates become the next
+//! global model.
+//!
+//! The shape follows Flower's strategy (configure a round, aggregate its results, failures passed
+//! in as data), with one change: aggregation is *streaming*. A round's [`RoundAggregate`] folds
+//! each update in as it arrives, so the server holds O(model) memory instead of O(clients × model).
+//! Strategies that need every update at once (median, Krum) buffer inside their own aggregate.
+//!
+//! # Layout
+//! - this file: [`Strategy`], [`RoundAggregate`], [`ClientFailure`].
+//! - `fedavg.rs`: [`FedAvg`], the sample-weighted average of McMahan et al. 2017.
+
+mod fedavg;
+
+pub use fedavg::FedAvg;
+
+use crate::tensor::ParamSet;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// Why a selected client contributed nothing to a round. Failures are data, not errors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum FailureReason {
+    /// No update before the round's deadline.
+    Timeout,
+    /// The client went offline (last will or clean exit) during the round.
+    Disconnected,
+    /// The client reported a failure itself.
+    Reported(String),
+    /// The update could not be used (digest mismatch, wrong layout, non-finite values).
+    BadUpdate(String),
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailureReason::Timeout => f.write_str("timeout"),
+            FailureReason::Disconnected => f.write_str("disconnected"),
+            FailureReason::Reported(r) => write!(f, "reported: {r}"),
+            FailureReason::BadUpdate(r) => write!(f, "bad update: {r}"),
+        }
+    }
+}
+
+/// A selected client that did not contribute to a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientFailure {
+    /// The client id.
+    pub client: String,
+    /// Why.
+    pub reason: FailureReason,
+}
+
+/// Errors of aggregation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An update's tensors do not match the global model's names and shapes.
+    #[error("update from {client} does not match the global model: {detail}")]
+    Layout {
+        /// The client.
+        client: String,
+        /// What differs.
+        detail: String,
+    },
+    /// An update contains NaN or infinite values.
+    #[error("update from {client} contains non-finite values in {tensor}")]
+    NonFinite {
+        /// The client.
+        client: String,
+        /// The first offending tensor.
+        tensor: String,
+    },
+    /// A zero sample count (FedAvg weight).
+    #[error("update from {client} claims 0 samples")]
+    ZeroWeight {
+        /// The client.
+        client: String,
+    },
+    /// Restoring strategy state from a checkpoint failed.
+    #[error("cannot restore {strategy} state: {detail}")]
+    Restore {
+        /// The strategy.
+        strategy: String,
+        /// Why.
+        detail: String,
+    },
+}
+
+/// Result of aggregation.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A federated optimization strategy.
+pub trait Strategy: Send {
+    /// Short name (`FedAvg`), recorded in checkpoints and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Chooses the clients of round `round` among `available` (sorted, online and admitted), at
+    /// most `per_round` of them. The default samples uniformly without replacement from `rng`,
+    /// so a seeded run selects the same clients every time.
+    fn configure_train(
+        &mut self,
+        round: u64,
+        available: &[String],
+        per_round: usize,
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<String> {
+        let _ = round;
+        let n = per_round.min(available.len());
+        let mut picked: Vec<String> = rand::seq::index::sample(rng, available.len(), n)
+            .into_iter()
+            .map(|i| available[i].clone())
+            .collect();
+        picked.sort();
+        picked
+    }
+
+    /// Starts aggregating round `round`, whose clients trained from `global`.
+    fn begin_round(&mut self, round: u64, global: &ParamSet) -> Box<dyn RoundAggregate>;
+
+    /// Strategy state to checkpoint (server optimizer moments, ...); `null` when stateless.
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Restores [`Strategy::state`] from a checkpoint.
+    ///
+    /// # Errors
+    /// [`Error::Restore`] when the state does not belong to this strategy.
+    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
+}
+
+/// The aggregation of one round, fed one update at a time.
+pub trait RoundAggregate: Send {
+    /// Folds in one client's update (its full trained parameters) with its sample count.
+    ///
+    /// # Errors
+    /// The update is unusable (layout, non-finite values, zero weight); the aggregate is left
+    /// unchanged, so the caller records a failure and goes on.
+    fn add(&mut self, client: &str, update: &ParamSet, num_samples: u64) -> Result<()>;
+
+    /// Number of updates folded in so far.
+    fn count(&self) -> usize;
+
+    /// Closes the round: the new global model, or `None` to keep the old one (no updates).
+    /// `failures` are the selected clients that contributed nothing.
+    fn finish(self: Box<Self>, failures: &[ClientFailure]) -> Option<ParamSet>;
+}

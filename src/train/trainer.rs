@@ -1,0 +1,696 @@
+//! The local trainer, evaluation, central (non-federated) training and device selection.
+//!
+//! [`train_local`] is what a client runs each round: `epochs` passes over its samples in
+//! mini-batches, shuffled per epoch from `(seed, epoch)`, minimizing the mean cross-entropy.
+//! It checks an interrupt flag between batches and reports an interrupted run as an outcome,
+//! not an error.
+
+use super::model::{Arch, Model, ModelKind};
+use super::native::{BatchStats, NativeNet};
+use super::optim::{OptimizerConfig, OptimizerKind, TensorOptimizer};
+use super::{Error, Result};
+use crate::data::{DataSplit, Dataset};
+use crate::tensor::ParamSet;
+use candle_core::{Device, Module, Tensor, Var};
+use candle_nn::VarMap;
+use rand::seq::SliceRandom;
+use rand_chacha::rand_core::SeedableRng;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Which implementation trains and evaluates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// The native engine on the CPU, candle elsewhere.
+    #[default]
+    Auto,
+    /// candle's autograd and [`TensorOptimizer`] on any device (slower on the CPU).
+    Candle,
+}
+
+/// Hyper-parameters of local training (FedML's `train_args`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct TrainOptions {
+    /// Passes over the samples (FedML `epochs`).
+    pub epochs: usize,
+    /// Samples per mini-batch; the last batch of an epoch may be smaller (FedML `batch_size`).
+    pub batch_size: usize,
+    /// FedML `client_optimizer`.
+    pub optimizer: OptimizerKind,
+    /// FedML `learning_rate`.
+    pub learning_rate: f64,
+    /// SGD momentum (FedML `momentum`, 0 = none).
+    pub momentum: f64,
+    /// L2 penalty added to the gradient (FedML `weight_decay`).
+    pub weight_decay: f64,
+    /// SGD Nesterov momentum.
+    pub nesterov: bool,
+    /// Seed of the per-epoch shuffles (and of the initial model in [`train_central`]).
+    pub seed: u64,
+    /// CPU threads for the native engine; 0 = rayon's default (`RAYON_NUM_THREADS` or the
+    /// number of cores).
+    pub threads: usize,
+    /// Which implementation to use.
+    pub engine: Engine,
+}
+
+impl Default for TrainOptions {
+    /// The `cnn` recommendation ([`TrainOptions::recommended`]), one epoch, seed 0.
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: 32,
+            optimizer: OptimizerKind::Sgd,
+            learning_rate: 0.01,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            nesterov: false,
+            seed: 0,
+            threads: 0,
+            engine: Engine::Auto,
+        }
+    }
+}
+
+impl TrainOptions {
+    /// Recommended hyper-parameters of `kind` for MNIST-like data: SGD with momentum 0.9 and
+    ///
+    /// | model | learning rate | batch |
+    /// |---|---|---|
+    /// | `lr`  | 0.01 | 64 |
+    /// | `mlp` | 0.02 | 64 |
+    /// | `cnn` | 0.01 | 32 |
+    ///
+    /// One epoch of MNIST with these reached 91.6 % (`lr`), 96.7 % (`mlp`) and 98.6 % (`cnn`)
+    /// test accuracy (two seeds each, `docs/BENCH-train-notes.md`).
+    pub fn recommended(kind: ModelKind) -> Self {
+        let base = Self::default();
+        match kind {
+            ModelKind::Lr => Self {
+                learning_rate: 0.01,
+                batch_size: 64,
+                ..base
+            },
+            ModelKind::Mlp => Self {
+                learning_rate: 0.02,
+                batch_size: 64,
+                ..base
+            },
+            ModelKind::Cnn => base,
+        }
+    }
+
+    /// The optimizer these options describe (Adam uses PyTorch's default betas and epsilon).
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        OptimizerConfig {
+            kind: self.optimizer,
+            learning_rate: self.learning_rate,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+            ..OptimizerConfig::default()
+        }
+    }
+
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] naming the field.
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 {
+            return Err(Error::InvalidOption {
+                field: "batch_size",
+                reason: "must be at least 1".into(),
+            });
+        }
+        self.optimizer_config().validate()
+    }
+
+    fn threads(&self) -> usize {
+        if self.threads == 0 {
+            rayon::current_num_threads()
+        } else {
+            self.threads
+        }
+    }
+}
+
+/// Statistics of one finished epoch of [`train_local`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EpochStats {
+    /// Epoch number, from 1.
+    pub epoch: usize,
+    /// Samples trained on.
+    pub samples: usize,
+    /// Mean training loss over the epoch's samples (as computed before each step).
+    pub mean_loss: f64,
+    /// Training accuracy over the epoch's samples (before each step).
+    pub accuracy: f64,
+    /// Wall time of the epoch.
+    pub seconds: f64,
+}
+
+/// How a local training run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainOutcome {
+    /// All epochs ran.
+    Completed,
+    /// The interrupt flag was raised; training stopped between two batches.
+    Interrupted,
+}
+
+/// Summary of a [`train_local`] run.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TrainReport {
+    /// Completed or interrupted.
+    pub outcome: TrainOutcome,
+    /// Epochs run to the end.
+    pub epochs_completed: usize,
+    /// Samples trained on (all epochs, the interrupted one included).
+    pub samples_seen: usize,
+    /// Mean training loss over the samples seen (NaN, serialized as `null`, when none).
+    pub mean_loss: f64,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Loss and accuracy of a model on a set of samples.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EvalReport {
+    /// Mean cross-entropy (NaN, serialized as `null`, when there are no samples).
+    pub loss: f64,
+    /// Fraction of samples whose largest logit is their label (NaN when there are none).
+    pub accuracy: f64,
+    /// Samples evaluated.
+    pub samples: usize,
+}
+
+/// One epoch of [`train_central`].
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct CentralEpoch {
+    /// Epoch number, from 1.
+    pub epoch: usize,
+    /// Mean training loss over the epoch.
+    pub train_loss: f64,
+    /// Mean loss on the test set after the epoch.
+    pub test_loss: f64,
+    /// Accuracy on the test set after the epoch.
+    pub test_accuracy: f64,
+    /// Training time of the epoch (evaluation excluded).
+    pub seconds: f64,
+    /// Training throughput of the epoch.
+    pub samples_per_s: f64,
+}
+
+/// Result of [`train_central`].
+#[derive(Clone, Debug)]
+pub struct CentralReport {
+    /// Per-epoch statistics.
+    pub epochs: Vec<CentralEpoch>,
+    /// The trained parameters.
+    pub params: ParamSet,
+}
+
+/// Picks the training device from FedML's `device_args` (`using_gpu`, `gpu_id`), with a line
+/// describing the choice for logs.
+///
+/// Never fails: without a usable GPU it falls back to the CPU and says why.
+pub fn select_device(using_gpu: bool, gpu_id: usize) -> (Device, String) {
+    let cpu = || {
+        format!(
+            "CPU ({} threads; set RAYON_NUM_THREADS to change)",
+            rayon::current_num_threads()
+        )
+    };
+    if !using_gpu {
+        return (Device::Cpu, cpu());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        match Device::new_cuda(gpu_id) {
+            Ok(device) => (device, format!("CUDA GPU {gpu_id}")),
+            Err(e) => (
+                Device::Cpu,
+                format!(
+                    "using_gpu is true but CUDA GPU {gpu_id} cannot be opened ({e}); \
+                     training on {}",
+                    cpu()
+                ),
+            ),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = gpu_id;
+        (
+            Device::Cpu,
+            format!(
+                "using_gpu is true but this build has no CUDA support (build with --features \
+                 cuda, see scripts/build-cuda.sh); training on {}",
+                cpu()
+            ),
+        )
+    }
+}
+
+/// Trains `model` (whose parameters are the variables of `varmap`) on the samples `indices` of
+/// `dataset`, calling `on_epoch` after each epoch.
+///
+/// Epoch `e` (from 0) visits the samples in the order of a shuffle seeded by `ChaCha8Rng` with
+/// seed `opts.seed` and stream `e`, in mini-batches of `opts.batch_size` (the last one keeps
+/// the remainder). The optimizer starts fresh (zero momentum) on each call, as FedML's client
+/// trainer does each round. `interrupt` is read before every batch; once raised, training
+/// stops and returns [`TrainOutcome::Interrupted`]. In every case the parameters reached so far
+/// are written back to `varmap`.
+///
+/// # Errors
+/// [`Error::InvalidOption`], [`Error::DataMismatch`] when the data set's sample shape or class
+/// count differ from the model's, [`Error::IndexOutOfRange`], [`Error::Tensor`] when `varmap`
+/// does not hold exactly the model's parameters, [`Error::Candle`] for device failures.
+#[allow(clippy::too_many_arguments)]
+pub fn train_local(
+    model: &Model,
+    varmap: &VarMap,
+    dataset: &dyn Dataset,
+    indices: &[usize],
+    opts: &TrainOptions,
+    device: &Device,
+    interrupt: &AtomicBool,
+    mut on_epoch: impl FnMut(&EpochStats),
+) -> Result<TrainReport> {
+    opts.validate()?;
+    check_data(model, dataset, Some(indices))?;
+    let start = Instant::now();
+    let mut session = Session::new(model, varmap, opts, device)?;
+    let s = &mut session;
+    let run = (|| -> Result<TrainReport> {
+        let mut report = TrainReport {
+            outcome: TrainOutcome::Completed,
+            epochs_completed: 0,
+            samples_seen: 0,
+            mean_loss: f64::NAN,
+            seconds: 0.0,
+        };
+        let mut loss_sum = 0.0;
+        for epoch in 0..opts.epochs {
+            let (stats, done) = s.run_epoch(epoch, dataset, indices, interrupt)?;
+            report.samples_seen += stats.samples;
+            loss_sum += stats.loss_sum;
+            if !done {
+                report.outcome = TrainOutcome::Interrupted;
+                break;
+            }
+            report.epochs_completed += 1;
+            on_epoch(&stats.epoch_stats(epoch));
+        }
+        if report.samples_seen > 0 {
+            report.mean_loss = loss_sum / report.samples_seen as f64;
+        }
+        Ok(report)
+    })();
+    // Write back whatever was reached, also after an error in the loop.
+    let finish = session.finish(varmap);
+    let mut report = run?;
+    finish?;
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Mean loss and accuracy of `model` on `indices` of `dataset` (all samples when `None`), in
+/// batches of `batch_size`.
+///
+/// # Errors
+/// As [`train_local`].
+pub fn evaluate(
+    model: &Model,
+    dataset: &dyn Dataset,
+    indices: Option<&[usize]>,
+    batch_size: usize,
+    device: &Device,
+) -> Result<EvalReport> {
+    check_data(model, dataset, indices)?;
+    let opts = TrainOptions {
+        batch_size: batch_size.max(1),
+        ..TrainOptions::default()
+    };
+    Session::new_eval(model, &opts, device)?.evaluate(dataset, indices)
+}
+
+/// Trains a freshly initialized model of `kind` (seed `opts.seed`) on the whole train set and
+/// evaluates it on the test set after every epoch, calling `on_epoch` with each epoch's figures.
+///
+/// # Errors
+/// As [`train_local`], and [`Error::DataMismatch`] when the train and test sets differ in
+/// sample shape or classes.
+pub fn train_central(
+    split: &DataSplit,
+    kind: ModelKind,
+    opts: &TrainOptions,
+    device: &Device,
+    mut on_epoch: impl FnMut(&CentralEpoch),
+) -> Result<CentralReport> {
+    opts.validate()?;
+    let (train, test) = (&*split.train, &*split.test);
+    let (model, varmap) = Model::init_seeded(
+        kind,
+        train.sample_shape(),
+        train.num_classes(),
+        opts.seed,
+        device,
+    )?;
+    check_data(&model, test, None)?;
+    let indices: Vec<usize> = (0..train.len()).collect();
+    let never = AtomicBool::new(false);
+    let mut session = Session::new(&model, &varmap, opts, device)?;
+    let s = &mut session;
+    let epochs = (|| -> Result<Vec<CentralEpoch>> {
+        let mut out = Vec::new();
+        for epoch in 0..opts.epochs {
+            let (stats, _) = s.run_epoch(epoch, train, &indices, &never)?;
+            let eval = s.evaluate(test, None)?;
+            let e = CentralEpoch {
+                epoch: epoch + 1,
+                train_loss: stats.mean_loss(),
+                test_loss: eval.loss,
+                test_accuracy: eval.accuracy,
+                seconds: stats.seconds,
+                samples_per_s: stats.samples as f64 / stats.seconds.max(1e-9),
+            };
+            on_epoch(&e);
+            out.push(e);
+        }
+        Ok(out)
+    })()?;
+    session.finish(&varmap)?;
+    Ok(CentralReport {
+        epochs,
+        params: model.param_set()?,
+    })
+}
+
+fn check_data(model: &Model, dataset: &dyn Dataset, indices: Option<&[usize]>) -> Result<()> {
+    let mismatch = |reason: String| Error::DataMismatch {
+        dataset: dataset.name().to_string(),
+        reason,
+    };
+    if dataset.sample_shape() != model.sample_shape() {
+        return Err(mismatch(format!(
+            "samples have shape {:?}, the model takes {:?}",
+            dataset.sample_shape(),
+            model.sample_shape()
+        )));
+    }
+    if dataset.num_classes() != model.num_classes() {
+        return Err(mismatch(format!(
+            "{} classes, the model has {}",
+            dataset.num_classes(),
+            model.num_classes()
+        )));
+    }
+    if let Some(indices) = indices {
+        if let Some(&index) = indices.iter().find(|&&i| i >= dataset.len()) {
+            return Err(Error::IndexOutOfRange {
+                dataset: dataset.name().to_string(),
+                index,
+                len: dataset.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Sums over one epoch.
+struct EpochSums {
+    samples: usize,
+    loss_sum: f64,
+    correct: usize,
+    seconds: f64,
+}
+
+impl EpochSums {
+    fn mean_loss(&self) -> f64 {
+        if self.samples == 0 {
+            f64::NAN
+        } else {
+            self.loss_sum / self.samples as f64
+        }
+    }
+
+    fn epoch_stats(&self, epoch: usize) -> EpochStats {
+        EpochStats {
+            epoch: epoch + 1,
+            samples: self.samples,
+            mean_loss: self.mean_loss(),
+            accuracy: if self.samples == 0 {
+                f64::NAN
+            } else {
+                self.correct as f64 / self.samples as f64
+            },
+            seconds: self.seconds,
+        }
+    }
+}
+
+/// A training (or evaluation) session on one engine.
+struct Session<'m> {
+    model: &'m Model,
+    opts: TrainOptions,
+    /// Reused host buffers for a batch's features and labels.
+    features: Vec<f32>,
+    labels: Vec<u32>,
+    backend: Backend,
+}
+
+enum Backend {
+    Native {
+        net: Box<NativeNet>,
+        pool: rayon::ThreadPool,
+    },
+    Candle {
+        device: Device,
+        opt: Option<TensorOptimizer>,
+    },
+}
+
+impl<'m> Session<'m> {
+    fn new(
+        model: &'m Model,
+        varmap: &VarMap,
+        opts: &TrainOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let mut s = Self::new_eval(model, opts, device)?;
+        match &mut s.backend {
+            Backend::Native { net, .. } => net.set_optimizer(opts.optimizer_config()),
+            Backend::Candle { opt, .. } => {
+                let vars = model_vars(model, varmap)?;
+                *opt = Some(TensorOptimizer::new(vars, opts.optimizer_config())?);
+            }
+        }
+        Ok(s)
+    }
+
+    fn new_eval(model: &'m Model, opts: &TrainOptions, device: &Device) -> Result<Self> {
+        let backend = if device.is_cpu() && opts.engine == Engine::Auto {
+            let threads = opts.threads();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(|i| format!("fedmq-train-{i}"))
+                .build()
+                .map_err(|e| Error::ThreadPool {
+                    threads,
+                    reason: e.to_string(),
+                })?;
+            let net = NativeNet::new(model.arch(), &model.param_set()?, threads)?;
+            Backend::Native {
+                net: Box::new(net),
+                pool,
+            }
+        } else {
+            Backend::Candle {
+                device: device.clone(),
+                opt: None,
+            }
+        };
+        Ok(Self {
+            model,
+            opts: opts.clone(),
+            features: Vec::new(),
+            labels: Vec::new(),
+            backend,
+        })
+    }
+
+    /// Runs one epoch; `false` when interrupted.
+    fn run_epoch(
+        &mut self,
+        epoch: usize,
+        dataset: &dyn Dataset,
+        indices: &[usize],
+        interrupt: &AtomicBool,
+    ) -> Result<(EpochSums, bool)> {
+        let start = Instant::now();
+        let mut order = indices.to_vec();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(self.opts.seed);
+        rng.set_stream(epoch as u64);
+        order.shuffle(&mut rng);
+        let mut sums = EpochSums {
+            samples: 0,
+            loss_sum: 0.0,
+            correct: 0,
+            seconds: 0.0,
+        };
+        let all_labels = dataset.labels();
+        let mut done = true;
+        for batch in order.chunks(self.opts.batch_size) {
+            if interrupt.load(Ordering::Relaxed) {
+                done = false;
+                break;
+            }
+            self.labels.clear();
+            self.labels.extend(batch.iter().map(|&i| all_labels[i]));
+            let stats = match &mut self.backend {
+                Backend::Native { net, pool } => {
+                    let input = net.input();
+                    input.clear();
+                    dataset.gather_features(batch, input);
+                    let labels = &self.labels;
+                    // One hop into the pool per step: both parallel phases run on its threads.
+                    pool.install(|| net.train_step(labels))
+                }
+                Backend::Candle { device, opt } => {
+                    self.features.clear();
+                    dataset.gather_features(batch, &mut self.features);
+                    let Some(opt) = opt.as_mut() else {
+                        unreachable!("training sessions are built with an optimizer")
+                    };
+                    candle_step(self.model, device, &self.features, &self.labels, Some(opt))?
+                }
+            };
+            sums.samples += stats.samples;
+            sums.loss_sum += stats.loss_sum;
+            sums.correct += stats.correct;
+        }
+        sums.seconds = start.elapsed().as_secs_f64();
+        Ok((sums, done))
+    }
+
+    fn evaluate(&mut self, dataset: &dyn Dataset, indices: Option<&[usize]>) -> Result<EvalReport> {
+        let all: Vec<usize>;
+        let indices = match indices {
+            Some(i) => i,
+            None => {
+                all = (0..dataset.len()).collect();
+                &all
+            }
+        };
+        let all_labels = dataset.labels();
+        let mut total = BatchStats::default();
+        for batch in indices.chunks(self.opts.batch_size) {
+            self.labels.clear();
+            self.labels.extend(batch.iter().map(|&i| all_labels[i]));
+            let stats = match &mut self.backend {
+                Backend::Native { net, pool } => {
+                    let input = net.input();
+                    input.clear();
+                    dataset.gather_features(batch, input);
+                    let labels = &self.labels;
+                    pool.install(|| net.eval(labels))
+                }
+                Backend::Candle { device, .. } => {
+                    self.features.clear();
+                    dataset.gather_features(batch, &mut self.features);
+                    candle_step(self.model, device, &self.features, &self.labels, None)?
+                }
+            };
+            total.samples += stats.samples;
+            total.loss_sum += stats.loss_sum;
+            total.correct += stats.correct;
+        }
+        let n = total.samples as f64;
+        Ok(EvalReport {
+            loss: if total.samples == 0 {
+                f64::NAN
+            } else {
+                total.loss_sum / n
+            },
+            accuracy: if total.samples == 0 {
+                f64::NAN
+            } else {
+                total.correct as f64 / n
+            },
+            samples: total.samples,
+        })
+    }
+
+    /// Writes the native engine's parameters back to `varmap` (candle updated it in place).
+    fn finish(&mut self, varmap: &VarMap) -> Result<()> {
+        if let Backend::Native { net, .. } = &self.backend {
+            net.param_set().load_into(varmap)?;
+        }
+        Ok(())
+    }
+}
+
+/// The model's variables, looked up in `varmap` by name.
+fn model_vars(model: &Model, varmap: &VarMap) -> Result<Vec<Var>> {
+    let vars = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
+    for spec in model.param_specs() {
+        match vars.get(&spec.name) {
+            Some(v) => out.push(v.clone()),
+            None => missing.push(spec.name),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(
+            crate::tensor::Error::Mismatch(Box::new(crate::tensor::LayoutMismatch {
+                missing,
+                ..Default::default()
+            }))
+            .into(),
+        );
+    }
+    Ok(out)
+}
+
+/// One batch through candle: forward, loss, and (with an optimizer) backward and step.
+fn candle_step(
+    model: &Model,
+    device: &Device,
+    features: &[f32],
+    labels: &[u32],
+    opt: Option<&mut TensorOptimizer>,
+) -> Result<BatchStats> {
+    let n = labels.len();
+    let mut dims = vec![n];
+    dims.extend_from_slice(model.sample_shape());
+    let xs = Tensor::from_slice(features, dims.as_slice(), device)?;
+    let ys = Tensor::from_slice(labels, n, device)?;
+    let logits = model.forward(&xs)?;
+    let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
+    // Counted in f32 (exact below 2²⁴ samples per batch), a sum every backend has.
+    let correct = logits
+        .argmax(1)?
+        .eq(&ys)?
+        .to_dtype(candle_core::DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()? as usize;
+    if let Some(opt) = opt {
+        opt.step(&loss.backward()?)?;
+    }
+    Ok(BatchStats {
+        loss_sum: loss.to_scalar::<f32>()? as f64 * n as f64,
+        correct,
+        samples: n,
+    })
+}
+
+/// The architecture check used by the benchmark.
+pub(crate) fn arch_for(kind: ModelKind, shape: &[usize], classes: usize) -> Result<Arch> {
+    Arch::new(kind, shape, classes)
+}

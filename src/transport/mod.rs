@@ -1,0 +1,51 @@
+//! MQTT transport: the control-plane session over rumqttc, and the embedded rumqttd broker.
+//!
+//! Everything here moves bytes; what the bytes mean is [`crate::proto`]'s business. The session
+//! encodes and decodes [`crate::proto::Envelope`]s at its edges so that no caller ever hands raw
+//! JSON to the network, and it refuses messages larger than [`crate::proto::MAX_MESSAGE_BYTES`].
+//!
+//! # Layout
+//! - `mqtt.rs`: [`MqttSession`] spawns the one task that polls the rumqttc event loop;
+//!   [`MqttHandle`] (cheap to clone) publishes, [`Incoming`] is what arrives, [`Dedup`] drops
+//!   QoS 1 duplicates. The `Design:` note there explains how commands survive broker restarts.
+//! - `broker.rs`: [`EmbeddedBroker`], rumqttd on a dedicated thread bound to 127.0.0.1, configured
+//!   from [`BrokerOptions`] (programmatic defaults or the shape of `broker/rumqttd.toml`).
+//! - `bench.rs`: [`bench::mqtt_rtt`], control-message round-trip latency through any broker.
+//!
+//! # Limits
+//! One number ties the layers together: [`DEFAULT_MAX_PACKET_SIZE`] (256 KiB). The embedded broker
+//! accepts packets up to it, `broker/mosquitto.conf` sets Mosquitto's `max_packet_size` to it, and
+//! every session sets rumqttc's incoming and outgoing limits to it (rumqttc's own default is 10 KiB).
+//! Control messages are capped far below, at [`crate::proto::MAX_MESSAGE_BYTES`] (64 KiB), by
+//! [`MqttHandle::publish`], so a fedmq message can never exceed a limit anywhere on its path.
+
+pub mod bench;
+mod broker;
+mod mqtt;
+
+pub use broker::{BrokerError, BrokerOptions, EmbeddedBroker};
+pub use mqtt::{
+    ConnState, Dedup, Incoming, IncomingError, MqttError, MqttHandle, MqttSession,
+    PresenceMessages, SessionOptions,
+};
+
+/// Largest MQTT packet (remaining length: topic + packet id + payload) that fedmq's brokers accept
+/// and its clients send or receive.
+///
+/// Why 256 KiB: a control message is at most [`crate::proto::MAX_MESSAGE_BYTES`] (64 KiB) and the
+/// MQTT framing around it (topic of at most ~150 bytes, packet id, MQTT 5 properties) adds well
+/// under 1 KiB, so 64 KiB would already do; four times that leaves room for protocol growth
+/// (signatures, more capabilities) without a coordinated broker change. It is still far too small
+/// for a model (megabytes), which keeps the rule "model bytes go through S3" enforced by the
+/// broker too, and it bounds broker memory per connection (inflight count × packet size).
+///
+/// The incoming limit matters as much as the outgoing one: a client whose incoming limit is
+/// below what the broker accepts would drop its connection on every redelivery of one oversized
+/// QoS 1 message (a poison message on a persistent session). With both at this value, anything
+/// the broker accepts reaches the application, where [`crate::proto::decode`] rejects it with a
+/// reason.
+pub const DEFAULT_MAX_PACKET_SIZE: usize = 256 * 1024;
+
+/// Smallest packet size limit fedmq accepts in configuration: the largest control message plus
+/// 1 KiB for the MQTT framing around it (topic, packet id, properties).
+pub const MIN_PACKET_SIZE: usize = crate::proto::MAX_MESSAGE_BYTES + 1024;

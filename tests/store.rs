@@ -1,0 +1,506 @@
+//! Blob store tests against a real S3 server over HTTP: the embedded store (s3s + s3s-fs, SigV4)
+//! on a free 127.0.0.1 port, always; and an external S3 store (MinIO, Garage, AWS, ...) when
+//! `FEDMQ_TEST_S3_ENDPOINT` is set, in the style of object_store's `maybe_skip_integration!`:
+//!
+//! ```text
+//! FEDMQ_TEST_S3_ENDPOINT=http://127.0.0.1:9000 FEDMQ_TEST_S3_AKI=minioadmin \
+//! FEDMQ_TEST_S3_SAK=minioadmin [FEDMQ_TEST_S3_BUCKET=fedmq-test] [FEDMQ_TEST_S3_REGION=us-east-1] \
+//!   cargo test --features wip-store --test store
+//! ```
+//!
+//! Unset: the external tests pass as skipped (with a note on stderr). Set: they must pass; missing
+//! keys or an unreachable endpoint fail them. No mocks: the S3 protocol is what is tested.
+#![cfg(feature = "wip-store")]
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use fedmq::proto::{BlobKeys, BlobRef};
+use fedmq::store::{
+    BlobStore, EmbeddedStore, Error, RetentionPolicy, S3Options, StoreOptions, MIB,
+};
+use rand::RngCore;
+use std::num::NonZeroU64;
+use std::time::{Duration, Instant};
+
+const AK: &str = "test-access";
+const SK: &str = "test-secret-0123456789";
+const BUCKET: &str = "fedmq-test";
+
+/// An embedded store on a free port over a temporary directory.
+struct Embedded {
+    dir: tempfile::TempDir,
+    store: EmbeddedStore,
+}
+
+impl Embedded {
+    async fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let store = EmbeddedStore::start(StoreOptions::new(dir.path().join("data"), AK, SK))
+            .await
+            .context("starting the embedded store")?;
+        Ok(Self { dir, store })
+    }
+
+    /// Options with small timeouts so failures are quick.
+    fn options(&self) -> S3Options {
+        S3Options {
+            endpoint: self.store.endpoint(),
+            access_key: AK.into(),
+            secret_key: SK.into(),
+            bucket: BUCKET.into(),
+            ..test_options()
+        }
+    }
+
+    async fn blobs(&self) -> Result<BlobStore> {
+        let b = BlobStore::connect(&self.options())?;
+        b.ensure_bucket().await?;
+        Ok(b)
+    }
+
+    /// Where s3s-fs keeps the bytes of `key`.
+    fn object_file(&self, key: &str) -> std::path::PathBuf {
+        self.dir.path().join("data").join(BUCKET).join(key)
+    }
+}
+
+fn test_options() -> S3Options {
+    S3Options {
+        max_attempts: 2,
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        connect_timeout: Duration::from_secs(2),
+        read_timeout: Duration::from_secs(20),
+        attempt_timeout: Duration::from_secs(30),
+        operation_timeout: Duration::from_secs(60),
+        list_page_size: 4,
+        ..S3Options::default()
+    }
+}
+
+/// The external store from the environment: `None` (skip) when `FEDMQ_TEST_S3_ENDPOINT` is unset;
+/// panics (fails the test) when it is set but its keys are missing.
+fn external_options() -> Option<S3Options> {
+    let endpoint = std::env::var("FEDMQ_TEST_S3_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty());
+    let Some(endpoint) = endpoint else {
+        eprintln!("skipping: FEDMQ_TEST_S3_ENDPOINT is not set (external S3 conformance)");
+        return None;
+    };
+    let var = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+    };
+    let access_key = var(&["FEDMQ_TEST_S3_AKI", "FEDMQ_S3_AKI"])
+        .expect("FEDMQ_TEST_S3_ENDPOINT is set but FEDMQ_TEST_S3_AKI (or FEDMQ_S3_AKI) is not");
+    let secret_key = var(&["FEDMQ_TEST_S3_SAK", "FEDMQ_S3_SAK"])
+        .expect("FEDMQ_TEST_S3_ENDPOINT is set but FEDMQ_TEST_S3_SAK (or FEDMQ_S3_SAK) is not");
+    Some(S3Options {
+        endpoint,
+        access_key,
+        secret_key,
+        bucket: var(&["FEDMQ_TEST_S3_BUCKET"]).unwrap_or_else(|| BUCKET.into()),
+        region: var(&["FEDMQ_TEST_S3_REGION"]).unwrap_or_else(|| "us-east-1".into()),
+        max_attempts: 3,
+        ..test_options()
+    })
+}
+
+fn random_bytes(n: usize) -> Bytes {
+    let mut v = vec![0u8; n];
+    rand::rng().fill_bytes(&mut v);
+    Bytes::from(v)
+}
+
+fn unique_prefix() -> String {
+    format!("fedmq-test/{:016x}", rand::random::<u64>())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The conformance suite: the same checks against any S3 endpoint.
+// ---------------------------------------------------------------------------------------------
+
+/// Put/get round trips (empty, 1 KiB, 64 MiB multipart), concurrent clones, overwrite.
+async fn suite_round_trips(blobs: &BlobStore, prefix: &str) -> Result<()> {
+    for (name, len) in [("empty", 0), ("1kib", 1024), ("64mib", 64 * MIB)] {
+        let key = format!("{prefix}/rt/{name}");
+        let data = random_bytes(len);
+        let r = blobs.put(&key, data.clone()).await?;
+        assert_eq!(r.key, key);
+        assert_eq!(r.len, len as u64);
+        assert_eq!(r.sha256, fedmq::tensor::Digest::of_bytes(&data).to_hex());
+        assert_eq!(r.sha256.len(), 64);
+        let got = blobs.get(&r).await?;
+        assert_eq!(got.len(), len, "{name}");
+        assert!(got == data, "{name}: bytes differ");
+        assert_eq!(blobs.head(&key).await?, len as u64);
+    }
+
+    // Clones share the client; transfers run concurrently.
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let b = blobs.clone();
+            let key = format!("{prefix}/rt/concurrent-{i}");
+            tokio::spawn(async move {
+                let data = random_bytes(MIB + i * 4096);
+                let r = b.put(&key, data.clone()).await?;
+                anyhow::ensure!(b.get(&r).await? == data, "concurrent blob {i} differs");
+                Ok(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+
+    // Overwrite: the new reference reads back, the old one no longer verifies.
+    let key = format!("{prefix}/rt/overwrite");
+    let old = blobs.put(&key, random_bytes(2048)).await?;
+    let new = blobs.put(&key, random_bytes(2048)).await?;
+    assert_eq!(blobs.get(&new).await?.len(), 2048);
+    assert!(matches!(blobs.get(&old).await, Err(Error::Digest { .. })));
+    Ok(())
+}
+
+/// Missing keys, wrong digests and wrong lengths are errors naming the key; no bytes leak.
+async fn suite_integrity(blobs: &BlobStore, prefix: &str) -> Result<()> {
+    let missing = format!("{prefix}/nope/missing");
+    let r = BlobRef {
+        key: missing.clone(),
+        len: 10,
+        sha256: "0".repeat(64),
+    };
+    match blobs.get(&r).await {
+        Err(Error::NotFound { key, .. }) => assert_eq!(key, missing),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    let e = blobs.head(&missing).await.unwrap_err();
+    assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
+    assert!(e.to_string().contains(&missing), "{e}");
+
+    for len in [1000usize, 20 * MIB] {
+        let key = format!("{prefix}/integrity/{len}");
+        let good = blobs.put(&key, random_bytes(len)).await?;
+        // Wrong digest.
+        let bad = BlobRef {
+            sha256: "ab".repeat(32),
+            ..good.clone()
+        };
+        match blobs.get(&bad).await {
+            Err(Error::Digest {
+                key: k,
+                expected,
+                got,
+            }) => {
+                assert_eq!(k, key);
+                assert_eq!(expected, bad.sha256);
+                assert_eq!(got, good.sha256);
+            }
+            other => panic!("expected Digest, got {other:?}"),
+        }
+        // Wrong length, shorter and longer than the object.
+        for wrong in [good.len - 1, good.len + 1] {
+            let bad = BlobRef {
+                len: wrong,
+                ..good.clone()
+            };
+            match blobs.get(&bad).await {
+                Err(Error::Length {
+                    key: k,
+                    expected,
+                    got,
+                }) => {
+                    assert_eq!((k.as_str(), expected, got), (key.as_str(), wrong, good.len));
+                }
+                other => panic!("expected Length for len {wrong}, got {other:?}"),
+            }
+        }
+        // Malformed digest.
+        let bad = BlobRef {
+            sha256: "xyz".into(),
+            ..good.clone()
+        };
+        assert!(matches!(
+            blobs.get(&bad).await,
+            Err(Error::InvalidBlobRef { .. })
+        ));
+    }
+    Ok(())
+}
+
+/// `delete`, `delete_prefix`, `delete_rounds_before` and retention remove exactly the right keys.
+async fn suite_deletes(blobs: &BlobStore, prefix: &str) -> Result<()> {
+    let keys = BlobKeys::new(&format!("{prefix}/models"), "run-1");
+    let other_run = BlobKeys::new(&format!("{prefix}/models"), "run-10");
+    let small = Bytes::from_static(b"w");
+    let mut all = Vec::new();
+    for round in 0..5 {
+        all.push(keys.global(round));
+        all.push(keys.update(round, "c1"));
+        all.push(keys.update(round, "c2"));
+        all.push(other_run.global(round));
+    }
+    all.push(keys.checkpoint(1));
+    all.push(keys.final_model());
+    for k in &all {
+        blobs.put(k, small.clone()).await?;
+    }
+    let listed = |v: Vec<fedmq::store::ObjectMeta>| v.into_iter().map(|o| o.key).collect::<Vec<_>>();
+
+    // Rounds 0 and 1 of run-1 go (6 keys); run-10, checkpoints and the final model stay.
+    assert_eq!(blobs.delete_rounds_before(&keys, 2).await?, 6);
+    let left = listed(blobs.list(&keys.run_prefix()).await?);
+    let mut expect: Vec<String> = (2..5)
+        .flat_map(|r| [keys.global(r), keys.update(r, "c1"), keys.update(r, "c2")])
+        .chain([keys.checkpoint(1), keys.final_model()])
+        .collect();
+    expect.sort();
+    assert_eq!(left, expect);
+    assert_eq!(blobs.list(&other_run.run_prefix()).await?.len(), 5);
+
+    // Retention: keep the last 2 rounds after round 4 → round 2 goes.
+    let keep2 = RetentionPolicy::KeepLast(NonZeroU64::new(2).unwrap_or(NonZeroU64::MIN));
+    assert_eq!(blobs.apply_retention(&keys, keep2, 4).await?, 3);
+    assert_eq!(blobs.apply_retention(&keys, RetentionPolicy::KeepAll, 4).await?, 0);
+    assert!(blobs.list(&keys.round_prefix(2)).await?.is_empty());
+    assert_eq!(blobs.list(&keys.round_prefix(3)).await?.len(), 3);
+
+    // A prefix delete takes one round and nothing else ("r000003/" does not match "r000030").
+    assert_eq!(blobs.delete_prefix(&keys.round_prefix(3)).await?, 3);
+    assert_eq!(blobs.list(&keys.round_prefix(4)).await?.len(), 3);
+    assert!(matches!(
+        blobs.delete_prefix("").await,
+        Err(Error::InvalidOptions { .. })
+    ));
+
+    // Single delete, idempotent.
+    blobs.delete(&keys.final_model()).await?;
+    blobs.delete(&keys.final_model()).await?;
+    assert!(matches!(
+        blobs.head(&keys.final_model()).await,
+        Err(Error::NotFound { .. })
+    ));
+
+    // Everything left (run-1 round 4, its checkpoint, run-10): the tests use 4-key list pages,
+    // so listing and deleting paginate.
+    assert_eq!(blobs.options().list_page_size, 4);
+    assert_eq!(blobs.list(prefix).await?.len(), 3 + 1 + 5);
+    assert_eq!(blobs.delete_prefix(prefix).await?, 3 + 1 + 5);
+    assert!(blobs.list(prefix).await?.is_empty());
+    Ok(())
+}
+
+async fn run_suite(blobs: &BlobStore) -> Result<()> {
+    let prefix = unique_prefix();
+    let result = async {
+        suite_round_trips(blobs, &prefix).await.context("round trips")?;
+        suite_integrity(blobs, &prefix).await.context("integrity")?;
+        blobs.delete_prefix(&prefix).await?;
+        suite_deletes(blobs, &prefix).await.context("deletes")?;
+        Ok(())
+    }
+    .await;
+    // Leave an external bucket clean even when a check failed.
+    let _ = blobs.delete_prefix(&prefix).await;
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_conformance() -> Result<()> {
+    let e = Embedded::start().await?;
+    let blobs = e.blobs().await?;
+    // ensure_bucket is idempotent.
+    blobs.ensure_bucket().await?;
+    run_suite(&blobs).await?;
+    e.store.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_conformance() -> Result<()> {
+    let Some(opts) = external_options() else {
+        return Ok(());
+    };
+    let blobs = BlobStore::connect(&opts)?;
+    blobs
+        .ensure_bucket()
+        .await
+        .with_context(|| format!("FEDMQ_TEST_S3_ENDPOINT={} is set but unusable", opts.endpoint))?;
+    run_suite(&blobs).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_wrong_secret_is_auth_error() -> Result<()> {
+    let Some(opts) = external_options() else {
+        return Ok(());
+    };
+    let blobs = BlobStore::connect(&S3Options {
+        secret_key: format!("{}-wrong", opts.secret_key),
+        ..opts
+    })?;
+    let e = blobs.put("fedmq-test/auth", Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(e, Error::Auth { .. }), "{e:?}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedded-only: behaviour that needs control over the server or its disk.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_or_access_key_is_auth_error_naming_the_config_keys() -> Result<()> {
+    let e = Embedded::start().await?;
+    let good = e.blobs().await?;
+    let r = good.put("k", Bytes::from_static(b"secret bytes")).await?;
+    for opts in [
+        S3Options {
+            secret_key: "not-the-secret".into(),
+            ..e.options()
+        },
+        S3Options {
+            access_key: "not-the-access-key".into(),
+            ..e.options()
+        },
+    ] {
+        let bad = BlobStore::connect(&opts)?;
+        for err in [
+            bad.put("k2", Bytes::from_static(b"x")).await.unwrap_err(),
+            bad.get(&r).await.unwrap_err(),
+            bad.head("k").await.unwrap_err(),
+            bad.ensure_bucket().await.unwrap_err(),
+        ] {
+            let Error::Auth { endpoint, code, .. } = &err else {
+                panic!("expected Auth, got {err:?}");
+            };
+            assert_eq!(endpoint, &e.store.endpoint());
+            assert!(!code.is_empty());
+            let msg = err.to_string();
+            for needle in [
+                "comm_args.customized_training_s3_config.CN_S3_AKI",
+                "CN_S3_SAK",
+                "FEDMQ_S3_AKI",
+                "FEDMQ_S3_SAK",
+            ] {
+                assert!(msg.contains(needle), "{needle} missing from: {msg}");
+            }
+        }
+    }
+    // The bad writer wrote nothing.
+    assert!(matches!(good.head("k2").await, Err(Error::NotFound { .. })));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_changed_on_disk_are_rejected_with_digest_error() -> Result<()> {
+    let e = Embedded::start().await?;
+    let blobs = e.blobs().await?;
+    for (key, len) in [("small", 4096usize), ("multipart", 12 * MIB)] {
+        let r = blobs.put(key, random_bytes(len)).await?;
+        // Flip one byte in place (same length), as a failing disk or a tampering operator would.
+        let path = e.object_file(key);
+        let mut on_disk = std::fs::read(&path).with_context(|| path.display().to_string())?;
+        assert_eq!(on_disk.len(), len);
+        on_disk[len / 2] ^= 0xff;
+        std::fs::write(&path, &on_disk)?;
+        match blobs.get(&r).await {
+            Err(Error::Digest {
+                key: k,
+                expected,
+                got,
+            }) => {
+                assert_eq!(k, key);
+                assert_eq!(expected, r.sha256);
+                assert_eq!(got, fedmq::tensor::Digest::of_bytes(&on_disk).to_hex());
+            }
+            other => panic!("expected Digest for {key}, got {other:?}"),
+        }
+        // Truncated on disk: a length error, not a short read passed off as the blob.
+        std::fs::write(&path, &on_disk[..len - 1])?;
+        assert!(
+            matches!(blobs.get(&r).await, Err(Error::Length { got, .. }) if got == len as u64 - 1),
+            "{key}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_endpoint_fails_fast_with_a_hint() -> Result<()> {
+    // A port nobody listens on: bind, note it, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let opts = S3Options {
+        endpoint: format!("http://127.0.0.1:{port}"),
+        access_key: AK.into(),
+        secret_key: SK.into(),
+        ..test_options()
+    };
+    let blobs = BlobStore::connect(&opts)?;
+    let t = Instant::now();
+    let e = blobs.ensure_bucket().await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    let Error::Unreachable { endpoint, .. } = &e else {
+        panic!("expected Unreachable, got {e:?}");
+    };
+    assert_eq!(endpoint, &opts.endpoint);
+    let msg = e.to_string();
+    assert!(msg.contains("CN_S3_ENDPOINT") && msg.contains("is the store running"), "{msg}");
+    assert!(e.is_transient());
+    let e = blobs.put("k", Bytes::from_static(b"x")).await.unwrap_err();
+    assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_options_are_refused_with_the_key_to_fix() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let e = EmbeddedStore::start(StoreOptions::new(dir.path(), AK, ""))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidOptions { .. }), "{e:?}");
+    assert!(e.to_string().contains("CN_S3_SAK"), "{e}");
+    let e = BlobStore::connect(&S3Options {
+        endpoint: "localhost:9000".into(),
+        access_key: AK.into(),
+        secret_key: SK.into(),
+        ..S3Options::default()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("CN_S3_ENDPOINT"), "{e}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_serving_and_data_survives_a_restart() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let opts = StoreOptions::new(dir.path().join("nested/data"), AK, SK);
+    let store = EmbeddedStore::start(opts.clone()).await?;
+    let addr = store.addr();
+    assert!(addr.ip().is_loopback() && addr.port() != 0);
+    let s3 = S3Options {
+        endpoint: store.endpoint(),
+        access_key: AK.into(),
+        secret_key: SK.into(),
+        ..test_options()
+    };
+    let blobs = BlobStore::connect(&s3)?;
+    blobs.ensure_bucket().await?;
+    let r = blobs.put("persist", random_bytes(10_000)).await?;
+    let t = Instant::now();
+    store.shutdown().await;
+    assert!(t.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t.elapsed());
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+
+    // Same directory, same port: the blob is still there.
+    let store = EmbeddedStore::start(StoreOptions {
+        listen: addr,
+        ..opts
+    })
+    .await?;
+    let blobs = BlobStore::connect(&s3)?;
+    assert_eq!(blobs.get(&r).await?.len(), 10_000);
+    store.shutdown().await;
+    Ok(())
+}
