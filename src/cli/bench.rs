@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Subcommand;
-use fedmq::train::{bench_train, BenchOptions, ModelKind};
+use fedmq::train::{bench_train, BenchOptions, Engine, ModelKind};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -18,15 +18,18 @@ pub enum BenchCommand {
         /// Timed runs (the median is reported).
         #[arg(long, default_value_t = 7)]
         runs: usize,
-        /// Untimed warm-up steps.
-        #[arg(long, default_value_t = 20)]
+        /// Untimed warm-up runs.
+        #[arg(long, default_value_t = 2)]
         warmup: usize,
-        /// Steps per timed run (0: chosen so a run takes about a second).
+        /// Steps per timed run (0: the library default).
         #[arg(long, default_value_t = 0)]
         steps: usize,
         /// Compute threads (0: all cores).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// `auto` (fedmq's native CPU engine) or `candle` (candle's autograd on the CPU).
+        #[arg(long, default_value = "auto", value_parser = super::parse_engine)]
+        engine: Engine,
     },
     /// Blob put+get throughput against the embedded store (or an S3 endpoint).
     #[cfg(feature = "wip-store")]
@@ -45,16 +48,20 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             warmup,
             steps,
             threads,
+            engine,
         } => {
             let kind: ModelKind = model.parse()?;
+            let defaults = BenchOptions::default();
             let report = bench_train(
                 kind,
                 batch,
-                &BenchOptions {
+                BenchOptions {
                     warmup,
                     runs,
-                    steps_per_run: steps,
+                    steps_per_run: if steps == 0 { defaults.steps_per_run } else { steps },
                     threads,
+                    engine,
+                    ..defaults
                 },
             )?;
             println!("{}", serde_json::to_string(&report)?);

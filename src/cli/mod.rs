@@ -76,6 +76,7 @@ pub fn init_tracing(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .try_init();
 }
@@ -102,4 +103,13 @@ pub struct ConfigArg {
     /// Configuration file (FedML's fedml_config.yaml layout).
     #[arg(short, long = "config", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+}
+
+/// Parses `--engine`.
+pub fn parse_engine(s: &str) -> std::result::Result<fedmq::train::Engine, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "auto" | "native" => Ok(fedmq::train::Engine::Auto),
+        "candle" => Ok(fedmq::train::Engine::Candle),
+        other => Err(format!("unknown engine {other:?}; valid: auto, candle")),
+    }
 }

@@ -3,7 +3,7 @@
 use super::{load_config, ConfigArg};
 use anyhow::{Context, Result};
 use fedmq::data::{self, DatasetKind, FetchOptions};
-use fedmq::train::{self, ModelKind, OptimizerKind, TrainOptions};
+use fedmq::train::{self, Engine, ModelKind, OptimizerKind, TrainOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -39,6 +39,9 @@ pub struct TrainArgs {
     /// Print one JSON object per epoch instead of a table.
     #[arg(long)]
     json: bool,
+    /// Training implementation on the CPU: `auto` (fedmq's native CPU engine) or `candle`.
+    #[arg(long, default_value = "auto", value_parser = super::parse_engine)]
+    engine: Engine,
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
@@ -92,14 +95,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         momentum: t.momentum,
         weight_decay: t.weight_decay,
         seed: cfg.common_args.random_seed,
+        engine: a.engine,
+        ..TrainOptions::default()
     };
     if !a.json {
         eprintln!(
-            "training {} on {} ({} train / {} test samples) on {device_desc}: {} epochs, batch {}, {} lr {}",
+            "training {} on {} ({} train / {} test samples) on {device_desc} ({:?} engine): {} epochs, batch {}, {} lr {}",
             cfg.model_args.model,
             split.train.name(),
             split.train.len(),
             split.test.len(),
+            opts.engine,
             opts.epochs,
             opts.batch_size,
             t.client_optimizer,

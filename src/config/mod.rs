@@ -192,8 +192,8 @@ impl Default for TrainArgs {
             comm_round: 10,
             epochs: 1,
             batch_size: 32,
-            client_optimizer: "sgd".into(),
-            learning_rate: 0.05,
+            client_optimizer: "adam".into(),
+            learning_rate: 0.001,
             momentum: 0.9,
             weight_decay: 0.0,
             server_optimizer: "sgd".into(),
@@ -497,13 +497,11 @@ impl Config {
             "train_args.weight_decay",
             format!("must be ≥ 0, got {}", t.weight_decay),
         );
+        if let Err(e) = t.client_optimizer.parse::<crate::train::OptimizerKind>() {
+            check(false, "train_args.client_optimizer", e.to_string());
+        }
         check(
-            one_of(&t.client_optimizer, &["sgd", "adam"]),
-            "train_args.client_optimizer",
-            format!("unknown optimizer {:?}; valid: sgd, adam", t.client_optimizer),
-        );
-        check(
-            t.federated_optimizer.eq_ignore_ascii_case("fedavg"),
+            t.federated_optimizer.eq_ignore_ascii_case("FedAvg"),
             "train_args.federated_optimizer",
             format!(
                 "{:?} is not available yet; valid: FedAvg",
@@ -511,22 +509,12 @@ impl Config {
             ),
         );
         let d = &self.data_args;
-        check(
-            one_of(&d.dataset, &["mnist", "fashion_mnist", "fashion-mnist", "fmnist", "cifar10"]),
-            "data_args.dataset",
-            format!(
-                "unknown data set {:?}; valid: mnist, fashion_mnist, cifar10",
-                d.dataset
-            ),
-        );
-        check(
-            one_of(&d.partition_method, &["homo", "hetero", "pathological"]),
-            "data_args.partition_method",
-            format!(
-                "unknown method {:?}; valid: homo, hetero, pathological",
-                d.partition_method
-            ),
-        );
+        if let Err(e) = d.dataset.parse::<crate::data::DatasetKind>() {
+            check(false, "data_args.dataset", e.to_string());
+        }
+        if let Err(e) = d.partition_method.parse::<crate::data::PartitionMethod>() {
+            check(false, "data_args.partition_method", e.to_string());
+        }
         check(
             d.partition_alpha.is_finite() && d.partition_alpha > 0.0,
             "data_args.partition_alpha",
@@ -537,18 +525,16 @@ impl Config {
             "data_args.partition_shards_per_client",
             "must be at least 1".into(),
         );
-        check(
-            one_of(&self.model_args.model, &["lr", "mlp", "cnn"]),
-            "model_args.model",
-            format!("unknown model {:?}; valid: lr, mlp, cnn", self.model_args.model),
-        );
+        if let Err(e) = self.model_args.model.parse::<crate::train::ModelKind>() {
+            check(false, "model_args.model", e.to_string());
+        }
         check(
             self.validation_args.frequency_of_the_test >= 1,
             "validation_args.frequency_of_the_test",
             "must be at least 1".into(),
         );
         check(
-            self.comm_args.backend.eq_ignore_ascii_case("mqtt_s3"),
+            self.comm_args.backend.eq_ignore_ascii_case("MQTT_S3"),
             "comm_args.backend",
             format!("{:?} is not supported; valid: MQTT_S3", self.comm_args.backend),
         );
@@ -594,10 +580,6 @@ impl Config {
         }
         serde_yaml_ng::to_string(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
-}
-
-fn one_of(v: &str, valid: &[&str]) -> bool {
-    valid.iter().any(|x| x.eq_ignore_ascii_case(v))
 }
 
 #[cfg(test)]

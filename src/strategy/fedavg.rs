@@ -87,7 +87,7 @@ impl RoundAggregate for StreamingMean {
 mod tests {
     use super::*;
     use crate::tensor::NamedTensor;
-    use proptest::prelude::*;
+    use proptest::{prop_assert, proptest};
 
     fn params(a: Vec<f32>, b: Vec<f32>) -> ParamSet {
         let n = a.len();
