@@ -247,7 +247,8 @@ async fn suite_deletes(blobs: &BlobStore, prefix: &str) -> Result<()> {
     for k in &all {
         blobs.put(k, small.clone()).await?;
     }
-    let listed = |v: Vec<fedmq::store::ObjectMeta>| v.into_iter().map(|o| o.key).collect::<Vec<_>>();
+    let listed =
+        |v: Vec<fedmq::store::ObjectMeta>| v.into_iter().map(|o| o.key).collect::<Vec<_>>();
 
     // Rounds 0 and 1 of run-1 go (6 keys); run-10, checkpoints and the final model stay.
     assert_eq!(blobs.delete_rounds_before(&keys, 2).await?, 6);
@@ -263,7 +264,12 @@ async fn suite_deletes(blobs: &BlobStore, prefix: &str) -> Result<()> {
     // Retention: keep the last 2 rounds after round 4 → round 2 goes.
     let keep2 = RetentionPolicy::KeepLast(NonZeroU64::new(2).unwrap_or(NonZeroU64::MIN));
     assert_eq!(blobs.apply_retention(&keys, keep2, 4).await?, 3);
-    assert_eq!(blobs.apply_retention(&keys, RetentionPolicy::KeepAll, 4).await?, 0);
+    assert_eq!(
+        blobs
+            .apply_retention(&keys, RetentionPolicy::KeepAll, 4)
+            .await?,
+        0
+    );
     assert!(blobs.list(&keys.round_prefix(2)).await?.is_empty());
     assert_eq!(blobs.list(&keys.round_prefix(3)).await?.len(), 3);
 
@@ -295,7 +301,9 @@ async fn suite_deletes(blobs: &BlobStore, prefix: &str) -> Result<()> {
 async fn run_suite(blobs: &BlobStore) -> Result<()> {
     let prefix = unique_prefix();
     let result = async {
-        suite_round_trips(blobs, &prefix).await.context("round trips")?;
+        suite_round_trips(blobs, &prefix)
+            .await
+            .context("round trips")?;
         suite_integrity(blobs, &prefix).await.context("integrity")?;
         blobs.delete_prefix(&prefix).await?;
         suite_deletes(blobs, &prefix).await.context("deletes")?;
@@ -324,10 +332,12 @@ async fn external_conformance() -> Result<()> {
         return Ok(());
     };
     let blobs = BlobStore::connect(&opts)?;
-    blobs
-        .ensure_bucket()
-        .await
-        .with_context(|| format!("FEDMQ_TEST_S3_ENDPOINT={} is set but unusable", opts.endpoint))?;
+    blobs.ensure_bucket().await.with_context(|| {
+        format!(
+            "FEDMQ_TEST_S3_ENDPOINT={} is set but unusable",
+            opts.endpoint
+        )
+    })?;
     run_suite(&blobs).await
 }
 
@@ -340,7 +350,10 @@ async fn external_wrong_secret_is_auth_error() -> Result<()> {
         secret_key: format!("{}-wrong", opts.secret_key),
         ..opts
     })?;
-    let e = blobs.put("fedmq-test/auth", Bytes::from_static(b"x")).await.unwrap_err();
+    let e = blobs
+        .put("fedmq-test/auth", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e:?}");
     Ok(())
 }
@@ -426,10 +439,67 @@ async fn bytes_changed_on_disk_are_rejected_with_digest_error() -> Result<()> {
     Ok(())
 }
 
+/// The embedded store's multipart completion (fedmq's fast path over s3s-fs's on-disk layout) must
+/// leave what s3s-fs itself reads back: the bytes, the length, and the multipart ETag
+/// (MD5 of the part MD5s, `-N`) that HEAD reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_objects_read_back_through_s3s_fs() -> Result<()> {
+    use s3s::crypto::{Checksum as _, Md5};
+    let e = Embedded::start().await?;
+    let blobs = e.blobs().await?;
+    let len = 2 * blobs.options().part_size + 12345;
+    let data = random_bytes(len);
+    let r = blobs.put("mp/object", data.clone()).await?;
+    assert!(blobs.get(&r).await? == data);
+    assert_eq!(blobs.list("mp/").await?[0].len, len as u64);
+
+    let mut etag = Md5::new();
+    let parts: Vec<&[u8]> = data.chunks(blobs.options().part_size).collect();
+    for p in &parts {
+        etag.update(&Md5::checksum(p));
+    }
+    let expected = format!("\"{}-{}\"", hex::encode(etag.finalize()), parts.len());
+    let creds = aws_sdk_s3::config::Credentials::new(AK, SK, None, None, "test");
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .endpoint_url(e.store.endpoint())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .credentials_provider(creds)
+            .force_path_style(true)
+            .http_client(
+                aws_smithy_http_client::Builder::new()
+                    .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
+                        aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
+                    ))
+                    .build_https(),
+            )
+            .build(),
+    );
+    let head = client
+        .head_object()
+        .bucket(BUCKET)
+        .key("mp/object")
+        .send()
+        .await?;
+    assert_eq!(head.e_tag(), Some(expected.as_str()));
+    assert_eq!(head.content_length(), Some(len as i64));
+    // No part files or temporary files are left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(e.dir.path().join("data"))?
+        .filter_map(|d| d.ok())
+        .map(|d| d.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload") || n.starts_with(".tmp."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_endpoint_fails_fast_with_a_hint() -> Result<()> {
     // A port nobody listens on: bind, note it, close.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let opts = S3Options {
         endpoint: format!("http://127.0.0.1:{port}"),
         access_key: AK.into(),
@@ -439,16 +509,143 @@ async fn unreachable_endpoint_fails_fast_with_a_hint() -> Result<()> {
     let blobs = BlobStore::connect(&opts)?;
     let t = Instant::now();
     let e = blobs.ensure_bucket().await.unwrap_err();
-    assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        t.elapsed()
+    );
     let Error::Unreachable { endpoint, .. } = &e else {
         panic!("expected Unreachable, got {e:?}");
     };
     assert_eq!(endpoint, &opts.endpoint);
     let msg = e.to_string();
-    assert!(msg.contains("CN_S3_ENDPOINT") && msg.contains("is the store running"), "{msg}");
+    assert!(
+        msg.contains("CN_S3_ENDPOINT") && msg.contains("is the store running"),
+        "{msg}"
+    );
     assert!(e.is_transient());
     let e = blobs.put("k", Bytes::from_static(b"x")).await.unwrap_err();
     assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_endpoint_times_out_instead_of_hanging() -> Result<()> {
+    // Accepts connections (the kernel does) but never answers a request.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let opts = S3Options {
+        endpoint: format!("http://{}", listener.local_addr()?),
+        access_key: AK.into(),
+        secret_key: SK.into(),
+        read_timeout: Duration::from_millis(300),
+        attempt_timeout: Duration::from_millis(600),
+        operation_timeout: Duration::from_secs(3),
+        ..test_options()
+    };
+    let blobs = BlobStore::connect(&opts)?;
+    let t = Instant::now();
+    let e = blobs.head("k").await.unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    assert!(e.is_transient());
+    drop(listener);
+    Ok(())
+}
+
+/// A TCP proxy in front of the store that cuts the first `cuts` responses longer than
+/// `after` bytes mid-body, as a flaky network would. Returns its address and the cuts left.
+async fn flaky_proxy(
+    upstream: std::net::SocketAddr,
+    cuts: usize,
+    after: usize,
+) -> Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let left = std::sync::Arc::new(AtomicUsize::new(cuts));
+    let left2 = left.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                continue;
+            };
+            let left = left2.clone();
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut sent = 0usize;
+                loop {
+                    let n = match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if sent + n > after
+                        && left
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |l| l.checked_sub(1))
+                            .is_ok()
+                    {
+                        // Forward part of it, then drop both directions.
+                        let _ = cw.write_all(&buf[..after.saturating_sub(sent)]).await;
+                        up.abort();
+                        return;
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+                up.abort();
+            });
+        }
+    });
+    Ok((addr, left))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_cut_mid_transfer_are_retried() -> Result<()> {
+    let e = Embedded::start().await?;
+    let direct = e.blobs().await?;
+    let small = direct.put("flaky/small", random_bytes(600_000)).await?;
+    let large = direct.put("flaky/large", random_bytes(20 * MIB)).await?;
+    // Two cuts: the single GET of the small blob and one range of the large one.
+    let (proxy, left) = flaky_proxy(e.store.addr(), 2, 200_000).await?;
+    let flaky = BlobStore::connect(&S3Options {
+        endpoint: format!("http://{proxy}"),
+        max_attempts: 3,
+        ..e.options()
+    })?;
+    assert_eq!(flaky.get(&small).await?.len(), 600_000);
+    assert_eq!(flaky.get(&large).await?.len(), 20 * MIB);
+    assert_eq!(
+        left.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no cut happened"
+    );
+    // Without retries the cut surfaces as a transient transfer error, not as short bytes.
+    let (proxy, _) = flaky_proxy(e.store.addr(), 1, 200_000).await?;
+    let no_retry = BlobStore::connect(&S3Options {
+        endpoint: format!("http://{proxy}"),
+        max_attempts: 1,
+        ..e.options()
+    })?;
+    let err = no_retry.get(&small).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Transfer { key, .. } if key == "flaky/small"),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
     Ok(())
 }
 
@@ -489,7 +686,11 @@ async fn shutdown_stops_serving_and_data_survives_a_restart() -> Result<()> {
     let r = blobs.put("persist", random_bytes(10_000)).await?;
     let t = Instant::now();
     store.shutdown().await;
-    assert!(t.elapsed() < Duration::from_secs(5), "shutdown took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 

@@ -59,7 +59,10 @@ pub async fn bench_blob_size(
     let data = Bytes::from(data);
     let (mut put_s, mut get_s, mut both) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..runs {
-        let key = format!("{}/blob-{size_mib}mib-{run}", key_prefix.trim_end_matches('/'));
+        let key = format!(
+            "{}/blob-{size_mib}mib-{run}",
+            key_prefix.trim_end_matches('/')
+        );
         let t = Instant::now();
         let r = store.put(&key, data.clone()).await?;
         let tp = t.elapsed().as_secs_f64();

@@ -189,7 +189,9 @@ impl S3Options {
             ));
         }
         if self.bucket.is_empty() {
-            return bad("bucket name is empty (BUCKET_NAME in customized_training_s3_config)".into());
+            return bad(
+                "bucket name is empty (BUCKET_NAME in customized_training_s3_config)".into(),
+            );
         }
         if self.access_key.is_empty() || self.secret_key.is_empty() {
             return bad(format!(
@@ -701,10 +703,7 @@ impl BlobStore {
                     endpoint: ctx.endpoint.to_string(),
                     bucket: ctx.bucket.to_string(),
                     key: key.to_string(),
-                    reason: format!(
-                        "response body ended after {filled} of {} bytes",
-                        dst.len()
-                    ),
+                    reason: format!("response body ended after {filled} of {} bytes", dst.len()),
                 });
             }
             Ok(())
@@ -821,7 +820,12 @@ impl BlobStore {
                 reason: "refusing to delete with an empty prefix (the whole bucket)".into(),
             });
         }
-        let keys = self.list(prefix).await?.into_iter().map(|o| o.key).collect();
+        let keys = self
+            .list(prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
         self.delete_keys(keys).await
     }
 
@@ -832,7 +836,11 @@ impl BlobStore {
     /// # Errors
     /// As [`delete_prefix`](Self::delete_prefix).
     #[tracing::instrument(skip(self, keys))]
-    pub async fn delete_rounds_before(&self, keys: &BlobKeys, keep_from_round: u64) -> Result<usize> {
+    pub async fn delete_rounds_before(
+        &self,
+        keys: &BlobKeys,
+        keep_from_round: u64,
+    ) -> Result<usize> {
         if keep_from_round == 0 {
             return Ok(0);
         }

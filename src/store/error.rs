@@ -14,7 +14,8 @@ use std::path::PathBuf;
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Where to look when the store rejects our credentials.
-pub const AUTH_HINT: &str = "check comm_args.customized_training_s3_config.CN_S3_AKI / CN_S3_SAK in \
+pub const AUTH_HINT: &str =
+    "check comm_args.customized_training_s3_config.CN_S3_AKI / CN_S3_SAK in \
      the config file, or the environment variables FEDMQ_S3_AKI / FEDMQ_S3_SAK that override them";
 
 /// Where to look when the store cannot be reached.
@@ -221,6 +222,7 @@ pub(crate) struct Ctx<'a> {
 const AUTH_CODES: &[&str] = &[
     "SignatureDoesNotMatch",
     "InvalidAccessKeyId",
+    "NotSignedUp",
     "AccessDenied",
     "InvalidSecurity",
     "InvalidToken",
@@ -293,7 +295,8 @@ pub(crate) fn from_response(
             hint: AUTH_HINT,
         };
     }
-    if code_str == "NoSuchBucket" || (status == 404 && ctx.key.is_empty() && code.is_none()) {
+    // A 404 of a bucket-level request (HeadBucket answers with no body, the SDK says "NotFound").
+    if code_str == "NoSuchBucket" || (status == 404 && ctx.key.is_empty()) {
         return Error::NoSuchBucket {
             endpoint: ctx.endpoint.to_string(),
             bucket: ctx.bucket.to_string(),
@@ -390,7 +393,10 @@ mod tests {
             let e = from_response(ctx(), status, code.map(str::to_string), String::new());
             assert!(matches!(e, Error::Auth { .. }), "{e:?}");
             let msg = e.to_string();
-            assert!(msg.contains("CN_S3_AKI") && msg.contains("FEDMQ_S3_SAK"), "{msg}");
+            assert!(
+                msg.contains("CN_S3_AKI") && msg.contains("FEDMQ_S3_SAK"),
+                "{msg}"
+            );
         }
     }
 

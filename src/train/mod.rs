@@ -31,8 +31,8 @@ pub use bench::{bench_train, BenchOptions, BenchReport};
 pub use model::{init_params, Model, ModelKind, ParamSpec};
 pub use optim::{OptimizerConfig, OptimizerKind, TensorOptimizer};
 pub use trainer::{
-    evaluate, select_device, train_central, train_local, CentralEpoch, Engine, EpochStats,
-    EvalReport, TrainOptions, TrainOutcome, TrainReport,
+    evaluate, select_device, train_central, train_local, CentralEpoch, CentralReport, Engine,
+    EpochStats, EvalReport, TrainOptions, TrainOutcome, TrainReport,
 };
 
 /// Errors of model building, training and evaluation.
@@ -67,7 +67,8 @@ pub enum Error {
     /// A data set with no classes.
     #[error("the data set has no classes")]
     NoClasses,
-    /// The data set does not fit the model (sample shape or class count differ).
+    /// The data set does not fit the model (sample shape or class count differ, or a label is
+    /// not below the class count).
     #[error("data set `{dataset}` does not fit the model: {reason}")]
     DataMismatch {
         /// The data set's name.

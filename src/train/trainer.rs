@@ -419,6 +419,17 @@ fn check_data(model: &Model, dataset: &dyn Dataset, indices: Option<&[usize]>) -
             });
         }
     }
+    let classes = dataset.num_classes();
+    if let Some((i, l)) = dataset
+        .labels()
+        .iter()
+        .enumerate()
+        .find(|(_, &l)| l as usize >= classes)
+    {
+        return Err(mismatch(format!(
+            "sample {i} has label {l}, but there are {classes} classes"
+        )));
+    }
     Ok(())
 }
 

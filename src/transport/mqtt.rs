@@ -274,6 +274,10 @@ pub struct SessionOptions {
     pub backoff_max: Duration,
     /// How long a clean shutdown may take to publish the offline status and disconnect.
     pub close_timeout: Duration,
+    /// Disable Nagle's algorithm on the socket (default `true`). Control messages are small and
+    /// latency-bound: with Nagle on, a QoS 1 exchange can stall on the peer's delayed ACK
+    /// (tens of milliseconds per hop; see `docs/BENCH-mqtt-notes.md`).
+    pub tcp_nodelay: bool,
 }
 
 impl fmt::Debug for SessionOptions {
@@ -294,6 +298,7 @@ impl fmt::Debug for SessionOptions {
             .field("backoff_initial", &self.backoff_initial)
             .field("backoff_max", &self.backoff_max)
             .field("close_timeout", &self.close_timeout)
+            .field("tcp_nodelay", &self.tcp_nodelay)
             .finish()
     }
 }
@@ -301,7 +306,7 @@ impl fmt::Debug for SessionOptions {
 impl SessionOptions {
     /// fedmq's defaults for a session with `client_id` to `host:port`: anonymous, 60 s
     /// keep-alive, persistent session, 256 KiB packets, no subscriptions, no presence, queues of
-    /// 256, back-off 50 ms → 5 s, 2 s to close.
+    /// 256, back-off 50 ms → 5 s, 2 s to close, `TCP_NODELAY`.
     pub fn new(host: impl Into<String>, port: u16, client_id: impl Into<String>) -> Self {
         Self {
             host: host.into(),
@@ -318,6 +323,7 @@ impl SessionOptions {
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
             close_timeout: Duration::from_secs(2),
+            tcp_nodelay: true,
         }
     }
 
@@ -558,7 +564,10 @@ impl MqttSession {
         if let Some(p) = &opts.presence {
             mqtt.set_last_will(last_will(p));
         }
-        let (client, eventloop) = AsyncClient::new(mqtt, opts.queue_capacity);
+        let (client, mut eventloop) = AsyncClient::new(mqtt, opts.queue_capacity);
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(opts.tcp_nodelay);
+        eventloop.set_network_options(network);
         let (incoming_tx, incoming_rx) = mpsc::channel(opts.queue_capacity);
         let state = Arc::new(watch::Sender::new(ConnState::Connecting));
         let retained = RetainedLedger::default();

@@ -14,9 +14,13 @@
 //!    single-threaded `gemm`. Convolutions also accumulate their weight gradients into
 //!    per-thread buffers (small: 51k values for the CNN's `conv2`).
 //! 2. *Per parameter slice* (every tensor split into `T` row ranges): the gradient of a dense
-//!    layer's weight rows over the whole batch (`dWᵀ = dYᵀ·X`, so the large `fc1` gradient is
+//!    layer's weight rows over the whole batch (`dW = dYᵀ·X`, so the large `fc1` gradient is
 //!    never reduced across threads), the sum of the per-thread conv gradients, then the
 //!    optimizer update of that slice, in place.
+//!
+//! Convolutions are im2col + gemm per sample; activations after the first convolution are
+//! channels-last, and some parameters are stored in an engine layout converted at the boundary
+//! (see `conv`). Measurements: `docs/BENCH-train-notes.md`.
 
 mod conv;
 mod gemm;
@@ -155,7 +159,8 @@ impl NativeNet {
     /// An engine for `arch` holding a copy of `params`, splitting batches over `threads`.
     ///
     /// # Errors
-    /// [`Error::Tensor`] when `params` does not have the architecture's names and shapes.
+    /// [`crate::train::Error::Tensor`] when `params` does not have the architecture's names and
+    /// shapes.
     pub fn new(arch: &Arch, params: &ParamSet, threads: usize) -> Result<Self> {
         let specs = arch.param_specs();
         let expected = ParamSet::new(
