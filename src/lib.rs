@@ -11,6 +11,8 @@
 //! - [`proto`]: protocol v1: MQTT topics, JSON control messages, blob references, blob keys.
 //! - [`strategy`]: configure/aggregate strategies with streaming aggregation; FedAvg.
 //! - [`server`]: the round engine as a sans-IO state machine.
+//! - [`transport`]: the MQTT session (one event-loop task, cloneable handle, retained presence,
+//!   reconnect/resubscribe) and the embedded rumqttd broker.
 //! - [`tensor`]: model parameters ↔ safetensors bytes in memory, with SHA-256 digests.
 //! - `cli` (binary only): the `fedmq` command line.
 #![warn(missing_docs)]
@@ -24,5 +26,4 @@ pub mod store;
 pub mod strategy;
 pub mod tensor;
 pub mod train;
-#[cfg(feature = "wip-mqtt")]
 pub mod transport;

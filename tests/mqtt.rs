@@ -4,7 +4,6 @@
 //! Mosquitto tests skip when the `mosquitto` binary is absent and `CI` is unset; with `CI` set
 //! they fail instead. Nothing waits for readiness with a fixed sleep: tests wait on session
 //! states and message channels with timeouts.
-#![cfg(feature = "wip-mqtt")]
 
 use fedmq::proto::{
     BlobRef, Body, Capabilities, Envelope, Failure, Presence, Role, TopicKind, Topics, Train,

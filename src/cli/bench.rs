@@ -35,7 +35,6 @@ pub enum BenchCommand {
     #[cfg(feature = "wip-store")]
     Blob(super::store_cmd::BenchBlobArgs),
     /// Control-message round-trip latency through a broker.
-    #[cfg(feature = "wip-mqtt")]
     Mqtt(super::broker_cmd::BenchMqttArgs),
 }
 
@@ -69,7 +68,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
         #[cfg(feature = "wip-store")]
         BenchCommand::Blob(a) => super::store_cmd::run_bench_blob(a),
-        #[cfg(feature = "wip-mqtt")]
         BenchCommand::Mqtt(a) => super::broker_cmd::run_bench_mqtt(a),
     }
 }

@@ -1,7 +1,6 @@
 //! The `fedmq` command line: argument definitions and dispatch to one module per subcommand.
 
 mod bench;
-#[cfg(feature = "wip-mqtt")]
 mod broker_cmd;
 mod config_cmd;
 mod data_cmd;
@@ -43,7 +42,6 @@ enum Command {
     #[command(subcommand)]
     Config(config_cmd::ConfigCommand),
     /// Run the embedded MQTT broker (rumqttd) on 127.0.0.1 unless told otherwise.
-    #[cfg(feature = "wip-mqtt")]
     Broker(broker_cmd::BrokerArgs),
     /// Run the embedded S3-compatible object store over a data directory.
     #[cfg(feature = "wip-store")]
@@ -57,7 +55,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Config(c) => config_cmd::run(c),
-        #[cfg(feature = "wip-mqtt")]
         Command::Broker(a) => broker_cmd::run(a),
         #[cfg(feature = "wip-store")]
         Command::Store(a) => store_cmd::run(a),
@@ -70,6 +67,12 @@ pub fn init_tracing(verbose: u8) {
         0 => "info",
         1 => "debug",
         _ => "trace",
+    };
+    // rumqttd logs every client disconnect at ERROR; keep it to warnings unless -v is given.
+    let default = if verbose == 0 {
+        format!("{default},rumqttd=warn")
+    } else {
+        default.to_string()
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));

@@ -3,7 +3,7 @@
 //! | topic | direction | retained | payload |
 //! |---|---|---|---|
 //! | `fedmq/v1/<run>/status/<participant>` | participant → all | yes | `status` (online / offline; the last will is the offline one) |
-//! | `fedmq/v1/<run>/cmd/<client>` | server → one client | no | `train`, `finish` |
+//! | `fedmq/v1/<run>/cmd/<client>` | server → one client | yes (latest command; see docs/PROTOCOL.md, "MQTT session") | `train`, `finish` |
 //! | `fedmq/v1/<run>/up/<client>` | client → server | no | `update`, `failure` |
 //!
 //! Per-participant topics let a broker ACL pin each client to its own `up/` and `status/` topics.

@@ -457,10 +457,19 @@ fn probe(addr: SocketAddr, level: u8, login: Option<(&String, &String)>) -> bool
         return false;
     }
     let mut head = [0u8; 2];
-    let ok = s.read_exact(&mut head).is_ok() && head[0] == 0x20;
-    // DISCONNECT (remaining length 0 is valid in both 3.1.1 and 5).
+    if s.read_exact(&mut head).is_err() || head[0] != 0x20 {
+        return false;
+    }
+    // Read the rest of the CONNACK (short: its remaining length fits in one byte) so that the
+    // close below is orderly rather than a reset with unread data.
+    let mut rest = vec![0u8; usize::from(head[1] & 0x7f)];
+    let _ = s.read_exact(&mut rest);
+    // DISCONNECT (remaining length 0 is valid in both 3.1.1 and 5), then wait for the broker to
+    // close its side.
     let _ = s.write_all(&[0xE0, 0x00]);
-    ok
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let _ = s.read(&mut [0u8; 16]);
+    true
 }
 
 /// A minimal MQTT CONNECT packet for the readiness probe.
