@@ -17,25 +17,8 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// A key that does not exist in its section (typo or misplaced key).
-    #[error("{}", UnknownKeyMsg(self))]
-    UnknownKey {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line of the key.
-        line: usize,
-        /// 1-based column of the key.
-        column: usize,
-        /// Dotted path of the section holding the key (empty for the top level).
-        section: String,
-        /// The key as written.
-        key: String,
-        /// The closest valid key in the same section, when one is close enough.
-        suggestion: Option<String>,
-        /// Dotted path of another section where this exact key is valid.
-        belongs_in: Option<String>,
-        /// Valid keys of the section (for the message when there is no suggestion).
-        valid: Vec<String>,
-    },
+    #[error("{0}")]
+    UnknownKey(Box<UnknownKey>),
     /// Any other YAML or type error.
     #[error("{}{}: {message}", path.display(), location(*line, *column))]
     Parse {
@@ -64,39 +47,48 @@ fn location(line: Option<usize>, column: Option<usize>) -> String {
     }
 }
 
-struct UnknownKeyMsg<'a>(&'a ConfigError);
+/// Details of [`ConfigError::UnknownKey`].
+#[derive(Debug)]
+pub struct UnknownKey {
+    /// The file.
+    pub path: PathBuf,
+    /// 1-based line of the key.
+    pub line: usize,
+    /// 1-based column of the key.
+    pub column: usize,
+    /// Dotted path of the section holding the key (empty for the top level).
+    pub section: String,
+    /// The key as written.
+    pub key: String,
+    /// The closest valid key in the same section, when one is close enough.
+    pub suggestion: Option<String>,
+    /// Dotted path of another section where this exact key is valid.
+    pub belongs_in: Option<String>,
+    /// Valid keys of the section (for the message when there is no suggestion).
+    pub valid: Vec<String>,
+}
 
-impl fmt::Display for UnknownKeyMsg<'_> {
+impl fmt::Display for UnknownKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ConfigError::UnknownKey {
-            path,
-            line,
-            column,
-            section,
-            key,
-            suggestion,
-            belongs_in,
-            valid,
-        } = self.0
-        else {
-            return Ok(());
-        };
-        let where_ = if section.is_empty() {
+        let where_ = if self.section.is_empty() {
             "at the top level".to_string()
         } else {
-            format!("in section `{section}`")
+            format!("in section `{}`", self.section)
         };
         write!(
             f,
-            "{}:{line}:{column}: unknown key `{key}` {where_}",
-            path.display()
+            "{}:{}:{}: unknown key `{}` {where_}",
+            self.path.display(),
+            self.line,
+            self.column,
+            self.key
         )?;
-        if let Some(b) = belongs_in {
-            write!(f, "; `{key}` belongs in section `{b}`: move it there")?;
-        } else if let Some(s) = suggestion {
+        if let Some(b) = &self.belongs_in {
+            write!(f, "; `{}` belongs in section `{b}`: move it there", self.key)?;
+        } else if let Some(s) = &self.suggestion {
             write!(f, "; did you mean `{s}`?")?;
         } else {
-            write!(f, "; valid keys here: {}", valid.join(", "))?;
+            write!(f, "; valid keys here: {}", self.valid.join(", "))?;
         }
         Ok(())
     }
@@ -120,7 +112,7 @@ pub(super) fn from_yaml(e: serde_yaml_ng::Error, path: &Path) -> ConfigError {
         let valid = keys_at(&tree, &section);
         let suggestion = closest(&key, &valid);
         let belongs_in = find_key(&tree, &key, "").filter(|p| *p != section);
-        return ConfigError::UnknownKey {
+        return ConfigError::UnknownKey(Box::new(UnknownKey {
             path: path.to_path_buf(),
             line: line.unwrap_or(0),
             column: column.unwrap_or(0),
@@ -129,7 +121,7 @@ pub(super) fn from_yaml(e: serde_yaml_ng::Error, path: &Path) -> ConfigError {
             suggestion,
             belongs_in,
             valid,
-        };
+        }));
     }
     // serde_yaml_ng appends " at line L column C"; we print the location in front instead.
     let message = match msg.rfind(" at line ") {

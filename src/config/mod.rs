@@ -17,7 +17,7 @@
 
 mod error;
 
-pub use error::ConfigError;
+pub use error::{ConfigError, UnknownKey};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

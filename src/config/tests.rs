@@ -9,13 +9,14 @@ fn typo_points_at_line_and_suggests_key() {
     let text = "common_args:\n  random_seed: 1\ntrain_args:\n  epochs: 2\n  bach_size: 4\n";
     let err = parse(text).unwrap_err();
     match &err {
-        ConfigError::UnknownKey {
-            line,
-            section,
-            key,
-            suggestion,
-            ..
-        } => {
+        ConfigError::UnknownKey(k) => {
+            let UnknownKey {
+                line,
+                section,
+                key,
+                suggestion,
+                ..
+            } = &**k;
             assert_eq!(*line, 5);
             assert_eq!(section, "train_args");
             assert_eq!(key, "bach_size");

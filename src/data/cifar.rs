@@ -36,7 +36,7 @@ pub fn parse_cifar10_batch(
     pixels: &mut Vec<u8>,
     labels: &mut Vec<u32>,
 ) -> Result<usize> {
-    if bytes.is_empty() || bytes.len() % CIFAR10_RECORD_BYTES != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(CIFAR10_RECORD_BYTES) {
         return Err(Error::BadRecordSize {
             path: PathBuf::from(name),
             len: bytes.len() as u64,

@@ -170,7 +170,7 @@ pub(crate) fn bias_relu_pool_backward(
 ) {
     let (c, w) = (g.cout, g.w);
     let (ph, pw) = g.pooled();
-    if g.h % 2 != 0 || g.w % 2 != 0 {
+    if !g.h.is_multiple_of(2) || !g.w.is_multiple_of(2) {
         // Rows and columns outside every window get no gradient.
         dy[..g.positions() * c].fill(0.0);
     }
