@@ -57,7 +57,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 BenchOptions {
                     warmup,
                     runs,
-                    steps_per_run: if steps == 0 { defaults.steps_per_run } else { steps },
+                    steps_per_run: if steps == 0 {
+                        defaults.steps_per_run
+                    } else {
+                        steps
+                    },
                     threads,
                     engine,
                     ..defaults

@@ -84,7 +84,11 @@ impl fmt::Display for UnknownKey {
             self.key
         )?;
         if let Some(b) = &self.belongs_in {
-            write!(f, "; `{}` belongs in section `{b}`: move it there", self.key)?;
+            write!(
+                f,
+                "; `{}` belongs in section `{b}`: move it there",
+                self.key
+            )?;
         } else if let Some(s) = &self.suggestion {
             write!(f, "; did you mean `{s}`?")?;
         } else {
@@ -156,7 +160,10 @@ fn keys_at(tree: &Value, dotted: &str) -> Vec<String> {
         }
     }
     match node {
-        Value::Mapping(m) => m.keys().filter_map(|k| k.as_str().map(String::from)).collect(),
+        Value::Mapping(m) => m
+            .keys()
+            .filter_map(|k| k.as_str().map(String::from))
+            .collect(),
         _ => Vec::new(),
     }
 }

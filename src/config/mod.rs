@@ -393,11 +393,26 @@ pub struct FedmqArgs {
 
 /// Environment variables that override secrets and endpoints (name, what it sets).
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
-    ("FEDMQ_MQTT_USER", "comm_args.customized_training_mqtt_config.MQTT_USER"),
-    ("FEDMQ_MQTT_PWD", "comm_args.customized_training_mqtt_config.MQTT_PWD"),
-    ("FEDMQ_S3_AKI", "comm_args.customized_training_s3_config.CN_S3_AKI"),
-    ("FEDMQ_S3_SAK", "comm_args.customized_training_s3_config.CN_S3_SAK"),
-    ("FEDMQ_S3_ENDPOINT", "comm_args.customized_training_s3_config.CN_S3_ENDPOINT"),
+    (
+        "FEDMQ_MQTT_USER",
+        "comm_args.customized_training_mqtt_config.MQTT_USER",
+    ),
+    (
+        "FEDMQ_MQTT_PWD",
+        "comm_args.customized_training_mqtt_config.MQTT_PWD",
+    ),
+    (
+        "FEDMQ_S3_AKI",
+        "comm_args.customized_training_s3_config.CN_S3_AKI",
+    ),
+    (
+        "FEDMQ_S3_SAK",
+        "comm_args.customized_training_s3_config.CN_S3_SAK",
+    ),
+    (
+        "FEDMQ_S3_ENDPOINT",
+        "comm_args.customized_training_s3_config.CN_S3_ENDPOINT",
+    ),
     ("FEDMQ_RUN_ID", "common_args.run_id"),
 ];
 
@@ -479,9 +494,21 @@ impl Config {
                 t.client_num_in_total, t.client_num_per_round
             ),
         );
-        check(t.comm_round >= 1, "train_args.comm_round", "must be at least 1".into());
-        check(t.epochs >= 1, "train_args.epochs", "must be at least 1".into());
-        check(t.batch_size >= 1, "train_args.batch_size", "must be at least 1".into());
+        check(
+            t.comm_round >= 1,
+            "train_args.comm_round",
+            "must be at least 1".into(),
+        );
+        check(
+            t.epochs >= 1,
+            "train_args.epochs",
+            "must be at least 1".into(),
+        );
+        check(
+            t.batch_size >= 1,
+            "train_args.batch_size",
+            "must be at least 1".into(),
+        );
         check(
             t.learning_rate.is_finite() && t.learning_rate > 0.0,
             "train_args.learning_rate",
@@ -536,7 +563,10 @@ impl Config {
         check(
             self.comm_args.backend.eq_ignore_ascii_case("MQTT_S3"),
             "comm_args.backend",
-            format!("{:?} is not supported; valid: MQTT_S3", self.comm_args.backend),
+            format!(
+                "{:?} is not supported; valid: MQTT_S3",
+                self.comm_args.backend
+            ),
         );
         check(
             !self.common_args.run_id.is_empty()

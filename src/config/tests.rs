@@ -25,7 +25,10 @@ fn typo_points_at_line_and_suggests_key() {
         other => panic!("expected UnknownKey, got {other:?}"),
     }
     let msg = err.to_string();
-    assert!(msg.starts_with("fedml_config.yaml:5:3: unknown key `bach_size`"), "{msg}");
+    assert!(
+        msg.starts_with("fedml_config.yaml:5:3: unknown key `bach_size`"),
+        "{msg}"
+    );
     assert!(msg.contains("did you mean `batch_size`?"), "{msg}");
 }
 
@@ -33,7 +36,10 @@ fn typo_points_at_line_and_suggests_key() {
 fn misplaced_key_names_its_section() {
     let text = "data_args:\n  dataset: mnist\n  epochs: 3\n";
     let msg = parse(text).unwrap_err().to_string();
-    assert!(msg.contains(":3:3: unknown key `epochs` in section `data_args`"), "{msg}");
+    assert!(
+        msg.contains(":3:3: unknown key `epochs` in section `data_args`"),
+        "{msg}"
+    );
     assert!(msg.contains("belongs in section `train_args`"), "{msg}");
 }
 
@@ -51,21 +57,32 @@ fn nested_upper_case_keys_are_checked() {
 #[test]
 fn unknown_section_is_rejected() {
     let msg = parse("train_arg:\n  epochs: 1\n").unwrap_err().to_string();
-    assert!(msg.contains("unknown key `train_arg` at the top level"), "{msg}");
+    assert!(
+        msg.contains("unknown key `train_arg` at the top level"),
+        "{msg}"
+    );
     assert!(msg.contains("did you mean `train_args`?"), "{msg}");
 }
 
 #[test]
 fn far_off_key_lists_valid_keys() {
-    let msg = parse("validation_args:\n  zzzzzzzzzz: 1\n").unwrap_err().to_string();
-    assert!(msg.contains("valid keys here: frequency_of_the_test"), "{msg}");
+    let msg = parse("validation_args:\n  zzzzzzzzzz: 1\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("valid keys here: frequency_of_the_test"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn wrong_type_names_line() {
     let err = parse("train_args:\n  epochs: two\n").unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, ConfigError::Parse { line: Some(2), .. }), "{msg}");
+    assert!(
+        matches!(err, ConfigError::Parse { line: Some(2), .. }),
+        "{msg}"
+    );
     assert!(msg.starts_with("fedml_config.yaml:2:"), "{msg}");
     assert!(msg.contains("train_args.epochs"), "{msg}");
 }
@@ -140,14 +157,20 @@ lsa_args:
     let cfg = parse(text).unwrap();
     cfg.validate().unwrap();
     assert_eq!(cfg.train_args.client_num_in_total, 1000);
-    assert_eq!(cfg.comm_args.customized_training_mqtt_config.broker_port, 1883);
+    assert_eq!(
+        cfg.comm_args.customized_training_mqtt_config.broker_port,
+        1883
+    );
     assert_eq!(
         cfg.comm_args.customized_training_s3_config.cn_s3_endpoint,
         "http://minio:9000"
     );
     assert_eq!(cfg.lsa_args.prime_number, 2147483647);
     let masked = cfg.to_yaml_masked();
-    assert!(!masked.contains("SAK\n") && !masked.contains("secret"), "{masked}");
+    assert!(
+        !masked.contains("SAK\n") && !masked.contains("secret"),
+        "{masked}"
+    );
 }
 
 #[test]
@@ -171,7 +194,10 @@ fn env_overrides_secrets() {
         "FEDMQ_MQTT_PWD" => Some(String::new()),
         _ => None,
     });
-    assert_eq!(cfg.comm_args.customized_training_s3_config.cn_s3_sak, "from-env");
+    assert_eq!(
+        cfg.comm_args.customized_training_s3_config.cn_s3_sak,
+        "from-env"
+    );
     assert_eq!(cfg.comm_args.customized_training_mqtt_config.mqtt_pwd, "");
     assert_eq!(ENV_OVERRIDES.len(), 6);
 }

@@ -273,12 +273,23 @@ impl BlobRef {
             return Err(format!("{field}.key must be 1-1024 bytes"));
         }
         if self.key.starts_with('/')
-            || self.key.split('/').any(|s| s.is_empty() || s == "." || s == "..")
+            || self
+                .key
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == "..")
             || self.key.chars().any(|c| c.is_control())
         {
-            return Err(format!("{field}.key {:?} is not a clean object key", truncate(&self.key)));
+            return Err(format!(
+                "{field}.key {:?} is not a clean object key",
+                truncate(&self.key)
+            ));
         }
-        if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if self.sha256.len() != 64
+            || !self
+                .sha256
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
             return Err(format!("{field}.sha256 must be 64 lowercase hex digits"));
         }
         Ok(())

@@ -85,8 +85,14 @@ mod tests {
     fn build_and_parse_round_trip() {
         let t = Topics::new("run-1");
         assert_eq!(t.status("client-3"), "fedmq/v1/run-1/status/client-3");
-        assert_eq!(t.parse(&t.status("server")), Some(TopicKind::Status("server".into())));
-        assert_eq!(t.parse(&t.command("c1")), Some(TopicKind::Command("c1".into())));
+        assert_eq!(
+            t.parse(&t.status("server")),
+            Some(TopicKind::Status("server".into()))
+        );
+        assert_eq!(
+            t.parse(&t.command("c1")),
+            Some(TopicKind::Command("c1".into()))
+        );
         assert_eq!(t.parse(&t.up("c1")), Some(TopicKind::Up("c1".into())));
         assert_eq!(t.up_all(), "fedmq/v1/run-1/up/+");
     }

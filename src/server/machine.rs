@@ -452,43 +452,41 @@ impl RoundMachine {
                 }
                 self.maybe_close(now, &mut out);
             }
-            Event::Tick => {
-                match &mut self.phase {
-                    Phase::Admitting { since } => {
-                        if let Some(t) = self.cfg.admission_timeout {
-                            if now >= *since + t {
-                                let online = self.online_clients().len();
-                                let msg = format!(
+            Event::Tick => match &mut self.phase {
+                Phase::Admitting { since } => {
+                    if let Some(t) = self.cfg.admission_timeout {
+                        if now >= *since + t {
+                            let online = self.online_clients().len();
+                            let msg = format!(
                                     "only {online} of the {} required clients came online within \
                                      {:?}; start more clients or lower train_args.client_num_per_round",
                                     self.cfg.min_clients, t
                                 );
-                                self.finish(Outcome::Aborted(msg), &mut out);
-                            }
+                            self.finish(Outcome::Aborted(msg), &mut out);
                         }
                     }
-                    Phase::Training(r) => {
-                        if !r.closed_for_updates && now >= r.deadline {
-                            r.closed_for_updates = true;
-                            let silent: Vec<String> = r
-                                .selected
-                                .iter()
-                                .filter(|c| {
-                                    !r.reported.contains_key(*c)
-                                        && !r.fetching.contains_key(*c)
-                                        && !r.failed.contains_key(*c)
-                                })
-                                .cloned()
-                                .collect();
-                            for c in silent {
-                                r.failed.insert(c, FailureReason::Timeout);
-                            }
-                        }
-                        self.maybe_close(now, &mut out);
-                    }
-                    _ => {}
                 }
-            }
+                Phase::Training(r) => {
+                    if !r.closed_for_updates && now >= r.deadline {
+                        r.closed_for_updates = true;
+                        let silent: Vec<String> = r
+                            .selected
+                            .iter()
+                            .filter(|c| {
+                                !r.reported.contains_key(*c)
+                                    && !r.fetching.contains_key(*c)
+                                    && !r.failed.contains_key(*c)
+                            })
+                            .cloned()
+                            .collect();
+                        for c in silent {
+                            r.failed.insert(c, FailureReason::Timeout);
+                        }
+                    }
+                    self.maybe_close(now, &mut out);
+                }
+                _ => {}
+            },
         }
         out
     }
@@ -676,11 +674,7 @@ impl RoundMachine {
         }
         let num_samples: u64 = r.reported.values().map(|(s, _)| s).sum();
         let train_loss = if num_samples > 0 {
-            r.reported
-                .values()
-                .map(|(s, l)| *s as f64 * l)
-                .sum::<f64>()
-                / num_samples as f64
+            r.reported.values().map(|(s, l)| *s as f64 * l).sum::<f64>() / num_samples as f64
         } else {
             f64::NAN
         };

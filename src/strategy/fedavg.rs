@@ -102,8 +102,10 @@ mod tests {
     fn weighted_mean_of_two() {
         let g = params(vec![0.0; 2], vec![0.0]);
         let mut agg = FedAvg.begin_round(1, &g);
-        agg.add("c1", &params(vec![1.0, 2.0], vec![10.0]), 1).unwrap();
-        agg.add("c2", &params(vec![4.0, 8.0], vec![40.0]), 2).unwrap();
+        agg.add("c1", &params(vec![1.0, 2.0], vec![10.0]), 1)
+            .unwrap();
+        agg.add("c2", &params(vec![4.0, 8.0], vec![40.0]), 2)
+            .unwrap();
         let m = agg.finish(&[]).unwrap();
         // (1·1 + 2·4)/3 = 3, (1·2 + 2·8)/3 = 6, (10 + 80)/3 = 30
         assert_eq!(m.get("a.weight").unwrap().data(), &[3.0, 6.0]);
@@ -121,11 +123,18 @@ mod tests {
     fn bad_updates_are_rejected_and_leave_the_mean_unchanged() {
         let g = params(vec![0.0; 2], vec![0.0]);
         let mut agg = FedAvg.begin_round(1, &g);
-        agg.add("c1", &params(vec![1.0, 1.0], vec![1.0]), 5).unwrap();
+        agg.add("c1", &params(vec![1.0, 1.0], vec![1.0]), 5)
+            .unwrap();
         let wrong_shape = params(vec![1.0; 3], vec![1.0]);
-        assert!(matches!(agg.add("c2", &wrong_shape, 5), Err(Error::Layout { .. })));
+        assert!(matches!(
+            agg.add("c2", &wrong_shape, 5),
+            Err(Error::Layout { .. })
+        ));
         let nan = params(vec![f32::NAN, 1.0], vec![1.0]);
-        assert!(matches!(agg.add("c3", &nan, 5), Err(Error::NonFinite { .. })));
+        assert!(matches!(
+            agg.add("c3", &nan, 5),
+            Err(Error::NonFinite { .. })
+        ));
         assert!(matches!(
             agg.add("c4", &params(vec![9.0; 2], vec![9.0]), 0),
             Err(Error::ZeroWeight { .. })

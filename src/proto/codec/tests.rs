@@ -80,7 +80,12 @@ fn samples() -> Vec<Envelope> {
 fn every_message_type_round_trips() {
     for m in samples() {
         let bytes = encode(&m);
-        assert_eq!(decode(&bytes).unwrap(), m, "{}", String::from_utf8_lossy(&bytes));
+        assert_eq!(
+            decode(&bytes).unwrap(),
+            m,
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
     }
 }
 
@@ -107,15 +112,41 @@ fn rejections_have_reasons() {
         (vec![b' '; MAX_MESSAGE_BYTES + 1], "exceeds"),
         (b"hello".to_vec(), "not a JSON object"),
         (b"[1,2]".to_vec(), "not a JSON object"),
-        (br#"{"run":"x"}"#.to_vec(), "missing or non-integer protocol version"),
-        (br#"{"v":"1"}"#.to_vec(), "missing or non-integer protocol version"),
-        (text.replacen("\"v\":1", "\"v\":2", 1).into_bytes(), "unsupported protocol version 2"),
-        (text.replacen("\"train\"", "\"trian\"", 1).into_bytes(), "unknown variant `trian`"),
-        (text.replacen("\"run\":\"run-1\"", "\"run\":\"run/+\"", 1).into_bytes(), "field `run`"),
+        (
+            br#"{"run":"x"}"#.to_vec(),
+            "missing or non-integer protocol version",
+        ),
+        (
+            br#"{"v":"1"}"#.to_vec(),
+            "missing or non-integer protocol version",
+        ),
+        (
+            text.replacen("\"v\":1", "\"v\":2", 1).into_bytes(),
+            "unsupported protocol version 2",
+        ),
+        (
+            text.replacen("\"train\"", "\"trian\"", 1).into_bytes(),
+            "unknown variant `trian`",
+        ),
+        (
+            text.replacen("\"run\":\"run-1\"", "\"run\":\"run/+\"", 1)
+                .into_bytes(),
+            "field `run`",
+        ),
         (text.replacen("abab", "ABAB", 1).into_bytes(), "sha256"),
-        (text.replacen("r000001/global", "../global", 1).into_bytes(), "clean object key"),
-        (text.replacen("\"epochs\":1", "\"epochs\":0", 1).into_bytes(), "epochs"),
-        (text.replacen("\"round\":1", "\"round\":-1", 1).into_bytes(), "malformed"),
+        (
+            text.replacen("r000001/global", "../global", 1).into_bytes(),
+            "clean object key",
+        ),
+        (
+            text.replacen("\"epochs\":1", "\"epochs\":0", 1)
+                .into_bytes(),
+            "epochs",
+        ),
+        (
+            text.replacen("\"round\":1", "\"round\":-1", 1).into_bytes(),
+            "malformed",
+        ),
     ];
     for (bytes, want) in cases {
         let err = decode(&bytes).unwrap_err().to_string();

@@ -5,7 +5,10 @@ use crate::tensor::NamedTensor;
 const SEC: Duration = Duration::from_secs(1);
 
 fn params(v: f32) -> ParamSet {
-    ParamSet::new(vec![NamedTensor::new("w", vec![2], vec![v, 2.0 * v]).unwrap()]).unwrap()
+    ParamSet::new(vec![
+        NamedTensor::new("w", vec![2], vec![v, 2.0 * v]).unwrap()
+    ])
+    .unwrap()
 }
 
 fn blob(key: &str) -> BlobRef {
@@ -242,7 +245,10 @@ fn update_announced_in_time_is_waited_for_after_the_deadline() {
         metrics: TrainMetrics::default(),
     });
     assert!(matches!(acts[0], Action::FetchUpdate { .. }));
-    assert!(closed(&h.advance(10 * SEC)).is_none(), "b is still downloading");
+    assert!(
+        closed(&h.advance(10 * SEC)).is_none(),
+        "b is still downloading"
+    );
     let acts = h.ev(Event::UpdateFetched {
         client: "b".into(),
         round: 1,
@@ -291,7 +297,10 @@ fn rejected_and_malformed_updates_are_failures() {
     let reasons: Vec<String> = s.failures.iter().map(|f| f.reason.to_string()).collect();
     assert_eq!(reasons.len(), 2);
     assert!(reasons[0].contains("digest mismatch"), "{reasons:?}");
-    assert!(reasons[1].contains("does not match the global model"), "{reasons:?}");
+    assert!(
+        reasons[1].contains("does not match the global model"),
+        "{reasons:?}"
+    );
 }
 
 #[test]
@@ -336,7 +345,9 @@ fn admission_timeout_aborts_with_advice() {
     h.online(&["a"]);
     let acts = h.advance(61 * SEC);
     match &acts[..] {
-        [Action::Finish(Outcome::Aborted(msg))] => assert!(msg.contains("only 1 of the 3"), "{msg}"),
+        [Action::Finish(Outcome::Aborted(msg))] => {
+            assert!(msg.contains("only 1 of the 3"), "{msg}")
+        }
         other => panic!("{other:?}"),
     }
 }
