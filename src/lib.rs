@@ -9,6 +9,8 @@
 //! - [`train`]: candle models named as FedML's `model_args.model` (`lr`, `mlp`, `cnn`), optimizers,
 //!   the local trainer, evaluation and the training benchmark.
 //! - [`proto`]: protocol v1: MQTT topics, JSON control messages, blob references, blob keys.
+//! - [`store`]: the blob layer over aws-sdk-s3 (multipart, ranged gets, SHA-256 checks, retries,
+//!   retention) and the embedded S3-compatible server (s3s-fs with a faster file backend).
 //! - [`strategy`]: configure/aggregate strategies with streaming aggregation; FedAvg.
 //! - [`server`]: the round engine as a sans-IO state machine.
 //! - [`transport`]: the MQTT session (one event-loop task, cloneable handle, retained presence,
@@ -21,7 +23,6 @@ pub mod config;
 pub mod data;
 pub mod proto;
 pub mod server;
-#[cfg(feature = "wip-store")]
 pub mod store;
 pub mod strategy;
 pub mod tensor;

@@ -5,12 +5,11 @@
 //! ```text
 //! FEDMQ_TEST_S3_ENDPOINT=http://127.0.0.1:9000 FEDMQ_TEST_S3_AKI=minioadmin \
 //! FEDMQ_TEST_S3_SAK=minioadmin [FEDMQ_TEST_S3_BUCKET=fedmq-test] [FEDMQ_TEST_S3_REGION=us-east-1] \
-//!   cargo test --features wip-store --test store
+//!   cargo test --test store
 //! ```
 //!
 //! Unset: the external tests pass as skipped (with a note on stderr). Set: they must pass; missing
 //! keys or an unreachable endpoint fail them. No mocks: the S3 protocol is what is tested.
-#![cfg(feature = "wip-store")]
 
 use anyhow::{Context, Result};
 use bytes::Bytes;

@@ -32,7 +32,6 @@ pub enum BenchCommand {
         engine: Engine,
     },
     /// Blob put+get throughput against the embedded store (or an S3 endpoint).
-    #[cfg(feature = "wip-store")]
     Blob(super::store_cmd::BenchBlobArgs),
     /// Control-message round-trip latency through a broker.
     Mqtt(super::broker_cmd::BenchMqttArgs),
@@ -70,7 +69,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
-        #[cfg(feature = "wip-store")]
         BenchCommand::Blob(a) => super::store_cmd::run_bench_blob(a),
         BenchCommand::Mqtt(a) => super::broker_cmd::run_bench_mqtt(a),
     }

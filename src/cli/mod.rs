@@ -4,7 +4,6 @@ mod bench;
 mod broker_cmd;
 mod config_cmd;
 mod data_cmd;
-#[cfg(feature = "wip-store")]
 mod store_cmd;
 mod train_cmd;
 
@@ -44,7 +43,6 @@ enum Command {
     /// Run the embedded MQTT broker (rumqttd) on 127.0.0.1 unless told otherwise.
     Broker(broker_cmd::BrokerArgs),
     /// Run the embedded S3-compatible object store over a data directory.
-    #[cfg(feature = "wip-store")]
     Store(store_cmd::StoreArgs),
 }
 
@@ -56,7 +54,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(c) => bench::run(c),
         Command::Config(c) => config_cmd::run(c),
         Command::Broker(a) => broker_cmd::run(a),
-        #[cfg(feature = "wip-store")]
         Command::Store(a) => store_cmd::run(a),
     }
 }

@@ -109,7 +109,7 @@ pub struct S3Options {
     /// server rejects bodies altered in transit at upload time. Default false: the blob's own
     /// SHA-256 in its [`BlobRef`] is checked by every reader, so payload signing only moves the
     /// detection earlier, at the cost of one more SHA-256 pass on each side of every upload (see
-    /// docs/BENCH-blob-notes.md). Headers are always signed.
+    /// the blob benchmark in docs/). Headers are always signed.
     pub sign_payload: bool,
 }
 
@@ -300,7 +300,12 @@ impl BlobStore {
         let conf = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .endpoint_url(opts.endpoint.trim_end_matches('/'))
-            .region(Region::new(opts.region.clone()))
+            // FedML configs often leave CN_REGION_NAME empty; SigV4 needs some region.
+            .region(Region::new(if opts.region.is_empty() {
+                "us-east-1".to_string()
+            } else {
+                opts.region.clone()
+            }))
             .credentials_provider(creds)
             .force_path_style(opts.force_path_style)
             .http_client(http)

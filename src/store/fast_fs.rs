@@ -1,7 +1,7 @@
 //! [`FastFs`]: s3s-fs's [`FileSystem`] with a faster `GetObject` body and a faster
 //! `CompleteMultipartUpload`.
 //!
-//! Measured on s3s-fs 0.14.1 (docs/BENCH-blob-notes.md), two costs dominate large blobs:
+//! Measured on s3s-fs 0.14.1 (blob benchmark notes in docs/), two costs dominate large blobs:
 //! - `GetObject` streams bodies with `ReaderStream::with_capacity(tokio::fs::File, 4096)`: every
 //!   4 KiB of a download is one `spawn_blocking` round trip and one 4 KiB frame through hyper.
 //!   We replace the body of a successful `GetObject` with a stream that reads the same byte range
