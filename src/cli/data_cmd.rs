@@ -1,6 +1,6 @@
 //! `fedmq data fetch` and `fedmq data stats`.
 
-use super::{load_config, ConfigArg};
+use super::{load_config, load_config_args, ConfigArg};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use fedmq::data::{self, DatasetKind, FetchOptions, PartitionMethod};
@@ -75,7 +75,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             dataset,
             json,
         } => {
-            let mut cfg = load_config(&config.config)?;
+            let mut cfg = load_config_args(&config)?;
             if let Some(v) = clients {
                 cfg.train_args.client_num_in_total = v;
                 cfg.train_args.client_num_per_round = v;

@@ -85,6 +85,20 @@ pub fn init_tracing(verbose: u8) {
 pub const DEFAULT_CONFIG: &str = "config/fedml_config.yaml";
 
 /// Loads a config file (or the defaults when `path` is the default and does not exist), then
+/// applies environment overrides, then `--rank` / `--run-id`, and validates the result.
+pub fn load_config_args(a: &ConfigArg) -> Result<Config> {
+    let mut cfg = load_config(&a.config)?;
+    if let Some(r) = a.rank {
+        cfg.fedmq_args.rank = r;
+    }
+    if let Some(id) = &a.run_id {
+        cfg.common_args.run_id = id.clone();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Loads a config file (or the defaults when `path` is the default and does not exist), then
 /// applies environment overrides.
 pub fn load_config(path: &Path) -> Result<Config> {
     let mut cfg = if path == Path::new(DEFAULT_CONFIG) && !path.exists() {
@@ -103,6 +117,12 @@ pub struct ConfigArg {
     /// Configuration file (FedML's fedml_config.yaml layout).
     #[arg(short, long = "config", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
+    /// This process's rank: 0 = server, 1.. = clients (overrides fedmq_args.rank).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Run id scoping MQTT topics and S3 keys (overrides common_args.run_id; env FEDMQ_RUN_ID).
+    #[arg(long)]
+    pub run_id: Option<String>,
 }
 
 /// Parses `--engine`.

@@ -1,6 +1,6 @@
 //! `fedmq train`: central training on the whole training set, the baseline for a federation.
 
-use super::{load_config, ConfigArg};
+use super::{load_config_args, ConfigArg};
 use anyhow::{Context, Result};
 use fedmq::data::{self, DatasetKind, FetchOptions};
 use fedmq::train::{self, Engine, ModelKind, OptimizerKind, TrainOptions};
@@ -45,7 +45,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mut cfg = load_config(&a.config.config)?;
+    let mut cfg = load_config_args(&a.config)?;
     let t = &mut cfg.train_args;
     if let Some(v) = a.model {
         cfg.model_args.model = v;
