@@ -19,8 +19,11 @@
 //! - `cli` (binary only): the `fedmq` command line.
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod config;
 pub mod data;
+pub mod federation;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod store;

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
-    cli::init_tracing(args.verbose);
+    cli::init_tracing(args.verbose, args.quiet_logs());
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

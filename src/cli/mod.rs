@@ -4,6 +4,7 @@ mod bench;
 mod broker_cmd;
 mod config_cmd;
 mod data_cmd;
+mod run_cmd;
 mod store_cmd;
 mod train_cmd;
 
@@ -29,6 +30,13 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a whole federation in this process: embedded broker and store (unless the config names
+    /// external ones), the server and client_num_in_total clients.
+    Run(run_cmd::RunArgs),
+    /// Run the server role against the configured broker and S3 endpoint.
+    Server(run_cmd::ServerArgs),
+    /// Run one client (--rank N, 1-based) against the configured broker and S3 endpoint.
+    Client(run_cmd::ClientArgs),
     /// Fetch data sets and inspect federated partitions.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -49,6 +57,9 @@ enum Command {
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(a) => run_cmd::run(a),
+        Command::Server(a) => run_cmd::server(a),
+        Command::Client(a) => run_cmd::client(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Train(a) => train_cmd::run(a),
         Command::Bench(c) => bench::run(c),
@@ -58,16 +69,26 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// Sets up logging to stderr; `RUST_LOG` wins over `-v`.
-pub fn init_tracing(verbose: u8) {
-    let default = match verbose {
-        0 => "info",
-        1 => "debug",
+impl Cli {
+    /// Whether the command draws its own progress (`fedmq run`): then logs start at warnings.
+    pub fn quiet_logs(&self) -> bool {
+        matches!(self.command, Command::Run(_))
+    }
+}
+
+/// Sets up logging to stderr; `RUST_LOG` wins over `-v`. With `quiet`, the default level is one
+/// step lower (the command prints its own progress).
+pub fn init_tracing(verbose: u8, quiet: bool) {
+    let default = match (verbose, quiet) {
+        (0, true) => "warn",
+        (0, false) | (1, true) => "info",
+        (1, false) | (2, true) => "debug",
         _ => "trace",
     };
-    // rumqttd logs every client disconnect at ERROR; keep it to warnings unless -v is given.
+    // rumqttd logs every client disconnect at ERROR ("no-connection id 0 is already gone",
+    // "router-drop"): silence it unless -v is given.
     let default = if verbose == 0 {
-        format!("{default},rumqttd=warn")
+        format!("{default},rumqttd=off")
     } else {
         default.to_string()
     };

@@ -384,11 +384,41 @@ impl Default for LsaArgs {
 }
 
 /// `fedmq_args`: fedmq additions without a FedML counterpart.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct FedmqArgs {
     /// This process's rank: 0 = server, 1.. = clients (CLI `--rank` overrides).
     pub rank: usize,
+    /// Seconds from a round's train commands to its deadline.
+    pub round_timeout_s: f64,
+    /// Fraction of a round's selected clients whose updates close it at the deadline (0 < q ≤ 1).
+    pub quorum: f64,
+    /// Re-sends of a round that missed its quorum before the run is aborted.
+    pub max_retries: u32,
+    /// Clients that must be online before round 1 (0: `client_num_per_round`).
+    pub min_clients: usize,
+    /// Seconds the server waits for `min_clients` before giving up (0: forever).
+    pub admission_timeout_s: f64,
+    /// Rounds whose blobs are kept in the store (older rounds are deleted; 0 keeps all).
+    pub keep_rounds: u64,
+    /// Clients of `fedmq run` that train at the same time (0: one per 2 cores, at least 1).
+    /// Training clients share the CPU; one at a time with all cores is fastest on small machines.
+    pub concurrent_training: usize,
+}
+
+impl Default for FedmqArgs {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            round_timeout_s: 600.0,
+            quorum: 0.5,
+            max_retries: 2,
+            min_clients: 0,
+            admission_timeout_s: 300.0,
+            keep_rounds: 2,
+            concurrent_training: 1,
+        }
+    }
 }
 
 /// Environment variables that override secrets and endpoints (name, what it sets).
@@ -551,6 +581,30 @@ impl Config {
             d.partition_shards_per_client >= 1,
             "data_args.partition_shards_per_client",
             "must be at least 1".into(),
+        );
+        let f = &self.fedmq_args;
+        check(
+            f.round_timeout_s.is_finite() && f.round_timeout_s > 0.0,
+            "fedmq_args.round_timeout_s",
+            format!("must be a positive number of seconds, got {}", f.round_timeout_s),
+        );
+        check(
+            f.quorum.is_finite() && f.quorum > 0.0 && f.quorum <= 1.0,
+            "fedmq_args.quorum",
+            format!("must be in (0, 1], got {}", f.quorum),
+        );
+        check(
+            f.min_clients <= t.client_num_in_total,
+            "fedmq_args.min_clients",
+            format!(
+                "must not exceed client_num_in_total ({}), got {}",
+                t.client_num_in_total, f.min_clients
+            ),
+        );
+        check(
+            f.admission_timeout_s.is_finite() && f.admission_timeout_s >= 0.0,
+            "fedmq_args.admission_timeout_s",
+            format!("must be ≥ 0 seconds, got {}", f.admission_timeout_s),
         );
         if let Err(e) = self.model_args.model.parse::<crate::train::ModelKind>() {
             check(false, "model_args.model", e.to_string());

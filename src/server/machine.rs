@@ -283,6 +283,11 @@ impl RoundMachine {
         self.strategy.as_ref()
     }
 
+    /// The strategy, to restore its state from a checkpoint before round 1.
+    pub fn strategy_mut(&mut self) -> &mut dyn Strategy {
+        self.strategy.as_mut()
+    }
+
     /// Last completed round.
     pub fn completed_rounds(&self) -> u64 {
         self.completed

@@ -590,6 +590,20 @@ impl BlobStore {
         })
     }
 
+    /// Downloads the whole of `key` without a digest check: for small documents found by
+    /// listing (checkpoints), whose content names digest-checked blobs.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] and the transport errors of [`put`](Self::put).
+    pub async fn get_unverified(&self, key: &str) -> Result<Bytes> {
+        let len = self.head(key).await?;
+        let len = usize::try_from(len).map_err(|_| Error::InvalidBlobRef {
+            key: key.to_string(),
+            reason: format!("length {len} does not fit in memory on this platform"),
+        })?;
+        self.fetch(key, len).await
+    }
+
     /// Downloads exactly `len` bytes of `key` (length-checked, not digest-checked).
     async fn fetch(&self, key: &str, len: usize) -> Result<Bytes> {
         let part = self.part_size_for(len);

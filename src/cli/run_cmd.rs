@@ -1,0 +1,283 @@
+//! `fedmq run` (the whole federation in one process), `fedmq server` and `fedmq client` (the
+//! same roles as separate processes against any broker and S3 endpoint).
+
+use super::{load_config_args, ConfigArg};
+use anyhow::{bail, Context, Result};
+use fedmq::config::Config;
+use fedmq::federation::{self, LocalOptions};
+use fedmq::metrics::summary_table;
+use fedmq::server::{Outcome, Progress, ServerReport};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Output directory for metrics.jsonl, metrics.csv, plot.svg, final_model.safetensors (and,
+    /// with the embedded store, its data). Default: <tracking_args.log_file_dir>/<run_id>.
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Override train_args.comm_round.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Override train_args.client_num_in_total (and client_num_per_round when it was equal).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Override model_args.model.
+    #[arg(long)]
+    model: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Output directory (as for `fedmq run`).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Continue after the newest checkpoint of this run in the store.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+fn output_dir(cfg: &Config, o: Option<PathBuf>) -> PathBuf {
+    o.unwrap_or_else(|| PathBuf::from(&cfg.tracking_args.log_file_dir).join(&cfg.common_args.run_id))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Cancels `token` on Ctrl-C (a second Ctrl-C exits at once).
+fn cancel_on_ctrl_c(token: CancellationToken) {
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: finishing the run (Ctrl-C again to exit at once)");
+            token.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let mut cfg = load_config_args(&a.config)?;
+    if let Some(r) = a.rounds {
+        cfg.train_args.comm_round = r;
+    }
+    if let Some(n) = a.clients {
+        if cfg.train_args.client_num_per_round == cfg.train_args.client_num_in_total
+            || cfg.train_args.client_num_per_round > n
+        {
+            cfg.train_args.client_num_per_round = n;
+        }
+        cfg.train_args.client_num_in_total = n;
+    }
+    if let Some(m) = a.model {
+        cfg.model_args.model = m;
+    }
+    cfg.validate()?;
+    let out = output_dir(&cfg, a.output);
+    let t = &cfg.train_args;
+    let d = &cfg.data_args;
+    eprintln!(
+        "fedmq run: {} clients ({} per round), {} {} partitions{}, model {}, {} rounds of {} epoch(s); output {}",
+        t.client_num_in_total,
+        t.client_num_per_round,
+        d.dataset,
+        d.partition_method,
+        if d.partition_method == "hetero" {
+            format!(" (alpha {})", d.partition_alpha)
+        } else {
+            String::new()
+        },
+        cfg.model_args.model,
+        t.comm_round,
+        t.epochs,
+        out.display()
+    );
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let cancel = CancellationToken::new();
+        cancel_on_ctrl_c(cancel.clone());
+        let mut ui = Ui::new(&cfg);
+        let opts = LocalOptions {
+            output_dir: out.clone(),
+            fetch_progress: true,
+        };
+        federation::run_local(&cfg, &opts, |p| ui.on(p), cancel).await
+    })?;
+    let failed: Vec<String> = report
+        .clients
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().err().map(|e| format!("client-{}: {e}", i + 1)))
+        .collect();
+    for f in &failed {
+        eprintln!("warning: {f}");
+    }
+    eprintln!("broker: {}; store: {}", report.broker, report.store);
+    finish(&report.server, &out)
+}
+
+pub fn server(a: ServerArgs) -> Result<()> {
+    let cfg = load_config_args(&a.config)?;
+    let out = output_dir(&cfg, a.output);
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let cancel = CancellationToken::new();
+        cancel_on_ctrl_c(cancel.clone());
+        let mut ui = Ui::new(&cfg);
+        federation::run_server_from_config(&cfg, Some(out.clone()), a.resume, |p| ui.on(p), cancel)
+            .await
+    })?;
+    finish(&report, &out)
+}
+
+pub fn client(a: ClientArgs) -> Result<()> {
+    let cfg = load_config_args(&a.config)?;
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let cancel = CancellationToken::new();
+        cancel_on_ctrl_c(cancel.clone());
+        federation::run_client_from_config(&cfg, cancel).await
+    })?;
+    eprintln!(
+        "client-{}: {} round(s) reported; {}",
+        cfg.fedmq_args.rank, report.rounds_reported, report.reason
+    );
+    if report.reason.starts_with("aborted") {
+        bail!("the run was aborted: {}", report.reason);
+    }
+    Ok(())
+}
+
+fn finish(report: &ServerReport, out: &std::path::Path) -> Result<()> {
+    if !report.records.is_empty() {
+        println!("{}", summary_table(&report.records));
+    }
+    eprintln!(
+        "wall time {:.1} s; metrics in {}/metrics.jsonl, metrics.csv, plot.svg{}",
+        report.wall_s,
+        out.display(),
+        report
+            .final_path
+            .as_ref()
+            .map(|p| format!("; final model {}", p.display()))
+            .unwrap_or_default()
+    );
+    match &report.outcome {
+        Outcome::Completed => Ok(()),
+        Outcome::Aborted(r) => bail!("the run was aborted: {r}"),
+    }
+}
+
+/// Progress bars: one for admission, then one per round (updates folded of clients asked).
+struct Ui {
+    multi: MultiProgress,
+    bar: Option<ProgressBar>,
+    rounds: usize,
+    tty: bool,
+}
+
+impl Ui {
+    fn new(cfg: &Config) -> Self {
+        let tty = std::io::stderr().is_terminal();
+        let multi = MultiProgress::with_draw_target(if tty {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        Self {
+            multi,
+            bar: None,
+            rounds: cfg.train_args.comm_round,
+            tty,
+        }
+    }
+
+    fn line(&self, s: String) {
+        if self.tty {
+            let _ = self.multi.println(s);
+        } else {
+            eprintln!("{s}");
+        }
+    }
+
+    fn on(&mut self, p: &Progress) {
+        match p {
+            Progress::Admitting { online, needed } => {
+                let bar = self.bar.get_or_insert_with(|| {
+                    let b = self.multi.add(ProgressBar::new(*needed as u64));
+                    b.set_style(
+                        ProgressStyle::with_template("waiting for clients {bar:30} {pos}/{len}")
+                            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                    );
+                    b
+                });
+                bar.set_position(*online as u64);
+            }
+            Progress::RoundStarted { round, selected } => {
+                if let Some(b) = self.bar.take() {
+                    b.finish_and_clear();
+                }
+                let b = self.multi.add(ProgressBar::new(*selected as u64));
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "round {prefix} {bar:30.cyan/blue} {pos}/{len} updates  {elapsed}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                b.set_prefix(format!("{round}/{}", self.rounds));
+                b.enable_steady_tick(std::time::Duration::from_millis(200));
+                self.bar = Some(b);
+            }
+            Progress::UpdateFolded { .. } => {
+                if let Some(b) = &self.bar {
+                    b.inc(1);
+                }
+            }
+            Progress::RoundClosed(r) => {
+                if let Some(b) = self.bar.take() {
+                    b.finish_and_clear();
+                }
+                let acc = r
+                    .test_accuracy
+                    .map(|a| format!("test acc {:6.2}%  loss {:.4}", a * 100.0, r.test_loss.unwrap_or(f64::NAN)))
+                    .unwrap_or_else(|| "not evaluated".into());
+                self.line(format!(
+                    "round {:>3}/{}  {acc}  train loss {}  {:6.1} s  {} clients  {} failed{}",
+                    r.round,
+                    self.rounds,
+                    r.train_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    r.round_s,
+                    r.participants,
+                    r.failures,
+                    if r.failed_clients.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", r.failed_clients.join(", "))
+                    }
+                ));
+            }
+            Progress::Finished(_) => {
+                if let Some(b) = self.bar.take() {
+                    b.finish_and_clear();
+                }
+            }
+        }
+    }
+}

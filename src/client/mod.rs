@@ -1,0 +1,371 @@
+//! The client runtime: joins a run, follows the server's commands, trains, uploads, reports.
+//!
+//! One task owns the MQTT session and the client's state; each round's work (download, train,
+//! upload, notify) runs as its own task, with the training itself in a blocking thread that
+//! checks an interrupt flag between batches. The owner task keeps reading commands while a round
+//! trains, so a newer round or a finish interrupts the old work at once.
+//!
+//! # Commands
+//! - `train` for round `r`: ignored when it is a duplicate (same id), when round `r` is being
+//!   trained or was already trained (an update already sent is announced again instead, so a
+//!   lost notice can be recovered by the server's re-send), when `r` is older than the last round
+//!   seen, or when its deadline has passed. A newer round interrupts the round in progress.
+//! - `finish`: the client interrupts any work, publishes its offline status and exits. A finish
+//!   kept retained by the broker from an earlier run (sent before this client started) is
+//!   ignored.
+
+mod trainer;
+
+pub use trainer::{DataTrainer, LocalTrainer, NoopTrainer};
+
+use crate::proto::{
+    self, Body, BlobKeys, BlobRef, Capabilities, Envelope, Failure, Role, TopicKind, Topics,
+    Train, Update,
+};
+use crate::server::SERVER_ID;
+use crate::store::BlobStore;
+use crate::tensor::ParamSet;
+use crate::transport::{
+    ConnState, Dedup, Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
+};
+use bytes::Bytes;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// The participant id of the client of rank `rank` (1-based, as FedML's ranks).
+pub fn client_id(rank: usize) -> String {
+    format!("client-{rank}")
+}
+
+/// Settings of a client.
+#[derive(Clone)]
+pub struct ClientOptions {
+    /// Run id.
+    pub run: String,
+    /// Participant id ([`client_id`]).
+    pub id: String,
+    /// Blob key scheme (must match the server's).
+    pub keys: BlobKeys,
+    /// What the client announces.
+    pub capabilities: Capabilities,
+    /// Shared limit on clients training at once (in-process federations on one machine).
+    pub train_slots: Option<Arc<Semaphore>>,
+    /// How long to wait for the broker on start.
+    pub connect_timeout: Duration,
+}
+
+/// How a client's run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientReport {
+    /// Rounds this client trained and reported.
+    pub rounds_reported: u64,
+    /// The server's finish reason, or why the client stopped.
+    pub reason: String,
+    /// The final model the server announced.
+    pub final_model: Option<BlobRef>,
+}
+
+/// A failure to start the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The MQTT session could not be set up or the broker was not reached.
+    #[error("MQTT: {0}")]
+    Mqtt(#[from] crate::transport::MqttError),
+}
+
+struct Job {
+    round: u64,
+    interrupt: Arc<AtomicBool>,
+}
+
+enum JobDone {
+    Reported(Envelope),
+    Failed,
+    Interrupted,
+}
+
+/// Runs the client until the server finishes the run or `cancel` fires.
+///
+/// # Errors
+/// [`ClientError`] when the broker cannot be reached at start; everything after that (store
+/// errors, training errors) is reported to the server as a round failure and the client goes on.
+pub async fn run_client(
+    opts: ClientOptions,
+    mqtt: SessionOptions,
+    store: BlobStore,
+    trainer: Arc<dyn LocalTrainer>,
+    cancel: CancellationToken,
+) -> Result<ClientReport, ClientError> {
+    let started_ms = proto::now_ms();
+    let topics = Topics::new(&opts.run);
+    let mut mqtt = mqtt;
+    mqtt.client_id = opts.id.clone();
+    mqtt.subscriptions = vec![topics.command(&opts.id), topics.status(SERVER_ID)];
+    mqtt.presence = Some(PresenceMessages::status(
+        &opts.run,
+        &opts.id,
+        Role::Client,
+        Some(opts.capabilities.clone()),
+    ));
+    let session_cancel = CancellationToken::new();
+    let (handle, mut incoming) = MqttSession::connect(mqtt, session_cancel.clone())?;
+    if let Err(e) = handle
+        .wait_for(ConnState::Connected, opts.connect_timeout)
+        .await
+    {
+        handle.shutdown().await;
+        return Err(e.into());
+    }
+    info!(client = %opts.id, samples = trainer.num_samples(), "client online");
+
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, JobDone)>();
+    let mut dedup = Dedup::default();
+    let mut current: Option<Job> = None;
+    // Highest round a command was accepted for; older commands are stale.
+    let mut last_round = 0u64;
+    let mut last_update: Option<Envelope> = None;
+    let mut rounds_reported = 0u64;
+
+    let (reason, final_model) = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break ("cancelled".to_string(), None),
+            Some((round, done)) = done_rx.recv() => {
+                if current.as_ref().is_some_and(|j| j.round == round) {
+                    current = None;
+                }
+                match done {
+                    JobDone::Reported(env) => {
+                        rounds_reported += 1;
+                        last_update = Some(env);
+                    }
+                    JobDone::Failed | JobDone::Interrupted => {}
+                }
+            }
+            msg = incoming.recv() => {
+                let Some(m) = msg else {
+                    break ("the MQTT session ended".to_string(), None);
+                };
+                match on_command(&m, &topics, &mut dedup, started_ms) {
+                    Command::Ignore => {}
+                    Command::Finish { reason, final_model } => break (reason, final_model),
+                    Command::Train { round, id, train } => {
+                        if round < last_round
+                            || current.as_ref().is_some_and(|j| j.round >= round)
+                        {
+                            info!(client = %opts.id, round, last_round, "stale or duplicate train command ignored");
+                            continue;
+                        }
+                        if round == last_round && current.is_none() {
+                            // Trained already: announce the same update again (the server
+                            // drops it if it has it), never train twice.
+                            if let Some(env) = last_update.as_ref().filter(|e| e.round == round) {
+                                info!(client = %opts.id, round, "round already trained; update announced again");
+                                publish(&handle, &topics.up(&opts.id), env).await;
+                            } else {
+                                info!(client = %opts.id, round, "round already handled; command ignored");
+                            }
+                            continue;
+                        }
+                        if train.deadline_ms <= proto::now_ms() {
+                            info!(client = %opts.id, round, "train command past its deadline ignored");
+                            continue;
+                        }
+                        if let Some(old) = current.take() {
+                            info!(client = %opts.id, old = old.round, round, "newer round: interrupting the old one");
+                            old.interrupt.store(true, Ordering::Relaxed);
+                        }
+                        debug!(client = %opts.id, round, command = %id, "training");
+                        last_round = round;
+                        let interrupt = Arc::new(AtomicBool::new(false));
+                        current = Some(Job { round, interrupt: interrupt.clone() });
+                        let ctx = JobCtx {
+                            run: opts.run.clone(),
+                            id: opts.id.clone(),
+                            up_topic: topics.up(&opts.id),
+                            keys: opts.keys.clone(),
+                            store: store.clone(),
+                            handle: handle.clone(),
+                            trainer: trainer.clone(),
+                            slots: opts.train_slots.clone(),
+                        };
+                        let tx = done_tx.clone();
+                        tokio::spawn(async move {
+                            let done = ctx.run(round, train, interrupt).await;
+                            let _ = tx.send((round, done));
+                        });
+                    }
+                }
+            }
+        }
+    };
+    if let Some(j) = current.take() {
+        j.interrupt.store(true, Ordering::Relaxed);
+    }
+    info!(client = %opts.id, rounds_reported, %reason, "client done");
+    handle.shutdown().await;
+    Ok(ClientReport {
+        rounds_reported,
+        reason,
+        final_model,
+    })
+}
+
+enum Command {
+    Ignore,
+    Train { round: u64, id: String, train: Train },
+    Finish {
+        reason: String,
+        final_model: Option<BlobRef>,
+    },
+}
+
+fn on_command(m: &Incoming, topics: &Topics, dedup: &mut Dedup, started_ms: u64) -> Command {
+    let (kind, env) = match m.decode(topics) {
+        Ok(x) => x,
+        Err(e) => {
+            warn!("message dropped: {e}");
+            return Command::Ignore;
+        }
+    };
+    if !dedup.first_time(&env) {
+        debug!(id = %env.id, "duplicate dropped");
+        return Command::Ignore;
+    }
+    match (kind, env.body) {
+        (TopicKind::Status(_), Body::Status(s)) => {
+            info!(state = ?s.state, "server status");
+            Command::Ignore
+        }
+        (TopicKind::Command(_), Body::Train(t)) => Command::Train {
+            round: env.round,
+            id: env.id,
+            train: t,
+        },
+        (TopicKind::Command(_), Body::Finish(f)) => {
+            if m.retained && env.ts_ms < started_ms {
+                info!(
+                    reason = %f.reason,
+                    "a finish kept by the broker from an earlier run was ignored; waiting for the server"
+                );
+                return Command::Ignore;
+            }
+            Command::Finish {
+                reason: f.reason,
+                final_model: f.final_model,
+            }
+        }
+        _ => Command::Ignore,
+    }
+}
+
+async fn publish(handle: &MqttHandle, topic: &str, env: &Envelope) {
+    if let Err(e) = handle.publish(topic, env, false).await {
+        warn!(%topic, "publish failed: {e}");
+    }
+}
+
+/// What one round's task needs.
+struct JobCtx {
+    run: String,
+    id: String,
+    up_topic: String,
+    keys: BlobKeys,
+    store: BlobStore,
+    handle: MqttHandle,
+    trainer: Arc<dyn LocalTrainer>,
+    slots: Option<Arc<Semaphore>>,
+}
+
+impl JobCtx {
+    async fn run(self, round: u64, train: Train, interrupt: Arc<AtomicBool>) -> JobDone {
+        match self.train_round(round, &train, &interrupt).await {
+            Ok(update) => {
+                let env = Envelope::new(&self.run, round, &self.id, Body::Update(update));
+                publish(&self.handle, &self.up_topic, &env).await;
+                JobDone::Reported(env)
+            }
+            Err(_) if interrupt.load(Ordering::Relaxed) => {
+                info!(client = %self.id, round, "round interrupted");
+                JobDone::Interrupted
+            }
+            Err(reason) => {
+                warn!(client = %self.id, round, "round failed: {reason}");
+                let env = Envelope::new(
+                    &self.run,
+                    round,
+                    &self.id,
+                    Body::Failure(Failure {
+                        reason: truncate(&reason, 2000),
+                    }),
+                );
+                publish(&self.handle, &self.up_topic, &env).await;
+                JobDone::Failed
+            }
+        }
+    }
+
+    async fn train_round(
+        &self,
+        round: u64,
+        train: &Train,
+        interrupt: &Arc<AtomicBool>,
+    ) -> Result<Update, String> {
+        let bytes = self
+            .store
+            .get(&train.global)
+            .await
+            .map_err(|e| format!("fetching the global model: {e}"))?;
+        let global = tokio::task::spawn_blocking(move || ParamSet::from_safetensors_bytes(&bytes))
+            .await
+            .map_err(|e| format!("decoding task failed: {e}"))?
+            .map_err(|e| format!("the global model does not decode: {e}"))?;
+        let _permit = match &self.slots {
+            Some(s) => Some(
+                s.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| "training slots closed".to_string())?,
+            ),
+            None => None,
+        };
+        if interrupt.load(Ordering::Relaxed) {
+            return Err("interrupted".into());
+        }
+        let trainer = self.trainer.clone();
+        let config = train.config.clone();
+        let flag = interrupt.clone();
+        let (params, metrics) =
+            tokio::task::spawn_blocking(move || trainer.train(global, &config, &flag))
+                .await
+                .map_err(|e| format!("training task failed: {e}"))??;
+        drop(_permit);
+        let bytes = tokio::task::spawn_blocking(move || params.to_safetensors_bytes())
+            .await
+            .map_err(|e| format!("encoding task failed: {e}"))?;
+        let blob = self
+            .store
+            .put(&self.keys.update(round, &self.id), Bytes::from(bytes))
+            .await
+            .map_err(|e| format!("storing the update: {e}"))?;
+        Ok(Update {
+            update: blob,
+            num_samples: self.trainer.num_samples(),
+            metrics,
+        })
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}

@@ -1,0 +1,168 @@
+//! What a client does with a global model: train it on local data ([`DataTrainer`]), or, for
+//! benchmarks of the system around training, return it shifted by a constant ([`NoopTrainer`]).
+
+use crate::data::Dataset;
+use crate::proto::{TrainConfig, TrainMetrics};
+use crate::tensor::ParamSet;
+use crate::train::{self, Engine, Model, ModelKind, OptimizerKind, TrainOptions, TrainOutcome};
+use candle_core::Device;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Local training, run in a blocking thread.
+pub trait LocalTrainer: Send + Sync + 'static {
+    /// Samples behind an update (its FedAvg weight).
+    fn num_samples(&self) -> u64;
+
+    /// Trains from `global` with `config`; checks `interrupt` between batches.
+    ///
+    /// # Errors
+    /// A message for the server (sent as the round's `failure`).
+    fn train(
+        &self,
+        global: ParamSet,
+        config: &TrainConfig,
+        interrupt: &AtomicBool,
+    ) -> Result<(ParamSet, TrainMetrics), String>;
+}
+
+/// Trains a model on this client's samples of a data set.
+pub struct DataTrainer {
+    kind: ModelKind,
+    data: Arc<dyn Dataset>,
+    indices: Vec<usize>,
+    device: Device,
+    threads: usize,
+    engine: Engine,
+}
+
+impl DataTrainer {
+    /// A trainer of `kind` on the samples `indices` of `data`, on `device`, with `threads` CPU
+    /// threads for the native engine (0: all).
+    pub fn new(
+        kind: ModelKind,
+        data: Arc<dyn Dataset>,
+        indices: Vec<usize>,
+        device: Device,
+        threads: usize,
+    ) -> Self {
+        Self {
+            kind,
+            data,
+            indices,
+            device,
+            threads,
+            engine: Engine::Auto,
+        }
+    }
+
+    /// The model this trainer trains.
+    pub fn kind(&self) -> ModelKind {
+        self.kind
+    }
+}
+
+impl LocalTrainer for DataTrainer {
+    fn num_samples(&self) -> u64 {
+        self.indices.len() as u64
+    }
+
+    fn train(
+        &self,
+        global: ParamSet,
+        config: &TrainConfig,
+        interrupt: &AtomicBool,
+    ) -> Result<(ParamSet, TrainMetrics), String> {
+        if config.model != self.kind.name() {
+            return Err(format!(
+                "the server trains model {:?}, this client is set up for {:?}; use the same \
+                 model_args.model on both",
+                config.model,
+                self.kind.name()
+            ));
+        }
+        let optimizer: OptimizerKind = config.optimizer.parse().map_err(|e| format!("{e}"))?;
+        let opts = TrainOptions {
+            epochs: config.epochs as usize,
+            batch_size: config.batch_size as usize,
+            optimizer,
+            learning_rate: config.learning_rate,
+            momentum: config.momentum,
+            weight_decay: config.weight_decay,
+            seed: config.seed,
+            threads: self.threads,
+            engine: self.engine,
+            ..TrainOptions::default()
+        };
+        let (model, varmap) = Model::from_params(
+            self.kind,
+            self.data.sample_shape(),
+            self.data.num_classes(),
+            &global,
+            &self.device,
+        )
+        .map_err(|e| format!("the global model does not fit this client's model: {e}"))?;
+        drop(global);
+        let report = train::train_local(
+            &model,
+            &varmap,
+            self.data.as_ref(),
+            &self.indices,
+            &opts,
+            &self.device,
+            interrupt,
+            |_| {},
+        )
+        .map_err(|e| format!("local training failed: {e}"))?;
+        if report.outcome == TrainOutcome::Interrupted {
+            return Err("interrupted".into());
+        }
+        let params = model
+            .param_set()
+            .map_err(|e| format!("reading the trained model: {e}"))?;
+        Ok((
+            params,
+            TrainMetrics {
+                train_loss: report.mean_loss,
+                train_seconds: report.seconds,
+            },
+        ))
+    }
+}
+
+/// No training: the update is the received model plus `delta` in every parameter. Used by
+/// `fedmq bench round` to measure everything but training.
+pub struct NoopTrainer {
+    /// FedAvg weight reported.
+    pub num_samples: u64,
+    /// Added to every parameter.
+    pub delta: f32,
+}
+
+impl LocalTrainer for NoopTrainer {
+    fn num_samples(&self) -> u64 {
+        self.num_samples
+    }
+
+    fn train(
+        &self,
+        mut global: ParamSet,
+        _config: &TrainConfig,
+        _interrupt: &AtomicBool,
+    ) -> Result<(ParamSet, TrainMetrics), String> {
+        let t = Instant::now();
+        for tensor in global.tensors_mut() {
+            for x in tensor.data_mut() {
+                *x += self.delta;
+            }
+        }
+        Ok((
+            global,
+            TrainMetrics {
+                train_loss: 0.0,
+                train_seconds: t.elapsed().as_secs_f64(),
+            },
+        ))
+    }
+}

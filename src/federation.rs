@@ -1,0 +1,469 @@
+//! Putting a federation together from a config: the server and client roles as `fedmq server` /
+//! `fedmq client` run them, and the one-process local federation of `fedmq run` (embedded broker,
+//! embedded store, server and every client, each client with its own MQTT connection and S3
+//! client, so the same code path runs as in a distributed deployment).
+
+use crate::client::{self, ClientOptions, ClientReport, DataTrainer, LocalTrainer};
+use crate::config::Config;
+use crate::data::{self, DataSplit, Dataset, DatasetKind, FetchOptions, Partition, PartitionMethod};
+use crate::proto::{BlobKeys, Capabilities, TrainConfig};
+use crate::server::{
+    self, Checkpoint, Evaluation, Evaluator, Progress, RoundConfig, ServerOptions, ServerReport,
+};
+use crate::store::{BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions};
+use crate::strategy::FedAvg;
+use crate::tensor::ParamSet;
+use crate::train::{self, Model, ModelKind};
+use crate::transport::{BrokerOptions, EmbeddedBroker, SessionOptions};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use std::num::NonZeroU64;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Prefix of every blob key.
+pub const KEY_PREFIX: &str = "fedmq";
+
+/// The round policy of `cfg`.
+pub fn round_config(cfg: &Config) -> RoundConfig {
+    let t = &cfg.train_args;
+    let f = &cfg.fedmq_args;
+    RoundConfig {
+        rounds: t.comm_round as u64,
+        clients_per_round: t.client_num_per_round,
+        min_clients: if f.min_clients == 0 {
+            t.client_num_per_round
+        } else {
+            f.min_clients
+        },
+        admission_timeout: (f.admission_timeout_s > 0.0)
+            .then(|| Duration::from_secs_f64(f.admission_timeout_s)),
+        round_timeout: Duration::from_secs_f64(f.round_timeout_s),
+        quorum: f.quorum,
+        max_retries: f.max_retries,
+        eval_every: cfg.validation_args.frequency_of_the_test as u64,
+        seed: cfg.common_args.random_seed,
+        train: TrainConfig {
+            model: cfg.model_args.model.clone(),
+            epochs: t.epochs as u32,
+            batch_size: t.batch_size as u32,
+            optimizer: t.client_optimizer.to_ascii_lowercase(),
+            learning_rate: t.learning_rate,
+            momentum: t.momentum,
+            weight_decay: t.weight_decay,
+            seed: 0,
+        },
+    }
+}
+
+/// The server options of `cfg`, writing the final model to `output_dir`.
+pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOptions {
+    let run = cfg.common_args.run_id.clone();
+    ServerOptions {
+        keys: BlobKeys::new(KEY_PREFIX, &run),
+        round: round_config(cfg),
+        expected_clients: (1..=cfg.train_args.client_num_in_total)
+            .map(client::client_id)
+            .collect(),
+        retention: NonZeroU64::new(cfg.fedmq_args.keep_rounds)
+            .map_or(RetentionPolicy::KeepAll, RetentionPolicy::KeepLast),
+        fetch_concurrency: 2,
+        output_dir,
+        connect_timeout: Duration::from_secs(30),
+        run,
+    }
+}
+
+/// Evaluates global models on a test set.
+pub struct ModelEvaluator {
+    kind: ModelKind,
+    test: Arc<dyn Dataset>,
+    device: Device,
+}
+
+impl ModelEvaluator {
+    /// An evaluator of `kind` models on `test`.
+    pub fn new(kind: ModelKind, test: Arc<dyn Dataset>, device: Device) -> Self {
+        Self { kind, test, device }
+    }
+}
+
+impl Evaluator for ModelEvaluator {
+    fn evaluate(&self, params: &ParamSet) -> std::result::Result<Evaluation, String> {
+        let (model, _vars) = Model::from_params(
+            self.kind,
+            self.test.sample_shape(),
+            self.test.num_classes(),
+            params,
+            &self.device,
+        )
+        .map_err(|e| e.to_string())?;
+        let r = train::evaluate(&model, self.test.as_ref(), None, 500, &self.device)
+            .map_err(|e| e.to_string())?;
+        Ok(Evaluation {
+            accuracy: r.accuracy,
+            loss: r.loss,
+        })
+    }
+}
+
+/// The data set of `cfg` and its partition among `client_num_in_total` clients.
+///
+/// # Errors
+/// Unknown data set or partition method, a missing data set with `auto_fetch` off, a partition
+/// that cannot give every client `partition_min_samples`.
+pub fn load_data(cfg: &Config, progress: bool) -> Result<(DataSplit, Partition)> {
+    let d = &cfg.data_args;
+    let kind: DatasetKind = d.dataset.parse()?;
+    let split = data::load(
+        kind,
+        &cfg.data_cache_dir(),
+        d.auto_fetch,
+        &FetchOptions { progress },
+    )
+    .with_context(|| format!("loading data set {}", d.dataset))?;
+    let method = PartitionMethod::from_args(
+        &d.partition_method,
+        d.partition_alpha,
+        d.partition_shards_per_client,
+    )?;
+    let part = data::partition(
+        split.train.labels(),
+        split.train.num_classes(),
+        cfg.train_args.client_num_in_total,
+        method,
+        cfg.common_args.random_seed,
+        d.partition_min_samples,
+    )
+    .with_context(|| {
+        format!(
+            "partitioning {} among {} clients ({})",
+            d.dataset, cfg.train_args.client_num_in_total, d.partition_method
+        )
+    })?;
+    Ok((split, part))
+}
+
+/// The seeded initial global model of `cfg` for `data`.
+///
+/// # Errors
+/// An unknown model or one that does not fit the data.
+pub fn initial_model(cfg: &Config, data: &dyn Dataset) -> Result<ParamSet> {
+    let kind: ModelKind = cfg.model_args.model.parse()?;
+    Ok(train::init_params(
+        kind,
+        data.sample_shape(),
+        data.num_classes(),
+        cfg.common_args.random_seed,
+    )?)
+}
+
+/// What a client of this process announces.
+pub fn capabilities(device_desc: &str, samples: u64) -> Capabilities {
+    Capabilities {
+        device: device_desc.to_string(),
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        gpu: None,
+        samples,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// MQTT session options of `cfg` for participant `id`, with the broker at `port` when given.
+pub fn session_options(cfg: &Config, id: &str, port: Option<u16>) -> SessionOptions {
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    let mut o = SessionOptions::from_config(m, id);
+    if let Some(p) = port {
+        o.port = p;
+    }
+    o
+}
+
+/// The client of `rank` on its own data (as `fedmq client` runs it).
+///
+/// # Errors
+/// Bad rank, data or model problems, an unusable store configuration, and [`run_client`]'s
+/// start-up errors.
+///
+/// [`run_client`]: client::run_client
+pub async fn run_client_from_config(cfg: &Config, cancel: CancellationToken) -> Result<ClientReport> {
+    let rank = cfg.fedmq_args.rank;
+    let n = cfg.train_args.client_num_in_total;
+    if rank == 0 || rank > n {
+        bail!(
+            "a client needs a rank between 1 and train_args.client_num_in_total ({n}); got {rank} \
+             (set --rank or fedmq_args.rank; rank 0 is the server)"
+        );
+    }
+    require_external(cfg, "fedmq client")?;
+    let (split, part) = tokio::task::block_in_place(|| load_data(cfg, true))?;
+    let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
+    let kind: ModelKind = cfg.model_args.model.parse()?;
+    let indices = part.into_clients().swap_remove(rank - 1);
+    let trainer = Arc::new(DataTrainer::new(kind, split.train.clone(), indices, device, 0));
+    let id = client::client_id(rank);
+    let store = BlobStore::connect(&S3Options::from(&cfg.comm_args.customized_training_s3_config))?;
+    let opts = ClientOptions {
+        run: cfg.common_args.run_id.clone(),
+        keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
+        capabilities: capabilities(&desc, trainer.num_samples()),
+        train_slots: None,
+        connect_timeout: Duration::from_secs(30),
+        id: id.clone(),
+    };
+    let mqtt = session_options(cfg, &id, None);
+    Ok(client::run_client(opts, mqtt, store, trainer, cancel).await?)
+}
+
+/// The server (as `fedmq server` runs it), evaluating on the data set's test split.
+///
+/// # Errors
+/// Data or model problems, an unusable store, the broker not reached at start.
+pub async fn run_server_from_config(
+    cfg: &Config,
+    output_dir: Option<PathBuf>,
+    resume: bool,
+    progress: impl FnMut(&Progress) + Send,
+    cancel: CancellationToken,
+) -> Result<ServerReport> {
+    require_external(cfg, "fedmq server")?;
+    let (split, _) = tokio::task::block_in_place(|| load_data(cfg, true))?;
+    let store = BlobStore::connect(&S3Options::from(&cfg.comm_args.customized_training_s3_config))?;
+    let mqtt = session_options(cfg, server::SERVER_ID, None);
+    serve(cfg, &split, store, mqtt, output_dir, resume, progress, cancel).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve(
+    cfg: &Config,
+    split: &DataSplit,
+    store: BlobStore,
+    mqtt: SessionOptions,
+    output_dir: Option<PathBuf>,
+    resume: bool,
+    progress: impl FnMut(&Progress) + Send,
+    cancel: CancellationToken,
+) -> Result<ServerReport> {
+    let kind: ModelKind = cfg.model_args.model.parse()?;
+    let opts = server_options(cfg, output_dir);
+    let resume_from: Option<Checkpoint> = if resume {
+        store.ensure_bucket().await?;
+        let cp = server::latest_checkpoint(&store, &opts.keys).await?;
+        match &cp {
+            Some(c) => tracing::info!(round = c.round, "resuming after round {}", c.round),
+            None => tracing::info!("no checkpoint found; starting from round 1"),
+        }
+        cp
+    } else {
+        None
+    };
+    let initial = initial_model(cfg, split.train.as_ref())?;
+    let (device, _) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
+    let evaluator: Arc<dyn Evaluator> =
+        Arc::new(ModelEvaluator::new(kind, split.test.clone(), device));
+    Ok(server::run_server(
+        opts,
+        mqtt,
+        store,
+        Box::new(FedAvg),
+        initial,
+        resume_from,
+        Some(evaluator),
+        progress,
+        cancel,
+    )
+    .await?)
+}
+
+fn require_external(cfg: &Config, what: &str) -> Result<()> {
+    let c = &cfg.comm_args;
+    if c.customized_training_mqtt_config.broker_port == 0 {
+        bail!(
+            "{what} needs a broker: set comm_args.customized_training_mqtt_config.BROKER_HOST and \
+             BROKER_PORT (e.g. `fedmq broker` or Mosquitto), or run the whole federation in one \
+             process with `fedmq run`"
+        );
+    }
+    if c.customized_training_s3_config.cn_s3_endpoint.is_empty() {
+        bail!(
+            "{what} needs an object store: set comm_args.customized_training_s3_config.CN_S3_ENDPOINT \
+             (or FEDMQ_S3_ENDPOINT; e.g. `fedmq store` or MinIO), or run the whole federation in \
+             one process with `fedmq run`"
+        );
+    }
+    Ok(())
+}
+
+/// Options of [`run_local`].
+#[derive(Debug, Clone)]
+pub struct LocalOptions {
+    /// Output directory: metrics, plot, final model, and the embedded store's data.
+    pub output_dir: PathBuf,
+    /// Show a spinner while fetching data.
+    pub fetch_progress: bool,
+}
+
+/// A finished local federation.
+#[derive(Debug)]
+pub struct LocalReport {
+    /// The server's report.
+    pub server: ServerReport,
+    /// Each client's report (or why it failed), by rank.
+    pub clients: Vec<std::result::Result<ClientReport, String>>,
+    /// The broker address used.
+    pub broker: String,
+    /// The store endpoint used.
+    pub store: String,
+}
+
+/// Runs a whole federation in this process: the broker and the store embedded unless the config
+/// names external ones (`BROKER_PORT` ≠ 0, `CN_S3_ENDPOINT` set), the server, and
+/// `client_num_in_total` clients on their partitions. Every client has its own MQTT session and
+/// S3 client. At most `fedmq_args.concurrent_training` clients train at once; each gets an equal
+/// share of the cores.
+///
+/// # Errors
+/// Start-up problems (data, broker, store). Round-level problems end in the report's outcome.
+pub async fn run_local(
+    cfg: &Config,
+    opts: &LocalOptions,
+    progress: impl FnMut(&Progress) + Send,
+    cancel: CancellationToken,
+) -> Result<LocalReport> {
+    let (split, part) = tokio::task::block_in_place(|| load_data(cfg, opts.fetch_progress))?;
+    let kind: ModelKind = cfg.model_args.model.parse()?;
+
+    // Broker.
+    let mut mqtt_port = None;
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    let broker_desc;
+    let _broker = if m.broker_port == 0 {
+        let b = tokio::task::block_in_place(|| EmbeddedBroker::start(BrokerOptions::default()))
+            .context("starting the embedded MQTT broker")?;
+        mqtt_port = Some(b.addr().port());
+        broker_desc = format!("embedded rumqttd at {}", b.addr());
+        Some(b)
+    } else {
+        broker_desc = format!("{}:{}", m.broker_host, m.broker_port);
+        None
+    };
+    let mut cfg = cfg.clone();
+    if mqtt_port.is_some() {
+        cfg.comm_args.customized_training_mqtt_config.broker_host = "127.0.0.1".into();
+    }
+
+    // Store.
+    let s3 = &mut cfg.comm_args.customized_training_s3_config;
+    let store_server = if s3.cn_s3_endpoint.is_empty() {
+        if s3.cn_s3_aki.is_empty() {
+            s3.cn_s3_aki = "fedmq".into();
+        }
+        if s3.cn_s3_sak.is_empty() {
+            // A secret for this process only; nothing outside it can use the store.
+            s3.cn_s3_sak = random_secret();
+        }
+        let dir = opts.output_dir.join("store");
+        let st = EmbeddedStore::start(StoreOptions::new(&dir, &s3.cn_s3_aki, &s3.cn_s3_sak))
+            .await
+            .with_context(|| format!("starting the embedded store over {}", dir.display()))?;
+        s3.cn_s3_endpoint = st.endpoint();
+        Some(st)
+    } else {
+        None
+    };
+    let s3_opts = S3Options::from(&cfg.comm_args.customized_training_s3_config);
+    let store_desc = s3_opts.endpoint.clone();
+
+    // Clients.
+    let n = cfg.train_args.client_num_in_total;
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let concurrent = match cfg.fedmq_args.concurrent_training {
+        0 => (cores / 2).max(1),
+        c => c,
+    }
+    .min(n);
+    let threads = (cores / concurrent).max(1);
+    let slots = Arc::new(Semaphore::new(concurrent));
+    let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
+    let client_cancel = cancel.child_token();
+    let mut clients = Vec::with_capacity(n);
+    for (i, indices) in part.into_clients().into_iter().enumerate() {
+        let id = client::client_id(i + 1);
+        let trainer = Arc::new(DataTrainer::new(
+            kind,
+            split.train.clone(),
+            indices,
+            device.clone(),
+            threads,
+        ));
+        let copts = ClientOptions {
+            run: cfg.common_args.run_id.clone(),
+            keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
+            capabilities: capabilities(&desc, trainer.num_samples()),
+            train_slots: Some(slots.clone()),
+            connect_timeout: Duration::from_secs(30),
+            id: id.clone(),
+        };
+        let store = BlobStore::connect(&s3_opts)?;
+        let mqtt = session_options(&cfg, &id, mqtt_port);
+        clients.push(tokio::spawn(client::run_client(
+            copts,
+            mqtt,
+            store,
+            trainer,
+            client_cancel.clone(),
+        )));
+    }
+
+    let store = BlobStore::connect(&s3_opts)?;
+    let mqtt = session_options(&cfg, server::SERVER_ID, mqtt_port);
+    let report = serve(
+        &cfg,
+        &split,
+        store,
+        mqtt,
+        Some(opts.output_dir.clone()),
+        false,
+        progress,
+        cancel.clone(),
+    )
+    .await;
+    // Clients exit on the finish message; give them a moment, then stop the stragglers.
+    let all = futures::future::join_all(clients);
+    tokio::pin!(all);
+    let joined = match tokio::time::timeout(Duration::from_secs(10), &mut all).await {
+        Ok(r) => r,
+        Err(_) => {
+            client_cancel.cancel();
+            all.await
+        }
+    };
+    let results = joined
+        .into_iter()
+        .map(|r| match r {
+            Ok(Ok(rep)) => Ok(rep),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("client task failed: {e}")),
+        })
+        .collect();
+    client_cancel.cancel();
+    if let Some(st) = store_server {
+        st.shutdown().await;
+    }
+    Ok(LocalReport {
+        server: report?,
+        clients: results,
+        broker: broker_desc,
+        store: store_desc,
+    })
+}
+
+fn random_secret() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}

@@ -1,0 +1,506 @@
+//! The end-of-run plot: a hand-written SVG with two panels side by side.
+//!
+//! Left: test accuracy (%) per round. Right: test loss and train loss per round. Both panels share
+//! the round axis. Rounds without a value are left out of that series' line (no zero is drawn for
+//! them), as are non-finite values and values too large to place (|v| > 1e150), so no coordinate is
+//! ever NaN or infinite.
+
+use super::{MetricsError, RoundRecord};
+use std::fmt::Write as _;
+use std::path::Path;
+
+const WIDTH: f64 = 1000.0;
+const HEIGHT: f64 = 460.0;
+/// Top of the panels (the title sits above).
+const PANEL_TOP: f64 = 48.0;
+const PANEL_W: f64 = 485.0;
+const PANEL_H: f64 = 400.0;
+const PANEL_GAP: f64 = 10.0;
+/// Margins of the plot area inside a panel: room for the heading and legend, tick labels, axis labels.
+const PLOT_LEFT: f64 = 70.0;
+const PLOT_RIGHT: f64 = 15.0;
+const PLOT_TOP: f64 = 48.0;
+const PLOT_BOTTOM: f64 = 48.0;
+/// Markers are drawn on each point up to this many points per series (beyond, the line alone).
+const MAX_MARKERS: usize = 60;
+/// Values beyond this magnitude are not plotted (their differences would overflow).
+const MAX_PLOTTABLE: f64 = 1e150;
+
+const ACC_COLOR: &str = "#1f77b4";
+const TEST_LOSS_COLOR: &str = "#d62728";
+const TRAIN_LOSS_COLOR: &str = "#2ca02c";
+
+/// An SVG (hand-written XML, no dependency) with two panels side by side: (1) test accuracy per
+/// round (in %), (2) test loss and train loss per round; axes with ticks and labels, a legend, the
+/// title.
+///
+/// Rounds without evaluation are skipped in the accuracy/test-loss lines (no gaps drawn as zero).
+/// Renders with any number of rounds, including none; a panel without data says so ("no evaluation
+/// recorded", "no loss recorded"). Non-finite values are skipped, so no coordinate is NaN or
+/// infinite. The title is escaped for XML. Each series is one `<polyline>` with one point per
+/// plotted round, tagged `data-series="test-accuracy"`, `"test-loss"` or `"train-loss"`.
+///
+/// The string starts with `<svg` and ends with `</svg>` (no XML declaration, no trailing newline).
+pub fn render_plot_svg(records: &[RoundRecord], title: &str) -> String {
+    let acc = series(records, |r| r.test_accuracy.map(|a| a * 100.0));
+    let test_loss = series(records, |r| r.test_loss);
+    let train_loss = series(records, |r| r.train_loss);
+
+    let (rmin, rmax) = min_max(records.iter().map(|r| r.round as f64)).unwrap_or((0.0, 1.0));
+    let (rmin, rmax) = if rmin == rmax {
+        // One round: give it some room, without negative rounds.
+        let lo = (rmin - 1.0).max(0.0);
+        (lo, lo + 2.0)
+    } else {
+        (rmin, rmax)
+    };
+    let x_axis = Axis::new(rmin, rmax, 8, 1.0);
+
+    let mut svg = String::new();
+    let title = xml_escape(title);
+    let _ = write!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">
+<title>{title}</title>
+<rect x="0" y="0" width="{WIDTH}" height="{HEIGHT}" fill="#ffffff"/>
+<text x="{}" y="30" text-anchor="middle" font-size="18" font-weight="bold">{title}</text>
+"##,
+        WIDTH / 2.0
+    );
+
+    // Panel 1: accuracy.
+    let acc_panel = Panel::new(0);
+    let acc_last = acc.last().map(|&(_, v)| v);
+    let acc_label = match acc_last {
+        Some(v) => format!("test accuracy (last {v:.2}%)"),
+        None => "test accuracy".to_string(),
+    };
+    // Accuracy stays within 0..=100 % unless the data do not.
+    let acc_axis = min_max(acc.iter().map(|&(_, v)| v)).map(|(lo, hi)| {
+        let mut axis = Axis::new(lo, hi, 6, 0.0);
+        if lo >= 0.0 {
+            axis.lo = axis.lo.max(0.0);
+        }
+        if hi <= 100.0 {
+            axis.hi = axis.hi.min(100.0);
+        }
+        axis.retain_ticks();
+        axis
+    });
+    acc_panel.draw(
+        &mut svg,
+        "Test accuracy",
+        "accuracy (%)",
+        &x_axis,
+        acc_axis.as_ref(),
+        &[Line {
+            id: "test-accuracy",
+            label: &acc_label,
+            color: ACC_COLOR,
+            dashed: false,
+            points: &acc,
+        }],
+        "no evaluation recorded",
+    );
+
+    // Panel 2: losses.
+    let loss_panel = Panel::new(1);
+    let loss_axis =
+        min_max(test_loss.iter().chain(&train_loss).map(|&(_, v)| v)).map(|(lo, hi)| {
+            let mut axis = Axis::new(lo, hi, 6, 0.0);
+            if lo >= 0.0 {
+                axis.lo = axis.lo.max(0.0);
+                axis.retain_ticks();
+            }
+            axis
+        });
+    let mut lines = Vec::new();
+    if !test_loss.is_empty() {
+        lines.push(Line {
+            id: "test-loss",
+            label: "test loss",
+            color: TEST_LOSS_COLOR,
+            dashed: false,
+            points: &test_loss,
+        });
+    }
+    if !train_loss.is_empty() {
+        lines.push(Line {
+            id: "train-loss",
+            label: "train loss",
+            color: TRAIN_LOSS_COLOR,
+            dashed: true,
+            points: &train_loss,
+        });
+    }
+    loss_panel.draw(
+        &mut svg,
+        "Loss",
+        "loss",
+        &x_axis,
+        loss_axis.as_ref(),
+        &lines,
+        "no loss recorded",
+    );
+
+    svg.push_str("</svg>");
+    svg
+}
+
+/// Writes [`render_plot_svg`] to `path` (with a final newline).
+pub fn write_plot_svg(
+    records: &[RoundRecord],
+    path: &Path,
+    title: &str,
+) -> Result<(), MetricsError> {
+    let mut svg = render_plot_svg(records, title);
+    svg.push('\n');
+    std::fs::write(path, svg).map_err(MetricsError::io(path))
+}
+
+/// The plottable (round, value) points of one series, sorted by round.
+fn series(records: &[RoundRecord], value: impl Fn(&RoundRecord) -> Option<f64>) -> Vec<(f64, f64)> {
+    let mut points: Vec<(f64, f64)> = records
+        .iter()
+        .filter_map(|r| value(r).map(|v| (r.round as f64, v)))
+        .filter(|&(_, v)| v.is_finite() && v.abs() <= MAX_PLOTTABLE)
+        .collect();
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    points
+}
+
+fn min_max(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+    values.fold(None, |acc, v| match acc {
+        None => Some((v, v)),
+        Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+    })
+}
+
+/// A linear axis with "nice" bounds and ticks (steps of 1, 2 or 5 times a power of ten).
+#[derive(Debug, Clone, PartialEq)]
+struct Axis {
+    lo: f64,
+    hi: f64,
+    ticks: Vec<f64>,
+    /// Decimals of the tick labels.
+    decimals: usize,
+}
+
+impl Axis {
+    /// An axis covering `min..=max` with about `target` intervals and a step of at least `min_step`.
+    fn new(min: f64, max: f64, target: usize, min_step: f64) -> Axis {
+        let fallback = || Axis {
+            lo: 0.0,
+            hi: 1.0,
+            ticks: vec![0.0, 1.0],
+            decimals: 0,
+        };
+        if !(min.is_finite() && max.is_finite()) || min > max {
+            return fallback();
+        }
+        let (mut min, mut max) = (min, max);
+        if max - min <= 1e-12 * min.abs().max(max.abs()).max(1e-300) {
+            let pad = if min == 0.0 { 1.0 } else { min.abs() * 0.1 };
+            min -= pad;
+            max += pad;
+        }
+        let raw = (max - min) / target.max(1) as f64;
+        let mag = 10f64.powf(raw.log10().floor());
+        let norm = raw / mag;
+        let nice = if norm <= 1.0 {
+            1.0
+        } else if norm <= 2.0 {
+            2.0
+        } else if norm <= 5.0 {
+            5.0
+        } else {
+            10.0
+        };
+        let step = (nice * mag).max(min_step);
+        let lo = (min / step).floor() * step;
+        let hi = (max / step).ceil() * step;
+        if !(step.is_finite() && step > 0.0 && lo.is_finite() && hi.is_finite() && hi > lo) {
+            return fallback();
+        }
+        let n = ((hi - lo) / step).round().clamp(1.0, 100.0) as usize;
+        let ticks = (0..=n)
+            .map(|i| {
+                let t = lo + i as f64 * step;
+                // Avoid "-0" and 0.30000000000000004-style labels at zero.
+                if t.abs() < step * 1e-9 {
+                    0.0
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let decimals = if step >= 1.0 {
+            0
+        } else {
+            (-(step.log10() + 1e-9).floor()).clamp(0.0, 12.0) as usize
+        };
+        Axis {
+            lo,
+            hi,
+            ticks,
+            decimals,
+        }
+    }
+
+    /// Drops the ticks outside `lo..=hi` (after the bounds were narrowed).
+    fn retain_ticks(&mut self) {
+        let eps = (self.hi - self.lo) * 1e-9;
+        let (lo, hi) = (self.lo, self.hi);
+        self.ticks.retain(|&t| t >= lo - eps && t <= hi + eps);
+    }
+
+    /// Position of `v` as a fraction of the axis length.
+    fn frac(&self, v: f64) -> f64 {
+        let f = (v - self.lo) / (self.hi - self.lo);
+        if f.is_finite() {
+            f
+        } else {
+            0.5
+        }
+    }
+
+    fn label(&self, v: f64) -> String {
+        format!("{v:.*}", self.decimals)
+    }
+}
+
+/// One series of a panel.
+struct Line<'a> {
+    /// `data-series` attribute.
+    id: &'a str,
+    label: &'a str,
+    color: &'a str,
+    dashed: bool,
+    points: &'a [(f64, f64)],
+}
+
+/// The plot area of one panel, in SVG coordinates.
+struct Panel {
+    /// Left edge of the panel (headings and tick labels start here).
+    x0: f64,
+    left: f64,
+    right: f64,
+    top: f64,
+    bottom: f64,
+}
+
+impl Panel {
+    fn new(index: usize) -> Panel {
+        let x0 = PANEL_GAP + index as f64 * (PANEL_W + PANEL_GAP);
+        Panel {
+            x0,
+            left: x0 + PLOT_LEFT,
+            right: x0 + PANEL_W - PLOT_RIGHT,
+            top: PANEL_TOP + PLOT_TOP,
+            bottom: PANEL_TOP + PANEL_H - PLOT_BOTTOM,
+        }
+    }
+
+    fn px(&self, x_axis: &Axis, x: f64) -> f64 {
+        self.left + x_axis.frac(x) * (self.right - self.left)
+    }
+
+    fn py(&self, y_axis: &Axis, y: f64) -> f64 {
+        self.bottom - y_axis.frac(y) * (self.bottom - self.top)
+    }
+
+    /// Draws heading, frame, axes, the lines and the legend; `empty` replaces the lines when
+    /// `y_axis` is `None` (no plottable value).
+    #[allow(clippy::too_many_arguments)]
+    fn draw(
+        &self,
+        svg: &mut String,
+        heading: &str,
+        y_label: &str,
+        x_axis: &Axis,
+        y_axis: Option<&Axis>,
+        lines: &[Line<'_>],
+        empty: &str,
+    ) {
+        let (l, r, t, b) = (self.left, self.right, self.top, self.bottom);
+        let _ = writeln!(svg, "<g>");
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" font-size="14" font-weight="bold">{}</text>"#,
+            self.x0 + 4.0,
+            PANEL_TOP + 16.0,
+            xml_escape(heading)
+        );
+
+        // Y grid, ticks and labels.
+        if let Some(y_axis) = y_axis {
+            for &v in &y_axis.ticks {
+                let y = self.py(y_axis, v);
+                let _ = writeln!(
+                    svg,
+                    r##"<line x1="{l:.1}" y1="{y:.1}" x2="{r:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                    l - 6.0,
+                    y + 4.0,
+                    y_axis.label(v)
+                );
+            }
+        }
+        // X ticks and labels.
+        for &v in &x_axis.ticks {
+            let x = self.px(x_axis, v);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{x:.1}" y1="{b:.1}" x2="{x:.1}" y2="{:.1}" stroke="#444444"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"##,
+                b + 5.0,
+                b + 18.0,
+                x_axis.label(v)
+            );
+        }
+        // Frame and axis labels.
+        let _ = writeln!(
+            svg,
+            r##"<rect x="{l:.1}" y="{t:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#444444"/>"##,
+            r - l,
+            b - t
+        );
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">round</text>"#,
+            (l + r) / 2.0,
+            b + 36.0
+        );
+        let (yx, yy) = (self.x0 + 14.0, (t + b) / 2.0);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{yx:.1}" y="{yy:.1}" text-anchor="middle" transform="rotate(-90 {yx:.1} {yy:.1})">{}</text>"#,
+            xml_escape(y_label)
+        );
+
+        match y_axis {
+            None => {
+                let _ = writeln!(
+                    svg,
+                    r##"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="14" fill="#777777">{}</text>"##,
+                    (l + r) / 2.0,
+                    (t + b) / 2.0,
+                    xml_escape(empty)
+                );
+            }
+            Some(y_axis) => {
+                for line in lines {
+                    self.draw_line(svg, x_axis, y_axis, line);
+                }
+                // Legend, left to right above the plot area.
+                let mut x = l;
+                let y = PANEL_TOP + 36.0;
+                for line in lines {
+                    let _ = writeln!(
+                        svg,
+                        r#"<line x1="{x:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{}" stroke-width="2"{}/><text x="{:.1}" y="{y:.1}">{}</text>"#,
+                        y - 4.0,
+                        x + 22.0,
+                        y - 4.0,
+                        line.color,
+                        dash(line.dashed),
+                        x + 27.0,
+                        xml_escape(line.label)
+                    );
+                    x += 45.0 + 6.5 * line.label.chars().count() as f64;
+                }
+            }
+        }
+        let _ = writeln!(svg, "</g>");
+    }
+
+    fn draw_line(&self, svg: &mut String, x_axis: &Axis, y_axis: &Axis, line: &Line<'_>) {
+        let coords: Vec<(f64, f64)> = line
+            .points
+            .iter()
+            .map(|&(x, y)| (self.px(x_axis, x), self.py(y_axis, y)))
+            .collect();
+        let points: Vec<String> = coords
+            .iter()
+            .map(|(x, y)| format!("{x:.1},{y:.1}"))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline data-series="{}" fill="none" stroke="{}" stroke-width="2" stroke-linejoin="round"{} points="{}"/>"#,
+            line.id,
+            line.color,
+            dash(line.dashed),
+            points.join(" ")
+        );
+        if coords.len() <= MAX_MARKERS {
+            for (x, y) in coords {
+                let _ = writeln!(
+                    svg,
+                    r#"<circle cx="{x:.1}" cy="{y:.1}" r="3" fill="{}"/>"#,
+                    line.color
+                );
+            }
+        }
+    }
+}
+
+fn dash(dashed: bool) -> &'static str {
+    if dashed {
+        r#" stroke-dasharray="6 3""#
+    } else {
+        ""
+    }
+}
+
+/// Escapes text for XML content and attributes; characters XML 1.0 forbids become spaces.
+pub(crate) fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            '\t' | '\n' | '\r' => out.push(c),
+            c if (c as u32) < 0x20 || c == '\u{FFFE}' || c == '\u{FFFF}' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_ticks_are_nice_and_cover_the_data() {
+        let a = Axis::new(0.13, 0.87, 6, 0.0);
+        assert_eq!(a.lo, 0.0);
+        assert!((a.hi - 1.0).abs() < 1e-12, "{a:?}");
+        assert_eq!(a.decimals, 1);
+        assert_eq!(a.ticks.len(), 6);
+        assert_eq!(a.label(a.ticks[1]), "0.2");
+
+        // Rounds: integer steps only.
+        let r = Axis::new(1.0, 3.0, 8, 1.0);
+        assert_eq!(r.ticks, vec![1.0, 2.0, 3.0]);
+        assert_eq!(r.decimals, 0);
+
+        // A single value gets room around it.
+        let s = Axis::new(5.0, 5.0, 6, 0.0);
+        assert!(s.lo < 5.0 && s.hi > 5.0, "{s:?}");
+
+        // Garbage falls back to 0..1.
+        assert_eq!(Axis::new(f64::NAN, 1.0, 6, 0.0).ticks, vec![0.0, 1.0]);
+        assert_eq!(Axis::new(2.0, 1.0, 6, 0.0).ticks, vec![0.0, 1.0]);
+    }
+
+    #[test]
+    fn escapes_markup_and_control_characters() {
+        assert_eq!(
+            xml_escape(r#"a<b>&"c"'d'"#),
+            "a&lt;b&gt;&amp;&quot;c&quot;&apos;d&apos;"
+        );
+        assert_eq!(xml_escape("x\u{1}y"), "x y");
+    }
+}

@@ -1,0 +1,783 @@
+//! The server's async driver: MQTT, the object store, timers and evaluation around the sans-IO
+//! [`RoundMachine`].
+//!
+//! One task owns the machine. It waits on four sources, turns each into an [`Event`], and
+//! carries out the [`Action`]s the machine returns:
+//! - MQTT publishes (`status/+`, `up/+`), decoded and checked by [`Incoming::decode`], duplicates
+//!   dropped by [`Dedup`];
+//! - results of transfer tasks (the global upload, update fetches), sent back over a channel;
+//! - the machine's next deadline ([`RoundMachine::next_deadline`]);
+//! - cancellation (Ctrl-C): the run ends as aborted, clients are told, the last checkpoint stays.
+//!
+//! Update fetches run at most `fetch_concurrency` at a time, and each decoded update is folded
+//! into the streaming aggregate as soon as it arrives, so the server holds the global model, the
+//! running aggregate and the updates in flight — never one model per client.
+//!
+//! # Checkpoints
+//! After round `r` closes, its model is the global model of round `r + 1` (or the final model).
+//! Once that blob is stored, the driver writes `checkpoint/r<r>`: a small JSON document naming the
+//! model blob (key, length, SHA-256), the round, the strategy and its state. The model is stored
+//! once, not twice per round; the checkpoint's blob reference is verified on resume like any other.
+
+use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
+use crate::metrics::{MetricsWriter, RoundRecord};
+use crate::proto::{
+    self, Body, BlobKeys, BlobRef, Envelope, Finish, Presence, Role, TopicKind, Topics, Train,
+};
+use crate::store::{BlobStore, RetentionPolicy};
+use crate::strategy::Strategy;
+use crate::tensor::ParamSet;
+use crate::transport::{ConnState, Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// The server's participant id (`from` of its messages, its status topic).
+pub const SERVER_ID: &str = "server";
+
+/// Evaluates a global model on the server's test data.
+pub trait Evaluator: Send + Sync + 'static {
+    /// Test accuracy (fraction) and mean loss of `params`.
+    ///
+    /// # Errors
+    /// A message saying why the model cannot be evaluated.
+    fn evaluate(&self, params: &ParamSet) -> Result<Evaluation, String>;
+}
+
+/// Result of [`Evaluator::evaluate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Fraction of correctly classified test samples.
+    pub accuracy: f64,
+    /// Mean test loss.
+    pub loss: f64,
+}
+
+/// What the server does, beyond the round policy.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Run id (topics and blob keys).
+    pub run: String,
+    /// Blob key scheme.
+    pub keys: BlobKeys,
+    /// Round policy.
+    pub round: RoundConfig,
+    /// Client ids expected in this run: their retained commands from an earlier run with the
+    /// same id are cleared before round 1.
+    pub expected_clients: Vec<String>,
+    /// Which rounds' blobs to keep in the store.
+    pub retention: RetentionPolicy,
+    /// Update downloads in flight at once (each holds one model in memory).
+    pub fetch_concurrency: usize,
+    /// Where the final model (`final_model.safetensors`) is written, if anywhere.
+    pub output_dir: Option<PathBuf>,
+    /// How long to wait for the broker on start.
+    pub connect_timeout: Duration,
+}
+
+/// Progress notifications for a user interface (progress bars, logs).
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Waiting for clients: `online` of `needed`.
+    Admitting {
+        /// Clients online.
+        online: usize,
+        /// Clients needed.
+        needed: usize,
+    },
+    /// Train commands went out.
+    RoundStarted {
+        /// Round.
+        round: u64,
+        /// Clients asked.
+        selected: usize,
+    },
+    /// An update was folded into the aggregate.
+    UpdateFolded {
+        /// Round.
+        round: u64,
+        /// The client.
+        client: String,
+    },
+    /// A round closed (after evaluation, when evaluated).
+    RoundClosed(RoundRecord),
+    /// The run ended.
+    Finished(Outcome),
+}
+
+/// How the run went.
+#[derive(Debug, Clone)]
+pub struct ServerReport {
+    /// Completed or aborted (with the reason).
+    pub outcome: Outcome,
+    /// One record per closed round.
+    pub records: Vec<RoundRecord>,
+    /// The final model in the store (when the run completed and it could be stored).
+    pub final_model: Option<BlobRef>,
+    /// The final model on disk (when `output_dir` was given).
+    pub final_path: Option<PathBuf>,
+    /// The final global model.
+    pub final_params: ParamSet,
+    /// Wall seconds from start to finish.
+    pub wall_s: f64,
+}
+
+/// Errors that stop the server before or outside a round (round-level problems are outcomes).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The MQTT session could not be set up or the broker was not reached.
+    #[error("MQTT: {0}")]
+    Mqtt(#[from] crate::transport::MqttError),
+    /// The object store could not be used at start.
+    #[error("object store: {0}")]
+    Store(#[from] crate::store::Error),
+    /// Reading or writing a checkpoint failed.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+}
+
+/// A checkpoint: everything needed to resume after `round`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Format version (1).
+    pub v: u32,
+    /// Run id.
+    pub run: String,
+    /// Last completed round.
+    pub round: u64,
+    /// Strategy name.
+    pub strategy: String,
+    /// Strategy state ([`Strategy::state`]).
+    pub state: serde_json::Value,
+    /// The model after `round`.
+    pub model: BlobRef,
+    /// Milliseconds since the Unix epoch when written.
+    pub ts_ms: u64,
+}
+
+/// Finds the newest checkpoint of the run in the store, if any.
+///
+/// # Errors
+/// [`ServerError::Store`] when listing or reading fails, [`ServerError::Checkpoint`] when the
+/// document is unreadable.
+pub async fn latest_checkpoint(
+    store: &BlobStore,
+    keys: &BlobKeys,
+) -> Result<Option<Checkpoint>, ServerError> {
+    let prefix = format!("{}/checkpoint/", keys.run_prefix());
+    let mut objects = store.list(&prefix).await?;
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    let Some(last) = objects.last() else {
+        return Ok(None);
+    };
+    let r = BlobRef {
+        key: last.key.clone(),
+        len: last.len,
+        sha256: String::new(),
+    };
+    let bytes = store.get_unverified(&r.key).await?;
+    let cp: Checkpoint = serde_json::from_slice(&bytes)
+        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", last.key)))?;
+    Ok(Some(cp))
+}
+
+/// Loads the model a checkpoint names (verified against its SHA-256).
+///
+/// # Errors
+/// As [`latest_checkpoint`], plus a decoding error naming the key.
+pub async fn load_checkpoint_model(
+    store: &BlobStore,
+    cp: &Checkpoint,
+) -> Result<ParamSet, ServerError> {
+    let bytes = store.get(&cp.model).await?;
+    ParamSet::from_safetensors_bytes(&bytes)
+        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", cp.model.key)))
+}
+
+/// Result of a transfer task, back to the driver loop.
+enum TaskDone {
+    Stored {
+        round: u64,
+        blob: BlobRef,
+    },
+    StoreFailed {
+        round: u64,
+        reason: String,
+    },
+    Fetched {
+        client: String,
+        round: u64,
+        result: Result<ParamSet, String>,
+    },
+}
+
+struct RoundBytes {
+    round: u64,
+    global_len: u64,
+    commands: usize,
+    updates: u64,
+}
+
+/// The server's run: connects, admits clients, runs the rounds, finishes. Returns when the run
+/// is over (completed or aborted) or `cancel` fires.
+///
+/// # Errors
+/// [`ServerError`] only for problems at start (broker unreachable, store unusable); everything
+/// that happens during rounds ends in a [`ServerReport`] with an [`Outcome`].
+pub async fn run_server(
+    opts: ServerOptions,
+    mqtt: SessionOptions,
+    store: BlobStore,
+    strategy: Box<dyn Strategy>,
+    initial: ParamSet,
+    resume_from: Option<Checkpoint>,
+    evaluator: Option<Arc<dyn Evaluator>>,
+    mut progress: impl FnMut(&Progress) + Send,
+    cancel: CancellationToken,
+) -> Result<ServerReport, ServerError> {
+    let started = Instant::now();
+    let topics = Topics::new(&opts.run);
+    let mut mqtt = mqtt;
+    mqtt.client_id = SERVER_ID.to_string();
+    mqtt.subscriptions = vec![topics.status_all(), topics.up_all()];
+    mqtt.presence = Some(PresenceMessages::status(
+        &opts.run,
+        SERVER_ID,
+        Role::Server,
+        None,
+    ));
+    let endpoint = format!("{}:{}", mqtt.host, mqtt.port);
+    store.ensure_bucket().await?;
+    let (handle, mut incoming) = MqttSession::connect(mqtt, cancel.clone())?;
+    if let Err(e) = handle
+        .wait_for(ConnState::Connected, opts.connect_timeout)
+        .await
+    {
+        handle.shutdown().await;
+        warn!("broker {endpoint} not reached: {e}");
+        return Err(e.into());
+    }
+    for c in &opts.expected_clients {
+        handle.clear_retained(&topics.command(c)).await?;
+    }
+
+    let mut machine = RoundMachine::new(opts.round.clone(), strategy, initial, Instant::now());
+    if let Some(cp) = &resume_from {
+        machine
+            .strategy_mut()
+            .restore(&cp.state)
+            .map_err(|e| ServerError::Checkpoint(e.to_string()))?;
+    }
+    let mut driver = Driver {
+        topics,
+        handle,
+        store,
+        opts,
+        evaluator,
+        dedup: Dedup::default(),
+        tasks: mpsc::unbounded_channel(),
+        fetch_slots: Arc::new(Semaphore::new(1)),
+        known_clients: BTreeSet::new(),
+        records: Vec::new(),
+        pending_checkpoint: None,
+        round_bytes: None,
+        started,
+        last_admitting: None,
+        metrics: None,
+    };
+    if let Some(dir) = &driver.opts.output_dir {
+        match MetricsWriter::create(dir) {
+            Ok(w) => driver.metrics = Some(w),
+            Err(e) => warn!("metrics will not be written: {e}"),
+        }
+    }
+    driver.fetch_slots = Arc::new(Semaphore::new(driver.opts.fetch_concurrency.max(1)));
+    if let Some(cp) = resume_from {
+        info!(round = cp.round, "resuming from checkpoint");
+        let model = load_checkpoint_model(&driver.store, &cp).await?;
+        machine.resume(cp.round, model);
+    }
+    let clients_needed = driver.opts.round.min_clients;
+    progress(&Progress::Admitting {
+        online: 0,
+        needed: clients_needed,
+    });
+
+    let outcome = loop {
+        let deadline = machine.next_deadline();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        let event = tokio::select! {
+            _ = cancel.cancelled() => {
+                break Outcome::Aborted("interrupted (the last checkpoint is in the store)".into());
+            }
+            msg = incoming.recv() => match msg {
+                Some(m) => match driver.on_message(m) {
+                    Some(e) => e,
+                    None => continue,
+                },
+                None => break Outcome::Aborted("the MQTT session ended".into()),
+            },
+            Some(done) = driver.tasks.1.recv() => match driver.on_task(done).await {
+                Some(e) => e,
+                None => continue,
+            },
+            _ = sleep => Event::Tick,
+        };
+        let admitting = machine.current_round().is_none() && machine.completed_rounds() == 0;
+        let folded = match &event {
+            Event::UpdateFetched { client, round, .. } => Some((client.clone(), *round)),
+            _ => None,
+        };
+        let actions = machine.handle(event, Instant::now());
+        if let Some((client, round)) = folded {
+            progress(&Progress::UpdateFolded { round, client });
+        }
+        if admitting {
+            let online = machine.online_clients().len();
+            if driver.last_admitting != Some(online) {
+                driver.last_admitting = Some(online);
+                progress(&Progress::Admitting {
+                    online,
+                    needed: clients_needed,
+                });
+            }
+        }
+        let sends: Vec<u64> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendTrain { round, .. } => Some(*round),
+                _ => None,
+            })
+            .collect();
+        if let Some(&round) = sends.first() {
+            progress(&Progress::RoundStarted {
+                round,
+                selected: sends.len(),
+            });
+        }
+        let mut finished = None;
+        for a in actions {
+            if let Some(o) = driver.act(a, &mut machine, &mut progress).await {
+                finished = Some(o);
+            }
+        }
+        if let Some(o) = finished {
+            break o;
+        }
+    };
+    let report = driver.finish(outcome, &machine).await;
+    progress(&Progress::Finished(report.outcome.clone()));
+    driver.handle.shutdown().await;
+    Ok(ServerReport {
+        wall_s: started.elapsed().as_secs_f64(),
+        ..report
+    })
+}
+
+struct Driver {
+    topics: Topics,
+    handle: MqttHandle,
+    store: BlobStore,
+    opts: ServerOptions,
+    evaluator: Option<Arc<dyn Evaluator>>,
+    dedup: Dedup,
+    tasks: (
+        mpsc::UnboundedSender<TaskDone>,
+        mpsc::UnboundedReceiver<TaskDone>,
+    ),
+    fetch_slots: Arc<Semaphore>,
+    known_clients: BTreeSet<String>,
+    records: Vec<RoundRecord>,
+    /// Round closed, its model not yet stored: checkpoint (round, strategy, state) once it is.
+    pending_checkpoint: Option<(u64, String, serde_json::Value)>,
+    round_bytes: Option<RoundBytes>,
+    started: Instant,
+    last_admitting: Option<usize>,
+    /// `metrics.jsonl` / `metrics.csv` in the output directory.
+    metrics: Option<MetricsWriter>,
+}
+
+impl Driver {
+    /// Decodes one MQTT publish into a machine event, or drops it with a logged reason.
+    fn on_message(&mut self, m: crate::transport::Incoming) -> Option<Event> {
+        let (kind, env) = match m.decode(&self.topics) {
+            Ok(x) => x,
+            Err(e) => {
+                warn!("message dropped: {e}");
+                return None;
+            }
+        };
+        if !self.dedup.first_time(&env) {
+            debug!(from = %env.from, id = %env.id, "duplicate dropped");
+            return None;
+        }
+        match (kind, env.body) {
+            (TopicKind::Status(id), Body::Status(s)) => {
+                if id == SERVER_ID || s.role != Role::Client {
+                    return None;
+                }
+                match s.state {
+                    Presence::Online => {
+                        self.known_clients.insert(id.clone());
+                        info!(client = %id, "client online");
+                        Some(Event::ClientOnline {
+                            client: id,
+                            capabilities: s.capabilities,
+                        })
+                    }
+                    Presence::Offline => {
+                        info!(client = %id, "client offline");
+                        Some(Event::ClientOffline { client: id })
+                    }
+                }
+            }
+            (TopicKind::Up(id), Body::Update(u)) => Some(Event::UpdateReady {
+                client: id,
+                round: env.round,
+                blob: u.update,
+                num_samples: u.num_samples,
+                metrics: u.metrics,
+            }),
+            (TopicKind::Up(id), Body::Failure(f)) => Some(Event::ClientFailed {
+                client: id,
+                round: env.round,
+                reason: f.reason,
+            }),
+            _ => None,
+        }
+    }
+
+    async fn on_task(&mut self, done: TaskDone) -> Option<Event> {
+        match done {
+            TaskDone::Stored { round, blob } => {
+                if let Some(b) = &mut self.round_bytes {
+                    b.global_len = blob.len;
+                }
+                self.write_checkpoint(&blob).await;
+                Some(Event::GlobalUploaded { round, blob })
+            }
+            TaskDone::StoreFailed { round, reason } => {
+                Some(Event::GlobalUploadFailed { round, reason })
+            }
+            TaskDone::Fetched {
+                client,
+                round,
+                result,
+            } => Some(match result {
+                Ok(params) => Event::UpdateFetched {
+                    client,
+                    round,
+                    params,
+                },
+                Err(reason) => Event::UpdateRejected {
+                    client,
+                    round,
+                    reason,
+                },
+            }),
+        }
+    }
+
+    /// Writes the checkpoint of the round that produced `model`, if one is pending.
+    async fn write_checkpoint(&mut self, model: &BlobRef) {
+        let Some((round, strategy, state)) = self.pending_checkpoint.take() else {
+            return;
+        };
+        let cp = Checkpoint {
+            v: 1,
+            run: self.opts.run.clone(),
+            round,
+            strategy,
+            state,
+            model: model.clone(),
+            ts_ms: proto::now_ms(),
+        };
+        self.put_checkpoint(cp).await;
+    }
+
+    async fn put_checkpoint(&mut self, cp: Checkpoint) {
+        let key = self.opts.keys.checkpoint(cp.round);
+        let body = match serde_json::to_vec_pretty(&cp) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("checkpoint of round {} not written: {e}", cp.round);
+                return;
+            }
+        };
+        match self.store.put(&key, Bytes::from(body)).await {
+            Ok(_) => {
+                debug!(round = cp.round, %key, "checkpoint written");
+                if cp.round > 1 {
+                    // Keep the newest checkpoint and the one before it.
+                    let old = self.opts.keys.checkpoint(cp.round.saturating_sub(2));
+                    if cp.round > 2 {
+                        let store = self.store.clone();
+                        tokio::spawn(async move {
+                            let _ = store.delete(&old).await;
+                        });
+                    }
+                }
+            }
+            Err(e) => warn!(
+                "checkpoint of round {} not written ({e}); the run goes on without it",
+                cp.round
+            ),
+        }
+    }
+
+    /// Carries out one action; returns the outcome when the run is over.
+    async fn act(
+        &mut self,
+        action: Action,
+        machine: &mut RoundMachine,
+        progress: &mut (impl FnMut(&Progress) + Send),
+    ) -> Option<Outcome> {
+        match action {
+            Action::UploadGlobal { round } => {
+                self.round_bytes = Some(RoundBytes {
+                    round,
+                    global_len: 0,
+                    commands: 0,
+                    updates: 0,
+                });
+                let bytes = Bytes::from(machine.global().to_safetensors_bytes());
+                let key = self.opts.keys.global(round);
+                let store = self.store.clone();
+                let tx = self.tasks.0.clone();
+                tokio::spawn(async move {
+                    let done = match store.put(&key, bytes).await {
+                        Ok(blob) => TaskDone::Stored { round, blob },
+                        Err(e) => TaskDone::StoreFailed {
+                            round,
+                            reason: e.to_string(),
+                        },
+                    };
+                    let _ = tx.send(done);
+                });
+            }
+            Action::SendTrain {
+                client,
+                round,
+                global,
+                config,
+                deadline,
+            } => {
+                if let Some(b) = &mut self.round_bytes {
+                    b.commands += 1;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                let msg = Envelope::new(
+                    &self.opts.run,
+                    round,
+                    SERVER_ID,
+                    Body::Train(Train {
+                        global,
+                        config,
+                        deadline_ms: proto::now_ms() + left.as_millis() as u64,
+                    }),
+                );
+                if let Err(e) = self
+                    .handle
+                    .publish(&self.topics.command(&client), &msg, true)
+                    .await
+                {
+                    warn!(%client, round, "train command not sent: {e}");
+                }
+            }
+            Action::FetchUpdate {
+                client,
+                round,
+                blob,
+            } => {
+                if let Some(b) = &mut self.round_bytes {
+                    b.updates += blob.len;
+                }
+                let store = self.store.clone();
+                let tx = self.tasks.0.clone();
+                let slots = self.fetch_slots.clone();
+                tokio::spawn(async move {
+                    let _permit = slots.acquire_owned().await;
+                    let result = match store.get(&blob).await {
+                        Ok(bytes) => tokio::task::spawn_blocking(move || {
+                            ParamSet::from_safetensors_bytes(&bytes).map_err(|e| e.to_string())
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(format!("decoding task failed: {e}"))),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    // The permit is held until the driver has the decoded update: at most
+                    // `fetch_concurrency` updates are in memory besides the aggregate.
+                    let _ = tx.send(TaskDone::Fetched {
+                        client,
+                        round,
+                        result,
+                    });
+                });
+            }
+            Action::RoundClosed(summary) => {
+                let record = self.close_round(&summary, machine).await;
+                if let Some(w) = &mut self.metrics {
+                    if let Err(e) = w.record(&record) {
+                        warn!("metrics of round {} not written: {e}", record.round);
+                    }
+                }
+                progress(&Progress::RoundClosed(record.clone()));
+                self.records.push(record);
+                self.pending_checkpoint = Some((
+                    summary.round,
+                    machine.strategy().name().to_string(),
+                    machine.strategy().state(),
+                ));
+                let keep = self.opts.retention.keep_from_round(summary.round);
+                if keep > 0 {
+                    let store = self.store.clone();
+                    let keys = self.opts.keys.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = store.delete_rounds_before(&keys, keep).await {
+                            warn!("deleting blobs of rounds before {keep}: {e}");
+                        }
+                    });
+                }
+            }
+            Action::Finish(outcome) => return Some(outcome),
+        }
+        None
+    }
+
+    async fn close_round(&mut self, s: &RoundSummary, machine: &RoundMachine) -> RoundRecord {
+        let (test_accuracy, test_loss, eval_s) = match (&self.evaluator, s.evaluate) {
+            (Some(ev), true) => {
+                let ev = ev.clone();
+                let params = machine.global().clone();
+                let t = Instant::now();
+                let r = tokio::task::spawn_blocking(move || ev.evaluate(&params))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("evaluation task failed: {e}")));
+                let secs = t.elapsed().as_secs_f64();
+                match r {
+                    Ok(e) => (Some(e.accuracy), Some(e.loss), Some(secs)),
+                    Err(e) => {
+                        warn!(round = s.round, "evaluation failed: {e}");
+                        (None, None, Some(secs))
+                    }
+                }
+            }
+            _ => (None, None, None),
+        };
+        let bytes = match &self.round_bytes {
+            Some(b) if b.round == s.round => {
+                b.global_len * (1 + b.commands as u64) + 2 * b.updates
+            }
+            _ => 0,
+        };
+        let record = RoundRecord {
+            round: s.round,
+            test_accuracy,
+            test_loss,
+            train_loss: s.train_loss.is_finite().then_some(s.train_loss),
+            round_s: s.seconds,
+            eval_s,
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            bytes,
+            participants: s.participants.len(),
+            failures: s.failures.len(),
+            failed_clients: s
+                .failures
+                .iter()
+                .map(|f| format!("{}: {}", f.client, f.reason))
+                .collect(),
+            num_samples: s.num_samples,
+            retries: s.retries,
+        };
+        info!(
+            round = s.round,
+            participants = record.participants,
+            failures = record.failures,
+            accuracy = ?record.test_accuracy,
+            round_s = format!("{:.2}", s.seconds),
+            "round closed"
+        );
+        record
+    }
+
+    /// Stores the final model, tells every known client, writes the final model to disk.
+    async fn finish(&mut self, outcome: Outcome, machine: &RoundMachine) -> ServerReport {
+        let mut final_model = None;
+        let mut final_path = None;
+        if outcome == Outcome::Completed || machine.completed_rounds() > 0 {
+            let bytes = Bytes::from(machine.global().to_safetensors_bytes());
+            if let Some(dir) = &self.opts.output_dir {
+                let path = dir.join("final_model.safetensors");
+                match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &bytes)) {
+                    Ok(()) => final_path = Some(path),
+                    Err(e) => warn!("final model not written to {}: {e}", path.display()),
+                }
+            }
+            match self.store.put(&self.opts.keys.final_model(), bytes).await {
+                Ok(blob) => {
+                    self.write_checkpoint(&blob).await;
+                    final_model = Some(blob);
+                }
+                Err(e) => warn!("final model not stored: {e}"),
+            }
+        }
+        let reason = match &outcome {
+            Outcome::Completed => "completed".to_string(),
+            Outcome::Aborted(r) => format!("aborted: {r}"),
+        };
+        let mut clients = self.known_clients.clone();
+        clients.extend(self.opts.expected_clients.iter().cloned());
+        for c in &clients {
+            let msg = Envelope::new(
+                &self.opts.run,
+                machine.completed_rounds(),
+                SERVER_ID,
+                Body::Finish(Finish {
+                    reason: reason.clone(),
+                    final_model: final_model.clone(),
+                }),
+            );
+            if let Err(e) = self
+                .handle
+                .publish(&self.topics.command(c), &msg, true)
+                .await
+            {
+                warn!(client = %c, "finish not sent: {e}");
+            }
+        }
+        if let Some(w) = &self.metrics {
+            let title = format!(
+                "fedmq run {}: {} rounds",
+                self.opts.run,
+                machine.completed_rounds()
+            );
+            match w.finish_plot(&title) {
+                Ok(p) => debug!("plot written to {}", p.display()),
+                Err(e) => warn!("plot not written: {e}"),
+            }
+        }
+        match &outcome {
+            Outcome::Completed => info!(rounds = machine.completed_rounds(), "run completed"),
+            Outcome::Aborted(r) => warn!("run aborted: {r}"),
+        }
+        ServerReport {
+            outcome,
+            records: std::mem::take(&mut self.records),
+            final_model,
+            final_path,
+            final_params: machine.global().clone(),
+            wall_s: 0.0,
+        }
+    }
+}
