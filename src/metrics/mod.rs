@@ -14,6 +14,7 @@
 //! # Layout
 //! - `mod.rs`: [`RoundRecord`], [`MetricsWriter`], [`read_jsonl`], [`MetricsError`], CSV rows.
 //! - `plot.rs`: [`render_plot_svg`], [`write_plot_svg`] (hand-written SVG, no dependency).
+//! - `axis.rs`: linear axes with "nice" bounds and ticks, for the plot.
 //! - `table.rs`: [`summary_table`].
 //!
 //! # Example
@@ -44,6 +45,7 @@
 //! # Ok::<(), fedmq::metrics::MetricsError>(())
 //! ```
 
+mod axis;
 mod plot;
 mod table;
 #[cfg(test)]
