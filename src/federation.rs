@@ -5,7 +5,9 @@
 
 use crate::client::{self, ClientOptions, ClientReport, DataTrainer, LocalTrainer};
 use crate::config::Config;
-use crate::data::{self, DataSplit, Dataset, DatasetKind, FetchOptions, Partition, PartitionMethod};
+use crate::data::{
+    self, DataSplit, Dataset, DatasetKind, FetchOptions, Partition, PartitionMethod,
+};
 use crate::proto::{BlobKeys, Capabilities, TrainConfig};
 use crate::server::{
     self, Checkpoint, Evaluation, Evaluator, Progress, RoundConfig, ServerOptions, ServerReport,
@@ -189,7 +191,10 @@ pub fn session_options(cfg: &Config, id: &str, port: Option<u16>) -> SessionOpti
 /// start-up errors.
 ///
 /// [`run_client`]: client::run_client
-pub async fn run_client_from_config(cfg: &Config, cancel: CancellationToken) -> Result<ClientReport> {
+pub async fn run_client_from_config(
+    cfg: &Config,
+    cancel: CancellationToken,
+) -> Result<ClientReport> {
     let rank = cfg.fedmq_args.rank;
     let n = cfg.train_args.client_num_in_total;
     if rank == 0 || rank > n {
@@ -203,9 +208,17 @@ pub async fn run_client_from_config(cfg: &Config, cancel: CancellationToken) -> 
     let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
     let kind: ModelKind = cfg.model_args.model.parse()?;
     let indices = part.into_clients().swap_remove(rank - 1);
-    let trainer = Arc::new(DataTrainer::new(kind, split.train.clone(), indices, device, 0));
+    let trainer = Arc::new(DataTrainer::new(
+        kind,
+        split.train.clone(),
+        indices,
+        device,
+        0,
+    ));
     let id = client::client_id(rank);
-    let store = BlobStore::connect(&S3Options::from(&cfg.comm_args.customized_training_s3_config))?;
+    let store = BlobStore::connect(&S3Options::from(
+        &cfg.comm_args.customized_training_s3_config,
+    ))?;
     let opts = ClientOptions {
         run: cfg.common_args.run_id.clone(),
         keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
@@ -231,9 +244,14 @@ pub async fn run_server_from_config(
 ) -> Result<ServerReport> {
     require_external(cfg, "fedmq server")?;
     let (split, _) = tokio::task::block_in_place(|| load_data(cfg, true))?;
-    let store = BlobStore::connect(&S3Options::from(&cfg.comm_args.customized_training_s3_config))?;
+    let store = BlobStore::connect(&S3Options::from(
+        &cfg.comm_args.customized_training_s3_config,
+    ))?;
     let mqtt = session_options(cfg, server::SERVER_ID, None);
-    serve(cfg, &split, store, mqtt, output_dir, resume, progress, cancel).await
+    serve(
+        cfg, &split, store, mqtt, output_dir, resume, progress, cancel,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]

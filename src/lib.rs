@@ -19,6 +19,7 @@
 //! - `cli` (binary only): the `fedmq` command line.
 #![warn(missing_docs)]
 
+pub mod bench_round;
 pub mod client;
 pub mod config;
 pub mod data;

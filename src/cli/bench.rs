@@ -35,6 +35,8 @@ pub enum BenchCommand {
     Blob(super::store_cmd::BenchBlobArgs),
     /// Control-message round-trip latency through a broker.
     Mqtt(super::broker_cmd::BenchMqttArgs),
+    /// Whole federated rounds with a no-op trainer: round time, bytes and peak memory.
+    Round(super::bench_round_cmd::RoundArgs),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -71,5 +73,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::Blob(a) => super::store_cmd::run_bench_blob(a),
         BenchCommand::Mqtt(a) => super::broker_cmd::run_bench_mqtt(a),
+        BenchCommand::Round(a) => super::bench_round_cmd::run(a),
     }
 }

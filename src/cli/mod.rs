@@ -1,6 +1,7 @@
 //! The `fedmq` command line: argument definitions and dispatch to one module per subcommand.
 
 mod bench;
+mod bench_round_cmd;
 mod broker_cmd;
 mod config_cmd;
 mod data_cmd;
@@ -52,6 +53,9 @@ enum Command {
     Broker(broker_cmd::BrokerArgs),
     /// Run the embedded S3-compatible object store over a data directory.
     Store(store_cmd::StoreArgs),
+    /// One client of `fedmq bench round --processes` (internal).
+    #[command(name = "bench-round-client", hide = true)]
+    BenchRoundClient(bench_round_cmd::ClientArgs),
 }
 
 /// Runs the parsed command line.
@@ -66,6 +70,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Config(c) => config_cmd::run(c),
         Command::Broker(a) => broker_cmd::run(a),
         Command::Store(a) => store_cmd::run(a),
+        Command::BenchRoundClient(a) => bench_round_cmd::run_client(a),
     }
 }
 

@@ -50,7 +50,9 @@ pub struct ClientArgs {
 }
 
 fn output_dir(cfg: &Config, o: Option<PathBuf>) -> PathBuf {
-    o.unwrap_or_else(|| PathBuf::from(&cfg.tracking_args.log_file_dir).join(&cfg.common_args.run_id))
+    o.unwrap_or_else(|| {
+        PathBuf::from(&cfg.tracking_args.log_file_dir).join(&cfg.common_args.run_id)
+    })
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -256,7 +258,13 @@ impl Ui {
                 }
                 let acc = r
                     .test_accuracy
-                    .map(|a| format!("test acc {:6.2}%  loss {:.4}", a * 100.0, r.test_loss.unwrap_or(f64::NAN)))
+                    .map(|a| {
+                        format!(
+                            "test acc {:6.2}%  loss {:.4}",
+                            a * 100.0,
+                            r.test_loss.unwrap_or(f64::NAN)
+                        )
+                    })
                     .unwrap_or_else(|| "not evaluated".into());
                 self.line(format!(
                     "round {:>3}/{}  {acc}  train loss {}  {:6.1} s  {} clients  {} failed{}",

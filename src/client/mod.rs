@@ -19,8 +19,8 @@ mod trainer;
 pub use trainer::{DataTrainer, LocalTrainer, NoopTrainer};
 
 use crate::proto::{
-    self, Body, BlobKeys, BlobRef, Capabilities, Envelope, Failure, Role, TopicKind, Topics,
-    Train, Update,
+    self, BlobKeys, BlobRef, Body, Capabilities, Envelope, Failure, Role, TopicKind, Topics, Train,
+    Update,
 };
 use crate::server::SERVER_ID;
 use crate::store::BlobStore;
@@ -83,7 +83,7 @@ struct Job {
 }
 
 enum JobDone {
-    Reported(Envelope),
+    Reported(Box<Envelope>),
     Failed,
     Interrupted,
 }
@@ -140,7 +140,7 @@ pub async fn run_client(
                 match done {
                     JobDone::Reported(env) => {
                         rounds_reported += 1;
-                        last_update = Some(env);
+                        last_update = Some(*env);
                     }
                     JobDone::Failed | JobDone::Interrupted => {}
                 }
@@ -216,7 +216,11 @@ pub async fn run_client(
 
 enum Command {
     Ignore,
-    Train { round: u64, id: String, train: Train },
+    Train {
+        round: u64,
+        id: String,
+        train: Train,
+    },
     Finish {
         reason: String,
         final_model: Option<BlobRef>,
@@ -286,7 +290,7 @@ impl JobCtx {
             Ok(update) => {
                 let env = Envelope::new(&self.run, round, &self.id, Body::Update(update));
                 publish(&self.handle, &self.up_topic, &env).await;
-                JobDone::Reported(env)
+                JobDone::Reported(Box::new(env))
             }
             Err(_) if interrupt.load(Ordering::Relaxed) => {
                 info!(client = %self.id, round, "round interrupted");

@@ -586,7 +586,10 @@ impl Config {
         check(
             f.round_timeout_s.is_finite() && f.round_timeout_s > 0.0,
             "fedmq_args.round_timeout_s",
-            format!("must be a positive number of seconds, got {}", f.round_timeout_s),
+            format!(
+                "must be a positive number of seconds, got {}",
+                f.round_timeout_s
+            ),
         );
         check(
             f.quorum.is_finite() && f.quorum > 0.0 && f.quorum <= 1.0,

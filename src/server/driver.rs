@@ -22,12 +22,14 @@
 use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
 use crate::metrics::{MetricsWriter, RoundRecord};
 use crate::proto::{
-    self, Body, BlobKeys, BlobRef, Envelope, Finish, Presence, Role, TopicKind, Topics, Train,
+    self, BlobKeys, BlobRef, Body, Envelope, Finish, Presence, Role, TopicKind, Topics, Train,
 };
 use crate::store::{BlobStore, RetentionPolicy};
 use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
-use crate::transport::{ConnState, Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
+use crate::transport::{
+    ConnState, Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
+};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -230,6 +232,7 @@ struct RoundBytes {
 /// # Errors
 /// [`ServerError`] only for problems at start (broker unreachable, store unusable); everything
 /// that happens during rounds ends in a [`ServerReport`] with an [`Outcome`].
+#[allow(clippy::too_many_arguments)] // each is a distinct collaborator; a struct would only rename them
 pub async fn run_server(
     opts: ServerOptions,
     mqtt: SessionOptions,
@@ -676,9 +679,7 @@ impl Driver {
             _ => (None, None, None),
         };
         let bytes = match &self.round_bytes {
-            Some(b) if b.round == s.round => {
-                b.global_len * (1 + b.commands as u64) + 2 * b.updates
-            }
+            Some(b) if b.round == s.round => b.global_len * (1 + b.commands as u64) + 2 * b.updates,
             _ => 0,
         };
         let record = RoundRecord {

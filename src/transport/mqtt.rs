@@ -1023,11 +1023,15 @@ impl Driver {
             debug!(client_id = %self.client_id, "request queue full; closing without DISCONNECT");
             return;
         }
+        // Poll until the broker closes the connection after our DISCONNECT, not just until the
+        // DISCONNECT is written: dropping the socket while the broker's acknowledgements are
+        // still unread makes the kernel answer with a reset, and a broker that has not yet read
+        // our last packets (the latest publishes, the offline status, the DISCONNECT) then
+        // loses them.
         let until_disconnect = async {
             loop {
-                match self.eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
+                if self.eventloop.poll().await.is_err() {
+                    break;
                 }
             }
         };

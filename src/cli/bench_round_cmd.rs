@@ -1,0 +1,594 @@
+//! `fedmq bench round`: whole federated rounds with a no-op trainer, one JSON line per
+//! configuration; and the hidden `fedmq bench-round-client`, one client of the process mode.
+//!
+//! The in-process mode is [`fedmq::bench_round::bench_round_in_process`]. The process mode lives
+//! here because it starts this binary: `fedmq broker` (or Mosquitto), `fedmq store`, and one
+//! `fedmq bench-round-client` per client; this process is only the server. With several
+//! configurations (comma lists), each one runs in a fresh `fedmq bench round` child, so that every
+//! line's peak resident sets are its own (a process's peak never decreases).
+
+use anyhow::{bail, Context, Result};
+use fedmq::bench_round::{
+    self, kib_to_mib, proc_cpu_s, proc_status_kib, random_run_id, random_secret, round2,
+    run_bench_client, run_bench_server, BenchEnv, BrokerKind, CpuSeconds, Mode, MosquittoBroker,
+    RoundBenchConfig, RoundBenchReport, ScratchDir, ACCESS_KEY,
+};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio_util::sync::CancellationToken;
+
+/// Environment variable carrying the store's secret to child processes (never on argv).
+const SECRET_ENV: &str = "FEDMQ_S3_SAK";
+
+/// How long clients get to exit after the server's finish before they are killed.
+const CLIENT_EXIT_GRACE: Duration = Duration::from_secs(15);
+
+/// `fedmq bench round`.
+///
+/// Replaces training with a no-op (each client's update is the model it received plus a small
+/// constant) and measures round time, bytes moved and peak memory. Prints one JSON object per
+/// configuration (the cross product of --clients and --params).
+#[derive(Debug, clap::Args)]
+pub struct RoundArgs {
+    /// Clients (all selected every round), comma-separated for several configurations.
+    #[arg(long, value_delimiter = ',', default_value = "10")]
+    pub clients: Vec<usize>,
+    /// Model parameters (f32), comma-separated: integers or with k/M/G (100k, 1M, 10M).
+    #[arg(long, value_delimiter = ',', default_value = "1M", value_parser = bench_round::parse_params)]
+    pub params: Vec<usize>,
+    /// Rounds per configuration (with 3 or more, round 1 is left out of the statistics).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u64,
+    /// Every client, the broker and the store in its own process; this process is the server.
+    #[arg(long)]
+    pub processes: bool,
+    /// `embedded` (rumqttd: in this process, or `fedmq broker` with --processes) or `mosquitto`
+    /// (a child process; the binary must be installed).
+    #[arg(long, default_value = "embedded")]
+    pub broker: BrokerKind,
+    /// Check that the final model is exactly the initial one plus rounds × delta.
+    #[arg(long)]
+    pub payload_check: bool,
+    /// Update downloads the server runs at once (each holds one model in memory).
+    #[arg(long, default_value_t = 1)]
+    pub fetch_concurrency: usize,
+    /// What every client adds to every parameter.
+    #[arg(long, default_value_t = 0.001)]
+    pub delta: f32,
+    /// Deadline of one round, in seconds.
+    #[arg(long, default_value_t = 300.0)]
+    pub round_timeout_s: f64,
+}
+
+/// `fedmq bench-round-client` (hidden): one client of `fedmq bench round --processes`. The store's
+/// secret comes from FEDMQ_S3_SAK. Prints one JSON line when done, with its own peak resident set.
+#[derive(Debug, clap::Args)]
+pub struct ClientArgs {
+    /// Rank (1-based).
+    #[arg(long)]
+    pub rank: usize,
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub broker_host: String,
+    /// Broker port.
+    #[arg(long)]
+    pub broker_port: u16,
+    /// The store's endpoint URL.
+    #[arg(long)]
+    pub s3_endpoint: String,
+    /// Run id.
+    #[arg(long)]
+    pub run: String,
+    /// What to add to every parameter.
+    #[arg(long)]
+    pub delta: f32,
+    /// Stop when stdin closes (the parent benchmark died).
+    #[arg(long)]
+    pub exit_with_parent: bool,
+}
+
+/// The last line a client process prints.
+#[derive(Debug, Serialize, Deserialize)]
+struct ClientLine {
+    rank: usize,
+    rounds_reported: u64,
+    reason: String,
+    vm_hwm_kib: Option<u64>,
+    cpu_s: Option<f64>,
+}
+
+/// Runs `fedmq bench round`.
+pub fn run(a: RoundArgs) -> Result<()> {
+    if a.clients.is_empty() || a.clients.contains(&0) {
+        bail!("--clients needs counts of at least 1");
+    }
+    if a.params.is_empty() {
+        bail!("--params needs at least one count");
+    }
+    if a.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    if !(a.round_timeout_s > 0.0 && a.round_timeout_s.is_finite()) {
+        bail!("--round-timeout-s must be a positive number of seconds");
+    }
+    if a.broker == BrokerKind::Mosquitto && bench_round::find_mosquitto().is_none() {
+        bail!(
+            "--broker mosquitto: the mosquitto binary is not on PATH nor in /usr/sbin or \
+             /usr/local/sbin (install it, e.g. `apt-get install mosquitto`, or use \
+             --broker embedded)"
+        );
+    }
+    let configs: Vec<RoundBenchConfig> = a
+        .clients
+        .iter()
+        .flat_map(|&clients| a.params.iter().map(move |&params| (clients, params)))
+        .map(|(clients, params)| RoundBenchConfig {
+            clients,
+            params,
+            rounds: a.rounds,
+            broker: a.broker,
+            fetch_concurrency: a.fetch_concurrency.max(1),
+            payload_check: a.payload_check,
+            delta: a.delta,
+            round_timeout: Duration::from_secs_f64(a.round_timeout_s),
+        })
+        .collect();
+    if let [cfg] = configs.as_slice() {
+        let report = run_one(cfg, a.processes)?;
+        print_line(&serde_json::to_string(&report)?);
+        if !report.succeeded() {
+            bail!("the run did not complete: {}", report.outcome);
+        }
+        return Ok(());
+    }
+    let mut failed = 0usize;
+    for cfg in &configs {
+        match run_child(cfg, a.processes) {
+            Ok(line) => print_line(&line),
+            Err(e) => {
+                failed += 1;
+                let err = serde_json::json!({
+                    "clients": cfg.clients,
+                    "params": cfg.params,
+                    "rounds": cfg.rounds,
+                    "mode": if a.processes { Mode::Processes } else { Mode::InProcess },
+                    "broker": cfg.broker,
+                    "error": format!("{e:#}"),
+                });
+                print_line(&err.to_string());
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} configurations failed", configs.len());
+    }
+    Ok(())
+}
+
+fn print_line(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Runs one configuration in this process.
+fn run_one(cfg: &RoundBenchConfig, processes: bool) -> Result<RoundBenchReport> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    rt.block_on(async {
+        let work = async {
+            if processes {
+                bench_processes(cfg).await
+            } else {
+                bench_round::bench_round_in_process(cfg).await
+            }
+        };
+        // On Ctrl-C or SIGTERM the work is dropped: child processes are killed (kill-on-drop),
+        // Mosquitto too, scratch directories removed.
+        tokio::select! {
+            r = work => r,
+            () = interrupted() => bail!("interrupted"),
+        }
+    })
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM; never when signals cannot be watched.
+async fn interrupted() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                () = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    ctrl_c.await;
+}
+
+/// Runs one configuration in a fresh `fedmq bench round` child and returns its JSON line.
+fn run_child(cfg: &RoundBenchConfig, processes: bool) -> Result<String> {
+    let exe = std::env::current_exe().context("locating the fedmq binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["bench", "round"])
+        .arg(format!("--clients={}", cfg.clients))
+        .arg(format!("--params={}", cfg.params))
+        .arg(format!("--rounds={}", cfg.rounds))
+        .arg(format!("--broker={}", cfg.broker))
+        .arg(format!("--fetch-concurrency={}", cfg.fetch_concurrency))
+        .arg(format!("--delta={}", cfg.delta))
+        .arg(format!(
+            "--round-timeout-s={}",
+            cfg.round_timeout.as_secs_f64()
+        ));
+    if processes {
+        cmd.arg("--processes");
+    }
+    if cfg.payload_check {
+        cmd.arg("--payload-check");
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running a configuration in a child process")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .map(str::to_string);
+    match line {
+        Some(l) => Ok(l),
+        None => bail!(
+            "the child running {} clients × {} params printed no result ({})",
+            cfg.clients,
+            cfg.params,
+            out.status
+        ),
+    }
+}
+
+/// The log filter children get unless RUST_LOG is set: their progress lines would drown the
+/// parent's.
+fn child_log_filter() -> String {
+    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,rumqttd=off".into())
+}
+
+/// Reads `child`'s stdout lines until `pick` accepts one (or EOF / the timeout).
+async fn first_line<T>(
+    out: &mut BufReader<ChildStdout>,
+    what: &str,
+    timeout: Duration,
+    pick: impl Fn(&str) -> Option<T>,
+) -> Result<T> {
+    let read = async {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if out.read_line(&mut line).await? == 0 {
+                bail!("{what} exited before it was ready");
+            }
+            if let Some(v) = pick(line.trim()) {
+                return Ok(v);
+            }
+        }
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .with_context(|| format!("{what} not ready within {timeout:?}"))?
+}
+
+/// A child started by the process mode; killed on drop.
+struct Proc {
+    child: Child,
+    /// Kept open so that late writes of the child do not fail.
+    _stdout: Option<BufReader<ChildStdout>>,
+}
+
+impl Proc {
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// The child's peak resident set (KiB) and CPU seconds, read just before it is stopped.
+    async fn stop(mut self) -> (Option<u64>, Option<f64>) {
+        let peak = self.pid().and_then(|p| proc_status_kib(Some(p), "VmHWM"));
+        let cpu = self.pid().and_then(|p| proc_cpu_s(Some(p)));
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        (peak, cpu)
+    }
+}
+
+/// One configuration with every participant in its own process; this process is the server.
+async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
+    let started = Instant::now();
+    let exe = std::env::current_exe().context("locating the fedmq binary")?;
+    let log = child_log_filter();
+
+    // Broker.
+    let (port, broker_proc, mosquitto) = match cfg.broker {
+        BrokerKind::Embedded => {
+            let mut child = Command::new(&exe)
+                .args(["broker", "--listen", "127.0.0.1:0"])
+                .env("RUST_LOG", &log)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting `fedmq broker`")?;
+            let mut out = BufReader::new(child.stdout.take().context("broker stdout")?);
+            let port = first_line(&mut out, "fedmq broker", Duration::from_secs(20), |l| {
+                let rest = l.strip_prefix("fedmq broker listening on ")?;
+                let addr: std::net::SocketAddr = rest.split_whitespace().next()?.parse().ok()?;
+                Some(addr.port())
+            })
+            .await?;
+            let p = Proc {
+                child,
+                _stdout: Some(out),
+            };
+            (port, Some(p), None)
+        }
+        BrokerKind::Mosquitto => {
+            let m = tokio::task::block_in_place(MosquittoBroker::start)?;
+            (m.port(), None, Some(m))
+        }
+    };
+
+    // Store.
+    let dir = ScratchDir::new("bench-round-store")?;
+    let secret = random_secret();
+    let mut child = Command::new(&exe)
+        .args(["store", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", &log)
+        .env("FEDMQ_S3_AKI", ACCESS_KEY)
+        .env(SECRET_ENV, &secret)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting `fedmq store`")?;
+    let mut out = BufReader::new(child.stdout.take().context("store stdout")?);
+    let endpoint = first_line(&mut out, "fedmq store", Duration::from_secs(20), |l| {
+        l.starts_with("http://").then(|| l.to_string())
+    })
+    .await?;
+    let store_proc = Proc {
+        child,
+        _stdout: Some(out),
+    };
+
+    let env = BenchEnv {
+        mqtt_host: "127.0.0.1".into(),
+        mqtt_port: port,
+        s3: BenchEnv::s3_options(&endpoint, &secret),
+        run: random_run_id(),
+    };
+
+    // Clients. Each watches its stdin: when this process dies, the pipes close and they stop.
+    let mut clients = Vec::with_capacity(cfg.clients);
+    let mut client_stdins = Vec::with_capacity(cfg.clients);
+    for rank in 1..=cfg.clients {
+        let mut child = Command::new(&exe)
+            .arg("bench-round-client")
+            .arg(format!("--rank={rank}"))
+            .arg(format!("--broker-port={port}"))
+            .arg(format!("--s3-endpoint={endpoint}"))
+            .arg(format!("--run={}", env.run))
+            .arg(format!("--delta={}", cfg.delta))
+            .arg("--exit-with-parent")
+            .env("RUST_LOG", &log)
+            .env(SECRET_ENV, &secret)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting client {rank}"))?;
+        client_stdins.push(child.stdin.take());
+        clients.push(child);
+    }
+
+    // The server, here.
+    let server = run_bench_server(cfg, &env, CancellationToken::new()).await;
+
+    // Clients exit on the finish message and print their peak; stragglers are killed (on drop).
+    let waits = clients.into_iter().enumerate().map(|(i, c)| async move {
+        match tokio::time::timeout(CLIENT_EXIT_GRACE, c.wait_with_output()).await {
+            Ok(Ok(out)) => {
+                let text = String::from_utf8_lossy(&out.stdout);
+                let parsed = text
+                    .lines()
+                    .rev()
+                    .find_map(|l| serde_json::from_str::<ClientLine>(l).ok());
+                if parsed.is_none() {
+                    tracing::warn!(rank = i + 1, status = %out.status, "client printed no result");
+                }
+                parsed
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(rank = i + 1, "waiting for a client: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(rank = i + 1, "client did not exit in time; killed");
+                None
+            }
+        }
+    });
+    let lines = futures::future::join_all(waits).await;
+    drop(client_stdins);
+    let (broker_peak, broker_cpu) = match (broker_proc, &mosquitto) {
+        (Some(p), _) => p.stop().await,
+        (None, Some(m)) => (
+            proc_status_kib(Some(m.pid()), "VmHWM"),
+            proc_cpu_s(Some(m.pid())),
+        ),
+        (None, None) => (None, None),
+    };
+    drop(mosquitto);
+    let (store_peak, store_cpu) = store_proc.stop().await;
+    let server_cpu = proc_cpu_s(None);
+    drop(dir);
+    let server = server?;
+    let wall_s = started.elapsed().as_secs_f64();
+
+    let clients_ok = lines
+        .iter()
+        .flatten()
+        .filter(|l| l.rounds_reported == cfg.rounds)
+        .count();
+    let client_peaks: Vec<u64> = lines
+        .iter()
+        .flatten()
+        .filter_map(|l| l.vm_hwm_kib)
+        .collect();
+    let mut report =
+        RoundBenchReport::from_server(cfg, Mode::Processes, &server, clients_ok, wall_s);
+    report.broker_peak_rss_mib = broker_peak.map(kib_to_mib);
+    report.store_peak_rss_mib = store_peak.map(kib_to_mib);
+    report.client_peak_rss_mib_max = client_peaks.iter().max().copied().map(kib_to_mib);
+    let all_known = client_peaks.len() == cfg.clients;
+    report.total_rss_mib = match (server.peak_rss_kib, broker_peak, store_peak, all_known) {
+        (Some(s), Some(b), Some(st), true) => {
+            Some(kib_to_mib(s + b + st + client_peaks.iter().sum::<u64>()))
+        }
+        _ => None,
+    };
+    let client_cpus: Vec<f64> = lines.iter().flatten().filter_map(|l| l.cpu_s).collect();
+    let clients_cpu = (client_cpus.len() == cfg.clients).then(|| round2(client_cpus.iter().sum()));
+    report.cpu_s = CpuSeconds {
+        total: match (server_cpu, broker_cpu, store_cpu, clients_cpu) {
+            (Some(a), Some(b), Some(c), Some(d)) => Some(round2(a + b + c + d)),
+            _ => None,
+        },
+        server: server_cpu,
+        broker: broker_cpu,
+        store: store_cpu,
+        clients: clients_cpu,
+    };
+    report.note = Some(
+        "processes: total_rss_mib sums the peak resident sets of the server (this process), the \
+         broker, the store and every client process; idle_rss_mib is the server process before \
+         the model was built"
+            .into(),
+    );
+    Ok(report)
+}
+
+/// Runs `fedmq bench-round-client`.
+pub fn run_client(a: ClientArgs) -> Result<()> {
+    let secret = std::env::var(SECRET_ENV)
+        .with_context(|| format!("{SECRET_ENV} must hold the store's secret key"))?;
+    let env = BenchEnv {
+        mqtt_host: a.broker_host.clone(),
+        mqtt_port: a.broker_port,
+        s3: BenchEnv::s3_options(&a.s3_endpoint, &secret),
+        run: a.run.clone(),
+    };
+    let cancel = CancellationToken::new();
+    if a.exit_with_parent {
+        let cancel = cancel.clone();
+        std::thread::spawn(move || {
+            // EOF (or an error): the parent is gone.
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+            cancel.cancel();
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    let report = rt.block_on(run_bench_client(a.rank, &env, a.delta, cancel))?;
+    let line = ClientLine {
+        rank: a.rank,
+        rounds_reported: report.rounds_reported,
+        reason: report.reason,
+        vm_hwm_kib: proc_status_kib(None, "VmHWM"),
+        cpu_s: proc_cpu_s(None),
+    };
+    print_line(&serde_json::to_string(&line)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{bench::BenchCommand, Cli, Command};
+    use super::*;
+    use clap::Parser;
+
+    fn round_args(argv: &[&str]) -> RoundArgs {
+        let cli = Cli::try_parse_from(argv).expect("parses");
+        match cli.command {
+            Command::Bench(BenchCommand::Round(a)) => a,
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn comma_lists_and_suffixes_parse() {
+        let a = round_args(&[
+            "fedmq",
+            "bench",
+            "round",
+            "--clients",
+            "10,50",
+            "--params",
+            "1M,10000000,100k",
+        ]);
+        assert_eq!(a.clients, vec![10, 50]);
+        assert_eq!(a.params, vec![1_000_000, 10_000_000, 100_000]);
+        assert_eq!(a.rounds, 5);
+        assert!(!a.processes && !a.payload_check);
+        assert_eq!(a.broker, BrokerKind::Embedded);
+        let a = round_args(&[
+            "fedmq",
+            "bench",
+            "round",
+            "--processes",
+            "--broker",
+            "mosquitto",
+            "--payload-check",
+        ]);
+        assert!(a.processes && a.payload_check);
+        assert_eq!(a.broker, BrokerKind::Mosquitto);
+        assert!(Cli::try_parse_from(["fedmq", "bench", "round", "--params", "1X"]).is_err());
+    }
+
+    #[test]
+    fn the_client_subcommand_is_hidden_but_parses() {
+        let cli = Cli::try_parse_from([
+            "fedmq",
+            "bench-round-client",
+            "--rank=3",
+            "--broker-port=1883",
+            "--s3-endpoint=http://127.0.0.1:9000",
+            "--run=bench-1",
+            "--delta=0.001",
+        ])
+        .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::BenchRoundClient(ClientArgs { rank: 3, .. })
+        ));
+    }
+}

@@ -1,0 +1,663 @@
+//! Whole federations on real components bound to 127.0.0.1: the embedded rumqttd or Debian's
+//! Mosquitto, the embedded S3 store (in this process or as `fedmq store`), the server, and
+//! clients training on MNIST (fetched on first use), in this process or as `fedmq client`
+//! processes.
+//!
+//! Mosquitto tests skip when the `mosquitto` binary is absent and `CI` is unset; with `CI` set
+//! they fail instead.
+
+use fedmq::client::{self, ClientOptions, ClientReport, DataTrainer, LocalTrainer};
+use fedmq::config::Config;
+use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
+use fedmq::metrics::{read_jsonl, RoundRecord};
+use fedmq::proto::{BlobKeys, Body, Envelope, TopicKind, Topics, TrainConfig, TrainMetrics};
+use fedmq::server::{self, Evaluator, Outcome, Progress, ServerReport};
+use fedmq::store::{BlobStore, EmbeddedStore, S3Options, StoreOptions};
+use fedmq::strategy::FedAvg;
+use fedmq::tensor::ParamSet;
+use fedmq::train::ModelKind;
+use fedmq::transport::{BrokerOptions, ConnState, EmbeddedBroker, MqttSession, SessionOptions};
+use std::io::BufRead;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "federation-test-secret";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A new embedded rumqttd on a free port. Each test gets its own: participant ids (`server`,
+/// `client-1`, ...) are MQTT client ids, and two tests sharing a broker would take over each
+/// other's sessions. (rumqttd cannot be stopped; its threads end with the test binary.)
+fn embedded_broker() -> u16 {
+    EmbeddedBroker::start(BrokerOptions::default())
+        .expect("embedded broker")
+        .addr()
+        .port()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A small, fast federation on MNIST: `model`, `clients` clients, `rounds` rounds.
+fn config(run: &str, model: &str, clients: usize, rounds: usize, partition: &str) -> Config {
+    let mut c = Config::default();
+    c.common_args.run_id = run.into();
+    c.model_args.model = model.into();
+    c.data_args.dataset = "mnist".into();
+    c.data_args.partition_method = partition.into();
+    c.data_args.partition_alpha = 0.5;
+    c.train_args.client_num_in_total = clients;
+    c.train_args.client_num_per_round = clients;
+    c.train_args.comm_round = rounds;
+    c.train_args.epochs = 1;
+    c.train_args.batch_size = 32;
+    c.train_args.client_optimizer = "adam".into();
+    c.train_args.learning_rate = 0.001;
+    c.comm_args.customized_training_s3_config.cn_s3_aki = "fedmq".into();
+    c.comm_args.customized_training_s3_config.cn_s3_sak = SECRET.into();
+    c.validate().expect("valid test config");
+    c
+}
+
+fn accuracies(records: &[RoundRecord]) -> Vec<f64> {
+    records.iter().filter_map(|r| r.test_accuracy).collect()
+}
+
+fn failed(r: &RoundRecord, client: &str) -> bool {
+    r.failed_clients
+        .iter()
+        .any(|f| f.starts_with(&format!("{client}:")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn local_federation_learns_and_writes_its_outputs() {
+    let out = tempfile::tempdir().unwrap();
+    let cfg = config("learns", "mlp", 3, 3, "homo");
+    let opts = LocalOptions {
+        output_dir: out.path().to_path_buf(),
+        fetch_progress: false,
+    };
+    let mut seen = Vec::new();
+    let report = federation::run_local(
+        &cfg,
+        &opts,
+        |p| {
+            if let Progress::RoundClosed(r) = p {
+                seen.push(r.round)
+            }
+        },
+        CancellationToken::new(),
+    )
+    .await
+    .expect("local federation");
+    let s = &report.server;
+    assert_eq!(s.outcome, Outcome::Completed);
+    assert_eq!(seen, vec![1, 2, 3]);
+    assert_eq!(s.records.len(), 3);
+    for r in &s.records {
+        assert_eq!(r.participants, 3, "{r:?}");
+        assert_eq!(r.failures, 0, "{r:?}");
+        assert_eq!(r.num_samples, 60_000);
+        assert!(r.bytes > 0);
+    }
+    let acc = accuracies(&s.records);
+    assert_eq!(acc.len(), 3, "every round is evaluated");
+    assert!(acc[2] > acc[0], "accuracy rises: {acc:?}");
+    assert!(acc[2] >= 0.95, "mlp on homo MNIST after 3 rounds: {acc:?}");
+
+    // Every client trained every round once and left at the finish.
+    assert_eq!(report.clients.len(), 3);
+    for c in &report.clients {
+        let c = c.as_ref().expect("client ran");
+        assert_eq!(c.rounds_reported, 3);
+        assert_eq!(c.reason, "completed");
+        assert_eq!(c.final_model, s.final_model);
+    }
+
+    // Outputs: metrics as JSONL and CSV, the plot, the final model.
+    let jsonl = read_jsonl(&out.path().join("metrics.jsonl")).unwrap();
+    assert_eq!(jsonl, s.records);
+    let csv = std::fs::read_to_string(out.path().join("metrics.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    let svg = std::fs::read_to_string(out.path().join("plot.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    let bytes = std::fs::read(out.path().join("final_model.safetensors")).unwrap();
+    let final_params = ParamSet::from_safetensors_bytes(&bytes).unwrap();
+    assert_eq!(final_params, s.final_params);
+    assert_eq!(final_params.num_params(), 199_210, "mlp 784-200-200-10");
+
+    // The final model evaluates to the last recorded accuracy.
+    let (split, _) = federation::load_data(&cfg, false).unwrap();
+    let ev = ModelEvaluator::new(ModelKind::Mlp, split.test.clone(), candle_core::Device::Cpu);
+    let e = ev.evaluate(&final_params).unwrap();
+    assert!((e.accuracy - acc[2]).abs() < 1e-9, "{e:?} vs {acc:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A federation assembled by hand: broker and store in this process, clients in-process or as
+// `fedmq client` processes.
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    cfg: Config,
+    cfg_path: PathBuf,
+    store: Option<EmbeddedStore>,
+    broker_port: u16,
+}
+
+impl Fixture {
+    /// Embedded broker + embedded store; `cfg` rewritten to point at them and saved to a file
+    /// for client processes.
+    async fn new(mut cfg: Config) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            EmbeddedStore::start(StoreOptions::new(dir.path().join("store"), "fedmq", SECRET))
+                .await
+                .expect("embedded store");
+        let m = &mut cfg.comm_args.customized_training_mqtt_config;
+        m.broker_host = "127.0.0.1".into();
+        m.broker_port = embedded_broker();
+        let broker_port = m.broker_port;
+        cfg.comm_args.customized_training_s3_config.cn_s3_endpoint = store.endpoint();
+        let cfg_path = dir.path().join("fedml_config.yaml");
+        // The secret travels in the environment, as in production.
+        let mut on_disk = cfg.clone();
+        on_disk.comm_args.customized_training_s3_config.cn_s3_sak = String::new();
+        std::fs::write(&cfg_path, serde_yaml_ng::to_string(&on_disk).unwrap()).unwrap();
+        Self {
+            _dir: dir,
+            cfg,
+            cfg_path,
+            store: Some(store),
+            broker_port,
+        }
+    }
+
+    fn s3(&self) -> BlobStore {
+        BlobStore::connect(&S3Options::from(
+            &self.cfg.comm_args.customized_training_s3_config,
+        ))
+        .unwrap()
+    }
+
+    /// An in-process client of `rank` with `trainer`.
+    fn client(
+        &self,
+        rank: usize,
+        trainer: Arc<dyn LocalTrainer>,
+        cancel: &CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<ClientReport, client::ClientError>> {
+        let id = client::client_id(rank);
+        let opts = ClientOptions {
+            run: self.cfg.common_args.run_id.clone(),
+            id: id.clone(),
+            keys: BlobKeys::new(KEY_PREFIX, &self.cfg.common_args.run_id),
+            capabilities: federation::capabilities("cpu", trainer.num_samples()),
+            train_slots: None,
+            connect_timeout: WAIT,
+        };
+        let mqtt = federation::session_options(&self.cfg, &id, None);
+        tokio::spawn(client::run_client(
+            opts,
+            mqtt,
+            self.s3(),
+            trainer,
+            cancel.child_token(),
+        ))
+    }
+
+    /// `fedmq client --rank <rank>` as a child process.
+    fn client_process(&self, rank: usize) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_fedmq"))
+            .args(["client", "-c"])
+            .arg(&self.cfg_path)
+            .args(["--rank", &rank.to_string()])
+            .env("FEDMQ_S3_SAK", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawning fedmq client")
+    }
+
+    /// The server in this process (evaluating on the MNIST test split).
+    async fn server(
+        &self,
+        progress: impl FnMut(&Progress) + Send,
+        out: Option<PathBuf>,
+    ) -> ServerReport {
+        let (split, _) = federation::load_data(&self.cfg, false).unwrap();
+        let kind: ModelKind = self.cfg.model_args.model.parse().unwrap();
+        let ev: Arc<dyn Evaluator> = Arc::new(ModelEvaluator::new(
+            kind,
+            split.test.clone(),
+            candle_core::Device::Cpu,
+        ));
+        let initial = federation::initial_model(&self.cfg, split.train.as_ref()).unwrap();
+        server::run_server(
+            federation::server_options(&self.cfg, out),
+            federation::session_options(&self.cfg, server::SERVER_ID, None),
+            self.s3(),
+            Box::new(FedAvg),
+            initial,
+            None,
+            Some(ev),
+            progress,
+            CancellationToken::new(),
+        )
+        .await
+        .expect("server")
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(s) = self.store.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// Trains on MNIST, but from round `stall_from` on waits (connected, silent) until interrupted.
+struct Stalling {
+    inner: DataTrainer,
+    stall_from: u64,
+}
+
+impl LocalTrainer for Stalling {
+    fn num_samples(&self) -> u64 {
+        self.inner.num_samples()
+    }
+
+    fn train(
+        &self,
+        global: ParamSet,
+        config: &TrainConfig,
+        interrupt: &AtomicBool,
+    ) -> Result<(ParamSet, TrainMetrics), String> {
+        // The per-round seed is `random_seed * 1_000_003 + round`; with random_seed 0 it is the
+        // round.
+        if config.seed >= self.stall_from {
+            while !interrupt.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return Err("interrupted".into());
+        }
+        self.inner.train(global, config, interrupt)
+    }
+}
+
+fn data_trainer(cfg: &Config, rank: usize) -> DataTrainer {
+    let (split, part) = federation::load_data(cfg, false).unwrap();
+    let kind: ModelKind = cfg.model_args.model.parse().unwrap();
+    DataTrainer::new(
+        kind,
+        split.train.clone(),
+        part.client(rank - 1).unwrap().to_vec(),
+        candle_core::Device::Cpu,
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_and_silent_clients_fail_the_round_at_its_deadline_and_the_run_completes() {
+    let mut cfg = config("dropouts", "lr", 4, 3, "homo");
+    cfg.fedmq_args.round_timeout_s = 4.0;
+    cfg.fedmq_args.quorum = 0.5;
+    let fx = Fixture::new(cfg).await;
+    let cfg = fx.cfg.clone();
+    let cancel = CancellationToken::new();
+    let c1 = fx.client(1, Arc::new(data_trainer(&cfg, 1)), &cancel);
+    let c2 = fx.client(2, Arc::new(data_trainer(&cfg, 2)), &cancel);
+    // Client 3 is a process, SIGKILLed when round 2 starts.
+    let victim = Arc::new(Mutex::new(fx.client_process(3)));
+    // Client 4 stays connected but never reports from round 2 on.
+    let c4 = fx.client(
+        4,
+        Arc::new(Stalling {
+            inner: data_trainer(&cfg, 4),
+            stall_from: 2,
+        }),
+        &cancel,
+    );
+
+    let killer = victim.clone();
+    let report = fx
+        .server(
+            move |p| {
+                if let Progress::RoundStarted { round: 2, .. } = p {
+                    let mut child = killer.lock().unwrap();
+                    child.kill().expect("SIGKILL client-3");
+                    let _ = child.wait();
+                }
+            },
+            None,
+        )
+        .await;
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    let r = &report.records;
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[0].participants, 4, "{:?}", r[0]);
+    assert_eq!(r[0].failures, 0);
+    // Round 2: clients 1 and 2 reported (a quorum of 2 of 4); 3 was killed, 4 stayed silent,
+    // so the round closed at its deadline.
+    assert_eq!(r[1].participants, 2, "{:?}", r[1]);
+    assert!(failed(&r[1], "client-3"), "{:?}", r[1]);
+    assert!(failed(&r[1], "client-4"), "{:?}", r[1]);
+    assert!(
+        r[1].failed_clients.iter().any(|f| f == "client-4: timeout"),
+        "{:?}",
+        r[1].failed_clients
+    );
+    assert!(r[1].round_s >= 4.0, "closed at the deadline: {:?}", r[1]);
+    // Round 3: client 3 is gone (offline, not selected); 4 is silent again.
+    assert_eq!(r[2].participants, 2, "{:?}", r[2]);
+    assert!(failed(&r[2], "client-4"));
+    assert!(r[2].test_accuracy.unwrap() > 0.85, "{:?}", r[2]);
+
+    for c in [c1, c2, c4] {
+        let rep = tokio::time::timeout(WAIT, c)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(rep.reason, "completed");
+    }
+    fx.shutdown().await;
+}
+
+/// Passes the model through after a short pause (so that a round lasts long enough to replay
+/// messages into it).
+struct Slow(Duration);
+
+impl LocalTrainer for Slow {
+    fn num_samples(&self) -> u64 {
+        100
+    }
+
+    fn train(
+        &self,
+        global: ParamSet,
+        _config: &TrainConfig,
+        _interrupt: &AtomicBool,
+    ) -> Result<(ParamSet, TrainMetrics), String> {
+        std::thread::sleep(self.0);
+        Ok((global, TrainMetrics::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replayed_old_round_messages_are_ignored() {
+    let mut cfg = config("replay", "lr", 2, 4, "homo");
+    cfg.validation_args.frequency_of_the_test = 100;
+    let fx = Fixture::new(cfg).await;
+    let cfg = fx.cfg.clone();
+    let run = cfg.common_args.run_id.clone();
+    let topics = Topics::new(&run);
+    let cancel = CancellationToken::new();
+
+    // An eavesdropper records the first update of client-1 and the first command to client-2.
+    let mut spy = SessionOptions::new("127.0.0.1", fx.broker_port, "replay-spy");
+    spy.subscriptions = vec![topics.up_all(), topics.command("client-2")];
+    spy.clean_session = true;
+    let (spy, mut spy_rx) = MqttSession::connect(spy, cancel.clone()).unwrap();
+    spy.wait_for(ConnState::Connected, WAIT).await.unwrap();
+    let recorded = Arc::new(Mutex::new((None::<Envelope>, None::<Envelope>)));
+    let rec = recorded.clone();
+    let spy_topics = topics.clone();
+    tokio::spawn(async move {
+        while let Some(m) = spy_rx.recv().await {
+            let Ok((kind, env)) = m.decode(&spy_topics) else {
+                continue;
+            };
+            let mut r = rec.lock().unwrap();
+            match (&kind, &env.body) {
+                (TopicKind::Up(c), Body::Update(_)) if c == "client-1" && r.0.is_none() => {
+                    r.0 = Some(env)
+                }
+                (TopicKind::Command(_), Body::Train(_)) if r.1.is_none() => r.1 = Some(env),
+                _ => {}
+            }
+        }
+    });
+
+    let c1 = fx.client(1, Arc::new(Slow(Duration::from_millis(400))), &cancel);
+    let c2 = fx.client(2, Arc::new(Slow(Duration::from_millis(400))), &cancel);
+
+    // When round 3 starts, replay both recorded round-1 messages, unchanged (same id) and as
+    // fresh copies (new id, same old round).
+    let (replay_tx, mut replay_rx) = mpsc::unbounded_channel::<()>();
+    let spy2 = spy.clone();
+    let rec = recorded.clone();
+    let replay_topics = topics.clone();
+    let replayer = tokio::spawn(async move {
+        replay_rx.recv().await.expect("round 3 started");
+        let (update, train) = rec.lock().unwrap().clone();
+        let update = update.expect("an update of client-1 was recorded");
+        let train = train.expect("a train command to client-2 was recorded");
+        assert_eq!((update.round, train.round), (1, 1));
+        for env in [
+            update.clone(),
+            Envelope::new(&update.run, 1, "client-1", update.body.clone()),
+        ] {
+            spy2.publish(&replay_topics.up("client-1"), &env, false)
+                .await
+                .unwrap();
+        }
+        for env in [
+            train.clone(),
+            Envelope::new(&train.run, 1, "server", train.body.clone()),
+        ] {
+            spy2.publish(&replay_topics.command("client-2"), &env, false)
+                .await
+                .unwrap();
+        }
+    });
+    let report = fx
+        .server(
+            move |p| {
+                if let Progress::RoundStarted { round: 3, .. } = p {
+                    let _ = replay_tx.send(());
+                }
+            },
+            None,
+        )
+        .await;
+    replayer.await.unwrap();
+    assert_eq!(report.outcome, Outcome::Completed);
+    assert_eq!(report.records.len(), 4);
+    for r in &report.records {
+        assert_eq!(
+            (r.participants, r.failures),
+            (2, 0),
+            "stale updates neither count nor fail a round: {r:?}"
+        );
+    }
+    let rep2 = tokio::time::timeout(WAIT, c2)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(rep2.rounds_reported, 4, "client-2 never retrained round 1");
+    let rep1 = tokio::time::timeout(WAIT, c1)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(rep1.rounds_reported, 4);
+    spy.shutdown().await;
+    fx.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Everything as separate processes: Mosquitto, `fedmq store`, `fedmq server`, `fedmq client`s.
+
+fn mosquitto_bin() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
+        .map(|d| d.join("mosquitto"))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but the mosquitto binary is missing (apt-get install -y mosquitto)"
+        );
+        eprintln!("skipping: mosquitto is not installed (apt-get install -y mosquitto)");
+    }
+    found
+}
+
+/// Kills (SIGKILL) the child on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn first_line(child: &mut Child) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    rx.recv_timeout(WAIT).expect("a line on stdout")
+}
+
+fn fedmq(args: &[&str], cfg: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fedmq"));
+    c.args(args)
+        .arg("-c")
+        .arg(cfg)
+        .env("FEDMQ_S3_SAK", SECRET)
+        .env(
+            "RUST_LOG",
+            std::env::var("FEDMQ_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null());
+    c
+}
+
+#[test]
+fn distributed_federation_over_mosquitto_and_a_store_process() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+             max_packet_size 262144\nset_tcp_nodelay true\nlog_dest stderr\n"
+        ),
+    )
+    .unwrap();
+    let _mosquitto = Proc(
+        Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning mosquitto"),
+    );
+
+    let mut cfg = config("distributed", "lr", 3, 2, "homo");
+    let m = &mut cfg.comm_args.customized_training_mqtt_config;
+    m.broker_host = "127.0.0.1".into();
+    m.broker_port = port;
+    let store_port = free_port();
+    cfg.comm_args.customized_training_s3_config.cn_s3_endpoint =
+        format!("http://127.0.0.1:{store_port}");
+    cfg.comm_args.customized_training_s3_config.cn_s3_sak = String::new();
+    cfg.tracking_args.log_file_dir = dir.path().join("out").display().to_string();
+    let cfg_path = dir.path().join("fedml_config.yaml");
+    std::fs::write(&cfg_path, serde_yaml_ng::to_string(&cfg).unwrap()).unwrap();
+
+    let mut store = fedmq(
+        &[
+            "store",
+            "--listen",
+            &format!("127.0.0.1:{store_port}"),
+            "--data-dir",
+            &dir.path().join("store").display().to_string(),
+        ],
+        &cfg_path,
+    );
+    let mut store = Proc(
+        store
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let endpoint = first_line(&mut store.0);
+    assert_eq!(endpoint, format!("http://127.0.0.1:{store_port}"));
+
+    // Clients first (they wait for the server), then the server.
+    let mut clients: Vec<Proc> = (1..=3)
+        .map(|rank| {
+            Proc(
+                fedmq(&["client", "--rank", &rank.to_string()], &cfg_path)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let mut server = Proc(
+        fedmq(&["server"], &cfg_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let status = wait_exit(&mut server.0, Duration::from_secs(300));
+    assert!(status.success(), "fedmq server: {status}");
+    for c in &mut clients {
+        let s = wait_exit(&mut c.0, Duration::from_secs(30));
+        assert!(s.success(), "fedmq client: {s}");
+    }
+    let out = dir.path().join("out").join("distributed");
+    let records = read_jsonl(&out.join("metrics.jsonl")).unwrap();
+    assert_eq!(records.len(), 2);
+    assert!(records
+        .iter()
+        .all(|r| r.participants == 3 && r.failures == 0));
+    let acc = accuracies(&records);
+    assert!(acc[1] > 0.85, "lr on MNIST after 2 rounds: {acc:?}");
+    assert!(out.join("final_model.safetensors").is_file());
+    assert!(out.join("plot.svg").is_file());
+}
