@@ -6,6 +6,7 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    return_big_buffers_to_the_os();
     let args = cli::Cli::parse();
     cli::init_tracing(args.verbose, args.quiet_logs());
     match cli::run(args) {
@@ -15,5 +16,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Makes glibc serve allocations of 1 MiB and more with their own mappings, returned to the OS on
+/// free. fedmq's big allocations are model-sized transfer buffers that live for one step of a
+/// round; by default glibc raises its mmap threshold after the first such free (up to 32 MiB)
+/// and then keeps freed buffers in per-thread arenas, which roughly doubled the server's
+/// resident memory at 1M parameters without making anything faster.
+fn return_big_buffers_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; it is called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
     }
 }

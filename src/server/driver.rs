@@ -215,7 +215,9 @@ enum TaskDone {
     Fetched {
         client: String,
         round: u64,
-        result: Result<ParamSet, String>,
+        result: Result<Bytes, String>,
+        /// Held until the update is folded: bounds the updates in memory.
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
     },
 }
 
@@ -293,6 +295,8 @@ pub async fn run_server(
         started,
         last_admitting: None,
         metrics: None,
+        held_permit: None,
+        checkpoint_task: None,
     };
     if let Some(dir) = &driver.opts.output_dir {
         match MetricsWriter::create(dir) {
@@ -343,6 +347,7 @@ pub async fn run_server(
             _ => None,
         };
         let actions = machine.handle(event, Instant::now());
+        driver.held_permit = None;
         if let Some((client, round)) = folded {
             progress(&Progress::UpdateFolded { round, client });
         }
@@ -409,6 +414,10 @@ struct Driver {
     last_admitting: Option<usize>,
     /// `metrics.jsonl` / `metrics.csv` in the output directory.
     metrics: Option<MetricsWriter>,
+    /// The fetch slot of the update being folded.
+    held_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The latest checkpoint write (awaited before the run returns).
+    checkpoint_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Driver {
@@ -477,12 +486,16 @@ impl Driver {
                 client,
                 round,
                 result,
+                permit,
             } => Some(match result {
-                Ok(params) => Event::UpdateFetched {
-                    client,
-                    round,
-                    params,
-                },
+                Ok(blob) => {
+                    self.held_permit = permit;
+                    Event::UpdateFetched {
+                        client,
+                        round,
+                        blob,
+                    }
+                }
                 Err(reason) => Event::UpdateRejected {
                     client,
                     round,
@@ -509,8 +522,11 @@ impl Driver {
         self.put_checkpoint(cp).await;
     }
 
+    /// Stores `cp` in the background (off the round's critical path), then deletes the
+    /// checkpoint two rounds older (the newest two are kept).
     async fn put_checkpoint(&mut self, cp: Checkpoint) {
         let key = self.opts.keys.checkpoint(cp.round);
+        let old = (cp.round > 2).then(|| self.opts.keys.checkpoint(cp.round - 2));
         let body = match serde_json::to_vec_pretty(&cp) {
             Ok(b) => b,
             Err(e) => {
@@ -518,25 +534,22 @@ impl Driver {
                 return;
             }
         };
-        match self.store.put(&key, Bytes::from(body)).await {
-            Ok(_) => {
-                debug!(round = cp.round, %key, "checkpoint written");
-                if cp.round > 1 {
-                    // Keep the newest checkpoint and the one before it.
-                    let old = self.opts.keys.checkpoint(cp.round.saturating_sub(2));
-                    if cp.round > 2 {
-                        let store = self.store.clone();
-                        tokio::spawn(async move {
-                            let _ = store.delete(&old).await;
-                        });
+        let store = self.store.clone();
+        let task = tokio::spawn(async move {
+            match store.put(&key, Bytes::from(body)).await {
+                Ok(_) => {
+                    debug!(round = cp.round, %key, "checkpoint written");
+                    if let Some(old) = old {
+                        let _ = store.delete(&old).await;
                     }
                 }
+                Err(e) => warn!(
+                    "checkpoint of round {} not written ({e}); the run goes on without it",
+                    cp.round
+                ),
             }
-            Err(e) => warn!(
-                "checkpoint of round {} not written ({e}); the run goes on without it",
-                cp.round
-            ),
-        }
+        });
+        self.checkpoint_task = Some(task);
     }
 
     /// Carries out one action; returns the outcome when the run is over.
@@ -610,21 +623,16 @@ impl Driver {
                 let tx = self.tasks.0.clone();
                 let slots = self.fetch_slots.clone();
                 tokio::spawn(async move {
-                    let _permit = slots.acquire_owned().await;
-                    let result = match store.get(&blob).await {
-                        Ok(bytes) => tokio::task::spawn_blocking(move || {
-                            ParamSet::from_safetensors_bytes(&bytes).map_err(|e| e.to_string())
-                        })
-                        .await
-                        .unwrap_or_else(|e| Err(format!("decoding task failed: {e}"))),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    // The permit is held until the driver has the decoded update: at most
-                    // `fetch_concurrency` updates are in memory besides the aggregate.
+                    let permit = slots.acquire_owned().await.ok();
+                    let result = store.get(&blob).await.map_err(|e| e.to_string());
+                    // The permit travels with the bytes and is released once the driver has
+                    // folded them: at most `fetch_concurrency` updates are in memory besides the
+                    // global model and the aggregate.
                     let _ = tx.send(TaskDone::Fetched {
                         client,
                         round,
                         result,
+                        permit,
                     });
                 });
             }
@@ -767,6 +775,9 @@ impl Driver {
                 Ok(p) => debug!("plot written to {}", p.display()),
                 Err(e) => warn!("plot not written: {e}"),
             }
+        }
+        if let Some(t) = self.checkpoint_task.take() {
+            let _ = t.await;
         }
         match &outcome {
             Outcome::Completed => info!(rounds = machine.completed_rounds(), "run completed"),

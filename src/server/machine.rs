@@ -19,7 +19,7 @@
 
 use crate::proto::{BlobRef, Capabilities, TrainConfig, TrainMetrics};
 use crate::strategy::{ClientFailure, FailureReason, RoundAggregate, Strategy};
-use crate::tensor::ParamSet;
+use crate::tensor::{ParamSet, ParamsView};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -93,14 +93,15 @@ pub enum Event {
         /// Training metrics.
         metrics: TrainMetrics,
     },
-    /// The driver fetched, verified and decoded an update announced by `UpdateReady`.
+    /// The driver fetched and verified (length, SHA-256) an update announced by `UpdateReady`.
     UpdateFetched {
         /// Client id.
         client: String,
         /// Round.
         round: u64,
-        /// The client's trained parameters.
-        params: ParamSet,
+        /// The client's trained parameters as a safetensors blob; folded into the aggregate
+        /// straight from these bytes (no decoded copy).
+        blob: bytes::Bytes,
     },
     /// The announced update could not be fetched or decoded (digest mismatch, store error).
     UpdateRejected {
@@ -405,22 +406,29 @@ impl RoundMachine {
             Event::UpdateFetched {
                 client,
                 round,
-                params,
+                blob,
             } => {
                 if let Phase::Training(r) = &mut self.phase {
                     if r.round == round {
                         if let Some((samples, metrics)) = r.fetching.remove(&client) {
                             let agg = r.aggregate.as_mut();
-                            match agg.map(|a| a.add(&client, &params, samples)) {
-                                Some(Ok(())) => {
+                            let added = ParamsView::parse(&blob)
+                                .map_err(|e| format!("not a model blob: {e}"))
+                                .and_then(|v| {
+                                    agg.map(|a| {
+                                        a.add(&client, &v, samples).map_err(|e| e.to_string())
+                                    })
+                                    .transpose()
+                                });
+                            match added {
+                                Ok(Some(())) => {
                                     r.reported.insert(client, (samples, metrics.train_loss));
                                 }
-                                Some(Err(e)) => {
+                                Err(e) => {
                                     tracing::warn!(%client, round, "update rejected: {e}");
-                                    r.failed
-                                        .insert(client, FailureReason::BadUpdate(e.to_string()));
+                                    r.failed.insert(client, FailureReason::BadUpdate(e));
                                 }
-                                None => {}
+                                Ok(None) => {}
                             }
                         }
                     }

@@ -2,7 +2,7 @@
 //! trained models.
 
 use super::{ClientFailure, Error, Result, RoundAggregate, Strategy};
-use crate::tensor::ParamSet;
+use crate::tensor::{ParamSet, ParamsView};
 
 /// Sample-weighted federated averaging.
 #[derive(Debug, Default, Clone)]
@@ -42,21 +42,20 @@ impl StreamingMean {
 }
 
 impl RoundAggregate for StreamingMean {
-    fn add(&mut self, client: &str, update: &ParamSet, num_samples: u64) -> Result<()> {
+    fn add(&mut self, client: &str, update: &ParamsView<'_>, num_samples: u64) -> Result<()> {
         if num_samples == 0 {
             return Err(Error::ZeroWeight {
                 client: client.to_string(),
             });
         }
-        self.mean
-            .check_same_layout(update)
-            .map_err(|e| Error::Layout {
-                client: client.to_string(),
-                detail: e.to_string(),
-            })?;
+        update.check_layout(&self.mean).map_err(|e| Error::Layout {
+            client: client.to_string(),
+            detail: e.to_string(),
+        })?;
         if let Some(t) = update
+            .tensors()
             .iter()
-            .find(|t| t.data().iter().any(|x| !x.is_finite()))
+            .find(|t| t.values().any(|x| !x.is_finite()))
         {
             return Err(Error::NonFinite {
                 client: client.to_string(),
@@ -65,10 +64,9 @@ impl RoundAggregate for StreamingMean {
         }
         self.total_weight += num_samples as f64;
         let frac = (num_samples as f64 / self.total_weight) as f32;
-        for (m, x) in self.mean.tensors_mut().zip(update.iter()) {
-            for (m, x) in m.data_mut().iter_mut().zip(x.data()) {
-                *m += frac * (*x - *m);
-            }
+        // Both are sorted by name and have the same layout (checked above).
+        for (m, x) in self.mean.tensors_mut().zip(update.tensors()) {
+            x.zip_apply(m.data_mut(), |m, x| *m += frac * (x - *m));
         }
         self.count += 1;
         Ok(())
@@ -102,10 +100,18 @@ mod tests {
     fn weighted_mean_of_two() {
         let g = params(vec![0.0; 2], vec![0.0]);
         let mut agg = FedAvg.begin_round(1, &g);
-        agg.add("c1", &params(vec![1.0, 2.0], vec![10.0]), 1)
-            .unwrap();
-        agg.add("c2", &params(vec![4.0, 8.0], vec![40.0]), 2)
-            .unwrap();
+        agg.add(
+            "c1",
+            &ParamsView::of(&params(vec![1.0, 2.0], vec![10.0])),
+            1,
+        )
+        .unwrap();
+        agg.add(
+            "c2",
+            &ParamsView::of(&params(vec![4.0, 8.0], vec![40.0])),
+            2,
+        )
+        .unwrap();
         let m = agg.finish(&[]).unwrap();
         // (1·1 + 2·4)/3 = 3, (1·2 + 2·8)/3 = 6, (10 + 80)/3 = 30
         assert_eq!(m.get("a.weight").unwrap().data(), &[3.0, 6.0]);
@@ -123,20 +129,20 @@ mod tests {
     fn bad_updates_are_rejected_and_leave_the_mean_unchanged() {
         let g = params(vec![0.0; 2], vec![0.0]);
         let mut agg = FedAvg.begin_round(1, &g);
-        agg.add("c1", &params(vec![1.0, 1.0], vec![1.0]), 5)
+        agg.add("c1", &ParamsView::of(&params(vec![1.0, 1.0], vec![1.0])), 5)
             .unwrap();
         let wrong_shape = params(vec![1.0; 3], vec![1.0]);
         assert!(matches!(
-            agg.add("c2", &wrong_shape, 5),
+            agg.add("c2", &ParamsView::of(&wrong_shape), 5),
             Err(Error::Layout { .. })
         ));
         let nan = params(vec![f32::NAN, 1.0], vec![1.0]);
         assert!(matches!(
-            agg.add("c3", &nan, 5),
+            agg.add("c3", &ParamsView::of(&nan), 5),
             Err(Error::NonFinite { .. })
         ));
         assert!(matches!(
-            agg.add("c4", &params(vec![9.0; 2], vec![9.0]), 0),
+            agg.add("c4", &ParamsView::of(&params(vec![9.0; 2], vec![9.0])), 0),
             Err(Error::ZeroWeight { .. })
         ));
         assert_eq!(agg.count(), 1);
@@ -171,7 +177,7 @@ mod tests {
             let u = params(x.clone(), vec![0.5]);
             let mut agg = FedAvg.begin_round(1, &u.zeros_like());
             for (i, w) in weights.iter().enumerate() {
-                agg.add(&format!("c{i}"), &u, *w).unwrap();
+                agg.add(&format!("c{i}"), &ParamsView::of(&u), *w).unwrap();
             }
             let m = agg.finish(&[]).unwrap();
             for (a, b) in m.get("a.weight").unwrap().data().iter().zip(&x) {
@@ -187,7 +193,7 @@ mod tests {
             let run = |order: &[usize]| {
                 let mut agg = FedAvg.begin_round(1, &g);
                 for &i in order {
-                    agg.add(&format!("c{i}"), &params(xs[i].0.clone(), vec![1.0]), xs[i].1).unwrap();
+                    agg.add(&format!("c{i}"), &ParamsView::of(&params(xs[i].0.clone(), vec![1.0])), xs[i].1).unwrap();
                 }
                 agg.finish(&[]).unwrap()
             };

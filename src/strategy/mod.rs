@@ -14,7 +14,7 @@ mod fedavg;
 
 pub use fedavg::FedAvg;
 
-use crate::tensor::ParamSet;
+use crate::tensor::{ParamSet, ParamsView};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -140,7 +140,7 @@ pub trait RoundAggregate: Send {
     /// # Errors
     /// The update is unusable (layout, non-finite values, zero weight); the aggregate is left
     /// unchanged, so the caller records a failure and goes on.
-    fn add(&mut self, client: &str, update: &ParamSet, num_samples: u64) -> Result<()>;
+    fn add(&mut self, client: &str, update: &ParamsView<'_>, num_samples: u64) -> Result<()>;
 
     /// Number of updates folded in so far.
     fn count(&self) -> usize;

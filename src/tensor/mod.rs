@@ -26,9 +26,11 @@
 
 mod digest;
 mod param_set;
+mod view;
 
 pub use digest::Digest;
 pub use param_set::{LayoutMismatch, NamedTensor, ParamSet, ShapeMismatch};
+pub use view::{ParamsView, TensorView};
 
 /// Errors of the parameter layer.
 #[derive(Debug, thiserror::Error)]

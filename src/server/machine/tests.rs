@@ -97,7 +97,7 @@ impl Harness {
             acts.extend(self.ev(Event::UpdateFetched {
                 client: client.into(),
                 round,
-                params: params(v),
+                blob: params(v).to_safetensors_bytes().into(),
             }));
         }
         acts
@@ -252,7 +252,7 @@ fn update_announced_in_time_is_waited_for_after_the_deadline() {
     let acts = h.ev(Event::UpdateFetched {
         client: "b".into(),
         round: 1,
-        params: params(3.0),
+        blob: params(3.0).to_safetensors_bytes().into(),
     });
     assert_eq!(closed(&acts).unwrap().participants, vec!["a", "b"]);
 }
@@ -289,7 +289,7 @@ fn rejected_and_malformed_updates_are_failures() {
     let acts = h.ev(Event::UpdateFetched {
         client: "c".into(),
         round: 1,
-        params: bad,
+        blob: bad.to_safetensors_bytes().into(),
     });
     // Everyone is done and the quorum (1 of 3) is met: the round closes at once.
     let s = closed(&acts).expect("closed");
