@@ -135,6 +135,44 @@ async fn local_federation_learns_and_writes_its_outputs() {
     assert_eq!(final_params, s.final_params);
     assert_eq!(final_params.num_params(), 199_210, "mlp 784-200-200-10");
 
+    // The store (its data lives in the output directory) holds the checkpoint of the last round,
+    // naming the final model; older rounds were deleted (keep_rounds = 2).
+    let store = EmbeddedStore::start(StoreOptions::new(out.path().join("store"), "fedmq", SECRET))
+        .await
+        .unwrap();
+    let mut s3 = cfg.comm_args.customized_training_s3_config.clone();
+    s3.cn_s3_endpoint = store.endpoint();
+    let blobs = BlobStore::connect(&S3Options::from(&s3)).unwrap();
+    let keys = BlobKeys::new(KEY_PREFIX, "learns");
+    let cp = server::latest_checkpoint(&blobs, &keys)
+        .await
+        .unwrap()
+        .expect("a checkpoint");
+    assert_eq!((cp.round, cp.strategy.as_str()), (3, "FedAvg"));
+    assert_eq!(Some(&cp.model), s.final_model.as_ref());
+    let model = server::load_checkpoint_model(&blobs, &cp).await.unwrap();
+    assert_eq!(model, s.final_params);
+    let left: Vec<String> = blobs
+        .list(&keys.run_prefix())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert!(
+        !left.iter().any(|k| k.contains("/r000001/")),
+        "round 1 blobs deleted: {left:?}"
+    );
+    assert!(
+        left.iter().any(|k| k.ends_with("checkpoint/r000002")),
+        "{left:?}"
+    );
+    assert!(
+        !left.iter().any(|k| k.ends_with("checkpoint/r000001")),
+        "{left:?}"
+    );
+    store.shutdown().await;
+
     // The final model evaluates to the last recorded accuracy.
     let (split, _) = federation::load_data(&cfg, false).unwrap();
     let ev = ModelEvaluator::new(ModelKind::Mlp, split.test.clone(), candle_core::Device::Cpu);

@@ -31,6 +31,11 @@ impl BlobKeys {
         format!("{}/", self.base)
     }
 
+    /// The server's checkpoints.
+    pub fn checkpoint_prefix(&self) -> String {
+        format!("{}/checkpoint/", self.base)
+    }
+
     /// Everything of one round (global model and updates).
     pub fn round_prefix(&self, round: u64) -> String {
         format!("{}/r{round:06}/", self.base)
@@ -78,6 +83,7 @@ mod tests {
         assert_eq!(k.update(3, "c7"), "models/run-1/r000003/updates/c7");
         assert_eq!(k.round_of(&k.update(12, "c7")), Some(12));
         assert_eq!(k.round_of(&k.checkpoint(12)), None);
+        assert!(k.checkpoint(12).starts_with(&k.checkpoint_prefix()));
         assert_eq!(k.round_of("models/run-2/r000003/global"), None);
         assert_eq!(BlobKeys::new("", "r").global(0), "r/r000000/global");
     }

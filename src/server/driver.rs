@@ -172,7 +172,7 @@ pub async fn latest_checkpoint(
     store: &BlobStore,
     keys: &BlobKeys,
 ) -> Result<Option<Checkpoint>, ServerError> {
-    let prefix = format!("{}/checkpoint/", keys.run_prefix());
+    let prefix = keys.checkpoint_prefix();
     let mut objects = store.list(&prefix).await?;
     objects.sort_by(|a, b| a.key.cmp(&b.key));
     let Some(last) = objects.last() else {
