@@ -259,7 +259,9 @@ pub async fn run_server(
     ));
     let endpoint = format!("{}:{}", mqtt.host, mqtt.port);
     store.ensure_bucket().await?;
-    let (handle, mut incoming) = MqttSession::connect(mqtt, cancel.clone())?;
+    // The session has its own token: after `cancel` the server still tells the clients that the
+    // run is over, then shuts the session down itself.
+    let (handle, mut incoming) = MqttSession::connect(mqtt, CancellationToken::new())?;
     if let Err(e) = handle
         .wait_for(ConnState::Connected, opts.connect_timeout)
         .await

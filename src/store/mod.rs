@@ -9,7 +9,7 @@
 //!   retries, listing, prefix and retention deletes), [`S3Options`], [`RetentionPolicy`].
 //! - `server.rs`: [`EmbeddedStore`], the S3-compatible HTTP server (s3s + s3s-fs, SigV4) on a
 //!   free loopback port; [`serve`] and [`run_blocking`] for other lifecycles.
-//! - `fast_fs.rs`: [`FastFs`], s3s-fs with a faster `GetObject` body.
+//! - `fast_fs.rs`: [`FastFs`], s3s-fs with faster GetObject, PutObject, UploadPart and CompleteMultipartUpload paths.
 //! - `bench.rs`: the put/get throughput measurement behind `fedmq bench blob`.
 //! - `error.rs`: [`Error`], with the mapping of S3 error responses to it.
 
