@@ -15,6 +15,8 @@
 //! - [`server`]: the round engine as a sans-IO state machine.
 //! - [`transport`]: the MQTT session (one event-loop task, cloneable handle, retained presence,
 //!   reconnect/resubscribe) and the embedded rumqttd broker.
+//! - [`tls`]: rustls configurations (ring) from PEM files, handshake-failure explanations, and the
+//!   local CA of `fedmq certs`.
 //! - [`tensor`]: model parameters ↔ safetensors bytes in memory, with SHA-256 digests.
 //! - `cli` (binary only): the `fedmq` command line.
 #![warn(missing_docs)]
@@ -30,5 +32,6 @@ pub mod server;
 pub mod store;
 pub mod strategy;
 pub mod tensor;
+pub mod tls;
 pub mod train;
 pub mod transport;

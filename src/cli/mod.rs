@@ -3,6 +3,7 @@
 mod bench;
 mod bench_round_cmd;
 mod broker_cmd;
+mod certs_cmd;
 mod config_cmd;
 mod data_cmd;
 mod run_cmd;
@@ -53,6 +54,8 @@ enum Command {
     Broker(broker_cmd::BrokerArgs),
     /// Run the embedded S3-compatible object store over a data directory.
     Store(store_cmd::StoreArgs),
+    /// Create a local CA and TLS certificates for the participants, broker and store.
+    Certs(certs_cmd::CertsArgs),
     /// One client of `fedmq bench round --processes` (internal).
     #[command(name = "bench-round-client", hide = true)]
     BenchRoundClient(bench_round_cmd::ClientArgs),
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Config(c) => config_cmd::run(c),
         Command::Broker(a) => broker_cmd::run(a),
         Command::Store(a) => store_cmd::run(a),
+        Command::Certs(a) => certs_cmd::run(a),
         Command::BenchRoundClient(a) => bench_round_cmd::run_client(a),
     }
 }

@@ -282,6 +282,19 @@ pub struct MqttConfig {
     /// MQTT keep-alive in seconds.
     #[serde(rename = "MQTT_KEEPALIVE")]
     pub mqtt_keepalive: u64,
+    /// fedmq addition: connect to the broker over TLS (default false). Needs `MQTT_CA_PATH`.
+    #[serde(rename = "MQTT_TLS")]
+    pub mqtt_tls: bool,
+    /// fedmq addition: PEM file of the CA that signed the broker's certificate (only this CA is
+    /// trusted; `fedmq certs` writes `ca.pem`). The certificate must be valid for `BROKER_HOST`.
+    #[serde(rename = "MQTT_CA_PATH")]
+    pub mqtt_ca_path: String,
+    /// fedmq addition: client certificate (PEM) for mutual TLS, with `MQTT_KEY_PATH`; empty: none.
+    #[serde(rename = "MQTT_CERT_PATH")]
+    pub mqtt_cert_path: String,
+    /// fedmq addition: private key (PEM) of `MQTT_CERT_PATH`.
+    #[serde(rename = "MQTT_KEY_PATH")]
+    pub mqtt_key_path: String,
 }
 
 impl Default for MqttConfig {
@@ -292,6 +305,10 @@ impl Default for MqttConfig {
             mqtt_user: String::new(),
             mqtt_pwd: String::new(),
             mqtt_keepalive: 180,
+            mqtt_tls: false,
+            mqtt_ca_path: String::new(),
+            mqtt_cert_path: String::new(),
+            mqtt_key_path: String::new(),
         }
     }
 }
@@ -316,6 +333,10 @@ pub struct S3Config {
     /// "embedded store on a free port".
     #[serde(rename = "CN_S3_ENDPOINT")]
     pub cn_s3_endpoint: String,
+    /// fedmq addition: PEM bundle of the CA(s) to trust for an `https://` `CN_S3_ENDPOINT`
+    /// instead of the system's; empty: the system's trust store.
+    #[serde(rename = "CN_S3_CA_PATH")]
+    pub cn_s3_ca_path: String,
 }
 
 impl Default for S3Config {
@@ -326,6 +347,7 @@ impl Default for S3Config {
             cn_s3_sak: String::new(),
             cn_region_name: "us-east-1".into(),
             cn_s3_endpoint: String::new(),
+            cn_s3_ca_path: String::new(),
         }
     }
 }
@@ -638,11 +660,88 @@ impl Config {
                 self.common_args.run_id
             ),
         );
+        self.check_tls(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid { problems })
         }
+    }
+
+    /// The TLS keys of `customized_training_mqtt_config` and `customized_training_s3_config`:
+    /// consistent, and their files present and holding what they should.
+    fn check_tls(&self, problems: &mut Vec<String>) {
+        const MQTT: &str = "comm_args.customized_training_mqtt_config";
+        const S3: &str = "comm_args.customized_training_s3_config";
+        let m = &self.comm_args.customized_training_mqtt_config;
+        let mut file = |key: String, path: &str, load: &dyn Fn(&Path) -> crate::tls::Result<()>| {
+            if let Err(e) = load(Path::new(path)) {
+                problems.push(format!("{key}: {e}"));
+            }
+        };
+        let ca = |p: &Path| crate::tls::load_roots(p).map(drop);
+        let cert = |p: &Path| crate::tls::load_certs(p, "certificate").map(drop);
+        let key = |p: &Path| crate::tls::load_key(p).map(drop);
+        let mut local = Vec::new();
+        if m.mqtt_tls {
+            if m.broker_port == 0 {
+                local.push(format!(
+                    "{MQTT}.MQTT_TLS: true, but BROKER_PORT 0 starts fedmq run's embedded broker, \
+                     which serves plain MQTT on loopback; set BROKER_PORT to a TLS broker's port \
+                     (8883 usually) or MQTT_TLS: false"
+                ));
+            }
+            if m.mqtt_ca_path.is_empty() {
+                local.push(format!(
+                    "{MQTT}.MQTT_CA_PATH: MQTT_TLS is true but no CA is given; set it to the PEM \
+                     file of the CA that signed the broker's certificate (fedmq certs writes \
+                     ca.pem)"
+                ));
+            } else {
+                file(format!("{MQTT}.MQTT_CA_PATH"), &m.mqtt_ca_path, &ca);
+            }
+            match (m.mqtt_cert_path.is_empty(), m.mqtt_key_path.is_empty()) {
+                (false, false) => {
+                    file(format!("{MQTT}.MQTT_CERT_PATH"), &m.mqtt_cert_path, &cert);
+                    file(format!("{MQTT}.MQTT_KEY_PATH"), &m.mqtt_key_path, &key);
+                }
+                (false, true) => local.push(format!(
+                    "{MQTT}.MQTT_KEY_PATH: MQTT_CERT_PATH is set but its private key is not; \
+                     mutual TLS needs both"
+                )),
+                (true, false) => local.push(format!(
+                    "{MQTT}.MQTT_CERT_PATH: MQTT_KEY_PATH is set but the certificate is not; \
+                     mutual TLS needs both"
+                )),
+                (true, true) => {}
+            }
+        } else {
+            for (name, v) in [
+                ("MQTT_CA_PATH", &m.mqtt_ca_path),
+                ("MQTT_CERT_PATH", &m.mqtt_cert_path),
+                ("MQTT_KEY_PATH", &m.mqtt_key_path),
+            ] {
+                if !v.is_empty() {
+                    local.push(format!(
+                        "{MQTT}.{name}: set, but MQTT_TLS is false, so the connection would be \
+                         plain text; set MQTT_TLS: true (or remove {name})"
+                    ));
+                }
+            }
+        }
+        let s = &self.comm_args.customized_training_s3_config;
+        if !s.cn_s3_ca_path.is_empty() {
+            if s.cn_s3_endpoint.starts_with("https://") {
+                file(format!("{S3}.CN_S3_CA_PATH"), &s.cn_s3_ca_path, &ca);
+            } else {
+                local.push(format!(
+                    "{S3}.CN_S3_CA_PATH: set, but CN_S3_ENDPOINT {:?} is not an https:// URL \
+                     (an empty endpoint starts fedmq run's plain-HTTP embedded store)",
+                    s.cn_s3_endpoint
+                ));
+            }
+        }
+        problems.extend(local);
     }
 
     /// The data cache directory: `data_args.data_cache_dir`, or the per-user default when empty.

@@ -209,3 +209,157 @@ fn shipped_configs_are_valid() {
         Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
 }
+
+mod tls {
+    use super::*;
+
+    fn with_certs() -> (tempfile::TempDir, String, String, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = crate::tls::CertsPlan::new(dir.path(), vec!["client-1".into()]);
+        crate::tls::generate_certs(&plan).unwrap();
+        let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+        let (ca, cert, key) = (p("ca.pem"), p("client-1.pem"), p("client-1.key"));
+        (dir, ca, cert, key)
+    }
+
+    fn problems(cfg: &Config) -> Vec<String> {
+        match cfg.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid { problems }) => problems,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn keys_parse_with_their_fedml_style_names() {
+        let text = "comm_args:\n  customized_training_mqtt_config:\n    MQTT_TLS: true\n    \
+                    MQTT_CA_PATH: /c/ca.pem\n    MQTT_CERT_PATH: /c/x.pem\n    \
+                    MQTT_KEY_PATH: /c/x.key\n  customized_training_s3_config:\n    \
+                    CN_S3_ENDPOINT: https://s3:9000\n    CN_S3_CA_PATH: /c/ca.pem\n";
+        let cfg = parse(text).unwrap();
+        let m = &cfg.comm_args.customized_training_mqtt_config;
+        assert!(m.mqtt_tls);
+        assert_eq!(m.mqtt_ca_path, "/c/ca.pem");
+        assert_eq!(m.mqtt_cert_path, "/c/x.pem");
+        assert_eq!(m.mqtt_key_path, "/c/x.key");
+        let s = &cfg.comm_args.customized_training_s3_config;
+        assert_eq!(s.cn_s3_ca_path, "/c/ca.pem");
+        // Defaults: TLS off, nothing set, and valid.
+        let d = Config::default();
+        assert!(!d.comm_args.customized_training_mqtt_config.mqtt_tls);
+        d.validate().unwrap();
+        // A typo is caught like any other key.
+        let msg = parse("comm_args:\n  customized_training_mqtt_config:\n    MQTT_CA_PAHT: x\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("did you mean `MQTT_CA_PATH`?"), "{msg}");
+    }
+
+    #[test]
+    fn valid_tls_settings_pass() {
+        let (_dir, ca, cert, key) = with_certs();
+        let mut cfg = Config::default();
+        let m = &mut cfg.comm_args.customized_training_mqtt_config;
+        m.mqtt_tls = true;
+        m.broker_port = 8883;
+        m.mqtt_ca_path = ca.clone();
+        m.mqtt_cert_path = cert;
+        m.mqtt_key_path = key;
+        let s = &mut cfg.comm_args.customized_training_s3_config;
+        s.cn_s3_endpoint = "https://127.0.0.1:9000".into();
+        s.cn_s3_ca_path = ca;
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn missing_or_wrong_files_name_key_and_path() {
+        let (dir, ca, cert, key) = with_certs();
+        let mut cfg = Config::default();
+        let m = &mut cfg.comm_args.customized_training_mqtt_config;
+        m.mqtt_tls = true;
+        m.broker_port = 8883;
+        m.mqtt_ca_path = dir.path().join("nope.pem").to_string_lossy().into_owned();
+        // A key where the certificate should be, and the reverse.
+        m.mqtt_cert_path = key;
+        m.mqtt_key_path = ca;
+        let p = problems(&cfg);
+        assert_eq!(p.len(), 3, "{p:#?}");
+        assert!(
+            p[0].starts_with("comm_args.customized_training_mqtt_config.MQTT_CA_PATH: cannot read")
+                && p[0].contains("nope.pem"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[1].contains("MQTT_CERT_PATH") && p[1].contains("no PEM certificate"),
+            "{}",
+            p[1]
+        );
+        assert!(
+            p[2].contains("MQTT_KEY_PATH") && p[2].contains("no PEM private key"),
+            "{}",
+            p[2]
+        );
+        let _ = cert;
+    }
+
+    #[test]
+    fn inconsistent_tls_settings_are_explained() {
+        let (_dir, ca, cert, _key) = with_certs();
+        // TLS on without a CA.
+        let mut cfg = Config::default();
+        cfg.comm_args.customized_training_mqtt_config.mqtt_tls = true;
+        cfg.comm_args.customized_training_mqtt_config.broker_port = 8883;
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 1 && p[0].contains("MQTT_CA_PATH: MQTT_TLS is true but no CA"),
+            "{p:#?}"
+        );
+        // TLS towards fedmq run's plain embedded broker.
+        cfg.comm_args.customized_training_mqtt_config.broker_port = 0;
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 2 && p[0].contains("MQTT_TLS: true, but BROKER_PORT 0"),
+            "{p:#?}"
+        );
+        cfg.comm_args.customized_training_mqtt_config.broker_port = 8883;
+        // A certificate without its key.
+        let m = &mut cfg.comm_args.customized_training_mqtt_config;
+        m.mqtt_ca_path = ca.clone();
+        m.mqtt_cert_path = cert.clone();
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 1 && p[0].contains("MQTT_KEY_PATH: MQTT_CERT_PATH is set"),
+            "{p:#?}"
+        );
+        // TLS paths with TLS off: plain text would be a surprise.
+        let mut cfg = Config::default();
+        cfg.comm_args.customized_training_mqtt_config.mqtt_ca_path = ca.clone();
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 1 && p[0].contains("MQTT_CA_PATH: set, but MQTT_TLS is false"),
+            "{p:#?}"
+        );
+        // An S3 CA for a plain-HTTP (or embedded) endpoint.
+        let mut cfg = Config::default();
+        let s = &mut cfg.comm_args.customized_training_s3_config;
+        s.cn_s3_ca_path = ca;
+        s.cn_s3_endpoint = "http://127.0.0.1:9000".into();
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 1
+                && p[0].starts_with("comm_args.customized_training_s3_config.CN_S3_CA_PATH:")
+                && p[0].contains("not an https:// URL"),
+            "{p:#?}"
+        );
+        // Missing S3 CA file.
+        cfg.comm_args.customized_training_s3_config.cn_s3_endpoint = "https://h:1".into();
+        cfg.comm_args.customized_training_s3_config.cn_s3_ca_path = "/nonexistent/ca.pem".into();
+        let p = problems(&cfg);
+        assert!(
+            p.len() == 1
+                && p[0].contains("CN_S3_CA_PATH: cannot read CA certificate /nonexistent/ca.pem"),
+            "{p:#?}"
+        );
+    }
+}

@@ -29,11 +29,13 @@ use super::error::{from_response, map_sdk, Ctx, Error, Result};
 use crate::config::S3Config;
 use crate::proto::{BlobKeys, BlobRef};
 use crate::tensor::Digest;
+use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     BucketLocationConstraint, CompletedMultipartUpload, CompletedPart, CreateBucketConfiguration,
@@ -44,10 +46,16 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use rand::Rng;
 use std::num::NonZeroU64;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
+
+/// What to check when the TLS handshake with the S3 endpoint fails.
+pub const TLS_HINT: &str = "check comm_args.customized_training_s3_config.CN_S3_CA_PATH (the CA \
+     that signed the store's certificate) and that the certificate is valid for the host of \
+     CN_S3_ENDPOINT";
 
 /// One mebibyte.
 pub const MIB: usize = 1 << 20;
@@ -111,6 +119,10 @@ pub struct S3Options {
     /// detection earlier, at the cost of one more SHA-256 pass on each side of every upload (see
     /// the blob benchmark in docs/). Headers are always signed.
     pub sign_payload: bool,
+    /// PEM bundle of the CA(s) trusted for an `https://` endpoint instead of the system's trust
+    /// store (`CN_S3_CA_PATH`, a fedmq addition). The endpoint's certificate must be valid for
+    /// its host. `None`: the system's roots.
+    pub ca_path: Option<PathBuf>,
 }
 
 impl Default for S3Options {
@@ -135,6 +147,7 @@ impl Default for S3Options {
             operation_timeout: Duration::from_secs(600),
             list_page_size: 1000,
             sign_payload: false,
+            ca_path: None,
         }
     }
 }
@@ -147,6 +160,7 @@ impl From<&S3Config> for S3Options {
             access_key: c.cn_s3_aki.clone(),
             secret_key: c.cn_s3_sak.clone(),
             bucket: c.bucket_name.clone(),
+            ca_path: (!c.cn_s3_ca_path.is_empty()).then(|| PathBuf::from(&c.cn_s3_ca_path)),
             ..Self::default()
         }
     }
@@ -170,6 +184,7 @@ impl std::fmt::Debug for S3Options {
             .field("connect_timeout", &self.connect_timeout)
             .field("attempt_timeout", &self.attempt_timeout)
             .field("sign_payload", &self.sign_payload)
+            .field("ca_path", &self.ca_path)
             .finish_non_exhaustive()
     }
 }
@@ -214,6 +229,15 @@ impl S3Options {
                 "concurrency, max_in_flight, max_attempts and list_page_size must be at least 1"
                     .into(),
             );
+        }
+        if let Some(ca) = &self.ca_path {
+            if !self.endpoint.starts_with("https://") {
+                return bad(format!(
+                    "a CA file ({}, CN_S3_CA_PATH) is set but the endpoint {:?} is not https://",
+                    ca.display(),
+                    self.endpoint
+                ));
+            }
         }
         Ok(())
     }
@@ -275,11 +299,31 @@ impl BlobStore {
     /// [`Error::InvalidOptions`].
     pub fn connect(opts: &S3Options) -> Result<Self> {
         opts.validate()?;
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
+        let mut http = aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ));
+        if let Some(ca) = &opts.ca_path {
+            // Checked here: the SDK parses the bundle lazily and panics on a bad one.
+            crate::tls::load_roots(ca).map_err(|e| Error::InvalidOptions {
+                reason: format!("{e} (CN_S3_CA_PATH in customized_training_s3_config)"),
+            })?;
+            let pem = std::fs::read(ca).map_err(|source| Error::Io {
+                op: "reading the S3 CA file",
+                path: ca.clone(),
+                source,
+            })?;
+            let trust = tls::TrustStore::empty()
+                .with_native_roots(false)
+                .with_pem_certificate(pem);
+            let ctx = tls::TlsContext::builder()
+                .with_trust_store(trust)
+                .build()
+                .map_err(|e| Error::InvalidOptions {
+                    reason: format!("S3 TLS settings: {e}"),
+                })?;
+            http = http.tls_context(ctx);
+        }
+        let http = http.build_https();
         let retry = RetryConfig::standard()
             .with_max_attempts(opts.max_attempts)
             .with_initial_backoff(opts.initial_backoff)
@@ -342,6 +386,33 @@ impl BlobStore {
         }
     }
 
+    /// [`map_sdk`], except that a failed TLS handshake says so and names the CA file.
+    fn sdk_error<E>(&self, err: SdkError<E, HttpResponse>, ctx: Ctx<'_>) -> Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let opts = &self.inner.opts;
+        if let Some(rest) = opts.endpoint.strip_prefix("https://") {
+            let authority = rest.split('/').next().unwrap_or_default();
+            let host = match authority.strip_prefix('[') {
+                Some(v6) => v6.split(']').next().unwrap_or_default(),
+                None => authority.split(':').next().unwrap_or_default(),
+            };
+            let ca = opts.ca_path.clone().unwrap_or_else(|| {
+                PathBuf::from("the system trust store (CN_S3_CA_PATH is not set)")
+            });
+            let peer = format!("the S3 endpoint {}", opts.endpoint);
+            if let Some(reason) = crate::tls::explain_handshake(&err, &peer, host, &ca) {
+                return Error::Unreachable {
+                    endpoint: ctx.endpoint.to_string(),
+                    reason,
+                    hint: TLS_HINT,
+                };
+            }
+        }
+        map_sdk(err, ctx)
+    }
+
     fn client(&self) -> &aws_sdk_s3::Client {
         &self.inner.client
     }
@@ -373,7 +444,7 @@ impl BlobStore {
                 tracing::info!("created bucket");
                 Ok(())
             }
-            Err(e) => match map_sdk(e, self.ctx("CreateBucket", "")) {
+            Err(e) => match self.sdk_error(e, self.ctx("CreateBucket", "")) {
                 Error::S3 { ref code, .. } if code == "BucketAlreadyOwnedByYou" => Ok(()),
                 // Created concurrently, or (on s3s-fs) ours already: fine if we can access it.
                 Error::S3 { ref code, .. } if code == "BucketAlreadyExists" => {
@@ -391,7 +462,7 @@ impl BlobStore {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| map_sdk(e, self.ctx("HeadBucket", "")))
+            .map_err(|e| self.sdk_error(e, self.ctx("HeadBucket", "")))
     }
 
     /// Uploads `bytes` under `key` (overwriting) and returns its reference.
@@ -416,7 +487,7 @@ impl BlobStore {
             }
             req.send()
                 .await
-                .map_err(|e| map_sdk(e, self.ctx("PutObject", key)))?;
+                .map_err(|e| self.sdk_error(e, self.ctx("PutObject", key)))?;
             sha256
         } else {
             // Hash on the blocking pool while the parts upload.
@@ -446,7 +517,7 @@ impl BlobStore {
             .key(key)
             .send()
             .await
-            .map_err(|e| map_sdk(e, self.ctx("CreateMultipartUpload", key)))?;
+            .map_err(|e| self.sdk_error(e, self.ctx("CreateMultipartUpload", key)))?;
         let Some(upload_id) = created.upload_id().map(str::to_string) else {
             return Err(from_response(
                 self.ctx("CreateMultipartUpload", key),
@@ -467,7 +538,7 @@ impl BlobStore {
                 .send()
                 .await
             {
-                let abort = map_sdk(abort, self.ctx("AbortMultipartUpload", key));
+                let abort = self.sdk_error(abort, self.ctx("AbortMultipartUpload", key));
                 tracing::warn!(error = %abort, %upload_id, "abort failed; the store's lifecycle rules must reap the parts");
             }
         }
@@ -509,7 +580,7 @@ impl BlobStore {
             )
             .send()
             .await
-            .map_err(|e| map_sdk(e, self.ctx("CompleteMultipartUpload", key)))?;
+            .map_err(|e| self.sdk_error(e, self.ctx("CompleteMultipartUpload", key)))?;
         Ok(())
     }
 
@@ -538,7 +609,7 @@ impl BlobStore {
         let out = req
             .send()
             .await
-            .map_err(|e| map_sdk(e, self.ctx("UploadPart", key)))?;
+            .map_err(|e| self.sdk_error(e, self.ctx("UploadPart", key)))?;
         Ok(CompletedPart::builder()
             .part_number(part_number)
             .set_e_tag(out.e_tag().map(str::to_string))
@@ -677,7 +748,7 @@ impl BlobStore {
                 Ok(out) => out,
                 Err(e) => {
                     // A range past the end: the object is shorter than the reference says.
-                    let e = map_sdk(e, ctx);
+                    let e = self.sdk_error(e, ctx);
                     if matches!(&e, Error::S3 { code, .. } if code == "InvalidRange") {
                         return Err(self.length_error(key, total).await);
                     }
@@ -767,7 +838,7 @@ impl BlobStore {
             .key(key)
             .send()
             .await
-            .map_err(|e| map_sdk(e, self.ctx("HeadObject", key)))?;
+            .map_err(|e| self.sdk_error(e, self.ctx("HeadObject", key)))?;
         Ok(out
             .content_length()
             .and_then(|l| u64::try_from(l).ok())
@@ -786,7 +857,7 @@ impl BlobStore {
             .key(key)
             .send()
             .await
-            .map_err(|e| map_sdk(e, self.ctx("DeleteObject", key)))?;
+            .map_err(|e| self.sdk_error(e, self.ctx("DeleteObject", key)))?;
         Ok(())
     }
 
@@ -808,7 +879,7 @@ impl BlobStore {
                 .set_continuation_token(token.take())
                 .send()
                 .await
-                .map_err(|e| map_sdk(e, self.ctx("ListObjectsV2", prefix)))?;
+                .map_err(|e| self.sdk_error(e, self.ctx("ListObjectsV2", prefix)))?;
             for o in page.contents() {
                 if let Some(key) = o.key() {
                     out.push(ObjectMeta {
@@ -913,7 +984,7 @@ impl BlobStore {
                 .delete(delete)
                 .send()
                 .await
-                .map_err(|e| map_sdk(e, self.ctx("DeleteObjects", first)))?;
+                .map_err(|e| self.sdk_error(e, self.ctx("DeleteObjects", first)))?;
             if let Some(err) = out.errors().first() {
                 let key = err.key().unwrap_or(first);
                 return Err(from_response(

@@ -8,7 +8,8 @@
 //! - `blob.rs`: [`BlobStore`] (put/get with digest checks, multipart and ranged transfers,
 //!   retries, listing, prefix and retention deletes), [`S3Options`], [`RetentionPolicy`].
 //! - `server.rs`: [`EmbeddedStore`], the S3-compatible HTTP server (s3s + s3s-fs, SigV4) on a
-//!   free loopback port; [`serve`] and [`run_blocking`] for other lifecycles.
+//!   free loopback port, HTTPS with [`StoreTls`]; [`serve`], [`serve_tls`] and [`run_blocking`]
+//!   for other lifecycles.
 //! - `fast_fs.rs`: [`FastFs`], s3s-fs with faster GetObject, PutObject, UploadPart and CompleteMultipartUpload paths.
 //! - `bench.rs`: the put/get throughput measurement behind `fedmq bench blob`.
 //! - `error.rs`: [`Error`], with the mapping of S3 error responses to it.
@@ -24,9 +25,12 @@ mod error;
 mod fast_fs;
 mod server;
 
-pub use blob::{BlobStore, ObjectMeta, RetentionPolicy, S3Options, MAX_PARTS, MIB, MIN_PART_SIZE};
+pub use blob::{
+    BlobStore, ObjectMeta, RetentionPolicy, S3Options, MAX_PARTS, MIB, MIN_PART_SIZE, TLS_HINT,
+};
 pub use error::{Error, Result, AUTH_HINT, UNREACHABLE_HINT};
 pub use fast_fs::{FastFs, READ_CHUNK};
 pub use server::{
-    default_listen, run_blocking, serve, EmbeddedStore, StoreOptions, SHUTDOWN_GRACE,
+    default_listen, run_blocking, run_blocking_with_tls, serve, serve_tls, EmbeddedStore,
+    StoreOptions, StoreTls, SHUTDOWN_GRACE, TLS_HANDSHAKE_TIMEOUT,
 };

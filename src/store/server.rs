@@ -10,6 +10,13 @@
 //! [`SHUTDOWN_GRACE`] and returns. Dropping the handle also stops the server (without waiting).
 //! [`serve`] is the same loop as an `async fn run(.., cancel)` for callers that own a
 //! `TaskTracker`; [`run_blocking`] is the entry for synchronous callers such as the CLI.
+//!
+//! HTTPS: [`EmbeddedStore::start_with_tls`] (and [`serve_tls`]) put a rustls acceptor (ring) in
+//! front of the same service, with the certificate and key of [`StoreTls`]. Each handshake runs
+//! in the connection's own task, bounded by [`TLS_HANDSHAKE_TIMEOUT`], so a client that stalls
+//! its handshake holds only its own connection. Clients are not asked for certificates: the
+//! S3 client fedmq uses cannot present one (see `S3Options::ca_path`), and SigV4 authenticates
+//! every request.
 
 use super::error::{Error, Result};
 use super::fast_fs::FastFs;
@@ -20,14 +27,48 @@ use s3s::service::{S3Service, S3ServiceBuilder};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// How long [`EmbeddedStore::shutdown`] waits for in-flight requests before dropping them.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Longest TLS handshake the HTTPS store waits for before dropping the connection.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTPS settings of the embedded store: the certificate it presents (valid for the host name
+/// or IP address clients use in `CN_S3_ENDPOINT`) and its private key, both PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreTls {
+    /// Certificate chain (leaf first), e.g. `store.pem` from `fedmq certs`.
+    pub cert: PathBuf,
+    /// Its private key, e.g. `store.key`.
+    pub key: PathBuf,
+}
+
+impl StoreTls {
+    /// The rustls acceptor (HTTP/1.1 over TLS 1.2/1.3, ring).
+    ///
+    /// # Errors
+    /// [`Error::InvalidOptions`] naming the file that is missing or invalid.
+    pub fn acceptor(&self) -> Result<TlsAcceptor> {
+        let identity = crate::tls::Identity {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        };
+        let config = crate::tls::server_config(&identity, &[b"http/1.1"]).map_err(|e| {
+            Error::InvalidOptions {
+                reason: format!("embedded store HTTPS: {e}"),
+            }
+        })?;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
 
 /// What [`EmbeddedStore::start`] needs.
 #[derive(Clone)]
@@ -105,6 +146,8 @@ pub fn default_listen() -> SocketAddr {
 pub struct EmbeddedStore {
     /// The bound address (the real port when `listen` had port 0).
     addr: SocketAddr,
+    /// `http` or `https`.
+    scheme: &'static str,
     /// Cancelled to stop the accept loop; the loop then drains connections.
     cancel: CancellationToken,
     /// The accept loop; joined by `shutdown`.
@@ -122,6 +165,20 @@ impl EmbeddedStore {
     /// # Panics
     /// Outside a tokio runtime (it spawns the accept loop).
     pub async fn start(opts: StoreOptions) -> Result<Self> {
+        Self::start_with_tls(opts, None).await
+    }
+
+    /// As [`start`](Self::start), serving HTTPS with `tls` when given (the endpoint is then
+    /// `https://...`).
+    ///
+    /// # Errors
+    /// As [`start`](Self::start), and [`Error::InvalidOptions`] naming a missing or invalid
+    /// certificate or key file.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub async fn start_with_tls(opts: StoreOptions, tls: Option<StoreTls>) -> Result<Self> {
+        let acceptor = tls.as_ref().map(StoreTls::acceptor).transpose()?;
         let service = build_service(&opts)?;
         let listener = TcpListener::bind(opts.listen)
             .await
@@ -135,10 +192,13 @@ impl EmbeddedStore {
         })?;
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("store", %addr);
-        let task = tokio::spawn(serve(listener, service, cancel.clone()).instrument(span));
-        tracing::info!(endpoint = %format!("http://{addr}"), data_dir = %opts.data_dir.display(), "embedded S3 store listening");
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let task =
+            tokio::spawn(serve_inner(listener, service, acceptor, cancel.clone()).instrument(span));
+        tracing::info!(endpoint = %format!("{scheme}://{addr}"), data_dir = %opts.data_dir.display(), "embedded S3 store listening");
         Ok(Self {
             addr,
+            scheme,
             cancel,
             task: Some(task),
         })
@@ -149,9 +209,9 @@ impl EmbeddedStore {
         self.addr
     }
 
-    /// The endpoint URL for S3 clients, e.g. `http://127.0.0.1:40123`.
+    /// The endpoint URL for S3 clients, e.g. `http://127.0.0.1:40123` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     /// A token that stops the server when cancelled (as [`shutdown`](Self::shutdown) does,
@@ -202,6 +262,26 @@ fn build_service(opts: &StoreOptions) -> Result<S3Service> {
 /// to [`SHUTDOWN_GRACE`]. Accept errors (e.g. too many open files) are logged and retried with
 /// backoff, never fatal.
 pub async fn serve(listener: TcpListener, service: S3Service, cancel: CancellationToken) {
+    serve_inner(listener, service, None, cancel).await;
+}
+
+/// [`serve`] over HTTPS: each connection's TLS handshake (bounded by [`TLS_HANDSHAKE_TIMEOUT`])
+/// runs in its own task before HTTP is served on it.
+pub async fn serve_tls(
+    listener: TcpListener,
+    service: S3Service,
+    acceptor: TlsAcceptor,
+    cancel: CancellationToken,
+) {
+    serve_inner(listener, service, Some(acceptor), cancel).await;
+}
+
+async fn serve_inner(
+    listener: TcpListener,
+    service: S3Service,
+    acceptor: Option<TlsAcceptor>,
+    cancel: CancellationToken,
+) {
     let http = ConnBuilder::new(TokioExecutor::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut backoff = Duration::from_millis(5);
@@ -227,10 +307,38 @@ pub async fn serve(listener: TcpListener, service: S3Service, cancel: Cancellati
         };
         // Small control requests (HEAD, list, complete) should not wait for Nagle.
         let _ = socket.set_nodelay(true);
-        let conn = http.serve_connection(TokioIo::new(socket), service.clone());
-        let conn = graceful.watch(conn.into_owned());
+        let Some(acceptor) = &acceptor else {
+            let conn = http.serve_connection(TokioIo::new(socket), service.clone());
+            let conn = graceful.watch(conn.into_owned());
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        let (acceptor, http, service) = (acceptor.clone(), http.clone(), service.clone());
+        let watcher = graceful.watcher();
+        let cancel = cancel.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let peer = socket.peer_addr().ok();
+            let handshake = tokio::select! {
+                () = cancel.cancelled() => return,
+                r = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)) => r,
+            };
+            let stream = match handshake {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(?peer, error = %e, "TLS handshake with a client failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(?peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });
@@ -255,6 +363,24 @@ where
     F: Future<Output = ()>,
     R: FnOnce(&EmbeddedStore),
 {
+    run_blocking_with_tls(opts, None, shutdown, ready)
+}
+
+/// [`run_blocking`], serving HTTPS with `tls` when given (see
+/// [`EmbeddedStore::start_with_tls`]).
+///
+/// # Errors
+/// As [`EmbeddedStore::start_with_tls`], plus [`Error::Server`] if the runtime cannot be built.
+pub fn run_blocking_with_tls<F, R>(
+    opts: StoreOptions,
+    tls: Option<StoreTls>,
+    shutdown: F,
+    ready: R,
+) -> Result<()>
+where
+    F: Future<Output = ()>,
+    R: FnOnce(&EmbeddedStore),
+{
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fedmq-store")
@@ -263,7 +389,7 @@ where
             reason: format!("cannot build the tokio runtime: {e}"),
         })?;
     rt.block_on(async move {
-        let store = EmbeddedStore::start(opts).await?;
+        let store = EmbeddedStore::start_with_tls(opts, tls).await?;
         ready(&store);
         shutdown.await;
         store.shutdown().await;

@@ -15,6 +15,18 @@
 //! ("any free port") is resolved here first, by binding and releasing an ephemeral port. Another
 //! process could take the port in between; the readiness probe speaks MQTT, so that case is
 //! reported as an error rather than mistaken for our broker.
+//!
+//! TLS: with [`BrokerOptions::tls`] every listener speaks MQTT over TLS (rumqttd's rustls
+//! listener, ring), presenting the given certificate; the readiness probe then speaks TLS too,
+//! pinned to that certificate. Limits of rumqttd 0.20 that fedmq does not paper over:
+//! - No mutual TLS. rumqttd verifies client certificates only when built with its
+//!   `verify-client-cert` feature, which then requires a certificate on every TLS listener and
+//!   turns the certificate's organization (O) into a tenant that prefixes every topic; without
+//!   the feature a CA (`capath`) is silently ignored. fedmq builds without it and refuses a
+//!   `capath` instead. For mutual TLS use Mosquitto (`broker/mosquitto-tls.conf`).
+//! - rumqttd runs each TLS handshake inside its accept loop, without a timeout: a client that
+//!   opens a connection and never completes its handshake delays every later connection on that
+//!   listener. Acceptable on trusted networks; in front of untrusted ones, use Mosquitto.
 
 use super::{DEFAULT_MAX_PACKET_SIZE, MIN_PACKET_SIZE};
 use std::collections::HashMap;
@@ -22,7 +34,7 @@ use std::fmt;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// Why the embedded broker could not be configured or started.
@@ -113,11 +125,44 @@ pub struct BrokerOptions {
     /// In-memory segments kept per topic filter; older messages are dropped (a persistent session
     /// offline for longer loses them; retained messages are kept separately).
     pub max_segment_count: usize,
-    /// User name → password. `None`: anonymous access (fine on 127.0.0.1; use it, or TLS when it
-    /// lands, on any other interface).
+    /// User name → password. `None`: anonymous access (fine on 127.0.0.1; on any other
+    /// interface use it, with TLS so that passwords do not cross the network in clear).
     pub users: Option<HashMap<String, String>>,
     /// How long [`EmbeddedBroker::start`] waits for the listeners to answer.
     pub ready_timeout: Duration,
+    /// Serve MQTT over TLS on every listener (see the module's TLS note). `None`: plain TCP.
+    pub tls: Option<BrokerTls>,
+}
+
+/// The embedded broker's TLS certificate (PEM files). Sessions must trust its CA and connect by
+/// a host name or IP address in its subject alternative names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerTls {
+    /// Certificate chain, leaf first (e.g. `broker.pem` from `fedmq certs`).
+    pub cert: PathBuf,
+    /// Its private key (e.g. `broker.key`).
+    pub key: PathBuf,
+}
+
+impl BrokerTls {
+    /// Loads both files: the leaf certificate (for the readiness probe), checking the key too.
+    fn load(&self) -> Result<rustls::pki_types::CertificateDer<'static>, BrokerError> {
+        let bad = |e: crate::tls::TlsError| BrokerError::InvalidOption {
+            field: "tls",
+            reason: e.to_string(),
+        };
+        let mut certs = crate::tls::load_certs(&self.cert, "broker certificate").map_err(bad)?;
+        crate::tls::load_key(&self.key).map_err(bad)?;
+        Ok(certs.swap_remove(0))
+    }
+
+    fn to_rumqttd(&self) -> rumqttd::TlsConfig {
+        rumqttd::TlsConfig::Rustls {
+            capath: None,
+            certpath: self.cert.to_string_lossy().into_owned(),
+            keypath: self.key.to_string_lossy().into_owned(),
+        }
+    }
 }
 
 impl Default for BrokerOptions {
@@ -133,6 +178,7 @@ impl Default for BrokerOptions {
             max_segment_count: 4,
             users: None,
             ready_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -152,6 +198,7 @@ impl fmt::Debug for BrokerOptions {
             .field("max_segment_count", &self.max_segment_count)
             .field("users (passwords redacted)", &users)
             .field("ready_timeout", &self.ready_timeout)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -162,12 +209,15 @@ impl BrokerOptions {
     ///
     /// The embedded broker supports: `[router]`, exactly one `[v4.*]` listener, at most one
     /// `[v5.*]` listener, and their `connections` settings (`auth` included). The MQTT 5 listener
-    /// uses the MQTT 3.1.1 listener's connection settings.
+    /// uses the MQTT 3.1.1 listener's connection settings. TLS: a listener's
+    /// `tls = { certpath = "...", keypath = "..." }` (rumqttd's `Rustls` form); both listeners
+    /// must then have the same; `capath` (client certificates) is refused, see the module note.
     ///
     /// # Errors
     /// [`BrokerError::ReadConfig`] / [`BrokerError::ParseConfig`] for an unreadable or malformed
-    /// file, [`BrokerError::Unsupported`] for sections the embedded broker does not run (TLS,
-    /// websockets, bridge, cluster, console, prometheus, metrics), and
+    /// file, [`BrokerError::Unsupported`] for sections the embedded broker does not run
+    /// (client-certificate verification, native-tls, websockets, bridge, cluster, console,
+    /// prometheus, metrics), and
     /// [`BrokerError::InvalidOption`] from [`BrokerOptions::validate`].
     pub fn from_toml(path: &Path) -> Result<Self, BrokerError> {
         let text = std::fs::read_to_string(path).map_err(|source| BrokerError::ReadConfig {
@@ -221,13 +271,33 @@ impl BrokerOptions {
                     "more than one [{section}.*] listener"
                 )));
             }
-            let server = servers.pop();
-            if server.as_ref().is_some_and(|s| s.tls.is_some()) {
-                return Err(unsupported(&format!(
-                    "TLS on the [{section}] listener (TLS comes in a later release)"
-                )));
+            Ok(servers.pop())
+        };
+        let tls_of = |server: &rumqttd::ServerSettings,
+                      section: &str|
+         -> Result<Option<BrokerTls>, BrokerError> {
+            match &server.tls {
+                None => Ok(None),
+                Some(rumqttd::TlsConfig::Rustls {
+                    capath: Some(ca), ..
+                }) => Err(unsupported(&format!(
+                    "client-certificate verification (capath = {ca:?} on the [{section}] \
+                     listener): rumqttd 0.20 ignores capath unless built with its \
+                     verify-client-cert feature; for mutual TLS use Mosquitto \
+                     (broker/mosquitto-tls.conf), or remove capath for server-only TLS"
+                ))),
+                Some(rumqttd::TlsConfig::Rustls {
+                    capath: None,
+                    certpath,
+                    keypath,
+                }) => Ok(Some(BrokerTls {
+                    cert: PathBuf::from(certpath),
+                    key: PathBuf::from(keypath),
+                })),
+                Some(rumqttd::TlsConfig::NativeTls { .. }) => Err(unsupported(&format!(
+                    "native-tls (pkcs12) on the [{section}] listener; use certpath and keypath"
+                ))),
             }
-            Ok(server)
         };
         let v4 = one(cfg.v4, "v4")?.ok_or_else(|| BrokerError::InvalidOption {
             field: "v4",
@@ -235,6 +305,15 @@ impl BrokerOptions {
                 .into(),
         })?;
         let v5 = one(cfg.v5, "v5")?;
+        let tls = tls_of(&v4, "v4")?;
+        if let Some(v5) = &v5 {
+            if tls_of(v5, "v5")? != tls {
+                return Err(unsupported(
+                    "different TLS settings on the [v4] and [v5] listeners (the embedded broker \
+                     applies one TLS setting to both)",
+                ));
+            }
+        }
         if let Some(v5) = &v5 {
             if v5.connections.max_payload_size != v4.connections.max_payload_size
                 || v5.connections.auth != v4.connections.auth
@@ -257,6 +336,7 @@ impl BrokerOptions {
             max_segment_count: cfg.router.max_segment_count,
             users: c.auth.clone(),
             ready_timeout: Self::default().ready_timeout,
+            tls,
         };
         opts.validate()?;
         Ok(opts)
@@ -304,6 +384,9 @@ impl BrokerOptions {
                 return bad("users", "an empty user table locks every client out".into());
             }
         }
+        if let Some(tls) = &self.tls {
+            tls.load()?;
+        }
         Ok(())
     }
 
@@ -322,7 +405,7 @@ impl BrokerOptions {
         let server = |name: &str, listen| rumqttd::ServerSettings {
             name: name.into(),
             listen,
-            tls: None,
+            tls: self.tls.as_ref().map(BrokerTls::to_rumqttd),
             // rumqttd pauses this long after each accept: a cheap guard against connection storms.
             next_connection_delay_ms: 1,
             connections: connections.clone(),
@@ -366,12 +449,18 @@ impl EmbeddedBroker {
     /// failed to bind), [`BrokerError::NotReady`] when a listener does not answer in time.
     pub fn start(opts: BrokerOptions) -> Result<Self, BrokerError> {
         opts.validate()?;
+        let probe_tls = opts
+            .tls
+            .as_ref()
+            .map(|t| t.load().map(probe_tls_config))
+            .transpose()?;
         let addr = resolve_port(opts.listen)?;
         let addr_v5 = opts.listen_v5.map(resolve_port).transpose()?;
         let config = opts.to_rumqttd(addr, addr_v5);
+        let over = if opts.tls.is_some() { " over TLS" } else { "" };
         let listeners = match addr_v5 {
-            Some(v5) => format!("{addr} (MQTT 3.1.1), {v5} (MQTT 5)"),
-            None => format!("{addr} (MQTT 3.1.1)"),
+            Some(v5) => format!("{addr} (MQTT 3.1.1{over}), {v5} (MQTT 5{over})"),
+            None => format!("{addr} (MQTT 3.1.1{over})"),
         };
 
         let (exit_tx, exit_rx) = mpsc::channel::<String>();
@@ -398,7 +487,7 @@ impl EmbeddedBroker {
             if let Ok(reason) = exit_rx.try_recv() {
                 return Err(BrokerError::Exited { listeners, reason });
             }
-            targets.retain(|&(a, level)| !probe(a, level, probe_user));
+            targets.retain(|&(a, level)| !probe(a, level, probe_user, probe_tls.as_ref()));
             if targets.is_empty() {
                 break;
             }
@@ -443,16 +532,43 @@ fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, BrokerError> {
         })
 }
 
-/// One readiness probe: TCP connect, MQTT CONNECT (protocol level 4 or 5, clean session), and a
-/// CONNACK back (any return code: even "not authorized" proves an MQTT broker is answering).
-/// Then DISCONNECT. Every step is bounded by a short timeout.
-fn probe(addr: SocketAddr, level: u8, login: Option<(&String, &String)>) -> bool {
+/// One readiness probe: TCP connect, (TLS handshake,) MQTT CONNECT (protocol level 4 or 5, clean
+/// session), and a CONNACK back (any return code: even "not authorized" proves an MQTT broker is
+/// answering). Then DISCONNECT. Every step is bounded by a short timeout.
+fn probe(
+    addr: SocketAddr,
+    level: u8,
+    login: Option<(&String, &String)>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> bool {
     let step = Duration::from_millis(500);
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, step) else {
+    let Ok(s) = TcpStream::connect_timeout(&addr, step) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(step));
     let _ = s.set_write_timeout(Some(step));
+    let Some(config) = tls else {
+        return mqtt_probe(s, level, login, |s| {
+            let _ = s.shutdown(std::net::Shutdown::Write);
+        });
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let Ok(conn) = rustls::ClientConnection::new(config.clone(), name) else {
+        return false;
+    };
+    mqtt_probe(rustls::StreamOwned::new(conn, s), level, login, |s| {
+        s.conn.send_close_notify();
+        let _ = s.flush();
+    })
+}
+
+/// The MQTT part of [`probe`] on a connected stream; `close` ends our side after DISCONNECT.
+fn mqtt_probe<S: Read + Write>(
+    mut s: S,
+    level: u8,
+    login: Option<(&String, &String)>,
+    close: impl FnOnce(&mut S),
+) -> bool {
     if s.write_all(&connect_packet(level, login)).is_err() {
         return false;
     }
@@ -467,9 +583,88 @@ fn probe(addr: SocketAddr, level: u8, login: Option<(&String, &String)>) -> bool
     // DISCONNECT (remaining length 0 is valid in both 3.1.1 and 5), then wait for the broker to
     // close its side.
     let _ = s.write_all(&[0xE0, 0x00]);
-    let _ = s.shutdown(std::net::Shutdown::Write);
+    close(&mut s);
     let _ = s.read(&mut [0u8; 16]);
     true
+}
+
+/// The readiness probe's TLS client: it accepts exactly the certificate the broker was given
+/// (signatures still checked), so it proves that *our* broker answers, whatever names or CA
+/// that certificate has.
+fn probe_tls_config(cert: rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    let provider = crate::tls::crypto_provider();
+    let verifier = Arc::new(PinnedCert {
+        cert,
+        provider: provider.clone(),
+    });
+    // Invariant: ring's default provider supports the safe default protocol versions.
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// Accepts one certificate, byte for byte.
+#[derive(Debug)]
+struct PinnedCert {
+    cert: rustls::pki_types::CertificateDer<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.cert.as_ref() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "not the embedded broker's certificate".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// A minimal MQTT CONNECT packet for the readiness probe.
@@ -552,6 +747,72 @@ mod tests {
             BrokerOptions::from_toml_str("id = 0\n[router]\nmax_connections = 1"),
             Err(BrokerError::ParseConfig { .. })
         ));
+    }
+
+    #[test]
+    fn tls_listeners_parse_and_capath_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = crate::tls::CertsPlan::new(dir.path(), vec!["server".into()]);
+        crate::tls::generate_certs(&plan).unwrap();
+        let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
+        let base = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/rumqttd.toml"),
+        )
+        .unwrap();
+        let tls_line = format!(
+            "tls = {{ certpath = {:?}, keypath = {:?} }}",
+            p("broker.pem"),
+            p("broker.key")
+        );
+        let commented =
+            "# tls = { certpath = \"certs/broker.pem\", keypath = \"certs/broker.key\" }";
+        assert!(base.contains(commented));
+        // Both listeners: parsed into one setting.
+        let both = base.replace(commented, &tls_line).replace(
+            "listen = \"127.0.0.1:1884\"",
+            &format!("listen = \"127.0.0.1:1884\"\n{tls_line}"),
+        );
+        let opts = BrokerOptions::from_toml_str(&both).unwrap();
+        assert_eq!(
+            opts.tls,
+            Some(BrokerTls {
+                cert: p("broker.pem").into(),
+                key: p("broker.key").into()
+            })
+        );
+        // Only on [v4]: the embedded broker cannot apply different settings.
+        let v4_only = base.replace(commented, &tls_line);
+        assert!(matches!(
+            BrokerOptions::from_toml_str(&v4_only),
+            Err(BrokerError::Unsupported { what }) if what.contains("different TLS settings")
+        ));
+        // capath (client certificates): refused with the reason and the alternative.
+        let with_ca = base.replace(
+            commented,
+            &format!(
+                "tls = {{ capath = {:?}, certpath = {:?}, keypath = {:?} }}",
+                p("ca.pem"),
+                p("broker.pem"),
+                p("broker.key")
+            ),
+        );
+        match BrokerOptions::from_toml_str(&with_ca) {
+            Err(BrokerError::Unsupported { what }) => {
+                assert!(
+                    what.contains("verify-client-cert") && what.contains("mosquitto-tls.conf"),
+                    "{what}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        // A missing key file is named.
+        let missing = both.replace(&p("broker.key"), &p("gone.key"));
+        match BrokerOptions::from_toml_str(&missing) {
+            Err(e @ BrokerError::InvalidOption { field: "tls", .. }) => {
+                assert!(e.to_string().contains("gone.key"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -9,7 +9,16 @@
 //!   [`MqttHandle`] (cheap to clone) publishes, [`Incoming`] is what arrives, [`Dedup`] drops
 //!   QoS 1 duplicates. The `Design:` note there explains how commands survive broker restarts.
 //! - `broker.rs`: [`EmbeddedBroker`], rumqttd on a dedicated thread bound to 127.0.0.1, configured
-//!   from [`BrokerOptions`] (programmatic defaults or the shape of `broker/rumqttd.toml`).
+//!   from [`BrokerOptions`] (programmatic defaults or the shape of `broker/rumqttd.toml`), with
+//!   TLS from [`BrokerTls`] (server certificate only; mutual TLS needs Mosquitto, see there).
+//!
+//! # TLS
+//! [`SessionOptions::tls`] ([`MqttTls`]; `MQTT_TLS` and `MQTT_*_PATH` in the config) connects
+//! over TLS trusting only the given CA, with an optional client certificate for mutual TLS.
+//! Handshake failures are not retried silently: the session logs one error saying what failed
+//! and what to check, and reports it through [`MqttHandle::last_error`] and
+//! [`MqttError::Timeout`]. `broker/mosquitto-tls.conf` is the reference Mosquitto setup for
+//! TLS and mutual TLS.
 //! - `bench.rs`: [`bench::mqtt_rtt`], control-message round-trip latency through any broker.
 //!
 //! # Limits
@@ -23,9 +32,9 @@ pub mod bench;
 mod broker;
 mod mqtt;
 
-pub use broker::{BrokerError, BrokerOptions, EmbeddedBroker};
+pub use broker::{BrokerError, BrokerOptions, BrokerTls, EmbeddedBroker};
 pub use mqtt::{
-    ConnState, Dedup, Incoming, IncomingError, MqttError, MqttHandle, MqttSession,
+    ConnState, Dedup, Incoming, IncomingError, MqttError, MqttHandle, MqttSession, MqttTls,
     PresenceMessages, SessionOptions,
 };
 

@@ -62,14 +62,17 @@ use crate::proto::{
     self, Body, Capabilities, Envelope, Presence, Role, Status, TopicKind, Topics,
     MAX_MESSAGE_BYTES,
 };
+use crate::tls;
 use bytes::Bytes;
 use rand::Rng;
 use rumqttc::{
     AsyncClient, ClientError, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing,
     Packet, QoS, Request, SubscribeFilter, SubscribeReasonCode,
 };
+use rumqttc::{TlsConfiguration, Transport};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -116,7 +119,8 @@ pub enum MqttError {
     },
     /// A wait on the connection state timed out.
     #[error(
-        "timed out after {after:?} waiting for the MQTT session to be {want:?} (it is {now:?})"
+        "timed out after {after:?} waiting for the MQTT session to be {want:?} (it is {now:?}){}",
+        last_error_suffix(.last_error)
     )]
     Timeout {
         /// The state waited for.
@@ -125,6 +129,9 @@ pub enum MqttError {
         now: ConnState,
         /// How long we waited.
         after: Duration,
+        /// The last connection error of the session, when its latest attempt failed (for a
+        /// TLS handshake failure: what failed and what to check).
+        last_error: Option<String>,
     },
     /// The session closed while waiting for another state.
     #[error("the MQTT session closed while waiting for it to be {want:?}")]
@@ -132,6 +139,12 @@ pub enum MqttError {
         /// The state waited for.
         want: ConnState,
     },
+}
+
+fn last_error_suffix(e: &Option<String>) -> String {
+    e.as_ref()
+        .map(|e| format!("; last connection error: {e}"))
+        .unwrap_or_default()
 }
 
 /// Why a received publish is not a valid message for this run (see `docs/PROTOCOL.md`,
@@ -237,6 +250,18 @@ impl PresenceMessages {
     }
 }
 
+/// TLS settings of a session (`MQTT_TLS` and the `MQTT_*_PATH` keys of
+/// `customized_training_mqtt_config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttTls {
+    /// PEM file of the CA(s) that signed the broker's certificate; only these are trusted. The
+    /// broker's certificate must also be valid for [`SessionOptions::host`] (a DNS name or IP
+    /// address in its subject alternative names).
+    pub ca: PathBuf,
+    /// Client certificate and key for mutual TLS, for brokers that require one.
+    pub identity: Option<tls::Identity>,
+}
+
 /// Settings of one MQTT session. [`SessionOptions::new`] gives fedmq's defaults.
 #[derive(Clone)]
 pub struct SessionOptions {
@@ -261,6 +286,8 @@ pub struct SessionOptions {
     /// [`super::MIN_PACKET_SIZE`]; keep it equal to the broker's limit (see
     /// [`super::DEFAULT_MAX_PACKET_SIZE`]).
     pub max_packet_size: usize,
+    /// TLS (`None`: plain TCP). See [`MqttTls`].
+    pub tls: Option<MqttTls>,
     /// Topic filters subscribed (QoS 1) on every connection.
     pub subscriptions: Vec<String>,
     /// Retained presence and last will, if this participant announces itself.
@@ -299,6 +326,7 @@ impl fmt::Debug for SessionOptions {
             .field("backoff_max", &self.backoff_max)
             .field("close_timeout", &self.close_timeout)
             .field("tcp_nodelay", &self.tcp_nodelay)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -324,11 +352,13 @@ impl SessionOptions {
             backoff_max: Duration::from_secs(5),
             close_timeout: Duration::from_secs(2),
             tcp_nodelay: true,
+            tls: None,
         }
     }
 
-    /// Defaults plus the broker address, credentials (when `MQTT_USER` is non-empty) and
-    /// keep-alive of `comm_args.customized_training_mqtt_config`.
+    /// Defaults plus the broker address, credentials (when `MQTT_USER` is non-empty),
+    /// keep-alive and TLS settings (when `MQTT_TLS` is true) of
+    /// `comm_args.customized_training_mqtt_config`.
     pub fn from_config(cfg: &MqttConfig, client_id: impl Into<String>) -> Self {
         let mut opts = Self::new(cfg.broker_host.clone(), cfg.broker_port, client_id);
         if !cfg.mqtt_user.is_empty() {
@@ -336,6 +366,15 @@ impl SessionOptions {
             opts.password = Some(cfg.mqtt_pwd.clone());
         }
         opts.keepalive = Duration::from_secs(cfg.mqtt_keepalive);
+        if cfg.mqtt_tls {
+            let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(p));
+            opts.tls = Some(MqttTls {
+                ca: PathBuf::from(&cfg.mqtt_ca_path),
+                identity: path(&cfg.mqtt_cert_path)
+                    .zip(path(&cfg.mqtt_key_path))
+                    .map(|(cert, key)| tls::Identity { cert, key }),
+            });
+        }
         opts
     }
 
@@ -405,6 +444,16 @@ impl SessionOptions {
         }
         if self.queue_capacity == 0 {
             return bad("queue_capacity", "must be at least 1".into());
+        }
+        if let Some(t) = &self.tls {
+            if t.ca.as_os_str().is_empty() {
+                return bad(
+                    "tls",
+                    "the CA file path is empty (set MQTT_CA_PATH to the PEM file of the CA that \
+                     signed the broker's certificate)"
+                        .into(),
+                );
+            }
         }
         if self.backoff_initial.is_zero() || self.backoff_max < self.backoff_initial {
             return bad(
@@ -542,8 +591,13 @@ impl MqttSession {
     /// `opts.queue_capacity`). Dropping the receiver discards incoming publishes; the session
     /// keeps running for publishing.
     ///
+    /// With [`SessionOptions::tls`], the CA (and client certificate) files are read here; a
+    /// failed TLS handshake is logged once as an error saying what to check, and reported by
+    /// [`MqttHandle::last_error`] and in [`MqttError::Timeout`].
+    ///
     /// # Errors
-    /// [`MqttError::InvalidOption`] from [`SessionOptions::validate`].
+    /// [`MqttError::InvalidOption`] from [`SessionOptions::validate`], or with field `tls` when
+    /// a certificate file is missing or invalid (the message names it).
     ///
     /// # Panics
     /// Outside a tokio runtime.
@@ -564,6 +618,17 @@ impl MqttSession {
         if let Some(p) = &opts.presence {
             mqtt.set_last_will(last_will(p));
         }
+        if let Some(t) = &opts.tls {
+            let config = tls::client_config(&t.ca, t.identity.as_ref()).map_err(|e| {
+                MqttError::InvalidOption {
+                    field: "tls",
+                    reason: e.to_string(),
+                }
+            })?;
+            mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(config),
+            )));
+        }
         let (client, mut eventloop) = AsyncClient::new(mqtt, opts.queue_capacity);
         let mut network = eventloop.network_options();
         network.set_tcp_nodelay(opts.tcp_nodelay);
@@ -572,11 +637,23 @@ impl MqttSession {
         let state = Arc::new(watch::Sender::new(ConnState::Connecting));
         let retained = RetainedLedger::default();
         let cancel = cancel.child_token();
+        let last_error = Arc::new(Mutex::new(None));
 
         let driver = Driver {
             eventloop,
             client: client.clone(),
             endpoint: format!("{}:{}", opts.host, opts.port),
+            host: opts.host.clone(),
+            tls_files: opts.tls.as_ref().map(|t| match &t.identity {
+                None => format!("MQTT_CA_PATH {}", t.ca.display()),
+                Some(id) => format!(
+                    "MQTT_CA_PATH {}, MQTT_CERT_PATH {}",
+                    t.ca.display(),
+                    id.cert.display()
+                ),
+            }),
+            tls_ca: opts.tls.as_ref().map(|t| t.ca.clone()),
+            shared_error: last_error.clone(),
             client_id: opts.client_id.clone(),
             subscriptions: opts.subscriptions,
             presence: opts.presence,
@@ -600,6 +677,7 @@ impl MqttSession {
             cancel,
             abort: task.abort_handle(),
             close_timeout: opts.close_timeout,
+            last_error,
         };
         Ok((handle, incoming_rx))
     }
@@ -622,6 +700,8 @@ pub struct MqttHandle {
     abort: AbortHandle,
     /// Bound on a clean shutdown.
     close_timeout: Duration,
+    /// The driver's last connection error (cleared on CONNACK).
+    last_error: Arc<Mutex<Option<String>>>,
 }
 
 impl MqttHandle {
@@ -686,6 +766,15 @@ impl MqttHandle {
             .map_err(closed)
     }
 
+    /// The last connection error, when the latest connection attempt failed (`None` once
+    /// connected). For a TLS handshake failure it says what failed and what to check.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// The current connection state.
     pub fn state(&self) -> ConnState {
         *self.state.borrow()
@@ -714,6 +803,7 @@ impl MqttHandle {
                 want,
                 now: self.state(),
                 after: timeout,
+                last_error: self.last_error(),
             }),
         }
     }
@@ -810,6 +900,14 @@ struct Driver {
     client: AsyncClient,
     /// `host:port`, for logs.
     endpoint: String,
+    /// The broker host (the name its TLS certificate must be valid for).
+    host: String,
+    /// The CA file, when the session uses TLS (for error messages).
+    tls_ca: Option<PathBuf>,
+    /// The TLS settings in use, for error messages.
+    tls_files: Option<String>,
+    /// `last_error`, readable by the handles.
+    shared_error: Arc<Mutex<Option<String>>>,
     client_id: String,
     subscriptions: Vec<String>,
     presence: Option<PresenceMessages>,
@@ -916,6 +1014,10 @@ impl Driver {
                   "MQTT connected");
         }
         self.last_error = None;
+        *self
+            .shared_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.had_connack = true;
         self.set_state(ConnState::Connecting);
         if self.subscriptions.is_empty() {
@@ -974,7 +1076,17 @@ impl Driver {
     }
 
     fn on_error(&mut self, e: &ConnectionError) {
-        let msg = e.to_string();
+        let explained = self.tls_ca.as_deref().and_then(|ca| {
+            let peer = format!("the MQTT broker {}", self.endpoint);
+            tls::explain_handshake(e, &peer, &self.host, ca)
+                .map(|m| format!("{m} ({})", self.tls_files.as_deref().unwrap_or_default()))
+        });
+        let msg = explained.clone().unwrap_or_else(|| e.to_string());
+        *self
+            .shared_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(msg.clone());
+        let repeated = self.last_error.as_deref() == Some(msg.as_str());
         if self.had_connack {
             warn!(client_id = %self.client_id, endpoint = %self.endpoint, error = %msg,
                   "MQTT connection lost; reconnecting with back-off");
@@ -982,7 +1094,11 @@ impl Driver {
             if let Some(p) = &self.presence {
                 self.eventloop.mqtt_options.set_last_will(last_will(p));
             }
-        } else if self.last_error.as_deref() != Some(msg.as_str()) {
+        } else if explained.is_some() && !repeated {
+            // Not a transient network problem: retrying will not help until a certificate or a
+            // setting changes, so say it loudly (once per distinct error).
+            tracing::error!(client_id = %self.client_id, "{msg}; retrying with back-off");
+        } else if !repeated {
             warn!(client_id = %self.client_id, endpoint = %self.endpoint, error = %msg,
                   "cannot connect to the MQTT broker; retrying with back-off");
         } else {
