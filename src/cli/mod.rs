@@ -80,18 +80,16 @@ pub fn run(cli: Cli) -> Result<()> {
 
 impl Cli {
     /// Whether the process only moves and aggregates model-sized buffers (server, store, broker,
-    /// round benchmark) rather than training: then glibc is told to return such buffers to the
+    /// the server of `bench round --processes`) rather than training or hosting clients: then glibc is told to return such buffers to the
     /// OS (see `main.rs`). Training processes keep glibc's default, under which the trainers'
     /// per-batch buffers are recycled instead of page-faulted in afresh.
     pub fn moves_buffers_only(&self) -> bool {
-        matches!(
-            self.command,
-            Command::Server(_)
-                | Command::Store(_)
-                | Command::Broker(_)
-                | Command::BenchRoundClient(_)
-                | Command::Bench(bench::BenchCommand::Round(_))
-        )
+        match &self.command {
+            Command::Server(_) | Command::Store(_) | Command::Broker(_) => true,
+            // With --processes this process is only the server; in-process it hosts clients too.
+            Command::Bench(bench::BenchCommand::Round(a)) => a.processes,
+            _ => false,
+        }
     }
 
     /// Whether the command draws its own progress (`fedmq run`): then logs start at warnings.
