@@ -163,12 +163,14 @@ pub fn initial_model(cfg: &Config, data: &dyn Dataset) -> Result<ParamSet> {
     )?)
 }
 
-/// What a client of this process announces.
+/// What a client of this process announces (`device_desc` from [`train::select_device`]).
 pub fn capabilities(device_desc: &str, samples: u64) -> Capabilities {
     Capabilities {
         device: device_desc.to_string(),
         cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-        gpu: None,
+        gpu: device_desc
+            .starts_with("CUDA")
+            .then(|| device_desc.to_string()),
         samples,
         version: env!("CARGO_PKG_VERSION").to_string(),
     }
