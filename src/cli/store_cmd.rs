@@ -32,6 +32,13 @@ pub struct StoreArgs {
     /// Take missing keys from this config file's customized_training_s3_config.
     #[arg(short, long = "config")]
     pub config: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM, leaf first; e.g. store.pem from
+    /// `fedmq certs`). Clients trust its CA with CN_S3_CA_PATH.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM; e.g. store.key).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Runs `fedmq store`.
@@ -51,8 +58,13 @@ pub fn run(a: StoreArgs) -> Result<()> {
     };
     let data_dir = opts.data_dir.clone();
     let access = opts.access_key.clone();
-    store::run_blocking(
+    let tls = match (a.tls_cert, a.tls_key) {
+        (Some(cert), Some(key)) => Some(store::StoreTls { cert, key }),
+        _ => None,
+    };
+    store::run_blocking_with_tls(
         opts,
+        tls,
         async {
             if let Err(e) = tokio::signal::ctrl_c().await {
                 tracing::error!(error = %e, "cannot listen for Ctrl-C; stopping");
