@@ -699,3 +699,85 @@ fn distributed_federation_over_mosquitto_and_a_store_process() {
     assert!(out.join("final_model.safetensors").is_file());
     assert!(out.join("plot.svg").is_file());
 }
+
+/// A client whose update is altered in the store after it was announced (one flipped byte): the
+/// server's SHA-256 check rejects it, the client is recorded as a failure of that round, and the
+/// round closes with the other clients' updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tampered_update_is_rejected_and_the_round_completes_without_it() {
+    let mut cfg = config("tamper", "lr", 3, 2, "homo");
+    cfg.validation_args.frequency_of_the_test = 100;
+    let fx = Fixture::new(cfg).await;
+    let cfg = fx.cfg.clone();
+    let run = cfg.common_args.run_id.clone();
+    let topics = Topics::new(&run);
+    let keys = BlobKeys::new(KEY_PREFIX, &run);
+    let cancel = CancellationToken::new();
+    let c1 = fx.client(1, Arc::new(Slow(Duration::from_millis(50))), &cancel);
+    let c2 = fx.client(2, Arc::new(Slow(Duration::from_millis(50))), &cancel);
+
+    // client-3 speaks the protocol by hand: it uploads the global model back as its update,
+    // announces it with the right digest, but first flips one byte of the stored blob.
+    let mut o = federation::session_options(&cfg, "client-3", None);
+    o.subscriptions = vec![topics.command("client-3")];
+    o.presence = Some(fedmq::transport::PresenceMessages::status(
+        &run,
+        "client-3",
+        fedmq::proto::Role::Client,
+        Some(federation::capabilities("cpu", 100)),
+    ));
+    let (h3, mut rx3) = MqttSession::connect(o, cancel.child_token()).unwrap();
+    h3.wait_for(ConnState::Connected, WAIT).await.unwrap();
+    let store = fx.s3();
+    let (up3, kt) = (topics.up("client-3"), topics.clone());
+    let evil = tokio::spawn(async move {
+        while let Some(m) = rx3.recv().await {
+            let Ok((_, env)) = m.decode(&kt) else {
+                continue;
+            };
+            let Body::Train(t) = env.body else { break };
+            let bytes = store.get(&t.global).await.unwrap();
+            let key = keys.update(env.round, "client-3");
+            let blob = store.put(&key, bytes.clone()).await.unwrap();
+            let mut flipped = bytes.to_vec();
+            let i = flipped.len() / 2;
+            flipped[i] ^= 0x01;
+            store.put(&key, flipped.into()).await.unwrap();
+            let update = Envelope::new(
+                &env.run,
+                env.round,
+                "client-3",
+                Body::Update(fedmq::proto::Update {
+                    update: blob,
+                    num_samples: 100,
+                    metrics: TrainMetrics::default(),
+                }),
+            );
+            h3.publish(&up3, &update, false).await.unwrap();
+        }
+        h3.shutdown().await;
+    });
+
+    let report = fx.server(|_| {}, None).await;
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    assert_eq!(report.records.len(), 2);
+    for r in &report.records {
+        assert_eq!(r.participants, 2, "{r:?}");
+        assert_eq!(r.failures, 1, "{r:?}");
+        let f = &r.failed_clients[0];
+        assert!(
+            f.starts_with("client-3: bad update:") && f.contains("SHA-256"),
+            "the failure names the digest check: {f}"
+        );
+    }
+    for c in [c1, c2] {
+        let rep = tokio::time::timeout(WAIT, c)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(rep.rounds_reported, 2);
+    }
+    let _ = tokio::time::timeout(WAIT, evil).await;
+    fx.shutdown().await;
+}
