@@ -492,6 +492,7 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
         fetch_concurrency: cfg.fetch_concurrency.max(1),
         output_dir: None,
         connect_timeout: Duration::from_secs(30),
+        keyring: None,
     }
 }
 
@@ -690,6 +691,7 @@ pub async fn run_bench_client(
         capabilities: capabilities("cpu (no-op trainer)", CLIENT_SAMPLES),
         train_slots: None,
         connect_timeout: Duration::from_secs(30),
+        keyring: None,
     };
     let trainer = std::sync::Arc::new(NoopTrainer {
         num_samples: CLIENT_SAMPLES,

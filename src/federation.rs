@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::data::{
     self, DataSplit, Dataset, DatasetKind, FetchOptions, Partition, PartitionMethod,
 };
+use crate::identity::{Identity, Keyring};
 use crate::proto::{BlobKeys, Capabilities, TrainConfig};
 use crate::server::{
     self, Checkpoint, Evaluation, Evaluator, Progress, RoundConfig, ServerOptions, ServerReport,
@@ -75,6 +76,7 @@ pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOption
         fetch_concurrency: 2,
         output_dir,
         connect_timeout: Duration::from_secs(30),
+        keyring: None,
         run,
     }
 }
@@ -186,6 +188,34 @@ pub fn session_options(cfg: &Config, id: &str, port: Option<u16>) -> SessionOpti
     o
 }
 
+/// This participant's signing key from `fedmq_args.signing_key`, if configured.
+///
+/// # Errors
+/// The key file is missing or malformed (the message names it).
+pub fn signer(cfg: &Config, id: &str) -> Result<Option<Arc<Identity>>> {
+    let path = &cfg.fedmq_args.signing_key;
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let id = Identity::load(std::path::Path::new(path), id)
+        .with_context(|| "fedmq_args.signing_key".to_string())?;
+    Ok(Some(Arc::new(id)))
+}
+
+/// The trusted keys of `fedmq_args.trusted_keys`, if configured.
+///
+/// # Errors
+/// The directory is unreadable or holds a malformed key (the message names it).
+pub fn keyring(cfg: &Config) -> Result<Option<Arc<Keyring>>> {
+    let dir = &cfg.fedmq_args.trusted_keys;
+    if dir.is_empty() {
+        return Ok(None);
+    }
+    let ring = Keyring::load_dir(std::path::Path::new(dir))
+        .with_context(|| "fedmq_args.trusted_keys".to_string())?;
+    Ok(Some(Arc::new(ring)))
+}
+
 /// The client of `rank` on its own data (as `fedmq client` runs it).
 ///
 /// # Errors
@@ -227,9 +257,13 @@ pub async fn run_client_from_config(
         capabilities: capabilities(&desc, trainer.num_samples()),
         train_slots: None,
         connect_timeout: Duration::from_secs(30),
+        keyring: None,
         id: id.clone(),
     };
-    let mqtt = session_options(cfg, &id, None);
+    let mut opts = opts;
+    opts.keyring = keyring(cfg)?;
+    let mut mqtt = session_options(cfg, &id, None);
+    mqtt.signer = signer(cfg, &id)?;
     Ok(client::run_client(opts, mqtt, store, trainer, cancel).await?)
 }
 
@@ -268,7 +302,10 @@ async fn serve(
     cancel: CancellationToken,
 ) -> Result<ServerReport> {
     let kind: ModelKind = cfg.model_args.model.parse()?;
-    let opts = server_options(cfg, output_dir);
+    let mut opts = server_options(cfg, output_dir);
+    opts.keyring = keyring(cfg)?;
+    let mut mqtt = mqtt;
+    mqtt.signer = signer(cfg, server::SERVER_ID)?;
     let resume_from: Option<Checkpoint> = if resume {
         store.ensure_bucket().await?;
         let cp = server::latest_checkpoint(&store, &opts.keys).await?;
@@ -425,6 +462,7 @@ pub async fn run_local(
             capabilities: capabilities(&desc, trainer.num_samples()),
             train_slots: Some(slots.clone()),
             connect_timeout: Duration::from_secs(30),
+            keyring: None,
             id: id.clone(),
         };
         let store = BlobStore::connect(&s3_opts)?;

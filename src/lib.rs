@@ -26,6 +26,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod federation;
+pub mod identity;
 pub mod metrics;
 pub mod proto;
 pub mod server;

@@ -9,6 +9,7 @@
 use fedmq::client::{self, ClientOptions, ClientReport, DataTrainer, LocalTrainer};
 use fedmq::config::Config;
 use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
+use fedmq::identity::{Identity, Keyring};
 use fedmq::metrics::{read_jsonl, RoundRecord};
 use fedmq::proto::{BlobKeys, Body, Envelope, TopicKind, Topics, TrainConfig, TrainMetrics};
 use fedmq::server::{self, Evaluator, Outcome, Progress, ServerReport};
@@ -17,6 +18,7 @@ use fedmq::strategy::FedAvg;
 use fedmq::tensor::ParamSet;
 use fedmq::train::ModelKind;
 use fedmq::transport::{BrokerOptions, ConnState, EmbeddedBroker, MqttSession, SessionOptions};
+use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -184,12 +186,17 @@ async fn local_federation_learns_and_writes_its_outputs() {
 // A federation assembled by hand: broker and store in this process, clients in-process or as
 // `fedmq client` processes.
 
+/// The trusted keys and every participant's signing key.
+type Signing = (Arc<Keyring>, BTreeMap<String, Arc<Identity>>);
+
 struct Fixture {
     _dir: tempfile::TempDir,
     cfg: Config,
     cfg_path: PathBuf,
     store: Option<EmbeddedStore>,
     broker_port: u16,
+    /// Signed messages: the trusted keys and every participant's key.
+    signing: Option<Signing>,
 }
 
 impl Fixture {
@@ -217,6 +224,7 @@ impl Fixture {
             cfg_path,
             store: Some(store),
             broker_port,
+            signing: None,
         }
     }
 
@@ -242,8 +250,10 @@ impl Fixture {
             capabilities: federation::capabilities("cpu", trainer.num_samples()),
             train_slots: None,
             connect_timeout: WAIT,
+            keyring: self.signing.as_ref().map(|s| s.0.clone()),
         };
-        let mqtt = federation::session_options(&self.cfg, &id, None);
+        let mut mqtt = federation::session_options(&self.cfg, &id, None);
+        mqtt.signer = self.signing.as_ref().map(|s| s.1[&id].clone());
         tokio::spawn(client::run_client(
             opts,
             mqtt,
@@ -282,9 +292,16 @@ impl Fixture {
             candle_core::Device::Cpu,
         ));
         let initial = federation::initial_model(&self.cfg, split.train.as_ref()).unwrap();
+        let mut opts = federation::server_options(&self.cfg, out);
+        opts.keyring = self.signing.as_ref().map(|s| s.0.clone());
+        let mut mqtt = federation::session_options(&self.cfg, server::SERVER_ID, None);
+        mqtt.signer = self
+            .signing
+            .as_ref()
+            .map(|s| s.1[server::SERVER_ID].clone());
         server::run_server(
-            federation::server_options(&self.cfg, out),
-            federation::session_options(&self.cfg, server::SERVER_ID, None),
+            opts,
+            mqtt,
             self.s3(),
             Box::new(FedAvg),
             initial,
@@ -779,5 +796,105 @@ async fn a_tampered_update_is_rejected_and_the_round_completes_without_it() {
         assert_eq!(rep.rounds_reported, 2);
     }
     let _ = tokio::time::timeout(WAIT, evil).await;
+    fx.shutdown().await;
+}
+
+/// Signed control messages: the federation runs with every participant signing and checking;
+/// an update forged under client-2's name (signed with another key) and an unsigned one under
+/// client-1's name, both pointing to a valid blob of zeros, are dropped: had either been
+/// aggregated, the final model would differ from the initial one (the clients return the
+/// global model unchanged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forged_and_unsigned_messages_are_dropped_when_signatures_are_on() {
+    let mut cfg = config("signed", "lr", 2, 2, "homo");
+    cfg.validation_args.frequency_of_the_test = 100;
+    let mut fx = Fixture::new(cfg).await;
+    let mut ring = Keyring::default();
+    let mut ids = BTreeMap::new();
+    for id in ["server", "client-1", "client-2"] {
+        let k = Identity::generate(id);
+        ring.trust(&k);
+        ids.insert(id.to_string(), Arc::new(k));
+    }
+    fx.signing = Some((Arc::new(ring), ids));
+    let cfg = fx.cfg.clone();
+    let run = cfg.common_args.run_id.clone();
+    let topics = Topics::new(&run);
+    let cancel = CancellationToken::new();
+    let c1 = fx.client(1, Arc::new(Slow(Duration::from_millis(300))), &cancel);
+    let c2 = fx.client(2, Arc::new(Slow(Duration::from_millis(300))), &cancel);
+
+    // The forger: its own MQTT connection and key, and the store's credentials.
+    let mut o = SessionOptions::new("127.0.0.1", fx.broker_port, "forger");
+    o.clean_session = true;
+    o.signer = Some(Arc::new(Identity::generate("client-2")));
+    let (forger, _rx) = MqttSession::connect(o, cancel.child_token()).unwrap();
+    forger.wait_for(ConnState::Connected, WAIT).await.unwrap();
+    let mut o = SessionOptions::new("127.0.0.1", fx.broker_port, "forger-unsigned");
+    o.clean_session = true;
+    let (unsigned, _rx2) = MqttSession::connect(o, cancel.child_token()).unwrap();
+    unsigned.wait_for(ConnState::Connected, WAIT).await.unwrap();
+    let store = fx.s3();
+    let (split, _) = federation::load_data(&cfg, false).unwrap();
+    let initial = federation::initial_model(&cfg, split.train.as_ref()).unwrap();
+    let zeros = initial.zeros_like().to_safetensors_bytes();
+    let blob = store
+        .put("fedmq/signed/forged-zeros", zeros.into())
+        .await
+        .unwrap();
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<u64>();
+    let (t2, run2) = (topics.clone(), run.clone());
+    let attack = tokio::spawn(async move {
+        while let Some(round) = rx.recv().await {
+            let forged = |from: &str| {
+                Envelope::new(
+                    &run2,
+                    round,
+                    from,
+                    Body::Update(fedmq::proto::Update {
+                        update: blob.clone(),
+                        num_samples: 1_000_000,
+                        metrics: TrainMetrics::default(),
+                    }),
+                )
+            };
+            forger
+                .publish(&t2.up("client-2"), &forged("client-2"), false)
+                .await
+                .unwrap();
+            unsigned
+                .publish(&t2.up("client-1"), &forged("client-1"), false)
+                .await
+                .unwrap();
+        }
+    });
+    let report = fx
+        .server(
+            move |p| {
+                if let Progress::RoundStarted { round, .. } = p {
+                    let _ = tx.send(*round);
+                }
+            },
+            None,
+        )
+        .await;
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    for r in &report.records {
+        assert_eq!((r.participants, r.failures), (2, 0), "{r:?}");
+    }
+    assert_eq!(
+        report.final_params, initial,
+        "no forged or unsigned update was aggregated"
+    );
+    for c in [c1, c2] {
+        let rep = tokio::time::timeout(WAIT, c)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!((rep.rounds_reported, rep.reason.as_str()), (2, "completed"));
+    }
+    attack.abort();
     fx.shutdown().await;
 }

@@ -6,6 +6,7 @@ mod broker_cmd;
 mod certs_cmd;
 mod config_cmd;
 mod data_cmd;
+mod keys_cmd;
 mod run_cmd;
 mod store_cmd;
 mod train_cmd;
@@ -56,6 +57,8 @@ enum Command {
     Store(store_cmd::StoreArgs),
     /// Create a local CA and TLS certificates for the participants, broker and store.
     Certs(certs_cmd::CertsArgs),
+    /// Create Ed25519 signing keys for participants (signed control messages).
+    Keys(keys_cmd::KeysArgs),
     /// One client of `fedmq bench round --processes` (internal).
     #[command(name = "bench-round-client", hide = true)]
     BenchRoundClient(bench_round_cmd::ClientArgs),
@@ -74,6 +77,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Broker(a) => broker_cmd::run(a),
         Command::Store(a) => store_cmd::run(a),
         Command::Certs(a) => certs_cmd::run(a),
+        Command::Keys(a) => keys_cmd::run(a),
         Command::BenchRoundClient(a) => bench_round_cmd::run_client(a),
     }
 }

@@ -56,6 +56,8 @@ pub struct ClientOptions {
     pub train_slots: Option<Arc<Semaphore>>,
     /// How long to wait for the broker on start.
     pub connect_timeout: Duration,
+    /// When set, only commands signed by the server's key in this ring are followed.
+    pub keyring: Option<Arc<crate::identity::Keyring>>,
 }
 
 /// How a client's run ended.
@@ -149,7 +151,7 @@ pub async fn run_client(
                 let Some(m) = msg else {
                     break ("the MQTT session ended".to_string(), None);
                 };
-                match on_command(&m, &topics, &mut dedup, started_ms) {
+                match on_command(&m, &topics, &mut dedup, started_ms, opts.keyring.as_deref()) {
                     Command::Ignore => {}
                     Command::Finish { reason, final_model } => break (reason, final_model),
                     Command::Train { round, id, train } => {
@@ -227,7 +229,13 @@ enum Command {
     },
 }
 
-fn on_command(m: &Incoming, topics: &Topics, dedup: &mut Dedup, started_ms: u64) -> Command {
+fn on_command(
+    m: &Incoming,
+    topics: &Topics,
+    dedup: &mut Dedup,
+    started_ms: u64,
+    keyring: Option<&crate::identity::Keyring>,
+) -> Command {
     let (kind, env) = match m.decode(topics) {
         Ok(x) => x,
         Err(e) => {
@@ -235,6 +243,12 @@ fn on_command(m: &Incoming, topics: &Topics, dedup: &mut Dedup, started_ms: u64)
             return Command::Ignore;
         }
     };
+    if let Some(ring) = keyring {
+        if let Err(reason) = crate::server::check_signed(ring, m, &env) {
+            warn!(topic = %m.topic, "message dropped: {reason}");
+            return Command::Ignore;
+        }
+    }
     if !dedup.first_time(&env) {
         debug!(id = %env.id, "duplicate dropped");
         return Command::Ignore;

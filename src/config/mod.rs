@@ -426,6 +426,13 @@ pub struct FedmqArgs {
     /// Clients of `fedmq run` that train at the same time (0: one per 2 cores, at least 1).
     /// Training clients share the CPU; one at a time with all cores is fastest on small machines.
     pub concurrent_training: usize,
+    /// This participant's Ed25519 signing key (`<id>.key` from `fedmq keys`); when set, every
+    /// message it publishes is signed. Empty: unsigned.
+    pub signing_key: String,
+    /// Directory of trusted public keys (`<id>.pub`): the server accepts only messages signed by
+    /// the clients listed there, a client only commands signed by `server.pub`. Removing a file
+    /// revokes that participant. Empty: signatures are not checked.
+    pub trusted_keys: String,
 }
 
 impl Default for FedmqArgs {
@@ -439,6 +446,8 @@ impl Default for FedmqArgs {
             admission_timeout_s: 300.0,
             keep_rounds: 2,
             concurrent_training: 1,
+            signing_key: String::new(),
+            trusted_keys: String::new(),
         }
     }
 }

@@ -65,6 +65,8 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
             max: MAX_MESSAGE_BYTES,
         });
     }
+    // A signed message is its JSON, `\n`, and a signature (`crate::identity`): decode the JSON.
+    let bytes = crate::identity::split_signed(bytes).0;
     let probe: Probe =
         serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let v = probe

@@ -288,6 +288,9 @@ pub struct SessionOptions {
     pub max_packet_size: usize,
     /// TLS (`None`: plain TCP). See [`MqttTls`].
     pub tls: Option<MqttTls>,
+    /// Signs every message this session publishes (presence and last will included) with this
+    /// participant's key (`crate::identity`); `None`: unsigned.
+    pub signer: Option<Arc<crate::identity::Identity>>,
     /// Topic filters subscribed (QoS 1) on every connection.
     pub subscriptions: Vec<String>,
     /// Retained presence and last will, if this participant announces itself.
@@ -352,6 +355,7 @@ impl SessionOptions {
             backoff_max: Duration::from_secs(5),
             close_timeout: Duration::from_secs(2),
             tcp_nodelay: true,
+            signer: None,
             tls: None,
         }
     }
@@ -616,7 +620,7 @@ impl MqttSession {
             mqtt.set_credentials(user.clone(), opts.password.clone().unwrap_or_default());
         }
         if let Some(p) = &opts.presence {
-            mqtt.set_last_will(last_will(p));
+            mqtt.set_last_will(last_will(p, &opts.signer));
         }
         if let Some(t) = &opts.tls {
             let config = tls::client_config(&t.ca, t.identity.as_ref()).map_err(|e| {
@@ -664,6 +668,7 @@ impl MqttSession {
             cancel: cancel.clone(),
             backoff: Backoff::new(opts.backoff_initial, opts.backoff_max),
             close_timeout: opts.close_timeout,
+            signer: opts.signer.clone(),
             awaiting_suback: None,
             last_error: None,
             had_connack: false,
@@ -678,6 +683,7 @@ impl MqttSession {
             abort: task.abort_handle(),
             close_timeout: opts.close_timeout,
             last_error,
+            signer: opts.signer,
         };
         Ok((handle, incoming_rx))
     }
@@ -702,6 +708,8 @@ pub struct MqttHandle {
     close_timeout: Duration,
     /// The driver's last connection error (cleared on CONNACK).
     last_error: Arc<Mutex<Option<String>>>,
+    /// Signs published messages.
+    signer: Option<Arc<crate::identity::Identity>>,
 }
 
 impl MqttHandle {
@@ -726,7 +734,7 @@ impl MqttHandle {
         msg: &Envelope,
         retain: bool,
     ) -> Result<(), MqttError> {
-        let payload = proto::encode(msg);
+        let payload = seal(&self.signer, msg);
         if payload.len() > MAX_MESSAGE_BYTES {
             return Err(MqttError::TooLarge {
                 topic: topic.to_string(),
@@ -853,10 +861,19 @@ fn fresh(msg: &Envelope) -> Envelope {
     m
 }
 
-fn last_will(p: &PresenceMessages) -> LastWill {
+/// The wire bytes of `msg`: its JSON, signed when the session has a signer.
+fn seal(signer: &Option<Arc<crate::identity::Identity>>, msg: &Envelope) -> Vec<u8> {
+    let json = proto::encode(msg);
+    match signer {
+        Some(id) => id.seal(json),
+        None => json,
+    }
+}
+
+fn last_will(p: &PresenceMessages, signer: &Option<Arc<crate::identity::Identity>>) -> LastWill {
     LastWill::new(
         p.topic.clone(),
-        proto::encode(&fresh(&p.offline)),
+        seal(signer, &fresh(&p.offline)),
         QoS::AtLeastOnce,
         true,
     )
@@ -918,6 +935,8 @@ struct Driver {
     state: Arc<watch::Sender<ConnState>>,
     cancel: CancellationToken,
     backoff: Backoff,
+    /// Signs presence messages and the last will.
+    signer: Option<Arc<crate::identity::Identity>>,
     close_timeout: Duration,
     /// After a CONNACK: `Some(None)` until our SUBSCRIBE is sent, then `Some(Some(pkid))` until
     /// its SUBACK arrives.
@@ -1041,7 +1060,7 @@ impl Driver {
         let online = self.presence.as_ref().map(|p| {
             (
                 p.topic.clone(),
-                Bytes::from(proto::encode(&fresh(&p.online))),
+                Bytes::from(seal(&self.signer, &fresh(&p.online))),
             )
         });
         let retained: Vec<(String, Bytes)> = lock(&self.retained)
@@ -1092,7 +1111,9 @@ impl Driver {
                   "MQTT connection lost; reconnecting with back-off");
             // The broker may have published our last will: the next one is a new event.
             if let Some(p) = &self.presence {
-                self.eventloop.mqtt_options.set_last_will(last_will(p));
+                self.eventloop
+                    .mqtt_options
+                    .set_last_will(last_will(p, &self.signer));
             }
         } else if explained.is_some() && !repeated {
             // Not a transient network problem: retrying will not help until a certificate or a
@@ -1130,7 +1151,7 @@ impl Driver {
             return;
         }
         if let Some(p) = &self.presence {
-            let offline = proto::encode(&fresh(&p.offline));
+            let offline = seal(&self.signer, &fresh(&p.offline));
             let _ = self
                 .client
                 .try_publish(p.topic.clone(), QoS::AtLeastOnce, true, offline);
