@@ -408,6 +408,15 @@ pub async fn run_local(
         None
     };
     let mut cfg = cfg.clone();
+    if !cfg.fedmq_args.signing_key.is_empty() || !cfg.fedmq_args.trusted_keys.is_empty() {
+        // One key file cannot sign for every participant of the process.
+        tracing::warn!(
+            "fedmq_args.signing_key / trusted_keys are ignored by fedmq run (all participants \
+             share this process); use them with fedmq server and fedmq client"
+        );
+        cfg.fedmq_args.signing_key.clear();
+        cfg.fedmq_args.trusted_keys.clear();
+    }
     if mqtt_port.is_some() {
         cfg.comm_args.customized_training_mqtt_config.broker_host = "127.0.0.1".into();
     }
