@@ -1,0 +1,267 @@
+//! Mutation fuzzing of everything a receiver does with untrusted bytes: decode (size, JSON,
+//! version, typed parsing, validation), the topic rules of `Incoming::decode`, and signature
+//! verification, starting from valid signed and unsigned messages of every type.
+//!
+//! No panics allowed. CI runs `FEDMQ_FUZZ_ITERS` (default 20,000) inputs; the recorded long run is
+//! `FEDMQ_FUZZ_ITERS=1000000 cargo test --release --test fuzz -- --nocapture`.
+
+use bytes::Bytes;
+use fedmq::identity::{Identity, Keyring};
+use fedmq::proto::{
+    self, BlobRef, Body, Capabilities, Envelope, Failure, Finish, Presence, Role, Status, Topics,
+    Train, TrainConfig, TrainMetrics, Update,
+};
+use fedmq::transport::Incoming;
+use rand::{Rng, RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::time::Instant;
+
+fn blob(key: &str) -> BlobRef {
+    BlobRef {
+        key: key.into(),
+        len: 6_653_608,
+        sha256: "9e".repeat(32),
+    }
+}
+
+fn corpus(server: &Identity, client: &Identity) -> Vec<(String, Vec<u8>)> {
+    let t = Topics::new("run-1");
+    let msgs = vec![
+        (
+            t.status("client-1"),
+            Envelope::new(
+                "run-1",
+                0,
+                "client-1",
+                Body::Status(Status {
+                    state: Presence::Online,
+                    role: Role::Client,
+                    capabilities: Some(Capabilities {
+                        device: "cpu".into(),
+                        cores: 2,
+                        gpu: None,
+                        samples: 6000,
+                        version: "0.1.0".into(),
+                    }),
+                }),
+            ),
+        ),
+        (
+            t.command("client-1"),
+            Envelope::new(
+                "run-1",
+                3,
+                "server",
+                Body::Train(Train {
+                    global: blob("fedmq/run-1/r000003/global"),
+                    config: TrainConfig {
+                        model: "cnn".into(),
+                        epochs: 1,
+                        batch_size: 32,
+                        optimizer: "adam".into(),
+                        learning_rate: 0.001,
+                        momentum: 0.9,
+                        weight_decay: 0.0,
+                        seed: 3,
+                    },
+                    deadline_ms: 1_763_712_000_000,
+                }),
+            ),
+        ),
+        (
+            t.up("client-1"),
+            Envelope::new(
+                "run-1",
+                3,
+                "client-1",
+                Body::Update(Update {
+                    update: blob("fedmq/run-1/r000003/updates/client-1"),
+                    num_samples: 6000,
+                    metrics: TrainMetrics {
+                        train_loss: 0.123,
+                        train_seconds: 16.5,
+                    },
+                }),
+            ),
+        ),
+        (
+            t.up("client-1"),
+            Envelope::new(
+                "run-1",
+                3,
+                "client-1",
+                Body::Failure(Failure {
+                    reason: "out of memory".into(),
+                }),
+            ),
+        ),
+        (
+            t.command("client-1"),
+            Envelope::new(
+                "run-1",
+                10,
+                "server",
+                Body::Finish(Finish {
+                    reason: "completed".into(),
+                    final_model: Some(blob("fedmq/run-1/final")),
+                }),
+            ),
+        ),
+    ];
+    let mut out = Vec::new();
+    for (topic, env) in msgs {
+        let json = proto::encode(&env);
+        let signer = if env.from == "server" { server } else { client };
+        out.push((topic.clone(), signer.seal(json.clone())));
+        out.push((topic, json));
+    }
+    out
+}
+
+/// One random mutation of `input` (sometimes spliced with `other`).
+fn mutate(rng: &mut ChaCha8Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
+    let mut v = input.to_vec();
+    let rounds = 1 + rng.random_range(0..4);
+    for _ in 0..rounds {
+        let len = v.len().max(1);
+        match rng.random_range(0..10) {
+            0 => {
+                let i = rng.random_range(0..len);
+                if let Some(b) = v.get_mut(i) {
+                    *b ^= 1 << rng.random_range(0..8);
+                }
+            }
+            1 => {
+                let i = rng.random_range(0..len);
+                if let Some(b) = v.get_mut(i) {
+                    *b = rng.random();
+                }
+            }
+            2 => v.truncate(rng.random_range(0..len)),
+            3 => {
+                let i = rng.random_range(0..=v.len());
+                let n = rng.random_range(1..32);
+                let mut extra = vec![0u8; n];
+                rng.fill_bytes(&mut extra);
+                v.splice(i..i, extra);
+            }
+            4 => {
+                // Interesting JSON tokens where JSON tokens go.
+                const TOKENS: &[&str] = &[
+                    "null",
+                    "-1",
+                    "1e309",
+                    "NaN",
+                    "\"\"",
+                    "[]",
+                    "{}",
+                    "18446744073709551616",
+                    "\"\\u0000\"",
+                    "\"../../etc\"",
+                    "\"+/#\"",
+                    "true",
+                    "0.0",
+                    "-0",
+                ];
+                let tok = TOKENS[rng.random_range(0..TOKENS.len())].as_bytes();
+                let i = rng.random_range(0..=v.len());
+                let j = (i + rng.random_range(0..8)).min(v.len());
+                v.splice(i..j, tok.iter().copied());
+            }
+            5 => {
+                // Splice: our head, the other message's tail.
+                let i = rng.random_range(0..=v.len());
+                let j = rng.random_range(0..=other.len());
+                v.truncate(i);
+                v.extend_from_slice(&other[j..]);
+            }
+            6 => {
+                // Duplicate a slice.
+                if !v.is_empty() {
+                    let i = rng.random_range(0..v.len());
+                    let j = rng.random_range(i..v.len().min(i + 64) + 1).min(v.len());
+                    let dup = v[i..j].to_vec();
+                    v.splice(j..j, dup);
+                }
+            }
+            7 => {
+                // A newline and 128 characters: signature-shaped tails.
+                v.push(b'\n');
+                for _ in 0..128 {
+                    v.push(b"0123456789abcdefXYZ\n"[rng.random_range(0..20)]);
+                }
+            }
+            8 => {
+                // Huge: past the 64 KiB limit.
+                if rng.random_range(0..50) == 0 {
+                    v.resize(proto::MAX_MESSAGE_BYTES + rng.random_range(1..100), b' ');
+                }
+            }
+            _ => {
+                let n = rng.random_range(0..200);
+                v = (0..n).map(|_| rng.random()).collect();
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn decode_and_verify_never_panic_on_mutated_messages() {
+    let iters: u64 = std::env::var("FEDMQ_FUZZ_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    let seed: u64 = std::env::var("FEDMQ_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let server = Identity::generate("server");
+    let client = Identity::generate("client-1");
+    let mut ring = Keyring::default();
+    ring.trust(&server);
+    ring.trust(&client);
+    let topics = Topics::new("run-1");
+    let corpus = corpus(&server, &client);
+    // The unmutated corpus is valid, and the signed copies verify.
+    for (topic, bytes) in &corpus {
+        let m = Incoming {
+            topic: topic.clone(),
+            payload: Bytes::from(bytes.clone()),
+            retained: false,
+        };
+        let (_, env) = m.decode(&topics).expect("corpus decodes");
+        if fedmq::identity::split_signed(bytes).1.is_some() {
+            ring.verify(&env.from, bytes).expect("corpus verifies");
+        }
+    }
+
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut decoded, mut verified) = (0u64, 0u64);
+    let start = Instant::now();
+    for _ in 0..iters {
+        let (topic, base) = &corpus[rng.random_range(0..corpus.len())];
+        let other = &corpus[rng.random_range(0..corpus.len())].1;
+        let input = mutate(&mut rng, base, other);
+        let _ = proto::decode(&input);
+        for from in ["server", "client-1", "client-2"] {
+            if ring.verify(from, &input).is_ok() {
+                verified += 1;
+            }
+        }
+        let m = Incoming {
+            topic: topic.clone(),
+            payload: Bytes::from(input),
+            retained: rng.random(),
+        };
+        if m.decode(&topics).is_ok() {
+            decoded += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"inputs\":{iters},\"seed\":{seed},\"decoded\":{decoded},\"verified\":{verified},\
+         \"seconds\":{secs:.1},\"inputs_per_s\":{:.0},\"panics\":0}}",
+        iters as f64 / secs.max(1e-9)
+    );
+}
