@@ -4,12 +4,14 @@
 //! Skips when `mosquitto` or `mosquitto_passwd` is absent and `CI` is unset; with `CI` set it
 //! fails instead.
 
+mod common;
+use common::free_port;
+
 use fedmq::proto::{BlobRef, Body, Envelope, Failure, Role, TopicKind, Topics, Train, TrainConfig};
 use fedmq::transport::{
     ConnState, Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
 };
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -18,26 +20,6 @@ use tokio_util::sync::CancellationToken;
 const WAIT: Duration = Duration::from_secs(15);
 const RUN: &str = "acl";
 
-fn find(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain([
-            "/usr/sbin".into(),
-            "/usr/local/sbin".into(),
-            "/usr/bin".into(),
-        ])
-        .map(|d| d.join(name))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set but {name} is missing (apt-get install -y mosquitto)"
-        );
-        eprintln!("skipping: {name} is not installed (apt-get install -y mosquitto)");
-    }
-    found
-}
-
 struct Broker(Child);
 
 impl Drop for Broker {
@@ -45,13 +27,6 @@ impl Drop for Broker {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 fn start_mosquitto(bin: &Path, passwd: &Path, dir: &Path, port: u16) -> Broker {
@@ -182,7 +157,10 @@ fn failure(from: &str, reason: &str) -> Envelope {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_acl_keeps_each_client_on_its_own_topics() {
-    let (Some(bin), Some(passwd)) = (find("mosquitto"), find("mosquitto_passwd")) else {
+    let (Some(bin), Some(passwd)) = (
+        common::installed("mosquitto"),
+        common::installed("mosquitto_passwd"),
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

@@ -6,6 +6,9 @@
 //! Mosquitto tests skip when the `mosquitto` binary is absent and `CI` is unset; with `CI` set
 //! they fail instead.
 
+mod common;
+use common::{free_port, mosquitto_bin};
+
 use fedmq::client::{self, ClientOptions, ClientReport, DataTrainer, LocalTrainer};
 use fedmq::config::Config;
 use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
@@ -20,7 +23,6 @@ use fedmq::train::ModelKind;
 use fedmq::transport::{BrokerOptions, ConnState, EmbeddedBroker, MqttSession, SessionOptions};
 use std::collections::BTreeMap;
 use std::io::BufRead;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,13 +41,6 @@ fn embedded_broker() -> u16 {
     EmbeddedBroker::start(BrokerOptions::default())
         .expect("embedded broker")
         .addr()
-        .port()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
         .port()
 }
 
@@ -554,22 +549,6 @@ async fn replayed_old_round_messages_are_ignored() {
 
 // ---------------------------------------------------------------------------------------------
 // Everything as separate processes: Mosquitto, `fedmq store`, `fedmq server`, `fedmq client`s.
-
-fn mosquitto_bin() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set but the mosquitto binary is missing (apt-get install -y mosquitto)"
-        );
-        eprintln!("skipping: mosquitto is not installed (apt-get install -y mosquitto)");
-    }
-    found
-}
 
 /// Kills (SIGKILL) the child on drop.
 struct Proc(Child);

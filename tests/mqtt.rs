@@ -5,6 +5,9 @@
 //! they fail instead. Nothing waits for readiness with a fixed sleep: tests wait on session
 //! states and message channels with timeouts.
 
+mod common;
+use common::{free_port, mosquitto_bin};
+
 use fedmq::proto::{
     BlobRef, Body, Capabilities, Envelope, Failure, Presence, Role, TopicKind, Topics, Train,
     TrainConfig, TrainMetrics, Update, MAX_MESSAGE_BYTES,
@@ -14,7 +17,6 @@ use fedmq::transport::{
     MqttHandle, MqttSession, PresenceMessages, SessionOptions,
 };
 use std::io::BufRead;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -35,13 +37,6 @@ fn embedded() -> u16 {
     BROKER
         .get_or_init(|| EmbeddedBroker::start(BrokerOptions::default()).expect("embedded broker"))
         .addr()
-        .port()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
         .port()
 }
 
@@ -93,23 +88,6 @@ fn start_fedmq_broker(port: u16) -> BrokerProc {
         "{line}"
     );
     BrokerProc { child }
-}
-
-/// The `mosquitto` binary: None (skip) when absent, unless `CI` is set (then fail).
-fn mosquitto_bin() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set but the mosquitto binary is missing (apt-get install -y mosquitto)"
-        );
-        eprintln!("skipping: mosquitto is not installed (apt-get install -y mosquitto)");
-    }
-    found
 }
 
 /// Mosquitto on `port` with fedmq's limits and no persistence (a restart loses everything, the

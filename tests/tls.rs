@@ -10,6 +10,9 @@
 //! Mosquitto tests skip when the `mosquitto` binary is absent and `CI` is unset; with `CI` set
 //! they fail instead.
 
+mod common;
+use common::{free_port, mosquitto_bin};
+
 use bytes::Bytes;
 use fedmq::proto::{Body, Envelope, Finish, TopicKind, Topics};
 use fedmq::store::{BlobStore, EmbeddedStore, S3Options, StoreOptions, StoreTls};
@@ -18,7 +21,6 @@ use fedmq::transport::{
     BrokerOptions, BrokerTls, ConnState, EmbeddedBroker, Incoming, MqttError, MqttHandle,
     MqttSession, MqttTls, SessionOptions,
 };
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -44,13 +46,6 @@ fn identity(dir: &Path, id: &str) -> Identity {
         cert: dir.join(format!("{id}.pem")),
         key: dir.join(format!("{id}.key")),
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 fn tls_broker(dir: &Path) -> u16 {
@@ -229,22 +224,6 @@ async fn mqtt_handshake_failures_say_what_to_check() {
 
 // ---------------------------------------------------------------------------------------------
 // Mosquitto
-
-fn mosquitto_bin() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let found = std::env::split_paths(&path)
-        .chain(["/usr/sbin".into(), "/usr/local/sbin".into()])
-        .map(|d| d.join("mosquitto"))
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI is set but the mosquitto binary is missing (apt-get install -y mosquitto)"
-        );
-        eprintln!("skipping: mosquitto is not installed (apt-get install -y mosquitto)");
-    }
-    found
-}
 
 /// Killed on drop.
 struct Proc(Child);

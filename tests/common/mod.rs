@@ -1,0 +1,41 @@
+//! Helpers shared by the integration tests that start real brokers and servers.
+// Each test binary uses a subset of these.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+/// A free TCP port on 127.0.0.1 (bound, read and released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The installed program `name` (on PATH or in the sbin directories): None (skip the test) when
+/// absent, unless `CI` is set — then the test fails, since CI installs it.
+pub fn installed(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain([
+            "/usr/sbin".into(),
+            "/usr/local/sbin".into(),
+            "/usr/bin".into(),
+        ])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI is set but {name} is missing (apt-get install -y mosquitto)"
+        );
+        eprintln!("skipping: {name} is not installed (apt-get install -y mosquitto)");
+    }
+    found
+}
+
+/// Debian's Mosquitto broker, as [`installed`].
+pub fn mosquitto_bin() -> Option<PathBuf> {
+    installed("mosquitto")
+}
