@@ -15,6 +15,10 @@
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Largest difference between a live message's timestamp and the receiver's clock.
+pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 
 /// Hex digits of a signature.
 pub const SIGNATURE_HEX_LEN: usize = 128;
@@ -214,6 +218,36 @@ impl Keyring {
         self.keys.keys().map(String::as_str)
     }
 
+    /// Checks a received message: `payload` is signed by the trusted key of its sender
+    /// (`env.from`), and, when it arrived live (not `retained`), its timestamp is within
+    /// [`MAX_CLOCK_SKEW`] of this clock, so a recorded message replayed much later is dropped
+    /// whatever its round. Retained messages are exempt from the age check (a retained status or
+    /// command is legitimately old); the round rules and the signed message ids cover them.
+    ///
+    /// # Errors
+    /// Why the message is not acceptable.
+    pub fn check_message(
+        &self,
+        payload: &[u8],
+        retained: bool,
+        env: &crate::proto::Envelope,
+    ) -> Result<(), String> {
+        self.verify(&env.from, payload).map_err(|e| e.to_string())?;
+        if !retained {
+            let skew = crate::proto::now_ms().abs_diff(env.ts_ms);
+            if skew > MAX_CLOCK_SKEW.as_millis() as u64 {
+                return Err(format!(
+                    "timestamp {} is {:.0} s away from this clock (replayed, or clocks not \
+                     synchronized; at most {} s allowed)",
+                    env.ts_ms,
+                    skew as f64 / 1000.0,
+                    MAX_CLOCK_SKEW.as_secs()
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that `payload` is signed by `from`'s trusted key.
     ///
     /// # Errors
@@ -290,6 +324,37 @@ mod tests {
             ring.verify("client-1", &sealed),
             Err(IdentityError::UnknownSender(_))
         ));
+    }
+
+    #[test]
+    fn old_live_messages_are_replays_but_old_retained_ones_are_not() {
+        use crate::proto::{Body, Envelope, Failure};
+        let alice = Identity::generate("client-1");
+        let mut ring = Keyring::default();
+        ring.trust(&alice);
+        let mut env = Envelope::new(
+            "run",
+            1,
+            "client-1",
+            Body::Failure(Failure { reason: "x".into() }),
+        );
+        let fresh = alice.seal(crate::proto::encode(&env));
+        ring.check_message(&fresh, false, &env).unwrap();
+        env.ts_ms -= 10 * 60 * 1000;
+        let old = alice.seal(crate::proto::encode(&env));
+        let e = ring.check_message(&old, false, &env).unwrap_err();
+        assert!(e.contains("timestamp") && e.contains("replayed"), "{e}");
+        ring.check_message(&old, true, &env).unwrap();
+        // The timestamp is signed: a replay with a refreshed timestamp fails the signature.
+        let sig = split_signed(&old).1.unwrap().to_vec();
+        let refreshed = Envelope {
+            ts_ms: crate::proto::now_ms(),
+            ..env.clone()
+        };
+        let mut forged = crate::proto::encode(&refreshed);
+        forged.push(b'\n');
+        forged.extend_from_slice(&sig);
+        assert!(ring.check_message(&forged, false, &refreshed).is_err());
     }
 
     #[test]

@@ -244,7 +244,7 @@ fn on_command(
         }
     };
     if let Some(ring) = keyring {
-        if let Err(reason) = crate::server::check_signed(ring, m, &env) {
+        if let Err(reason) = ring.check_message(&m.payload, m.retained, &env) {
             warn!(topic = %m.topic, "message dropped: {reason}");
             return Command::Ignore;
         }

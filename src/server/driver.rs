@@ -437,7 +437,7 @@ impl Driver {
             }
         };
         if let Some(ring) = &self.opts.keyring {
-            if let Err(reason) = check_signed(ring, &m, &env) {
+            if let Err(reason) = ring.check_message(&m.payload, m.retained, &env) {
                 warn!(topic = %m.topic, from = %env.from, "message dropped: {reason}");
                 return None;
             }
@@ -804,38 +804,4 @@ impl Driver {
             wall_s: 0.0,
         }
     }
-}
-
-/// Largest difference between a live message's timestamp and the receiver's clock.
-pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
-
-/// Checks a received message's signature against `ring` (unsigned, unknown or revoked senders
-/// and forged or altered messages fail), and that a live (not retained) message is recent, so a
-/// recorded message replayed much later is dropped whatever its round. Retained messages are
-/// exempt from the age check (a retained status or command is legitimately old); the round
-/// rules and the signed message ids cover them.
-///
-/// # Errors
-/// Why the message is not acceptable.
-pub fn check_signed(
-    ring: &Keyring,
-    m: &crate::transport::Incoming,
-    env: &Envelope,
-) -> Result<(), String> {
-    ring.verify(&env.from, &m.payload)
-        .map_err(|e| e.to_string())?;
-    if !m.retained {
-        let now = proto::now_ms();
-        let skew = now.abs_diff(env.ts_ms);
-        if skew > MAX_CLOCK_SKEW.as_millis() as u64 {
-            return Err(format!(
-                "timestamp {} is {:.0} s away from this clock (replayed, or clocks not \
-                 synchronized; at most {} s allowed)",
-                env.ts_ms,
-                skew as f64 / 1000.0,
-                MAX_CLOCK_SKEW.as_secs()
-            ));
-        }
-    }
-    Ok(())
 }

@@ -4,7 +4,7 @@ pub mod driver;
 pub mod machine;
 
 pub use driver::{
-    check_signed, latest_checkpoint, load_checkpoint_model, run_server, Checkpoint, Evaluation,
-    Evaluator, Progress, ServerError, ServerOptions, ServerReport, MAX_CLOCK_SKEW, SERVER_ID,
+    latest_checkpoint, load_checkpoint_model, run_server, Checkpoint, Evaluation, Evaluator,
+    Progress, ServerError, ServerOptions, ServerReport, SERVER_ID,
 };
 pub use machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
