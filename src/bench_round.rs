@@ -493,6 +493,7 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
         output_dir: None,
         connect_timeout: Duration::from_secs(30),
         keyring: None,
+        crypto: None,
     }
 }
 
@@ -692,6 +693,7 @@ pub async fn run_bench_client(
         train_slots: None,
         connect_timeout: Duration::from_secs(30),
         keyring: None,
+        crypto: None,
     };
     let trainer = std::sync::Arc::new(NoopTrainer {
         num_samples: CLIENT_SAMPLES,

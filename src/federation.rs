@@ -10,6 +10,7 @@ use crate::data::{
 };
 use crate::identity::{Identity, Keyring};
 use crate::proto::{BlobKeys, Capabilities, TrainConfig};
+use crate::seal::BlobCrypto;
 use crate::server::{
     self, Checkpoint, Evaluation, Evaluator, Progress, RoundConfig, ServerOptions, ServerReport,
 };
@@ -77,6 +78,7 @@ pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOption
         output_dir,
         connect_timeout: Duration::from_secs(30),
         keyring: None,
+        crypto: None,
         run,
     }
 }
@@ -202,6 +204,79 @@ pub fn signer(cfg: &Config, id: &str) -> Result<Option<Arc<Identity>>> {
     Ok(Some(Arc::new(id)))
 }
 
+/// A participant's security material: its signing key, the keys it trusts, and blob sealing.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    /// Signs every message this participant publishes.
+    pub signer: Option<Arc<Identity>>,
+    /// Accepts only messages signed by these keys.
+    pub keyring: Option<Arc<Keyring>>,
+    /// Seals and opens blobs.
+    pub crypto: Option<Arc<BlobCrypto>>,
+}
+
+impl Security {
+    /// Security of participant `id` from `fedmq_args` (`signing_key`, `trusted_keys`,
+    /// `encrypt_blobs`).
+    ///
+    /// # Errors
+    /// Unreadable key files; `encrypt_blobs: true` without both keys.
+    pub fn from_config(cfg: &Config, id: &str) -> Result<Self> {
+        let signer = signer(cfg, id)?;
+        let keyring = keyring(cfg)?;
+        Self::with_keys(signer, keyring, cfg.fedmq_args.encrypt_blobs)
+    }
+
+    fn with_keys(
+        signer: Option<Arc<Identity>>,
+        keyring: Option<Arc<Keyring>>,
+        encrypt: Option<bool>,
+    ) -> Result<Self> {
+        let crypto = match (&signer, &keyring, encrypt) {
+            (_, _, Some(false)) => None,
+            (Some(me), Some(ring), _) => Some(Arc::new(BlobCrypto::new(me.clone(), ring.clone()))),
+            (_, _, Some(true)) => bail!(
+                "fedmq_args.encrypt_blobs is true, but sealing needs this participant's \
+                 fedmq_args.signing_key and the others' public keys in fedmq_args.trusted_keys \
+                 (create them with `fedmq keys`)"
+            ),
+            (_, _, None) => None,
+        };
+        Ok(Self {
+            signer,
+            keyring,
+            crypto,
+        })
+    }
+
+    /// Fresh in-memory identities for a server and `clients` clients in one process: every
+    /// message signed, blobs sealed unless `encrypt` is `Some(false)`.
+    ///
+    /// # Errors
+    /// None in practice (kept for symmetry with [`Security::from_config`]).
+    pub fn ephemeral(clients: &[String], encrypt: Option<bool>) -> Result<(Self, Vec<Self>)> {
+        let server = Arc::new(Identity::generate(server::SERVER_ID));
+        let ids: Vec<Arc<Identity>> = clients
+            .iter()
+            .map(|c| Arc::new(Identity::generate(c)))
+            .collect();
+        let mut server_ring = Keyring::default();
+        for c in &ids {
+            server_ring.trust(c);
+        }
+        let mut client_ring = Keyring::default();
+        client_ring.trust(&server);
+        let client_ring = Arc::new(client_ring);
+        let encrypt = encrypt.or(Some(true));
+        let s = Self::with_keys(Some(server), Some(Arc::new(server_ring)), encrypt)?;
+        let cs = ids
+            .into_iter()
+            .map(|c| Self::with_keys(Some(c), Some(client_ring.clone()), encrypt))
+            .collect::<Result<_>>()?;
+        Ok((s, cs))
+    }
+}
+
 /// The trusted keys of `fedmq_args.trusted_keys`, if configured.
 ///
 /// # Errors
@@ -258,12 +333,15 @@ pub async fn run_client_from_config(
         train_slots: None,
         connect_timeout: Duration::from_secs(30),
         keyring: None,
+        crypto: None,
         id: id.clone(),
     };
+    let sec = Security::from_config(cfg, &id)?;
     let mut opts = opts;
-    opts.keyring = keyring(cfg)?;
+    opts.keyring = sec.keyring;
+    opts.crypto = sec.crypto;
     let mut mqtt = session_options(cfg, &id, None);
-    mqtt.signer = signer(cfg, &id)?;
+    mqtt.signer = sec.signer;
     Ok(client::run_client(opts, mqtt, store, trainer, cancel).await?)
 }
 
@@ -284,8 +362,9 @@ pub async fn run_server_from_config(
         &cfg.comm_args.customized_training_s3_config,
     ))?;
     let mqtt = session_options(cfg, server::SERVER_ID, None);
+    let sec = Security::from_config(cfg, server::SERVER_ID)?;
     serve(
-        cfg, &split, store, mqtt, output_dir, resume, progress, cancel,
+        cfg, &split, store, mqtt, sec, output_dir, resume, progress, cancel,
     )
     .await
 }
@@ -296,6 +375,7 @@ async fn serve(
     split: &DataSplit,
     store: BlobStore,
     mqtt: SessionOptions,
+    sec: Security,
     output_dir: Option<PathBuf>,
     resume: bool,
     progress: impl FnMut(&Progress) + Send,
@@ -303,12 +383,13 @@ async fn serve(
 ) -> Result<ServerReport> {
     let kind: ModelKind = cfg.model_args.model.parse()?;
     let mut opts = server_options(cfg, output_dir);
-    opts.keyring = keyring(cfg)?;
+    opts.keyring = sec.keyring;
+    opts.crypto = sec.crypto;
     let mut mqtt = mqtt;
-    mqtt.signer = signer(cfg, server::SERVER_ID)?;
+    mqtt.signer = sec.signer;
     let resume_from: Option<Checkpoint> = if resume {
         store.ensure_bucket().await?;
-        let cp = server::latest_checkpoint(&store, &opts.keys).await?;
+        let cp = server::latest_checkpoint(&store, &opts.keys, opts.crypto.as_deref()).await?;
         match &cp {
             Some(c) => tracing::info!(round = c.round, "resuming after round {}", c.round),
             None => tracing::info!("no checkpoint found; starting from round 1"),
@@ -411,12 +492,26 @@ pub async fn run_local(
     if !cfg.fedmq_args.signing_key.is_empty() || !cfg.fedmq_args.trusted_keys.is_empty() {
         // One key file cannot sign for every participant of the process.
         tracing::warn!(
-            "fedmq_args.signing_key / trusted_keys are ignored by fedmq run (all participants \
-             share this process); use them with fedmq server and fedmq client"
+            "fedmq_args.signing_key / trusted_keys are ignored by fedmq run: its participants get \
+             fresh keys of their own; use key files with fedmq server and fedmq client"
         );
         cfg.fedmq_args.signing_key.clear();
         cfg.fedmq_args.trusted_keys.clear();
     }
+    let client_ids: Vec<String> = (1..=cfg.train_args.client_num_in_total)
+        .map(client::client_id)
+        .collect();
+    let (server_sec, mut client_secs) =
+        Security::ephemeral(&client_ids, cfg.fedmq_args.encrypt_blobs)?;
+    tracing::info!(
+        sealed = server_sec.crypto.is_some(),
+        "participants have fresh Ed25519 identities: messages are signed{}",
+        if server_sec.crypto.is_some() {
+            " and blobs sealed"
+        } else {
+            " (blobs not sealed: fedmq_args.encrypt_blobs is false)"
+        }
+    );
     if mqtt_port.is_some() {
         cfg.comm_args.customized_training_mqtt_config.broker_host = "127.0.0.1".into();
     }
@@ -465,17 +560,20 @@ pub async fn run_local(
             device.clone(),
             threads,
         ));
+        let sec = std::mem::take(&mut client_secs[i]);
         let copts = ClientOptions {
             run: cfg.common_args.run_id.clone(),
             keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
             capabilities: capabilities(&desc, trainer.num_samples()),
             train_slots: Some(slots.clone()),
             connect_timeout: Duration::from_secs(30),
-            keyring: None,
+            keyring: sec.keyring,
+            crypto: sec.crypto,
             id: id.clone(),
         };
         let store = BlobStore::connect(&s3_opts)?;
-        let mqtt = session_options(&cfg, &id, mqtt_port);
+        let mut mqtt = session_options(&cfg, &id, mqtt_port);
+        mqtt.signer = sec.signer;
         clients.push(tokio::spawn(client::run_client(
             copts,
             mqtt,
@@ -492,6 +590,7 @@ pub async fn run_local(
         &split,
         store,
         mqtt,
+        server_sec,
         Some(opts.output_dir.clone()),
         false,
         progress,

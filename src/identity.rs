@@ -118,6 +118,22 @@ impl Identity {
         hex::encode(self.key.verifying_key().to_bytes())
     }
 
+    /// The secret seed: key material for blobs only this participant opens ([`crate::seal`]).
+    pub(crate) fn secret_seed(&self) -> [u8; 32] {
+        self.key.to_bytes()
+    }
+
+    /// The X25519 secret scalar of this key (Ed25519's expanded scalar, used clamped), for
+    /// unwrapping blob keys ([`crate::seal`]).
+    pub(crate) fn x25519_secret(&self) -> [u8; 32] {
+        self.key.to_scalar_bytes()
+    }
+
+    /// This key's X25519 public key (the Ed25519 point in Montgomery form).
+    pub(crate) fn x25519_public(&self) -> [u8; 32] {
+        self.key.verifying_key().to_montgomery().to_bytes()
+    }
+
     /// `json` followed by `\n` and its signature (the wire format above).
     pub fn seal(&self, mut json: Vec<u8>) -> Vec<u8> {
         let sig = self.key.sign(&json);
@@ -211,6 +227,11 @@ impl Keyring {
     /// Stops trusting `id`.
     pub fn revoke(&mut self, id: &str) -> bool {
         self.keys.remove(id).is_some()
+    }
+
+    /// The X25519 public key of `id` (its Ed25519 key in Montgomery form), to wrap blob keys to.
+    pub(crate) fn x25519_public(&self, id: &str) -> Option<[u8; 32]> {
+        self.keys.get(id).map(|k| k.to_montgomery().to_bytes())
     }
 
     /// Participants trusted.

@@ -29,6 +29,7 @@ pub mod federation;
 pub mod identity;
 pub mod metrics;
 pub mod proto;
+pub mod seal;
 pub mod server;
 pub mod store;
 pub mod strategy;

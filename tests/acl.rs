@@ -128,6 +128,7 @@ fn train(round: u64) -> Envelope {
                 key: format!("fedmq/{RUN}/r{round:06}/global"),
                 len: 1,
                 sha256: "ab".repeat(32),
+                wrapped_key: None,
             },
             config: TrainConfig {
                 model: "lr".into(),

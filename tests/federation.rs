@@ -14,6 +14,7 @@ use fedmq::config::Config;
 use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
 use fedmq::identity::{Identity, Keyring};
 use fedmq::metrics::{read_jsonl, RoundRecord};
+use fedmq::seal::BlobCrypto;
 use fedmq::proto::{BlobKeys, Body, Envelope, TopicKind, Topics, TrainConfig, TrainMetrics};
 use fedmq::server::{self, Evaluator, Outcome, Progress, ServerReport};
 use fedmq::store::{BlobStore, EmbeddedStore, S3Options, StoreOptions};
@@ -63,6 +64,23 @@ fn config(run: &str, model: &str, clients: usize, rounds: usize, partition: &str
     c.comm_args.customized_training_s3_config.cn_s3_sak = SECRET.into();
     c.validate().expect("valid test config");
     c
+}
+
+/// `raw` (the stored bytes of `key`) is a sealed blob: the sealed header, and neither a
+/// safetensors model, nor a tensor name, nor a JSON field anywhere in it.
+fn assert_only_ciphertext(key: &str, raw: &[u8]) {
+    assert!(fedmq::seal::looks_sealed(raw), "{key} is not sealed");
+    assert!(
+        ParamSet::from_safetensors_bytes(raw).is_err(),
+        "{key} parses as a model"
+    );
+    for needle in [&b"weight"[..], b"bias", b"F32", b"\"round\"", b"FedAvg"] {
+        assert!(
+            !raw.windows(needle.len()).any(|w| w == needle),
+            "{key} contains {:?} in clear",
+            String::from_utf8_lossy(needle)
+        );
+    }
 }
 
 fn accuracies(records: &[RoundRecord]) -> Vec<f64> {
@@ -117,7 +135,11 @@ async fn local_federation_learns_and_writes_its_outputs() {
         let c = c.as_ref().expect("client ran");
         assert_eq!(c.rounds_reported, 3);
         assert_eq!(c.reason, "completed");
-        assert_eq!(c.final_model, s.final_model);
+        // The same blob, its key wrapped for this client.
+        let m = c.final_model.as_ref().expect("final model offered");
+        let f = s.final_model.as_ref().unwrap();
+        assert_eq!((&m.key, &m.sha256, m.len), (&f.key, &f.sha256, f.len));
+        assert!(m.wrapped_key.is_some());
     }
 
     // Outputs: metrics as JSONL and CSV, the plot, the final model.
@@ -132,8 +154,9 @@ async fn local_federation_learns_and_writes_its_outputs() {
     assert_eq!(final_params, s.final_params);
     assert_eq!(final_params.num_params(), 199_210, "mlp 784-200-200-10");
 
-    // The store (its data lives in the output directory) holds the checkpoint of the last round,
-    // naming the final model; older rounds were deleted (keep_rounds = 2).
+    // The store (its data lives in the output directory), read with its raw credentials: the
+    // checkpoint of the last round and the blobs of the last two rounds (keep_rounds = 2), every
+    // one of them ciphertext (`fedmq run` gives its participants keys and seals every blob).
     let store = EmbeddedStore::start(StoreOptions::new(out.path().join("store"), "fedmq", SECRET))
         .await
         .unwrap();
@@ -141,14 +164,6 @@ async fn local_federation_learns_and_writes_its_outputs() {
     s3.cn_s3_endpoint = store.endpoint();
     let blobs = BlobStore::connect(&S3Options::from(&s3)).unwrap();
     let keys = BlobKeys::new(KEY_PREFIX, "learns");
-    let cp = server::latest_checkpoint(&blobs, &keys)
-        .await
-        .unwrap()
-        .expect("a checkpoint");
-    assert_eq!((cp.round, cp.strategy.as_str()), (3, "FedAvg"));
-    assert_eq!(Some(&cp.model), s.final_model.as_ref());
-    let model = server::load_checkpoint_model(&blobs, &cp).await.unwrap();
-    assert_eq!(model, s.final_params);
     let left: Vec<String> = blobs
         .list(&keys.run_prefix())
         .await
@@ -156,6 +171,16 @@ async fn local_federation_learns_and_writes_its_outputs() {
         .into_iter()
         .map(|o| o.key)
         .collect();
+    assert!(left.len() >= 8, "global, updates, final model, checkpoints: {left:?}");
+    for key in &left {
+        let raw = blobs.get_unverified(key).await.unwrap();
+        assert_only_ciphertext(key, &raw);
+    }
+    // Without the server's key the checkpoint cannot even be read.
+    let e = server::latest_checkpoint(&blobs, &keys, None)
+        .await
+        .expect_err("a sealed checkpoint needs the server's key");
+    assert!(e.to_string().contains("is sealed"), "{e}");
     assert!(
         !left.iter().any(|k| k.contains("/r000001/")),
         "round 1 blobs deleted: {left:?}"
@@ -230,6 +255,13 @@ impl Fixture {
         .unwrap()
     }
 
+    /// Blob sealing of participant `id` when the fixture signs (one keyring for everyone).
+    fn crypto(&self, id: &str) -> Option<Arc<BlobCrypto>> {
+        self.signing
+            .as_ref()
+            .map(|(ring, ids)| Arc::new(BlobCrypto::new(ids[id].clone(), ring.clone())))
+    }
+
     /// An in-process client of `rank` with `trainer`.
     fn client(
         &self,
@@ -246,6 +278,7 @@ impl Fixture {
             train_slots: None,
             connect_timeout: WAIT,
             keyring: self.signing.as_ref().map(|s| s.0.clone()),
+            crypto: self.crypto(&id),
         };
         let mut mqtt = federation::session_options(&self.cfg, &id, None);
         mqtt.signer = self.signing.as_ref().map(|s| s.1[&id].clone());
@@ -289,6 +322,7 @@ impl Fixture {
         let initial = federation::initial_model(&self.cfg, split.train.as_ref()).unwrap();
         let mut opts = federation::server_options(&self.cfg, out);
         opts.keyring = self.signing.as_ref().map(|s| s.0.clone());
+        opts.crypto = self.crypto(server::SERVER_ID);
         let mut mqtt = federation::session_options(&self.cfg, server::SERVER_ID, None);
         mqtt.signer = self
             .signing
@@ -876,4 +910,198 @@ async fn forged_and_unsigned_messages_are_dropped_when_signatures_are_on() {
     }
     attack.abort();
     fx.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Everything on: mutual TLS, broker ACL, HTTPS store, signed messages, sealed blobs.
+
+/// Runs a federation from per-participant configs, each participant in this process but built
+/// only from its config (as `fedmq server` / `fedmq client` build themselves).
+async fn run_from_configs(server_cfg: &Config, client_cfgs: &[Config]) -> ServerReport {
+    let cancel = CancellationToken::new();
+    let clients: Vec<_> = client_cfgs
+        .iter()
+        .cloned()
+        .map(|c| {
+            let cancel = cancel.child_token();
+            tokio::spawn(async move { federation::run_client_from_config(&c, cancel).await })
+        })
+        .collect();
+    let report = federation::run_server_from_config(server_cfg, None, false, |_| {}, cancel.clone())
+        .await
+        .expect("server");
+    for c in clients {
+        let rep = tokio::time::timeout(WAIT, c)
+            .await
+            .expect("client exits after the finish")
+            .unwrap()
+            .expect("client ran");
+        assert_eq!(rep.reason, "completed");
+        assert_eq!(rep.rounds_reported, report.records.len() as u64);
+    }
+    report
+}
+
+/// Each client's config: the same federation, its own rank.
+fn client_configs(cfg: &Config, n: usize) -> Vec<Config> {
+    (1..=n)
+        .map(|rank| {
+            let mut c = cfg.clone();
+            c.fedmq_args.rank = rank;
+            c
+        })
+        .collect()
+}
+
+/// The same federation twice: over plain TCP and HTTP, then hardened. Hardened: MQTT over mutual
+/// TLS through Mosquitto (the certificate's name is the MQTT user, the shipped ACL applies), S3
+/// over HTTPS trusting only the test CA, every message signed and checked against the trusted
+/// keys, every blob sealed; each participant set up only by the keys of its config. Both runs
+/// complete every round with every client and reach the same accuracy; the hardened store holds
+/// only ciphertext, and its sealed checkpoint opens with the server's key alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_federation_over_mutual_tls_with_signatures_and_sealed_blobs_learns_like_a_plain_one() {
+    let Some(bin) = mosquitto_bin() else {
+        return;
+    };
+    const N: usize = 3;
+    let mut base = config("hardened", "lr", N, 3, "homo");
+    base.fedmq_args.round_timeout_s = 120.0;
+
+    // Plain.
+    let fx = Fixture::new(base.clone()).await;
+    let plain = run_from_configs(&fx.cfg, &client_configs(&fx.cfg, N)).await;
+    fx.shutdown().await;
+
+    // Hardened: certificates, signing keys, trusted-key directories.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ids: Vec<String> = std::iter::once("server".to_string())
+        .chain((1..=N).map(client::client_id))
+        .collect();
+    let mut plan = fedmq::tls::CertsPlan::new(d.join("certs"), ids.clone());
+    plan.hosts = vec!["127.0.0.1".into()];
+    fedmq::tls::generate_certs(&plan).unwrap();
+    let (trust_server, trust_clients) = (d.join("trust-server"), d.join("trust-clients"));
+    for id in &ids {
+        let (_, public) = Identity::generate(id).save(&d.join("keys")).unwrap();
+        let trust = if id == "server" {
+            &trust_clients
+        } else {
+            &trust_server
+        };
+        std::fs::create_dir_all(trust).unwrap();
+        std::fs::copy(&public, trust.join(format!("{id}.pub"))).unwrap();
+    }
+    let certs = d.join("certs");
+    let port = free_port();
+    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl");
+    let conf = d.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "user root\npersistence false\nset_tcp_nodelay true\nmax_packet_size 262144\n\
+             listener {port} 127.0.0.1\ncertfile {c}/broker.pem\nkeyfile {c}/broker.key\n\
+             cafile {c}/ca.pem\ntls_version tlsv1.2\nrequire_certificate true\n\
+             use_identity_as_username true\nallow_anonymous false\nacl_file {acl}\n",
+            c = certs.display(),
+            acl = acl.display()
+        ),
+    )
+    .unwrap();
+    let _broker = Proc(
+        Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning mosquitto"),
+    );
+    let store = EmbeddedStore::start_with_tls(
+        StoreOptions::new(d.join("store"), "fedmq", SECRET),
+        Some(fedmq::store::StoreTls {
+            cert: certs.join("store.pem"),
+            key: certs.join("store.key"),
+        }),
+    )
+    .await
+    .expect("HTTPS store");
+    let hardened = |id: &str, rank: usize| {
+        let mut c = base.clone();
+        let m = &mut c.comm_args.customized_training_mqtt_config;
+        m.broker_host = "127.0.0.1".into();
+        m.broker_port = port;
+        m.mqtt_tls = true;
+        m.mqtt_ca_path = certs.join("ca.pem").display().to_string();
+        m.mqtt_cert_path = certs.join(format!("{id}.pem")).display().to_string();
+        m.mqtt_key_path = certs.join(format!("{id}.key")).display().to_string();
+        let s3 = &mut c.comm_args.customized_training_s3_config;
+        s3.cn_s3_endpoint = store.endpoint();
+        s3.cn_s3_ca_path = certs.join("ca.pem").display().to_string();
+        let f = &mut c.fedmq_args;
+        f.rank = rank;
+        f.signing_key = d.join(format!("keys/{id}.key")).display().to_string();
+        f.trusted_keys = if rank == 0 { &trust_server } else { &trust_clients }
+            .display()
+            .to_string();
+        f.encrypt_blobs = Some(true);
+        c
+    };
+    assert!(store.endpoint().starts_with("https://"));
+    let clients: Vec<Config> = (1..=N)
+        .map(|r| hardened(&client::client_id(r), r))
+        .collect();
+    let server_cfg = hardened("server", 0);
+    let secure = run_from_configs(&server_cfg, &clients).await;
+
+    for (name, rep) in [("plain", &plain), ("hardened", &secure)] {
+        assert_eq!(rep.outcome, Outcome::Completed, "{name}: {rep:?}");
+        assert_eq!(rep.records.len(), 3, "{name}");
+        for r in &rep.records {
+            assert_eq!((r.participants, r.failures), (N, 0), "{name}: {r:?}");
+        }
+    }
+    let (a, b) = (
+        *accuracies(&plain.records).last().unwrap(),
+        *accuracies(&secure.records).last().unwrap(),
+    );
+    assert!(a > 0.85, "lr on MNIST after 3 rounds: {a}");
+    assert!(
+        (a - b).abs() <= 0.005,
+        "hardened accuracy {b:.4} vs plain {a:.4}"
+    );
+
+    // The store, with raw credentials: ciphertext only.
+    let blobs = BlobStore::connect(&S3Options::from(
+        &server_cfg.comm_args.customized_training_s3_config,
+    ))
+    .unwrap();
+    let keys = BlobKeys::new(KEY_PREFIX, "hardened");
+    let objects = blobs.list(&keys.run_prefix()).await.unwrap();
+    assert!(objects.len() >= 8, "{objects:?}");
+    for o in &objects {
+        assert_only_ciphertext(&o.key, &blobs.get_unverified(&o.key).await.unwrap());
+    }
+    // The server's key (and only it) reopens the last checkpoint and its model.
+    let sec = federation::Security::from_config(&server_cfg, server::SERVER_ID).unwrap();
+    let crypto = sec.crypto.expect("sealing on");
+    let cp = server::latest_checkpoint(&blobs, &keys, Some(&crypto))
+        .await
+        .unwrap()
+        .expect("a checkpoint");
+    assert_eq!(cp.round, 3);
+    let model = server::load_checkpoint_model(&blobs, &cp, Some(&crypto))
+        .await
+        .unwrap();
+    assert_eq!(model, secure.final_params);
+    let client_sec = federation::Security::from_config(&clients[0], "client-1").unwrap();
+    assert!(
+        server::latest_checkpoint(&blobs, &keys, client_sec.crypto.as_deref())
+            .await
+            .is_err(),
+        "a client's key does not open the server's checkpoint"
+    );
+    store.shutdown().await;
 }

@@ -21,6 +21,7 @@ fn blob(key: &str) -> BlobRef {
         key: key.into(),
         len: 6_653_608,
         sha256: "9e".repeat(32),
+        wrapped_key: None,
     }
 }
 

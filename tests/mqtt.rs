@@ -213,6 +213,7 @@ fn train(run: &str, round: u64) -> Envelope {
                 key: format!("fedmq/{run}/r{round:06}/global"),
                 len: 1234,
                 sha256: "ab".repeat(32),
+                wrapped_key: None,
             },
             config: TrainConfig {
                 model: "cnn".into(),
@@ -239,6 +240,7 @@ fn update(run: &str, round: u64, client: &str) -> Envelope {
                 key: format!("fedmq/{run}/r{round:06}/updates/{client}"),
                 len: 1234,
                 sha256: "cd".repeat(32),
+                wrapped_key: None,
             },
             num_samples: 5923,
             metrics: TrainMetrics {

@@ -170,6 +170,7 @@ async fn suite_integrity(blobs: &BlobStore, prefix: &str) -> Result<()> {
         key: missing.clone(),
         len: 10,
         sha256: "0".repeat(64),
+        wrapped_key: None,
     };
     match blobs.get(&r).await {
         Err(Error::NotFound { key, .. }) => assert_eq!(key, missing),

@@ -22,6 +22,7 @@ use crate::proto::{
     self, BlobKeys, BlobRef, Body, Capabilities, Envelope, Failure, Role, TopicKind, Topics, Train,
     Update,
 };
+use crate::seal::BlobCrypto;
 use crate::server::SERVER_ID;
 use crate::store::BlobStore;
 use crate::tensor::ParamSet;
@@ -58,6 +59,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// When set, only commands signed by the server's key in this ring are followed.
     pub keyring: Option<Arc<crate::identity::Keyring>>,
+    /// When set, blobs are sealed ([`crate::seal`]): the global model must arrive sealed for this
+    /// client, and updates are sealed for the server.
+    pub crypto: Option<Arc<BlobCrypto>>,
 }
 
 /// How a client's run ended.
@@ -193,6 +197,7 @@ pub async fn run_client(
                             handle: handle.clone(),
                             trainer: trainer.clone(),
                             slots: opts.train_slots.clone(),
+                            crypto: opts.crypto.clone(),
                         };
                         let tx = done_tx.clone();
                         tokio::spawn(async move {
@@ -296,6 +301,7 @@ struct JobCtx {
     handle: MqttHandle,
     trainer: Arc<dyn LocalTrainer>,
     slots: Option<Arc<Semaphore>>,
+    crypto: Option<Arc<BlobCrypto>>,
 }
 
 impl JobCtx {
@@ -337,10 +343,25 @@ impl JobCtx {
             .get(&train.global)
             .await
             .map_err(|e| format!("fetching the global model: {e}"))?;
-        let global = tokio::task::spawn_blocking(move || ParamSet::from_safetensors_bytes(&bytes))
-            .await
-            .map_err(|e| format!("decoding task failed: {e}"))?
-            .map_err(|e| format!("the global model does not decode: {e}"))?;
+        let crypto = self.crypto.clone();
+        let blob = train.global.clone();
+        let global = tokio::task::spawn_blocking(move || {
+            let bytes = match (&crypto, &blob.wrapped_key) {
+                (Some(c), _) => c.open(&blob, bytes).map_err(|e| e.to_string())?,
+                (None, None) => bytes,
+                (None, Some(_)) => {
+                    return Err(format!(
+                        "{}: the server sealed the global model, but this client has no \
+                         encryption keys (set fedmq_args.signing_key and trusted_keys)",
+                        blob.key
+                    ))
+                }
+            };
+            ParamSet::from_safetensors_bytes(&bytes)
+                .map_err(|e| format!("the global model does not decode: {e}"))
+        })
+        .await
+        .map_err(|e| format!("decoding task failed: {e}"))??;
         let _permit = match &self.slots {
             Some(s) => Some(
                 s.clone()
@@ -361,14 +382,31 @@ impl JobCtx {
                 .await
                 .map_err(|e| format!("training task failed: {e}"))??;
         drop(_permit);
-        let bytes = tokio::task::spawn_blocking(move || params.to_safetensors_bytes())
-            .await
-            .map_err(|e| format!("encoding task failed: {e}"))?;
-        let blob = self
+        let key = self.keys.update(round, &self.id);
+        let crypto = self.crypto.clone();
+        let sealed_key = key.clone();
+        let (bytes, content_key) = tokio::task::spawn_blocking(move || {
+            let plain = params.to_safetensors_bytes();
+            match &crypto {
+                Some(c) => {
+                    let (sealed, ck) = c.seal(&sealed_key, &plain);
+                    (sealed, Some(ck))
+                }
+                None => (plain, None),
+            }
+        })
+        .await
+        .map_err(|e| format!("encoding task failed: {e}"))?;
+        let mut blob = self
             .store
-            .put(&self.keys.update(round, &self.id), Bytes::from(bytes))
+            .put(&key, Bytes::from(bytes))
             .await
             .map_err(|e| format!("storing the update: {e}"))?;
+        if let (Some(c), Some(ck)) = (&self.crypto, &content_key) {
+            blob = c
+                .wrapped_ref(&blob, ck, SERVER_ID)
+                .map_err(|e| format!("sealing the update for the server: {e}"))?;
+        }
         Ok(Update {
             update: blob,
             num_samples: self.trainer.num_samples(),

@@ -433,6 +433,11 @@ pub struct FedmqArgs {
     /// the clients listed there, a client only commands signed by `server.pub`. Removing a file
     /// revokes that participant. Empty: signatures are not checked.
     pub trusted_keys: String,
+    /// Seal every model blob (AES-256-GCM, key wrapped to each reader's identity key; see
+    /// docs/SECURITY.md). Unset: on whenever `signing_key` and `trusted_keys` are set (and always
+    /// in `fedmq run`, whose participants get keys of their own). `true`: required (an error
+    /// without keys). `false`: plaintext blobs, integrity-checked only.
+    pub encrypt_blobs: Option<bool>,
 }
 
 impl Default for FedmqArgs {
@@ -448,6 +453,7 @@ impl Default for FedmqArgs {
             concurrent_training: 1,
             signing_key: String::new(),
             trusted_keys: String::new(),
+            encrypt_blobs: None,
         }
     }
 }

@@ -22,6 +22,7 @@
 use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
 use crate::identity::Keyring;
 use crate::metrics::{MetricsWriter, RoundRecord};
+use crate::seal::{self, BlobCrypto, ContentKey};
 use crate::proto::{
     self, BlobKeys, BlobRef, Body, Envelope, Finish, Presence, Role, TopicKind, Topics, Train,
 };
@@ -85,6 +86,10 @@ pub struct ServerOptions {
     /// When set, only messages signed by a key in this ring are accepted (clients' keys);
     /// unsigned, unknown, revoked, forged and stale ones are dropped with a logged reason.
     pub keyring: Option<Arc<Keyring>>,
+    /// When set, every blob is sealed ([`crate::seal`]): the global and final models for each
+    /// client they are sent to, checkpoints for the server itself; updates must arrive sealed for
+    /// the server.
+    pub crypto: Option<Arc<BlobCrypto>>,
 }
 
 /// Progress notifications for a user interface (progress bars, logs).
@@ -161,7 +166,8 @@ pub struct Checkpoint {
     pub strategy: String,
     /// Strategy state ([`Strategy::state`]).
     pub state: serde_json::Value,
-    /// The model after `round`.
+    /// The model after `round`. In a sealed federation its `wrapped_key` is wrapped to the
+    /// server itself, and the whole document is sealed with the server's own key.
     pub model: BlobRef,
     /// Milliseconds since the Unix epoch when written.
     pub ts_ms: u64,
@@ -175,6 +181,7 @@ pub struct Checkpoint {
 pub async fn latest_checkpoint(
     store: &BlobStore,
     keys: &BlobKeys,
+    crypto: Option<&BlobCrypto>,
 ) -> Result<Option<Checkpoint>, ServerError> {
     let prefix = keys.checkpoint_prefix();
     let mut objects = store.list(&prefix).await?;
@@ -182,12 +189,26 @@ pub async fn latest_checkpoint(
     let Some(last) = objects.last() else {
         return Ok(None);
     };
-    let r = BlobRef {
-        key: last.key.clone(),
-        len: last.len,
-        sha256: String::new(),
+    let bytes = store.get_unverified(&last.key).await?;
+    let bytes = match (crypto, seal::looks_sealed(&bytes)) {
+        (Some(c), true) => c
+            .open_own(&last.key, bytes)
+            .map_err(|e| ServerError::Checkpoint(e.to_string()))?,
+        (None, false) => bytes,
+        (Some(_), false) => {
+            return Err(ServerError::Checkpoint(format!(
+                "{} is not sealed, but this server seals its blobs: refusing a checkpoint \
+                 anyone with store credentials could have written",
+                last.key
+            )))
+        }
+        (None, true) => {
+            return Err(ServerError::Checkpoint(format!(
+                "{} is sealed: resume with the server's signing_key and trusted_keys set",
+                last.key
+            )))
+        }
     };
-    let bytes = store.get_unverified(&r.key).await?;
     let cp: Checkpoint = serde_json::from_slice(&bytes)
         .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", last.key)))?;
     Ok(Some(cp))
@@ -200,10 +221,26 @@ pub async fn latest_checkpoint(
 pub async fn load_checkpoint_model(
     store: &BlobStore,
     cp: &Checkpoint,
+    crypto: Option<&BlobCrypto>,
 ) -> Result<ParamSet, ServerError> {
     let bytes = store.get(&cp.model).await?;
+    let bytes = open_blob(crypto, &cp.model, bytes).map_err(ServerError::Checkpoint)?;
     ParamSet::from_safetensors_bytes(&bytes)
         .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", cp.model.key)))
+}
+
+/// The plaintext of a fetched blob: opened when `crypto` is set (which requires it sealed),
+/// as is otherwise (which requires it plain).
+fn open_blob(crypto: Option<&BlobCrypto>, blob: &BlobRef, bytes: Bytes) -> Result<Bytes, String> {
+    match (crypto, &blob.wrapped_key) {
+        (Some(c), _) => c.open(blob, bytes).map_err(|e| e.to_string()),
+        (None, None) => Ok(bytes),
+        (None, Some(_)) => Err(format!(
+            "{}: the blob is sealed, but this server has no encryption keys (set \
+             fedmq_args.signing_key and trusted_keys)",
+            blob.key
+        )),
+    }
 }
 
 /// Result of a transfer task, back to the driver loop.
@@ -303,6 +340,7 @@ pub async fn run_server(
         metrics: None,
         held_permit: None,
         checkpoint_task: None,
+        global_key: None,
     };
     if let Some(dir) = &driver.opts.output_dir {
         match MetricsWriter::create(dir) {
@@ -313,7 +351,8 @@ pub async fn run_server(
     driver.fetch_slots = Arc::new(Semaphore::new(driver.opts.fetch_concurrency.max(1)));
     if let Some(cp) = resume_from {
         info!(round = cp.round, "resuming from checkpoint");
-        let model = load_checkpoint_model(&driver.store, &cp).await?;
+        let model =
+            load_checkpoint_model(&driver.store, &cp, driver.opts.crypto.as_deref()).await?;
         machine.resume(cp.round, model);
     }
     let clients_needed = driver.opts.round.min_clients;
@@ -424,6 +463,8 @@ struct Driver {
     held_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The latest checkpoint write (awaited before the run returns).
     checkpoint_task: Option<tokio::task::JoinHandle<()>>,
+    /// Content key of the latest global model upload (sealed federations), by round.
+    global_key: Option<(u64, Arc<ContentKey>)>,
 }
 
 impl Driver {
@@ -488,7 +529,12 @@ impl Driver {
                 if let Some(b) = &mut self.round_bytes {
                     b.global_len = blob.len;
                 }
-                self.write_checkpoint(&blob).await;
+                let key = self
+                    .global_key
+                    .as_ref()
+                    .filter(|(r, _)| *r == round)
+                    .map(|(_, k)| k.clone());
+                self.write_checkpoint(&blob, key.as_deref()).await;
                 Some(Event::GlobalUploaded { round, blob })
             }
             TaskDone::StoreFailed { round, reason } => {
@@ -517,10 +563,21 @@ impl Driver {
         }
     }
 
-    /// Writes the checkpoint of the round that produced `model`, if one is pending.
-    async fn write_checkpoint(&mut self, model: &BlobRef) {
+    /// Writes the checkpoint of the round that produced `model` (sealed with `key`), if one is
+    /// pending.
+    async fn write_checkpoint(&mut self, model: &BlobRef, key: Option<&ContentKey>) {
         let Some((round, strategy, state)) = self.pending_checkpoint.take() else {
             return;
+        };
+        let model = match (&self.opts.crypto, key) {
+            (Some(c), Some(k)) => match c.wrapped_ref(model, k, SERVER_ID) {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!("checkpoint of round {round} not written: {e}");
+                    return;
+                }
+            },
+            _ => model.clone(),
         };
         let cp = Checkpoint {
             v: 1,
@@ -528,7 +585,7 @@ impl Driver {
             round,
             strategy,
             state,
-            model: model.clone(),
+            model,
             ts_ms: proto::now_ms(),
         };
         self.put_checkpoint(cp).await;
@@ -545,6 +602,10 @@ impl Driver {
                 warn!("checkpoint of round {} not written: {e}", cp.round);
                 return;
             }
+        };
+        let body = match &self.opts.crypto {
+            Some(c) => c.seal_own(&key, &body),
+            None => body,
         };
         let store = self.store.clone();
         let task = tokio::spawn(async move {
@@ -579,12 +640,24 @@ impl Driver {
                     commands: 0,
                     updates: 0,
                 });
-                let bytes = Bytes::from(machine.global().to_safetensors_bytes());
+                let plain = machine.global().to_safetensors_bytes();
                 let key = self.opts.keys.global(round);
                 let store = self.store.clone();
                 let tx = self.tasks.0.clone();
+                let crypto = self.opts.crypto.clone();
+                let content_key = crypto.as_ref().map(|_| Arc::new(ContentKey::generate()));
+                self.global_key = content_key.clone().map(|k| (round, k));
                 tokio::spawn(async move {
-                    let done = match store.put(&key, bytes).await {
+                    let bytes = match (crypto, content_key) {
+                        (Some(c), Some(k)) => {
+                            let key = key.clone();
+                            tokio::task::spawn_blocking(move || c.seal_with_key(&k, &key, &plain))
+                                .await
+                                .unwrap_or_default()
+                        }
+                        _ => plain,
+                    };
+                    let done = match store.put(&key, Bytes::from(bytes)).await {
                         Ok(blob) => TaskDone::Stored { round, blob },
                         Err(e) => TaskDone::StoreFailed {
                             round,
@@ -604,6 +677,22 @@ impl Driver {
                 if let Some(b) = &mut self.round_bytes {
                     b.commands += 1;
                 }
+                let global = match (&self.opts.crypto, &self.global_key) {
+                    (Some(c), Some((r, k))) if *r == round => {
+                        match c.wrapped_ref(&global, k, &client) {
+                            Ok(g) => g,
+                            Err(e) => {
+                                warn!(%client, round, "train command not sent: {e}");
+                                return None;
+                            }
+                        }
+                    }
+                    (Some(_), _) => {
+                        warn!(%client, round, "train command not sent: no content key for the global model");
+                        return None;
+                    }
+                    (None, _) => global,
+                };
                 let left = deadline.saturating_duration_since(Instant::now());
                 let msg = Envelope::new(
                     &self.opts.run,
@@ -634,9 +723,17 @@ impl Driver {
                 let store = self.store.clone();
                 let tx = self.tasks.0.clone();
                 let slots = self.fetch_slots.clone();
+                let crypto = self.opts.crypto.clone();
                 tokio::spawn(async move {
                     let permit = slots.acquire_owned().await.ok();
-                    let result = store.get(&blob).await.map_err(|e| e.to_string());
+                    let result = match store.get(&blob).await {
+                        Ok(bytes) => tokio::task::spawn_blocking(move || {
+                            open_blob(crypto.as_deref(), &blob, bytes)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(format!("opening task failed: {e}"))),
+                        Err(e) => Err(e.to_string()),
+                    };
                     // The permit travels with the bytes and is released once the driver has
                     // folded them: at most `fetch_concurrency` updates are in memory besides the
                     // global model and the aggregate.
@@ -735,20 +832,30 @@ impl Driver {
     /// Stores the final model, tells every known client, writes the final model to disk.
     async fn finish(&mut self, outcome: Outcome, machine: &RoundMachine) -> ServerReport {
         let mut final_model = None;
+        let mut final_key = None;
         let mut final_path = None;
         if outcome == Outcome::Completed || machine.completed_rounds() > 0 {
-            let bytes = Bytes::from(machine.global().to_safetensors_bytes());
+            let plain = machine.global().to_safetensors_bytes();
             if let Some(dir) = &self.opts.output_dir {
                 let path = dir.join("final_model.safetensors");
-                match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &bytes)) {
+                match std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, &plain)) {
                     Ok(()) => final_path = Some(path),
                     Err(e) => warn!("final model not written to {}: {e}", path.display()),
                 }
             }
-            match self.store.put(&self.opts.keys.final_model(), bytes).await {
+            let key = self.opts.keys.final_model();
+            let (bytes, content_key) = match &self.opts.crypto {
+                Some(c) => {
+                    let k = ContentKey::generate();
+                    (c.seal_with_key(&k, &key, &plain), Some(k))
+                }
+                None => (plain, None),
+            };
+            match self.store.put(&key, Bytes::from(bytes)).await {
                 Ok(blob) => {
-                    self.write_checkpoint(&blob).await;
+                    self.write_checkpoint(&blob, content_key.as_ref()).await;
                     final_model = Some(blob);
+                    final_key = content_key;
                 }
                 Err(e) => warn!("final model not stored: {e}"),
             }
@@ -760,13 +867,23 @@ impl Driver {
         let mut clients = self.known_clients.clone();
         clients.extend(self.opts.expected_clients.iter().cloned());
         for c in &clients {
+            let for_client = match (&self.opts.crypto, &final_model, &final_key) {
+                (Some(cr), Some(m), Some(k)) => match cr.wrapped_ref(m, k, c) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        warn!(client = %c, "final model not offered: {e}");
+                        None
+                    }
+                },
+                _ => final_model.clone(),
+            };
             let msg = Envelope::new(
                 &self.opts.run,
                 machine.completed_rounds(),
                 SERVER_ID,
                 Body::Finish(Finish {
                     reason: reason.clone(),
-                    final_model: final_model.clone(),
+                    final_model: for_client,
                 }),
             );
             if let Err(e) = self

@@ -501,6 +501,7 @@ impl BlobStore {
             key: key.to_string(),
             len: len as u64,
             sha256,
+            wrapped_key: None,
         })
     }
 

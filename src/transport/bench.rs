@@ -175,6 +175,7 @@ async fn echo(
                             .replace("/global", &format!("/updates/{client_id}")),
                         len: t.global.len,
                         sha256: t.global.sha256.clone(),
+                        wrapped_key: None,
                     },
                     num_samples: 5923,
                     metrics: TrainMetrics {
@@ -226,6 +227,7 @@ fn train_command(run: &str, round: u64) -> Envelope {
                 key: format!("fedmq/{run}/r{round:06}/global"),
                 len: 6_653_608,
                 sha256: "3b1f0c9d7e2a4b6c8d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e".into(),
+                wrapped_key: None,
             },
             config: TrainConfig {
                 model: "cnn".into(),

@@ -7,6 +7,7 @@ fn blob(key: &str) -> BlobRef {
         key: key.into(),
         len: 4096,
         sha256: "ab".repeat(32),
+        wrapped_key: None,
     }
 }
 

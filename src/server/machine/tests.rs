@@ -16,6 +16,7 @@ fn blob(key: &str) -> BlobRef {
         key: key.into(),
         len: 8,
         sha256: "00".repeat(32),
+        wrapped_key: None,
     }
 }
 
