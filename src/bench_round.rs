@@ -24,18 +24,22 @@
 //! a fresh process when several are asked for.
 
 use crate::client::{self, ClientOptions, ClientReport, NoopTrainer};
-use crate::federation::{capabilities, KEY_PREFIX};
+use crate::federation::{capabilities, Security, KEY_PREFIX};
 use crate::metrics::RoundRecord;
 use crate::proto::{BlobKeys, TrainConfig};
 use crate::server::{self, Outcome, Progress, RoundConfig, ServerOptions, ServerReport};
-use crate::store::{BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions, MIB};
+use crate::store::{
+    BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions, StoreTls, MIB,
+};
 use crate::strategy::FedAvg;
 use crate::tensor::{NamedTensor, ParamSet};
-use crate::transport::{BrokerOptions, EmbeddedBroker, SessionOptions};
+use crate::transport::{BrokerOptions, BrokerTls, EmbeddedBroker, MqttTls, SessionOptions};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -114,6 +118,9 @@ pub struct RoundBenchConfig {
     pub delta: f32,
     /// Deadline of a round (generous: a missed deadline spoils the figure anyway).
     pub round_timeout: Duration,
+    /// Everything on: MQTT over TLS (mutual TLS with Mosquitto), S3 over HTTPS, every message
+    /// signed and checked, every blob sealed (see [`BenchSecurity`]).
+    pub secure: bool,
 }
 
 impl Default for RoundBenchConfig {
@@ -127,6 +134,7 @@ impl Default for RoundBenchConfig {
             payload_check: false,
             delta: 0.001,
             round_timeout: Duration::from_secs(300),
+            secure: false,
         }
     }
 }
@@ -148,6 +156,9 @@ pub struct RoundBenchReport {
     pub broker: BrokerKind,
     /// The server's update downloads in flight at once.
     pub fetch_concurrency: usize,
+    /// `on`: TLS, signed messages and sealed blobs; `off`: plain TCP and HTTP, unsigned,
+    /// plaintext blobs.
+    pub security: &'static str,
     /// Median round time in seconds (warm-up rounds left out).
     pub round_s_median: Option<f64>,
     /// 90th percentile (nearest rank) of the round times.
@@ -431,6 +442,44 @@ pub struct BenchEnv {
     pub s3: S3Options,
     /// Run id.
     pub run: String,
+    /// Certificates and identities, when security is on.
+    pub security: Option<Arc<BenchSecurity>>,
+}
+
+/// A secure benchmark's material: `fedmq certs` output for every participant, and fresh
+/// Ed25519 identities (messages signed, blobs sealed).
+#[derive(Debug)]
+pub struct BenchSecurity {
+    /// Directory with `ca.pem`, `<id>.pem`, `<id>.key`, `broker.*`, `store.*`.
+    pub certs: PathBuf,
+    /// Each participant's keys.
+    pub ids: BTreeMap<String, Security>,
+}
+
+impl BenchSecurity {
+    /// Certificates under `dir` and identities for the server and `clients` clients.
+    ///
+    /// # Errors
+    /// Writing the certificates fails.
+    pub fn create(dir: &Path, clients: usize) -> Result<Self> {
+        let client_ids: Vec<String> = (1..=clients).map(client::client_id).collect();
+        let mut all = vec![server::SERVER_ID.to_string()];
+        all.extend(client_ids.iter().cloned());
+        let mut plan = crate::tls::CertsPlan::new(dir, all);
+        plan.hosts = vec!["127.0.0.1".into()];
+        crate::tls::generate_certs(&plan).context("creating the benchmark's certificates")?;
+        let (server_sec, client_secs) = Security::ephemeral(&client_ids, Some(true))?;
+        let mut ids: BTreeMap<String, Security> = client_ids.into_iter().zip(client_secs).collect();
+        ids.insert(server::SERVER_ID.to_string(), server_sec);
+        Ok(Self {
+            certs: dir.to_path_buf(),
+            ids,
+        })
+    }
+
+    fn of(&self, id: &str) -> Security {
+        self.ids.get(id).cloned().unwrap_or_default()
+    }
 }
 
 impl BenchEnv {
@@ -446,7 +495,22 @@ impl BenchEnv {
     }
 
     fn session(&self, id: &str) -> SessionOptions {
-        SessionOptions::new(self.mqtt_host.clone(), self.mqtt_port, id)
+        let mut o = SessionOptions::new(self.mqtt_host.clone(), self.mqtt_port, id);
+        if let Some(sec) = &self.security {
+            o.tls = Some(MqttTls {
+                ca: sec.certs.join("ca.pem"),
+                identity: Some(crate::tls::Identity {
+                    cert: sec.certs.join(format!("{id}.pem")),
+                    key: sec.certs.join(format!("{id}.key")),
+                }),
+            });
+            o.signer = sec.of(id).signer;
+        }
+        o
+    }
+
+    fn security_of(&self, id: &str) -> Security {
+        self.security.as_ref().map(|s| s.of(id)).unwrap_or_default()
     }
 }
 
@@ -620,7 +684,10 @@ pub async fn run_bench_server(
     cancel: CancellationToken,
 ) -> Result<ServerRun> {
     let store = BlobStore::connect(&env.s3).context("S3 options of the server")?;
-    let opts = bench_server_options(cfg, &env.run);
+    let mut opts = bench_server_options(cfg, &env.run);
+    let sec = env.security_of(server::SERVER_ID);
+    opts.keyring = sec.keyring;
+    opts.crypto = sec.crypto;
     let idle_rss_kib = proc_status_kib(None, "VmRSS");
     let initial = tokio::task::block_in_place(|| synthetic_model(cfg.params));
     let mut marks: Vec<(Instant, ProgressMark)> = Vec::new();
@@ -685,6 +752,7 @@ pub async fn run_bench_client(
 ) -> Result<ClientReport> {
     let id = client::client_id(rank);
     let store = BlobStore::connect(&env.s3).context("S3 options of a client")?;
+    let sec = env.security_of(&id);
     let opts = ClientOptions {
         run: env.run.clone(),
         id: id.clone(),
@@ -692,8 +760,8 @@ pub async fn run_bench_client(
         capabilities: capabilities("cpu (no-op trainer)", CLIENT_SAMPLES),
         train_slots: None,
         connect_timeout: Duration::from_secs(30),
-        keyring: None,
-        crypto: None,
+        keyring: sec.keyring,
+        crypto: sec.crypto,
     };
     let trainer = std::sync::Arc::new(NoopTrainer {
         num_samples: CLIENT_SAMPLES,
@@ -726,6 +794,7 @@ impl RoundBenchReport {
             mode,
             broker: cfg.broker,
             fetch_concurrency: cfg.fetch_concurrency.max(1),
+            security: if cfg.secure { "on" } else { "off" },
             round_s_median: stats.as_ref().map(|s| round6(s.median)),
             round_s_p90: stats.as_ref().map(|s| round6(s.p90)),
             round_s_min: stats.as_ref().map(|s| round6(s.min)),
@@ -840,6 +909,15 @@ impl MosquittoBroker {
     /// # Errors
     /// The binary is missing (with the install command), or it does not start.
     pub fn start() -> Result<Self> {
+        Self::start_tls(None)
+    }
+
+    /// As [`start`](Self::start); with `certs` (a `fedmq certs` directory), over mutual TLS:
+    /// client certificates from its CA required, the certificate's name as MQTT user.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub fn start_tls(certs: Option<&Path>) -> Result<Self> {
         let Some(bin) = find_mosquitto() else {
             bail!(
                 "--broker mosquitto: the mosquitto binary is not on PATH nor in /usr/sbin or \
@@ -856,8 +934,14 @@ impl MosquittoBroker {
                 &conf,
                 format!(
                     "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     max_packet_size {}\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n",
-                    crate::transport::DEFAULT_MAX_PACKET_SIZE
+                     max_packet_size {}\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n{}",
+                    crate::transport::DEFAULT_MAX_PACKET_SIZE,
+                    certs.map_or(String::new(), |c| format!(
+                        "certfile {0}/broker.pem\nkeyfile {0}/broker.key\ncafile {0}/ca.pem\n\
+                         tls_version tlsv1.2\nrequire_certificate true\n\
+                         use_identity_as_username true\n",
+                        c.display()
+                    ))
                 ),
             )
             .context("writing mosquitto.conf")?;
@@ -939,31 +1023,52 @@ pub async fn bench_round_in_process(cfg: &RoundBenchConfig) -> Result<RoundBench
         bail!("clients, params and rounds must each be at least 1");
     }
     let started = Instant::now();
+    let dir = ScratchDir::new("bench-round")?;
+    let security = if cfg.secure {
+        let certs = dir.path().join("certs");
+        Some(Arc::new(tokio::task::block_in_place(|| {
+            BenchSecurity::create(&certs, cfg.clients)
+        })?))
+    } else {
+        None
+    };
+    let certs = security.as_ref().map(|s| s.certs.clone());
     let (port, mosquitto) = match cfg.broker {
         BrokerKind::Embedded => {
-            let b = tokio::task::block_in_place(|| EmbeddedBroker::start(BrokerOptions::default()))
+            let opts = BrokerOptions {
+                tls: certs.as_ref().map(|c| BrokerTls {
+                    cert: c.join("broker.pem"),
+                    key: c.join("broker.key"),
+                }),
+                ..BrokerOptions::default()
+            };
+            let b = tokio::task::block_in_place(|| EmbeddedBroker::start(opts))
                 .context("starting the embedded MQTT broker")?;
             (b.addr().port(), None)
         }
         BrokerKind::Mosquitto => {
-            let m = tokio::task::block_in_place(MosquittoBroker::start)?;
+            let m = tokio::task::block_in_place(|| MosquittoBroker::start_tls(certs.as_deref()))?;
             (m.port(), Some(m))
         }
     };
-    let dir = ScratchDir::new("bench-round")?;
     let secret = random_secret();
-    let store = EmbeddedStore::start(StoreOptions::new(
-        dir.path().join("store"),
-        ACCESS_KEY,
-        secret.as_str(),
-    ))
+    let store = EmbeddedStore::start_with_tls(
+        StoreOptions::new(dir.path().join("store"), ACCESS_KEY, secret.as_str()),
+        certs.as_ref().map(|c| StoreTls {
+            cert: c.join("store.pem"),
+            key: c.join("store.key"),
+        }),
+    )
     .await
     .context("starting the embedded store")?;
+    let mut s3 = BenchEnv::s3_options(&store.endpoint(), &secret);
+    s3.ca_path = certs.as_ref().map(|c| c.join("ca.pem"));
     let env = BenchEnv {
         mqtt_host: "127.0.0.1".into(),
         mqtt_port: port,
-        s3: BenchEnv::s3_options(&store.endpoint(), &secret),
+        s3,
         run: random_run_id(),
+        security,
     };
 
     let client_cancel = CancellationToken::new();

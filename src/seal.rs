@@ -294,9 +294,7 @@ fn blob_key(secret: &[u8; 32], header: &[u8; HEADER_LEN], object_key: &str) -> L
 
 fn aead_key(alg: &'static aead::Algorithm, k: &[u8; 32]) -> LessSafeKey {
     // Both algorithms take 32-byte keys, so this cannot fail.
-    LessSafeKey::new(
-        UnboundKey::new(alg, k).unwrap_or_else(|_| unreachable!("32-byte AEAD key")),
-    )
+    LessSafeKey::new(UnboundKey::new(alg, k).unwrap_or_else(|_| unreachable!("32-byte AEAD key")))
 }
 
 fn chunk_nonce(i: usize, last: bool) -> Nonce {
@@ -334,7 +332,9 @@ fn seal_with(mode: u8, secret: &[u8; 32], object_key: &str, plaintext: &[u8]) ->
             .enumerate()
             .for_each(seal_one);
     } else {
-        body.chunks_mut(chunk + TAG_LEN).enumerate().for_each(seal_one);
+        body.chunks_mut(chunk + TAG_LEN)
+            .enumerate()
+            .for_each(seal_one);
     }
     out
 }
@@ -395,13 +395,9 @@ fn open_in_place(
     let ok = if n > 2 {
         body.par_chunks_mut(chunk + TAG_LEN)
             .enumerate()
-            .map(open_one)
-            .all(|x| x)
+            .all(open_one)
     } else {
-        body.chunks_mut(chunk + TAG_LEN)
-            .enumerate()
-            .map(open_one)
-            .all(|x| x)
+        body.chunks_mut(chunk + TAG_LEN).enumerate().all(open_one)
     };
     if !ok {
         return Err(SealError::Tampered {
@@ -546,13 +542,25 @@ mod tests {
             .wrapped_ref(&blob_ref(key, &sealed, String::new()), &ck, "server")
             .unwrap();
         server.open(&r, Bytes::from(sealed.clone())).unwrap();
-        for pos in [0, 8, 9, 20, 30, HEADER_LEN, HEADER_LEN + 5000, sealed.len() - 1] {
+        for pos in [
+            0,
+            8,
+            9,
+            20,
+            30,
+            HEADER_LEN,
+            HEADER_LEN + 5000,
+            sealed.len() - 1,
+        ] {
             let mut bad = sealed.clone();
             bad[pos] ^= 0x10;
             assert!(server.open(&r, Bytes::from(bad)).is_err(), "flip at {pos}");
         }
         let short = Bytes::from(sealed[..sealed.len() - 1].to_vec());
-        assert!(matches!(server.open(&r, short), Err(SealError::Tampered { .. })));
+        assert!(matches!(
+            server.open(&r, short),
+            Err(SealError::Tampered { .. })
+        ));
         // Dropping the whole last chunk keeps a well-formed length for a shorter plaintext,
         // but the header's length and the `last` flag give it away.
         let chunk = (1 << DEFAULT_CHUNK_LOG2) + TAG_LEN;

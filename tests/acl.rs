@@ -1,17 +1,24 @@
-//! Broker authorization: Debian's Mosquitto with a password file and the shipped ACL
-//! (`broker/fedmq.acl`) keeps each participant on its own topics.
+//! Broker authorization: the shipped ACL (`broker/fedmq.acl`) keeps each participant on its own
+//! topics, in Debian's Mosquitto (with a password file) and in the embedded broker's authorizing
+//! gateway (with a user table, the same Mosquitto password file, or client certificates).
 //!
-//! Skips when `mosquitto` or `mosquitto_passwd` is absent and `CI` is unset; with `CI` set it
-//! fails instead.
+//! Mosquitto drops a refused publish silently; the gateway closes the connection that sent it.
+//! Either way the forged message never reaches its subscribers, which is what the tests check.
+//!
+//! Tests that need `mosquitto` or `mosquitto_passwd` skip when it is absent and `CI` is unset;
+//! with `CI` set they fail instead.
 
 mod common;
 use common::free_port;
 
 use fedmq::proto::{BlobRef, Body, Envelope, Failure, Role, TopicKind, Topics, Train, TrainConfig};
+use fedmq::tls::{generate_certs, CertsPlan, Identity};
 use fedmq::transport::{
-    ConnState, Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
+    BrokerOptions, BrokerTls, ConnState, ConnectRate, EmbeddedBroker, Incoming, MqttHandle,
+    MqttSession, MqttTls, PresenceMessages, SessionOptions,
 };
-use std::path::Path;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -29,14 +36,29 @@ impl Drop for Broker {
     }
 }
 
-fn start_mosquitto(bin: &Path, passwd: &Path, dir: &Path, port: u16) -> Broker {
-    let users = [
-        ("server", "pw-server"),
-        ("client-1", "pw-1"),
-        ("client-2", "pw-2"),
-    ];
+/// The participants and their passwords.
+const USERS: [(&str, &str); 3] = [
+    ("server", "pw-server"),
+    ("client-1", "pw-1"),
+    ("client-2", "pw-2"),
+];
+
+fn password_of(user: &str) -> &'static str {
+    USERS
+        .iter()
+        .find(|(u, _)| *u == user)
+        .map(|(_, p)| *p)
+        .expect("a known user")
+}
+
+fn acl_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl")
+}
+
+/// `fedmq.passwd` in `dir`, written by `mosquitto_passwd` for [`USERS`].
+fn write_password_file(passwd: &Path, dir: &Path) -> PathBuf {
     let file = dir.join("fedmq.passwd");
-    for (i, (user, pw)) in users.iter().enumerate() {
+    for (i, (user, pw)) in USERS.iter().enumerate() {
         let mut c = Command::new(passwd);
         c.arg("-b");
         if i == 0 {
@@ -51,7 +73,12 @@ fn start_mosquitto(bin: &Path, passwd: &Path, dir: &Path, port: u16) -> Broker {
             .expect("running mosquitto_passwd");
         assert!(ok.success(), "mosquitto_passwd failed");
     }
-    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl");
+    file
+}
+
+fn start_mosquitto(bin: &Path, passwd: &Path, dir: &Path, port: u16) -> Broker {
+    let file = write_password_file(passwd, dir);
+    let acl = acl_file();
     let conf = dir.join("mosquitto.conf");
     // `user root`: started as root, Mosquitto would switch to the `mosquitto` user, which cannot
     // read the test's files; without root privileges the line has no effect.
@@ -84,17 +111,23 @@ struct Peer {
 
 impl Peer {
     async fn connect(port: u16, id: &str, password: &str, subscriptions: Vec<String>) -> Self {
-        let role = if id == "server" {
-            Role::Server
-        } else {
-            Role::Client
-        };
         let mut o = SessionOptions::new("127.0.0.1", port, id);
         o.user = Some(id.to_string());
         o.password = Some(password.to_string());
         o.clean_session = true;
         o.subscriptions = subscriptions;
-        o.presence = Some(PresenceMessages::status(RUN, id, role, None));
+        Self::start(o).await
+    }
+
+    /// Connects with `o` plus the participant's presence (its client id is its participant id)
+    /// and waits until connected and subscribed.
+    async fn start(mut o: SessionOptions) -> Self {
+        let role = if o.client_id == "server" {
+            Role::Server
+        } else {
+            Role::Client
+        };
+        o.presence = Some(PresenceMessages::status(RUN, &o.client_id, role, None));
         let (handle, rx) = MqttSession::connect(o, CancellationToken::new()).unwrap();
         handle
             .wait_for(ConnState::Connected, WAIT)
@@ -241,4 +274,243 @@ async fn mosquitto_acl_keeps_each_client_on_its_own_topics() {
     for p in [server, victim, attacker] {
         p.handle.shutdown().await;
     }
+}
+
+/// Session options for participant `who` (user name, or certificate name with mutual TLS)
+/// connecting as `client_id` to the embedded broker under test.
+type Login<'a> = &'a dyn Fn(&str, &str) -> SessionOptions;
+
+/// Options for `who` connecting as `client_id` with user name and password.
+fn password_login(port: u16) -> impl Fn(&str, &str) -> SessionOptions {
+    move |who, client_id| {
+        let mut o = SessionOptions::new("127.0.0.1", port, client_id);
+        o.user = Some(who.to_string());
+        o.password = Some(password_of(who).to_string());
+        o.clean_session = true;
+        // A connection closed by the gateway stays visible as `Disconnected` for a while.
+        o.backoff_initial = Duration::from_secs(1);
+        o
+    }
+}
+
+/// Options for `who` connecting as `client_id` over TLS with `who`'s client certificate.
+fn certificate_login(port: u16, dir: &Path) -> impl Fn(&str, &str) -> SessionOptions + '_ {
+    move |who, client_id| {
+        let mut o = SessionOptions::new("127.0.0.1", port, client_id);
+        o.tls = Some(MqttTls {
+            ca: dir.join("ca.pem"),
+            identity: Some(Identity {
+                cert: dir.join(format!("{who}.pem")),
+                key: dir.join(format!("{who}.key")),
+            }),
+        });
+        o.clean_session = true;
+        o.backoff_initial = Duration::from_secs(1);
+        o
+    }
+}
+
+/// The embedded broker with `opts` plus the shipped ACL, and a connection rate that the test's
+/// reconnecting sessions cannot exhaust.
+fn start_embedded(opts: BrokerOptions) -> u16 {
+    let opts = BrokerOptions {
+        acl_file: Some(acl_file()),
+        connect_rate: ConnectRate {
+            burst: 1000,
+            per_second: 1000.0,
+        },
+        ..opts
+    };
+    EmbeddedBroker::start(opts)
+        .expect("embedded broker behind the gateway")
+        .addr()
+        .port()
+}
+
+/// A session as `who` with `client_id`, no presence, that must connect; it then publishes
+/// `msg` on `topic`, which the gateway must answer by closing the connection.
+async fn forged_publish_is_refused(login: Login<'_>, who: &str, topic: &str, msg: &Envelope) {
+    let (h, _rx) = MqttSession::connect(login(who, "forger"), CancellationToken::new()).unwrap();
+    h.wait_for(ConnState::Connected, WAIT)
+        .await
+        .expect("the forger itself is authenticated");
+    h.publish(topic, msg, false).await.unwrap();
+    h.wait_for(ConnState::Disconnected, WAIT)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("the gateway closes the connection that published on {topic}: {e}")
+        });
+    h.abort();
+}
+
+/// The checks of the Mosquitto test, through the gateway: forged update and forged command
+/// refused (the forger's connection is closed; server and victim never see the messages while
+/// genuine ones from other connections arrive), no subscription to another client's commands,
+/// no takeover of another client's session through its client id, and `refused` (a session with
+/// a wrong credential) never connects.
+async fn embedded_scenario(login: Login<'_>, refused: SessionOptions) {
+    let t = Topics::new(RUN);
+    let with = |who: &str, subscriptions: Vec<String>| {
+        let mut o = login(who, who);
+        o.subscriptions = subscriptions;
+        o
+    };
+    let mut server = Peer::start(with("server", vec![t.up_all()])).await;
+    let mut victim = Peer::start(with("client-2", vec![t.command("client-2")])).await;
+    let mut client1 = Peer::start(with("client-1", vec![t.command("client-1")])).await;
+
+    // client-1 publishing as client-2, then as the server.
+    forged_publish_is_refused(
+        login,
+        "client-1",
+        &t.up("client-2"),
+        &failure("client-2", "forged"),
+    )
+    .await;
+    forged_publish_is_refused(login, "client-1", &t.command("client-2"), &train(99)).await;
+
+    // client-1 subscribing to client-2's commands: closed at SUBSCRIBE, so never `Connected`.
+    let mut o = login("client-1", "reader");
+    o.subscriptions = vec![t.command("client-2")];
+    let (reader, mut reader_rx) = MqttSession::connect(o, CancellationToken::new()).unwrap();
+    reader
+        .wait_for(ConnState::Disconnected, WAIT)
+        .await
+        .expect("the gateway closes a connection that subscribes to another client's commands");
+
+    // client-1 connecting with client-2's client id: its own session, client-2 keeps its own.
+    let mut o = login("client-1", "client-2");
+    o.subscriptions = vec![t.command("client-1")];
+    let (impostor, mut impostor_rx) = MqttSession::connect(o, CancellationToken::new()).unwrap();
+    impostor
+        .wait_for(ConnState::Connected, WAIT)
+        .await
+        .expect("a client id is not an identity");
+
+    // Genuine messages, from other connections, arrive first: the forged ones never did.
+    let own = failure("client-1", "genuine");
+    client1
+        .handle
+        .publish(&t.up("client-1"), &own, false)
+        .await
+        .unwrap();
+    let (kind, got) = server.next(&t).await;
+    assert_eq!(kind, TopicKind::Up("client-1".into()));
+    assert_eq!(got.id, own.id, "the forged update never reached the server");
+    let for_victim = train(1);
+    server
+        .handle
+        .publish(&t.command("client-2"), &for_victim, false)
+        .await
+        .unwrap();
+    let for_client1 = train(2);
+    server
+        .handle
+        .publish(&t.command("client-1"), &for_client1, false)
+        .await
+        .unwrap();
+    let (_, got) = victim.next(&t).await;
+    assert_eq!(
+        got.id, for_victim.id,
+        "client-2 never saw the forged command"
+    );
+    let (kind, got) = client1.next(&t).await;
+    assert_eq!(kind, TopicKind::Command("client-1".into()));
+    assert_eq!(got.id, for_client1.id);
+    assert_eq!(
+        victim.handle.state(),
+        ConnState::Connected,
+        "not taken over"
+    );
+    for rx in [&mut reader_rx, &mut impostor_rx] {
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            let (kind, _) = m.decode(&t).expect("a valid message");
+            assert_ne!(
+                kind,
+                TopicKind::Command("client-2".into()),
+                "read client-2's commands"
+            );
+        }
+    }
+    reader.abort();
+    impostor.abort();
+
+    let (h, _rx) = MqttSession::connect(refused, CancellationToken::new()).unwrap();
+    assert!(h
+        .wait_for(ConnState::Connected, Duration::from_secs(2))
+        .await
+        .is_err());
+    h.abort();
+
+    for p in [server, victim, client1] {
+        p.handle.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_acl_keeps_each_client_on_its_own_topics() {
+    let users: HashMap<String, String> = USERS
+        .iter()
+        .map(|(u, p)| (u.to_string(), p.to_string()))
+        .collect();
+    let port = start_embedded(BrokerOptions {
+        users: Some(users),
+        ..Default::default()
+    });
+    let login = password_login(port);
+    let mut wrong = login("client-2", "client-2");
+    wrong.password = Some("wrong".into());
+    embedded_scenario(&login, wrong).await;
+}
+
+/// The same, with the password file `mosquitto_passwd` writes (the one Mosquitto uses above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_acl_with_a_mosquitto_password_file() {
+    let Some(passwd) = common::installed("mosquitto_passwd") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = start_embedded(BrokerOptions {
+        password_file: Some(write_password_file(&passwd, dir.path())),
+        ..Default::default()
+    });
+    let login = password_login(port);
+    let mut wrong = login("client-2", "client-2");
+    wrong.password = Some("wrong".into());
+    embedded_scenario(&login, wrong).await;
+}
+
+/// Mutual TLS through the gateway: the client certificate's Common Name is the user name, no
+/// password needed; without a client certificate the handshake fails; client-1's certificate
+/// cannot publish on client-2's topics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_mutual_tls_identity_is_the_certificate_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = CertsPlan::new(
+        dir.path(),
+        vec!["server".into(), "client-1".into(), "client-2".into()],
+    );
+    generate_certs(&plan).expect("certificates");
+    let port = start_embedded(BrokerOptions {
+        tls: Some(BrokerTls {
+            cert: dir.path().join("broker.pem"),
+            key: dir.path().join("broker.key"),
+        }),
+        client_ca: Some(dir.path().join("ca.pem")),
+        ..Default::default()
+    });
+    let login = certificate_login(port, dir.path());
+    let mut anonymous = login("client-2", "client-2");
+    if let Some(tls) = &mut anonymous.tls {
+        tls.identity = None;
+    }
+    let (h, _rx) = MqttSession::connect(anonymous.clone(), CancellationToken::new()).unwrap();
+    let e = h
+        .wait_for(ConnState::Connected, Duration::from_secs(3))
+        .await
+        .expect_err("no client certificate, no connection")
+        .to_string();
+    assert!(e.to_lowercase().contains("certificate"), "{e}");
+    h.abort();
+    embedded_scenario(&login, anonymous).await;
 }

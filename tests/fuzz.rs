@@ -1,8 +1,10 @@
 //! Mutation fuzzing of everything a receiver does with untrusted bytes: decode (size, JSON,
-//! version, typed parsing, validation), the topic rules of `Incoming::decode`, and signature
-//! verification, starting from valid signed and unsigned messages of every type.
+//! version, typed parsing, validation), the topic rules of `Incoming::decode`, signature
+//! verification, starting from valid signed and unsigned messages of every type; and opening
+//! sealed blobs (header, chunks, tags, wrapped keys, the update message naming the blob).
 //!
-//! No panics allowed. CI runs `FEDMQ_FUZZ_ITERS` (default 20,000) inputs; the recorded long run is
+//! No panics allowed, and no altered blob or key may open. CI runs `FEDMQ_FUZZ_ITERS` (default
+//! 20,000) inputs per test; the recorded long run is
 //! `FEDMQ_FUZZ_ITERS=1000000 cargo test --release --test fuzz -- --nocapture`.
 
 use bytes::Bytes;
@@ -11,9 +13,11 @@ use fedmq::proto::{
     self, BlobRef, Body, Capabilities, Envelope, Failure, Finish, Presence, Role, Status, Topics,
     Train, TrainConfig, TrainMetrics, Update,
 };
+use fedmq::seal::BlobCrypto;
 use fedmq::transport::Incoming;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
 use std::time::Instant;
 
 fn blob(key: &str) -> BlobRef {
@@ -209,14 +213,7 @@ fn mutate(rng: &mut ChaCha8Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
 
 #[test]
 fn decode_and_verify_never_panic_on_mutated_messages() {
-    let iters: u64 = std::env::var("FEDMQ_FUZZ_ITERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000);
-    let seed: u64 = std::env::var("FEDMQ_FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
+    let (iters, seed) = iters_and_seed();
     let server = Identity::generate("server");
     let client = Identity::generate("client-1");
     let mut ring = Keyring::default();
@@ -263,6 +260,105 @@ fn decode_and_verify_never_panic_on_mutated_messages() {
     println!(
         "{{\"inputs\":{iters},\"seed\":{seed},\"decoded\":{decoded},\"verified\":{verified},\
          \"seconds\":{secs:.1},\"inputs_per_s\":{:.0},\"panics\":0}}",
+        iters as f64 / secs.max(1e-9)
+    );
+}
+
+fn iters_and_seed() -> (u64, u64) {
+    let get = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    (get("FEDMQ_FUZZ_ITERS", 20_000), get("FEDMQ_FUZZ_SEED", 1))
+}
+
+/// Sealed updates of several sizes (one to three chunks of 64 KiB... up to a few bytes) and the
+/// signed update messages naming them: mutating either must never panic, and an altered blob,
+/// key or message must never open.
+#[test]
+fn opening_sealed_blobs_never_panics_and_never_accepts_altered_input() {
+    let (iters, seed) = iters_and_seed();
+    let server = Arc::new(Identity::generate("server"));
+    let client = Arc::new(Identity::generate("client-1"));
+    let mut server_ring = Keyring::default();
+    server_ring.trust(&client);
+    let mut client_ring = Keyring::default();
+    client_ring.trust(&server);
+    let server_ring = Arc::new(server_ring);
+    let at_server = BlobCrypto::new(server.clone(), server_ring.clone());
+    let at_client = BlobCrypto::new(client.clone(), Arc::new(client_ring));
+    let topics = Topics::new("run-1");
+
+    // (sealed blob, signed update message naming it, the blob reference in it)
+    let mut corpus: Vec<(Vec<u8>, Vec<u8>, BlobRef)> = Vec::new();
+    for (i, len) in [0usize, 1, 100, 5_000, 70_000].into_iter().enumerate() {
+        let plain: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
+        let key = format!("fedmq/run-1/r{:06}/up/client-1", i + 1);
+        let (sealed, ck) = at_client.seal(&key, &plain);
+        let mut r = blob(&key);
+        r.len = sealed.len() as u64;
+        let r = at_client.wrapped_ref(&r, &ck, "server").unwrap();
+        let r_copy = r.clone();
+        assert_eq!(
+            &at_server.open(&r, Bytes::from(sealed.clone())).unwrap()[..],
+            &plain[..]
+        );
+        let env = Envelope::new(
+            "run-1",
+            i as u64 + 1,
+            "client-1",
+            Body::Update(Update {
+                update: r,
+                num_samples: 10,
+                metrics: TrainMetrics::default(),
+            }),
+        );
+        corpus.push((sealed, client.seal(proto::encode(&env)), r_copy));
+    }
+
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let (mut blob_inputs, mut msg_inputs, mut opened) = (0u64, 0u64, 0u64);
+    let start = Instant::now();
+    for _ in 0..iters {
+        let (sealed, msg, orig) = &corpus[rng.random_range(0..corpus.len())];
+        let other = &corpus[rng.random_range(0..corpus.len())];
+        let (blob_in, msg_in) = if rng.random_bool(0.5) {
+            blob_inputs += 1;
+            (mutate(&mut rng, sealed, &other.0), msg.clone())
+        } else {
+            msg_inputs += 1;
+            (sealed.clone(), mutate(&mut rng, msg, &other.1))
+        };
+        // What the server does: decode and verify the message, then open the blob it names.
+        let m = Incoming {
+            topic: topics.up("client-1"),
+            payload: Bytes::from(msg_in.clone()),
+            retained: false,
+        };
+        let Ok((_, env)) = m.decode(&topics) else {
+            continue;
+        };
+        let Body::Update(u) = env.body else { continue };
+        // Opening does not rely on the signature check (done before it in the server): even
+        // so, only the very blob under its own key and wrapped key opens.
+        let _ = server_ring.verify("client-1", &msg_in);
+        let same_ref = u.update.key == orig.key && u.update.wrapped_key == orig.wrapped_key;
+        let same_blob = &blob_in == sealed;
+        if at_server.open(&u.update, Bytes::from(blob_in)).is_ok() {
+            opened += 1;
+            assert!(
+                same_ref && same_blob,
+                "an altered blob or wrapped key opened"
+            );
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"inputs\":{iters},\"seed\":{seed},\"blob_inputs\":{blob_inputs},\
+         \"message_inputs\":{msg_inputs},\"opened\":{opened},\"seconds\":{secs:.1},\
+         \"inputs_per_s\":{:.0},\"panics\":0}}",
         iters as f64 / secs.max(1e-9)
     );
 }

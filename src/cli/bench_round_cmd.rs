@@ -62,6 +62,19 @@ pub struct RoundArgs {
     /// Deadline of one round, in seconds.
     #[arg(long, default_value_t = 300.0)]
     pub round_timeout_s: f64,
+    /// `off`, `on`, or `off,on` (both, one line each). `on`: MQTT over TLS (mutual TLS with
+    /// `--broker mosquitto`), S3 over HTTPS, every message signed and checked, every blob
+    /// sealed. In-process mode only.
+    #[arg(long, value_delimiter = ',', default_value = "off", value_parser = parse_security)]
+    pub security: Vec<bool>,
+}
+
+fn parse_security(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: expected `on` or `off`")),
+    }
 }
 
 /// `fedmq bench-round-client` (hidden): one client of `fedmq bench round --processes`. The store's
@@ -122,11 +135,18 @@ pub fn run(a: RoundArgs) -> Result<()> {
              --broker embedded)"
         );
     }
+    if a.processes && a.security.contains(&true) {
+        bail!(
+            "--security on runs in-process only (child processes would need certificates and \
+             keys on their command lines); drop --processes"
+        );
+    }
     let configs: Vec<RoundBenchConfig> = a
         .clients
         .iter()
         .flat_map(|&clients| a.params.iter().map(move |&params| (clients, params)))
-        .map(|(clients, params)| RoundBenchConfig {
+        .flat_map(|(clients, params)| a.security.iter().map(move |&sec| (clients, params, sec)))
+        .map(|(clients, params, secure)| RoundBenchConfig {
             clients,
             params,
             rounds: a.rounds,
@@ -135,6 +155,7 @@ pub fn run(a: RoundArgs) -> Result<()> {
             payload_check: a.payload_check,
             delta: a.delta,
             round_timeout: Duration::from_secs_f64(a.round_timeout_s),
+            secure,
         })
         .collect();
     if let [cfg] = configs.as_slice() {
@@ -237,6 +258,10 @@ fn run_child(cfg: &RoundBenchConfig, processes: bool) -> Result<String> {
     if processes {
         cmd.arg("--processes");
     }
+    cmd.arg(format!(
+        "--security={}",
+        if cfg.secure { "on" } else { "off" }
+    ));
     if cfg.payload_check {
         cmd.arg("--payload-check");
     }
@@ -382,6 +407,7 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
         mqtt_port: port,
         s3: BenchEnv::s3_options(&endpoint, &secret),
         run: random_run_id(),
+        security: None,
     };
 
     // Clients. Each watches its stdin: when this process dies, the pipes close and they stop.
@@ -504,6 +530,7 @@ pub fn run_client(a: ClientArgs) -> Result<()> {
         mqtt_port: a.broker_port,
         s3: BenchEnv::s3_options(&a.s3_endpoint, &secret),
         run: a.run.clone(),
+        security: None,
     };
     let cancel = CancellationToken::new();
     if a.exit_with_parent {

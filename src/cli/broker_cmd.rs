@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use fedmq::transport::bench::{mqtt_rtt, RttOptions};
-use fedmq::transport::{BrokerOptions, EmbeddedBroker};
+use fedmq::transport::{BrokerOptions, BrokerTls, EmbeddedBroker};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +28,31 @@ pub struct BrokerArgs {
     /// Require this user name (with FEDMQ_MQTT_PWD as password); anonymous access otherwise.
     #[arg(long, env = "FEDMQ_MQTT_USER")]
     pub user: Option<String>,
+    /// Mosquitto ACL file (e.g. broker/fedmq.acl): each client publishes and subscribes only
+    /// where it grants. Needs authentication (--password-file, --user or --tls-client-ca).
+    /// Runs the authorizing gateway in front of rumqttd (MQTT 3.1.1 only).
+    #[arg(long)]
+    pub acl_file: Option<PathBuf>,
+    /// Mosquitto password file (mosquitto_passwd), the same one Mosquitto would use.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Serve MQTT over TLS with this certificate chain (PEM; e.g. certs/broker.pem).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: require client certificates signed by this CA (PEM); the certificate's
+    /// Common Name is the client's user name. Needs TLS (--tls-cert/--tls-key or --config).
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
+    /// With the gateway: connections a source address may open at once [default: 20].
+    #[arg(long)]
+    pub connect_burst: Option<u32>,
+    /// With the gateway: new connections per second per source address after the burst
+    /// [default: 10].
+    #[arg(long)]
+    pub connect_rate: Option<f64>,
 }
 
 /// Starts the broker, prints its address(es) on stdout, and blocks until Ctrl-C.
@@ -53,11 +78,39 @@ pub fn run(a: BrokerArgs) -> Result<()> {
             .context("--user / FEDMQ_MQTT_USER is set but FEDMQ_MQTT_PWD is not")?;
         opts.users = Some(HashMap::from([(user, pwd)]));
     }
-    if !opts.listen.ip().is_loopback() && opts.users.is_none() {
+    if let (Some(cert), Some(key)) = (a.tls_cert, a.tls_key) {
+        opts.tls = Some(BrokerTls { cert, key });
+    }
+    if a.tls_client_ca.is_some() {
+        opts.client_ca = a.tls_client_ca;
+    }
+    if a.acl_file.is_some() {
+        opts.acl_file = a.acl_file;
+    }
+    if a.password_file.is_some() {
+        opts.password_file = a.password_file;
+    }
+    if let Some(burst) = a.connect_burst {
+        opts.connect_rate.burst = burst;
+    }
+    if let Some(rate) = a.connect_rate {
+        opts.connect_rate.per_second = rate;
+    }
+    let authenticated =
+        opts.users.is_some() || opts.password_file.is_some() || opts.client_ca.is_some();
+    if !opts.listen.ip().is_loopback() && !authenticated {
         tracing::warn!(
             listen = %opts.listen,
             "listening beyond loopback without authentication: anyone who can reach this port \
-             can publish commands (set FEDMQ_MQTT_USER / FEDMQ_MQTT_PWD)"
+             can publish commands (set --password-file, --tls-client-ca or FEDMQ_MQTT_USER / \
+             FEDMQ_MQTT_PWD)"
+        );
+    }
+    if !opts.listen.ip().is_loopback() && opts.acl_file.is_none() {
+        tracing::warn!(
+            listen = %opts.listen,
+            "listening beyond loopback without an ACL: any authenticated client can publish on \
+             any other participant's topics (set --acl-file broker/fedmq.acl)"
         );
     }
     let broker = EmbeddedBroker::start(opts).context("starting the embedded MQTT broker")?;

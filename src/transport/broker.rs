@@ -18,16 +18,23 @@
 //!
 //! TLS: with [`BrokerOptions::tls`] every listener speaks MQTT over TLS (rumqttd's rustls
 //! listener, ring), presenting the given certificate; the readiness probe then speaks TLS too,
-//! pinned to that certificate. Limits of rumqttd 0.20 that fedmq does not paper over:
-//! - No mutual TLS. rumqttd verifies client certificates only when built with its
-//!   `verify-client-cert` feature, which then requires a certificate on every TLS listener and
-//!   turns the certificate's organization (O) into a tenant that prefixes every topic; without
-//!   the feature a CA (`capath`) is silently ignored. fedmq builds without it and refuses a
-//!   `capath` instead. For mutual TLS use Mosquitto (`broker/mosquitto-tls.conf`).
-//! - rumqttd runs each TLS handshake inside its accept loop, without a timeout: a client that
-//!   opens a connection and never completes its handshake delays every later connection on that
-//!   listener. Acceptable on trusted networks; in front of untrusted ones, use Mosquitto.
+//! pinned to that certificate. rumqttd 0.20 runs each TLS handshake inside its accept loop,
+//! without a timeout: a client that never completes its handshake delays every later connection
+//! on that listener. Acceptable on trusted networks; in front of untrusted ones use the gateway
+//! (any of the options below turns it on; its TLS handshakes are concurrent and time-limited).
+//!
+//! Authorization: rumqttd 0.20 has user names and passwords but no per-topic ACLs and, in our
+//! build, no client-certificate verification (its `verify-client-cert` feature would require a
+//! certificate on every TLS listener and turn the certificate's organization into a topic
+//! prefix). With [`BrokerOptions::acl_file`], [`BrokerOptions::password_file`] or
+//! [`BrokerOptions::client_ca`], rumqttd listens on 127.0.0.1 on a free port behind an
+//! authorizing gateway (`gateway.rs`) that serves [`BrokerOptions::listen`]: Mosquitto's ACL and
+//! password file formats (so `broker/fedmq.acl` and one `mosquitto_passwd` file serve both
+//! brokers), mutual TLS with the certificate's Common Name as user name, per-source connection
+//! rate limits. [`EmbeddedBroker::addr`] is then the gateway's address. The gateway speaks MQTT
+//! 3.1.1 only, so it cannot be combined with an MQTT 5 listener.
 
+use super::gateway::{self, Acl, ConnectRate, Credential, PasswordFile};
 use super::{DEFAULT_MAX_PACKET_SIZE, MIN_PACKET_SIZE};
 use std::collections::HashMap;
 use std::fmt;
@@ -89,6 +96,14 @@ pub enum BrokerError {
         /// What rumqttd reported (its logs say which listener failed).
         reason: String,
     },
+    /// The gateway's listener could not be bound.
+    #[error("binding the gateway listener {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
     /// A listener did not answer MQTT in time.
     #[error("listener {addr} did not answer an MQTT CONNECT within {after:?} (port taken by another process?)")]
     NotReady {
@@ -132,6 +147,22 @@ pub struct BrokerOptions {
     pub ready_timeout: Duration,
     /// Serve MQTT over TLS on every listener (see the module's TLS note). `None`: plain TCP.
     pub tls: Option<BrokerTls>,
+    /// Mosquitto ACL file (`broker/fedmq.acl`): each client may publish and subscribe only where
+    /// it grants. Needs authentication (`users`, `password_file` or `client_ca`). Turns on the
+    /// gateway (see the module's Authorization note).
+    pub acl_file: Option<PathBuf>,
+    /// Mosquitto password file (written by `mosquitto_passwd`), checked after `users`. Turns on
+    /// the gateway.
+    pub password_file: Option<PathBuf>,
+    /// Mutual TLS: CA (PEM) that client certificates must chain to; every client must present
+    /// one, and its Common Name is its user name (like Mosquitto's `use_identity_as_username`;
+    /// `fedmq certs` puts the participant id there). Needs `tls`. Turns on the gateway.
+    pub client_ca: Option<PathBuf>,
+    /// Gateway only: new connections per source address (IPv6: per /64).
+    pub connect_rate: ConnectRate,
+    /// Gateway only: connections that may be between accept and a completed CONNECT at once
+    /// (slow or idle clients beyond it are refused instead of holding resources).
+    pub max_pending_connects: usize,
 }
 
 /// The embedded broker's TLS certificate (PEM files). Sessions must trust its CA and connect by
@@ -179,6 +210,11 @@ impl Default for BrokerOptions {
             users: None,
             ready_timeout: Duration::from_secs(10),
             tls: None,
+            acl_file: None,
+            password_file: None,
+            client_ca: None,
+            connect_rate: ConnectRate::default(),
+            max_pending_connects: 128,
         }
     }
 }
@@ -199,6 +235,11 @@ impl fmt::Debug for BrokerOptions {
             .field("users (passwords redacted)", &users)
             .field("ready_timeout", &self.ready_timeout)
             .field("tls", &self.tls)
+            .field("acl_file", &self.acl_file)
+            .field("password_file", &self.password_file)
+            .field("client_ca", &self.client_ca)
+            .field("connect_rate", &self.connect_rate)
+            .field("max_pending_connects", &self.max_pending_connects)
             .finish()
     }
 }
@@ -211,13 +252,13 @@ impl BrokerOptions {
     /// `[v5.*]` listener, and their `connections` settings (`auth` included). The MQTT 5 listener
     /// uses the MQTT 3.1.1 listener's connection settings. TLS: a listener's
     /// `tls = { certpath = "...", keypath = "..." }` (rumqttd's `Rustls` form); both listeners
-    /// must then have the same; `capath` (client certificates) is refused, see the module note.
+    /// must then have the same. `capath` becomes [`BrokerOptions::client_ca`] (mutual TLS through
+    /// the gateway, MQTT 3.1.1 only: refused with a `[v5]` listener).
     ///
     /// # Errors
     /// [`BrokerError::ReadConfig`] / [`BrokerError::ParseConfig`] for an unreadable or malformed
     /// file, [`BrokerError::Unsupported`] for sections the embedded broker does not run
-    /// (client-certificate verification, native-tls, websockets, bridge, cluster, console,
-    /// prometheus, metrics), and
+    /// (native-tls, websockets, bridge, cluster, console, prometheus, metrics), and
     /// [`BrokerError::InvalidOption`] from [`BrokerOptions::validate`].
     pub fn from_toml(path: &Path) -> Result<Self, BrokerError> {
         let text = std::fs::read_to_string(path).map_err(|source| BrokerError::ReadConfig {
@@ -275,25 +316,20 @@ impl BrokerOptions {
         };
         let tls_of = |server: &rumqttd::ServerSettings,
                       section: &str|
-         -> Result<Option<BrokerTls>, BrokerError> {
+         -> Result<Option<(BrokerTls, Option<PathBuf>)>, BrokerError> {
             match &server.tls {
                 None => Ok(None),
                 Some(rumqttd::TlsConfig::Rustls {
-                    capath: Some(ca), ..
-                }) => Err(unsupported(&format!(
-                    "client-certificate verification (capath = {ca:?} on the [{section}] \
-                     listener): rumqttd 0.20 ignores capath unless built with its \
-                     verify-client-cert feature; for mutual TLS use Mosquitto \
-                     (broker/mosquitto-tls.conf), or remove capath for server-only TLS"
-                ))),
-                Some(rumqttd::TlsConfig::Rustls {
-                    capath: None,
+                    capath,
                     certpath,
                     keypath,
-                }) => Ok(Some(BrokerTls {
-                    cert: PathBuf::from(certpath),
-                    key: PathBuf::from(keypath),
-                })),
+                }) => Ok(Some((
+                    BrokerTls {
+                        cert: PathBuf::from(certpath),
+                        key: PathBuf::from(keypath),
+                    },
+                    capath.as_ref().map(PathBuf::from),
+                ))),
                 Some(rumqttd::TlsConfig::NativeTls { .. }) => Err(unsupported(&format!(
                     "native-tls (pkcs12) on the [{section}] listener; use certpath and keypath"
                 ))),
@@ -336,7 +372,9 @@ impl BrokerOptions {
             max_segment_count: cfg.router.max_segment_count,
             users: c.auth.clone(),
             ready_timeout: Self::default().ready_timeout,
-            tls,
+            client_ca: tls.as_ref().and_then(|(_, ca)| ca.clone()),
+            tls: tls.map(|(t, _)| t),
+            ..Self::default()
         };
         opts.validate()?;
         Ok(opts)
@@ -387,16 +425,122 @@ impl BrokerOptions {
         if let Some(tls) = &self.tls {
             tls.load()?;
         }
+        if self.client_ca.is_some() && self.tls.is_none() {
+            return bad(
+                "client_ca",
+                "client certificates need TLS: set tls (the broker's certificate and key)".into(),
+            );
+        }
+        if self.wants_gateway() {
+            if self.listen_v5.is_some() {
+                return bad(
+                    "listen_v5",
+                    "acl_file, password_file and client_ca run the authorizing gateway, which \
+                     speaks MQTT 3.1.1 only; an MQTT 5 listener would bypass it (remove \
+                     listen_v5 / the [v5] listener)"
+                        .into(),
+                );
+            }
+            let rate = &self.connect_rate;
+            if rate.burst == 0 || !(rate.per_second.is_finite() && rate.per_second > 0.0) {
+                return bad(
+                    "connect_rate",
+                    format!(
+                        "burst {} and {} per second: both must be positive",
+                        rate.burst, rate.per_second
+                    ),
+                );
+            }
+            if self.max_pending_connects == 0 {
+                return bad("max_pending_connects", "must be at least 1".into());
+            }
+            self.gateway_parts()?;
+        }
         Ok(())
     }
 
-    /// The rumqttd configuration for concrete (non-zero) listener addresses.
-    fn to_rumqttd(&self, v4: SocketAddr, v5: Option<SocketAddr>) -> rumqttd::Config {
+    /// Whether these options run the authorizing gateway in front of rumqttd.
+    fn wants_gateway(&self) -> bool {
+        self.acl_file.is_some() || self.password_file.is_some() || self.client_ca.is_some()
+    }
+
+    /// Loads what the gateway needs (ACL, password file, TLS configuration); `None` when the
+    /// options do not ask for the gateway.
+    fn gateway_parts(&self) -> Result<Option<GatewayParts>, BrokerError> {
+        if !self.wants_gateway() {
+            return Ok(None);
+        }
+        let bad = |field, reason: String| BrokerError::InvalidOption { field, reason };
+        let acl = self
+            .acl_file
+            .as_deref()
+            .map(Acl::load)
+            .transpose()
+            .map_err(|e| bad("acl_file", e))?;
+        let passwords = self
+            .password_file
+            .as_deref()
+            .map(PasswordFile::load)
+            .transpose()
+            .map_err(|e| bad("password_file", e))?;
+        if let (Some(users), Some(file)) = (&self.users, &passwords) {
+            if let Some(u) = users.keys().find(|u| file.contains(u)) {
+                return Err(bad(
+                    "password_file",
+                    format!("user {u:?} is also in `users`: give each user one password"),
+                ));
+            }
+        }
+        if let Some(acl) = &acl {
+            if self.users.is_none() && passwords.is_none() && self.client_ca.is_none() {
+                return Err(bad(
+                    "acl_file",
+                    "an ACL needs authenticated user names: set users, password_file or \
+                     client_ca"
+                        .into(),
+                ));
+            }
+            if acl.has_anonymous_rules() {
+                tracing::warn!(
+                    "ACL file: `topic` lines before the first `user` line apply to anonymous \
+                     clients (as in Mosquitto); the gateway admits none, so they grant nothing"
+                );
+            }
+        }
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|t| gateway_tls(t, self.client_ca.as_deref()))
+            .transpose()?;
+        Ok(Some(GatewayParts {
+            acl,
+            passwords,
+            tls,
+        }))
+    }
+
+    /// The rumqttd configuration for concrete (non-zero) listener addresses. With `internal`
+    /// (the gateway's credential) rumqttd is the gateway's back end: plain TCP, and only that
+    /// credential is accepted.
+    fn to_rumqttd(
+        &self,
+        v4: SocketAddr,
+        v5: Option<SocketAddr>,
+        internal: Option<&Credential>,
+    ) -> rumqttd::Config {
+        let auth = match internal {
+            Some(c) => Some(HashMap::from([(c.user.clone(), c.password.clone())])),
+            None => self.users.clone(),
+        };
+        let tls = match internal {
+            Some(_) => None,
+            None => self.tls.as_ref().map(BrokerTls::to_rumqttd),
+        };
         let connections = rumqttd::ConnectionSettings {
             connection_timeout_ms: self.connection_timeout_ms,
             max_payload_size: self.max_payload_size,
             max_inflight_count: self.max_inflight,
-            auth: self.users.clone(),
+            auth,
             external_auth: None,
             // Required: without it rumqttd refuses publishes to topics nobody has subscribed to
             // yet (a command sent before its client connected).
@@ -405,7 +549,7 @@ impl BrokerOptions {
         let server = |name: &str, listen| rumqttd::ServerSettings {
             name: name.into(),
             listen,
-            tls: self.tls.as_ref().map(BrokerTls::to_rumqttd),
+            tls: tls.clone(),
             // rumqttd pauses this long after each accept: a cheap guard against connection storms.
             next_connection_delay_ms: 1,
             connections: connections.clone(),
@@ -424,6 +568,53 @@ impl BrokerOptions {
             ..Default::default()
         }
     }
+}
+
+/// What the gateway loads from [`BrokerOptions`]' files.
+struct GatewayParts {
+    acl: Option<Acl>,
+    passwords: Option<PasswordFile>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// The gateway's TLS server: the broker certificate, and with `client_ca` a required client
+/// certificate chaining to it.
+fn gateway_tls(
+    tls: &BrokerTls,
+    client_ca: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
+    let bad = |field, reason: String| BrokerError::InvalidOption { field, reason };
+    let certs = crate::tls::load_certs(&tls.cert, "broker certificate")
+        .map_err(|e| bad("tls", e.to_string()))?;
+    let key = crate::tls::load_key(&tls.key).map_err(|e| bad("tls", e.to_string()))?;
+    let provider = crate::tls::crypto_provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("tls", e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let roots = crate::tls::load_roots(ca).map_err(|e| bad("client_ca", e.to_string()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad("client_ca", format!("{}: {e}", ca.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(certs, key).map_err(|e| {
+        bad(
+            "tls",
+            format!(
+                "certificate {} with key {}: {e}",
+                tls.cert.display(),
+                tls.key.display()
+            ),
+        )
+    })?;
+    Ok(Arc::new(config))
 }
 
 /// A running embedded broker. Cheap to keep; dropping it does not stop the broker (see the
@@ -449,6 +640,9 @@ impl EmbeddedBroker {
     /// failed to bind), [`BrokerError::NotReady`] when a listener does not answer in time.
     pub fn start(opts: BrokerOptions) -> Result<Self, BrokerError> {
         opts.validate()?;
+        if let Some(parts) = opts.gateway_parts()? {
+            return Self::start_behind_gateway(&opts, parts);
+        }
         let probe_tls = opts
             .tls
             .as_ref()
@@ -456,52 +650,98 @@ impl EmbeddedBroker {
             .transpose()?;
         let addr = resolve_port(opts.listen)?;
         let addr_v5 = opts.listen_v5.map(resolve_port).transpose()?;
-        let config = opts.to_rumqttd(addr, addr_v5);
+        let config = opts.to_rumqttd(addr, addr_v5, None);
         let over = if opts.tls.is_some() { " over TLS" } else { "" };
         let listeners = match addr_v5 {
             Some(v5) => format!("{addr} (MQTT 3.1.1{over}), {v5} (MQTT 5{over})"),
             None => format!("{addr} (MQTT 3.1.1{over})"),
         };
-
-        let (exit_tx, exit_rx) = mpsc::channel::<String>();
-        std::thread::Builder::new()
-            .name("fedmq-broker".into())
-            .spawn(move || {
-                let mut broker = rumqttd::Broker::new(config);
-                // `start` returns only when every listener thread has ended: during start-up
-                // that means they failed to bind.
-                let reason = match broker.start() {
-                    Ok(()) => "all listeners stopped".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                let _ = exit_tx.send(reason);
-            })
-            .map_err(BrokerError::Spawn)?;
-
+        let exit_rx = run_rumqttd(config)?;
         let probe_user = opts.users.as_ref().and_then(|u| u.iter().next());
-        let deadline = Instant::now() + opts.ready_timeout;
         let mut targets: Vec<(SocketAddr, u8)> = vec![(addr, 4)];
         targets.extend(addr_v5.map(|a| (a, 5)));
-        let mut pause = Duration::from_millis(1);
-        while !targets.is_empty() {
-            if let Ok(reason) = exit_rx.try_recv() {
-                return Err(BrokerError::Exited { listeners, reason });
-            }
-            targets.retain(|&(a, level)| !probe(a, level, probe_user, probe_tls.as_ref()));
-            if targets.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(BrokerError::NotReady {
-                    addr: targets[0].0,
-                    after: opts.ready_timeout,
-                });
-            }
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
+        wait_ready(
+            &exit_rx,
+            &listeners,
+            targets,
+            probe_user,
+            probe_tls.as_ref(),
+            opts.ready_timeout,
+        )?;
         tracing::info!(%listeners, "embedded MQTT broker ready");
         Ok(Self { addr, addr_v5 })
+    }
+
+    /// rumqttd on a free internal port, behind the gateway on `opts.listen`.
+    fn start_behind_gateway(
+        opts: &BrokerOptions,
+        parts: GatewayParts,
+    ) -> Result<Self, BrokerError> {
+        // The gateway binds its own listener: port 0 is resolved without a race.
+        let public = TcpListener::bind(opts.listen).map_err(|source| BrokerError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        let addr = public.local_addr().map_err(|source| BrokerError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
+        let internal = resolve_port(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        let credential = Credential::random();
+        let config = opts.to_rumqttd(internal, None, Some(&credential));
+        let over = if opts.tls.is_some() { " over TLS" } else { "" };
+        let listeners = format!(
+            "{addr} (MQTT 3.1.1{over}, authorizing gateway) -> {internal} (rumqttd, internal)"
+        );
+        let exit_rx = run_rumqttd(config)?;
+        let login = (credential.user.clone(), credential.password.clone());
+        wait_ready(
+            &exit_rx,
+            &listeners,
+            vec![(internal, 4)],
+            Some((&login.0, &login.1)),
+            None,
+            opts.ready_timeout,
+        )?;
+        gateway::spawn(gateway::GatewayConfig {
+            listener: public,
+            upstream: internal,
+            credential,
+            auth: gateway::Auth {
+                users: opts.users.clone(),
+                passwords: parts.passwords,
+                client_cert: opts.client_ca.is_some(),
+            },
+            acl: parts.acl,
+            tls: parts.tls,
+            max_packet: opts.max_payload_size,
+            connect_timeout: Duration::from_millis(u64::from(opts.connection_timeout_ms)),
+            max_connections: opts.max_connections,
+            max_pending: opts.max_pending_connects,
+            rate: opts.connect_rate,
+        })
+        .map_err(BrokerError::Spawn)?;
+        // The listener is bound, so this only proves that nothing is badly wrong with it.
+        let target = match addr.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => {
+                SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))
+            }
+            ip if ip.is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+            }
+            _ => addr,
+        };
+        TcpStream::connect_timeout(&target, Duration::from_millis(500)).map_err(|_| {
+            BrokerError::NotReady {
+                addr,
+                after: Duration::from_millis(500),
+            }
+        })?;
+        tracing::info!(%listeners, "embedded MQTT broker ready");
+        Ok(Self {
+            addr,
+            addr_v5: None,
+        })
     }
 
     /// The MQTT 3.1.1 listener's address (the port is the bound one, never 0).
@@ -513,6 +753,60 @@ impl EmbeddedBroker {
     pub fn addr_v5(&self) -> Option<SocketAddr> {
         self.addr_v5
     }
+}
+
+/// Starts rumqttd on a dedicated thread; the receiver gets its exit reason.
+fn run_rumqttd(config: rumqttd::Config) -> Result<mpsc::Receiver<String>, BrokerError> {
+    let (exit_tx, exit_rx) = mpsc::channel::<String>();
+    std::thread::Builder::new()
+        .name("fedmq-broker".into())
+        .spawn(move || {
+            let mut broker = rumqttd::Broker::new(config);
+            // `start` returns only when every listener thread has ended: during start-up
+            // that means they failed to bind.
+            let reason = match broker.start() {
+                Ok(()) => "all listeners stopped".to_string(),
+                Err(e) => e.to_string(),
+            };
+            let _ = exit_tx.send(reason);
+        })
+        .map_err(BrokerError::Spawn)?;
+    Ok(exit_rx)
+}
+
+/// Probes `targets` (address, protocol level) until each answers, rumqttd exits, or
+/// `ready_timeout` passes.
+fn wait_ready(
+    exit_rx: &mpsc::Receiver<String>,
+    listeners: &str,
+    mut targets: Vec<(SocketAddr, u8)>,
+    login: Option<(&String, &String)>,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    ready_timeout: Duration,
+) -> Result<(), BrokerError> {
+    let deadline = Instant::now() + ready_timeout;
+    let mut pause = Duration::from_millis(1);
+    while !targets.is_empty() {
+        if let Ok(reason) = exit_rx.try_recv() {
+            return Err(BrokerError::Exited {
+                listeners: listeners.to_string(),
+                reason,
+            });
+        }
+        targets.retain(|&(a, level)| !probe(a, level, login, tls));
+        if targets.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(BrokerError::NotReady {
+                addr: targets[0].0,
+                after: ready_timeout,
+            });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    Ok(())
 }
 
 /// Port 0 → a port that was free a moment ago on the same IP.
@@ -750,7 +1044,7 @@ mod tests {
     }
 
     #[test]
-    fn tls_listeners_parse_and_capath_is_refused() {
+    fn tls_listeners_parse_and_capath_needs_the_gateway() {
         let dir = tempfile::tempdir().unwrap();
         let plan = crate::tls::CertsPlan::new(dir.path(), vec!["server".into()]);
         crate::tls::generate_certs(&plan).unwrap();
@@ -786,23 +1080,28 @@ mod tests {
             BrokerOptions::from_toml_str(&v4_only),
             Err(BrokerError::Unsupported { what }) if what.contains("different TLS settings")
         ));
-        // capath (client certificates): refused with the reason and the alternative.
-        let with_ca = base.replace(
-            commented,
-            &format!(
-                "tls = {{ capath = {:?}, certpath = {:?}, keypath = {:?} }}",
-                p("ca.pem"),
-                p("broker.pem"),
-                p("broker.key")
-            ),
+        // capath (client certificates): mutual TLS through the gateway, MQTT 3.1.1 only.
+        let ca_line = format!(
+            "tls = {{ capath = {:?}, certpath = {:?}, keypath = {:?} }}",
+            p("ca.pem"),
+            p("broker.pem"),
+            p("broker.key")
         );
-        match BrokerOptions::from_toml_str(&with_ca) {
-            Err(BrokerError::Unsupported { what }) => {
-                assert!(
-                    what.contains("verify-client-cert") && what.contains("mosquitto-tls.conf"),
-                    "{what}"
-                )
-            }
+        let v5_start = base.find("[v5.1]").unwrap();
+        let v4_only_ca = base[..v5_start].replace(commented, &ca_line);
+        let opts = BrokerOptions::from_toml_str(&v4_only_ca).unwrap();
+        assert_eq!(opts.client_ca, Some(p("ca.pem").into()));
+        assert!(opts.listen_v5.is_none() && opts.tls.is_some());
+        let both_ca = base.replace(commented, &ca_line).replace(
+            "listen = \"127.0.0.1:1884\"",
+            &format!("listen = \"127.0.0.1:1884\"\n{ca_line}"),
+        );
+        match BrokerOptions::from_toml_str(&both_ca) {
+            Err(
+                e @ BrokerError::InvalidOption {
+                    field: "listen_v5", ..
+                },
+            ) => assert!(e.to_string().contains("3.1.1"), "{e}"),
             other => panic!("{other:?}"),
         }
         // A missing key file is named.
@@ -813,6 +1112,71 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn gateway_options_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl");
+        let field = |o: BrokerOptions| match o.validate() {
+            Err(BrokerError::InvalidOption { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let users = Some(HashMap::from([("client-1".to_string(), "pw".to_string())]));
+        let with_acl = BrokerOptions {
+            acl_file: Some(acl.clone()),
+            users: users.clone(),
+            ..Default::default()
+        };
+        with_acl.validate().unwrap();
+        assert_eq!(
+            field(BrokerOptions {
+                users: None,
+                ..with_acl.clone()
+            }),
+            "acl_file"
+        );
+        assert_eq!(
+            field(BrokerOptions {
+                listen_v5: Some("127.0.0.1:0".parse().unwrap()),
+                ..with_acl.clone()
+            }),
+            "listen_v5"
+        );
+        assert_eq!(
+            field(BrokerOptions {
+                client_ca: Some(dir.path().join("ca.pem")),
+                ..Default::default()
+            }),
+            "client_ca"
+        );
+        let passwd = dir.path().join("passwd");
+        std::fs::write(&passwd, "client-1:$6$AAAA$AAAA\n").unwrap();
+        assert_eq!(
+            field(BrokerOptions {
+                password_file: Some(passwd),
+                ..with_acl.clone()
+            }),
+            "password_file"
+        );
+        assert_eq!(
+            field(BrokerOptions {
+                connect_rate: ConnectRate {
+                    burst: 0,
+                    per_second: 1.0
+                },
+                ..with_acl
+            }),
+            "connect_rate"
+        );
+        let s = format!(
+            "{:?}",
+            BrokerOptions {
+                acl_file: Some(acl),
+                ..Default::default()
+            }
+        );
+        assert!(s.contains("fedmq.acl"), "{s}");
     }
 
     #[test]

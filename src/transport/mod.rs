@@ -10,7 +10,12 @@
 //!   QoS 1 duplicates. The `Design:` note there explains how commands survive broker restarts.
 //! - `broker.rs`: [`EmbeddedBroker`], rumqttd on a dedicated thread bound to 127.0.0.1, configured
 //!   from [`BrokerOptions`] (programmatic defaults or the shape of `broker/rumqttd.toml`), with
-//!   TLS from [`BrokerTls`] (server certificate only; mutual TLS needs Mosquitto, see there).
+//!   TLS from [`BrokerTls`].
+//! - `gateway.rs`: the authorizing MQTT 3.1.1 gateway the embedded broker puts in front of
+//!   rumqttd when asked for an ACL, a password file or client certificates: Mosquitto's ACL and
+//!   password file formats (one `broker/fedmq.acl` for both brokers), mutual TLS with the
+//!   certificate's Common Name as user name, connection rate limits. rumqttd itself then listens
+//!   on loopback and accepts only the gateway's internal credential.
 //!
 //! # TLS
 //! [`SessionOptions::tls`] ([`MqttTls`]; `MQTT_TLS` and `MQTT_*_PATH` in the config) connects
@@ -18,7 +23,8 @@
 //! Handshake failures are not retried silently: the session logs one error saying what failed
 //! and what to check, and reports it through [`MqttHandle::last_error`] and
 //! [`MqttError::Timeout`]. `broker/mosquitto-tls.conf` is the reference Mosquitto setup for
-//! TLS and mutual TLS.
+//! TLS and mutual TLS; the embedded broker does mutual TLS through its gateway
+//! ([`BrokerOptions::client_ca`]).
 //! - `bench.rs`: [`bench::mqtt_rtt`], control-message round-trip latency through any broker.
 //!
 //! # Limits
@@ -30,9 +36,11 @@
 
 pub mod bench;
 mod broker;
+mod gateway;
 mod mqtt;
 
 pub use broker::{BrokerError, BrokerOptions, BrokerTls, EmbeddedBroker};
+pub use gateway::ConnectRate;
 pub use mqtt::{
     ConnState, Dedup, Incoming, IncomingError, MqttError, MqttHandle, MqttSession, MqttTls,
     PresenceMessages, SessionOptions,
