@@ -14,8 +14,8 @@ use fedmq::config::Config;
 use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
 use fedmq::identity::{Identity, Keyring};
 use fedmq::metrics::{read_jsonl, RoundRecord};
-use fedmq::seal::BlobCrypto;
 use fedmq::proto::{BlobKeys, Body, Envelope, TopicKind, Topics, TrainConfig, TrainMetrics};
+use fedmq::seal::BlobCrypto;
 use fedmq::server::{self, Evaluator, Outcome, Progress, ServerReport};
 use fedmq::store::{BlobStore, EmbeddedStore, S3Options, StoreOptions};
 use fedmq::strategy::FedAvg;
@@ -171,7 +171,10 @@ async fn local_federation_learns_and_writes_its_outputs() {
         .into_iter()
         .map(|o| o.key)
         .collect();
-    assert!(left.len() >= 8, "global, updates, final model, checkpoints: {left:?}");
+    assert!(
+        left.len() >= 8,
+        "global, updates, final model, checkpoints: {left:?}"
+    );
     for key in &left {
         let raw = blobs.get_unverified(key).await.unwrap();
         assert_only_ciphertext(key, &raw);
@@ -927,9 +930,10 @@ async fn run_from_configs(server_cfg: &Config, client_cfgs: &[Config]) -> Server
             tokio::spawn(async move { federation::run_client_from_config(&c, cancel).await })
         })
         .collect();
-    let report = federation::run_server_from_config(server_cfg, None, false, |_| {}, cancel.clone())
-        .await
-        .expect("server");
+    let report =
+        federation::run_server_from_config(server_cfg, None, false, |_| {}, cancel.clone())
+            .await
+            .expect("server");
     for c in clients {
         let rep = tokio::time::timeout(WAIT, c)
             .await
@@ -1043,9 +1047,13 @@ async fn a_federation_over_mutual_tls_with_signatures_and_sealed_blobs_learns_li
         let f = &mut c.fedmq_args;
         f.rank = rank;
         f.signing_key = d.join(format!("keys/{id}.key")).display().to_string();
-        f.trusted_keys = if rank == 0 { &trust_server } else { &trust_clients }
-            .display()
-            .to_string();
+        f.trusted_keys = if rank == 0 {
+            &trust_server
+        } else {
+            &trust_clients
+        }
+        .display()
+        .to_string();
         f.encrypt_blobs = Some(true);
         c
     };
