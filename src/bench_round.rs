@@ -118,8 +118,9 @@ pub struct RoundBenchConfig {
     pub delta: f32,
     /// Deadline of a round (generous: a missed deadline spoils the figure anyway).
     pub round_timeout: Duration,
-    /// Everything on: MQTT over TLS (mutual TLS with Mosquitto), S3 over HTTPS, every message
-    /// signed and checked, every blob sealed (see [`BenchSecurity`]).
+    /// Everything on: MQTT over mutual TLS with the shipped ACL (the embedded broker's gateway,
+    /// or Mosquitto), S3 over HTTPS, every message signed and checked, every blob sealed (see
+    /// [`BenchSecurity`]).
     pub secure: bool,
 }
 
@@ -937,7 +938,10 @@ impl MosquittoBroker {
                      max_packet_size {}\nset_tcp_nodelay true\nlog_dest stderr\nlog_type error\n{}",
                     crate::transport::DEFAULT_MAX_PACKET_SIZE,
                     certs.map_or(String::new(), |c| format!(
-                        "certfile {0}/broker.pem\nkeyfile {0}/broker.key\ncafile {0}/ca.pem\n\
+                        // `user root`: started as root, Mosquitto would switch to the
+                        // `mosquitto` user, who cannot read the 0600 key; otherwise no effect.
+                        "user root\ncertfile {0}/broker.pem\nkeyfile {0}/broker.key\n\
+                         cafile {0}/ca.pem\n\
                          tls_version tlsv1.2\nrequire_certificate true\n\
                          use_identity_as_username true\n",
                         c.display()
@@ -1035,11 +1039,23 @@ pub async fn bench_round_in_process(cfg: &RoundBenchConfig) -> Result<RoundBench
     let certs = security.as_ref().map(|s| s.certs.clone());
     let (port, mosquitto) = match cfg.broker {
         BrokerKind::Embedded => {
+            // Secure: TLS with client certificates and the shipped ACL, through the gateway.
+            let acl = match &certs {
+                Some(c) => {
+                    let path = c.join("fedmq.acl");
+                    std::fs::write(&path, include_str!("../broker/fedmq.acl"))
+                        .context("writing the benchmark's ACL")?;
+                    Some(path)
+                }
+                None => None,
+            };
             let opts = BrokerOptions {
                 tls: certs.as_ref().map(|c| BrokerTls {
                     cert: c.join("broker.pem"),
                     key: c.join("broker.key"),
                 }),
+                client_ca: certs.as_ref().map(|c| c.join("ca.pem")),
+                acl_file: acl,
                 ..BrokerOptions::default()
             };
             let b = tokio::task::block_in_place(|| EmbeddedBroker::start(opts))

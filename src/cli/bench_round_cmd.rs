@@ -62,9 +62,9 @@ pub struct RoundArgs {
     /// Deadline of one round, in seconds.
     #[arg(long, default_value_t = 300.0)]
     pub round_timeout_s: f64,
-    /// `off`, `on`, or `off,on` (both, one line each). `on`: MQTT over TLS (mutual TLS with
-    /// `--broker mosquitto`), S3 over HTTPS, every message signed and checked, every blob
-    /// sealed. In-process mode only.
+    /// `off`, `on`, or `off,on` (both, one line each). `on`: MQTT over mutual TLS (client
+    /// certificates; the embedded broker also applies broker/fedmq.acl), S3 over HTTPS, every
+    /// message signed and checked, every blob sealed. In-process mode only.
     #[arg(long, value_delimiter = ',', default_value = "off", value_parser = parse_security)]
     pub security: Vec<bool>,
 }
