@@ -19,6 +19,7 @@
 //! model blob (key, length, SHA-256), the round, the strategy and its state. The model is stored
 //! once, not twice per round; the checkpoint's blob reference is verified on resume like any other.
 
+use super::budget::{SenderBudget, Verdict};
 use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
 use crate::identity::Keyring;
 use crate::metrics::{MetricsWriter, RoundRecord};
@@ -41,6 +42,12 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+/// Messages a sender may send at once: a client sends about two a round (presence, then an
+/// update or a failure), re-sends included.
+const SENDER_BURST: u32 = 50;
+/// Messages a second a sender's budget refills.
+const SENDER_RATE: f64 = 5.0;
 
 /// The server's participant id (`from` of its messages, its status topic).
 pub const SERVER_ID: &str = "server";
@@ -341,6 +348,7 @@ pub async fn run_server(
         held_permit: None,
         checkpoint_task: None,
         global_key: None,
+        budget: SenderBudget::new(SENDER_BURST, SENDER_RATE),
     };
     if let Some(dir) = &driver.opts.output_dir {
         match MetricsWriter::create(dir) {
@@ -465,6 +473,8 @@ struct Driver {
     checkpoint_task: Option<tokio::task::JoinHandle<()>>,
     /// Content key of the latest global model upload (sealed federations), by round.
     global_key: Option<(u64, Arc<ContentKey>)>,
+    /// Message budgets per sender.
+    budget: SenderBudget,
 }
 
 impl Driver {
@@ -477,8 +487,23 @@ impl Driver {
                 return None;
             }
         };
-        if matches!(&kind, TopicKind::Status(id) if id == SERVER_ID) {
-            // Its own presence, echoed by the broker.
+        let sender = match &kind {
+            TopicKind::Status(id) if id == SERVER_ID => {
+                // Its own presence, echoed by the broker.
+                return None;
+            }
+            TopicKind::Status(id) | TopicKind::Up(id) | TopicKind::Command(id) => id.as_str(),
+        };
+        // Before the signature check: a flood costs a map lookup, not a verification.
+        if let Verdict::Drop { first } = self.budget.admit(sender, Instant::now()) {
+            if first {
+                let (burst, rate) = self.budget.limits();
+                warn!(
+                    %sender,
+                    "messages dropped: over the per-sender budget ({burst} at once, {rate}/s); \
+                     dropping until it slows down"
+                );
+            }
             return None;
         }
         if let Some(ring) = &self.opts.keyring {

@@ -1,5 +1,6 @@
 //! The server: the round engine (a sans-IO state machine) and its async driver.
 
+pub mod budget;
 pub mod driver;
 pub mod machine;
 
