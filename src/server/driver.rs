@@ -682,16 +682,20 @@ impl Driver {
                             let key = key.clone();
                             tokio::task::spawn_blocking(move || c.seal_with_key(&k, &key, &plain))
                                 .await
-                                .unwrap_or_default()
+                                .map_err(|e| format!("sealing task failed: {e}"))
                         }
-                        _ => plain,
+                        _ => Ok(plain),
                     };
-                    let done = match store.put(&key, Bytes::from(bytes)).await {
+                    let stored = match bytes {
+                        Ok(b) => store
+                            .put(&key, Bytes::from(b))
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    };
+                    let done = match stored {
                         Ok(blob) => TaskDone::Stored { round, blob },
-                        Err(e) => TaskDone::StoreFailed {
-                            round,
-                            reason: e.to_string(),
-                        },
+                        Err(reason) => TaskDone::StoreFailed { round, reason },
                     };
                     let _ = tx.send(done);
                 });
