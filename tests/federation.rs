@@ -738,9 +738,42 @@ fn distributed_federation_over_mosquitto_and_a_store_process() {
 /// round closes with the other clients' updates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tampered_update_is_rejected_and_the_round_completes_without_it() {
-    let mut cfg = config("tamper", "lr", 3, 2, "homo");
+    tampered_update_round(false).await;
+}
+
+/// The same with signatures and sealed blobs: the server skips the SHA-256 pass for sealed
+/// updates, and the AEAD tags catch the flipped byte instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tampered_sealed_update_is_rejected_and_the_round_completes_without_it() {
+    tampered_update_round(true).await;
+}
+
+/// Every participant's key, all trusted by one keyring.
+fn signing(ids: &[&str]) -> Signing {
+    let mut ring = Keyring::default();
+    let mut keys = BTreeMap::new();
+    for id in ids {
+        let k = Identity::generate(id);
+        ring.trust(&k);
+        keys.insert(id.to_string(), Arc::new(k));
+    }
+    (Arc::new(ring), keys)
+}
+
+async fn tampered_update_round(sealed: bool) {
+    let mut cfg = config(
+        if sealed { "tamper-sealed" } else { "tamper" },
+        "lr",
+        3,
+        2,
+        "homo",
+    );
     cfg.validation_args.frequency_of_the_test = 100;
-    let fx = Fixture::new(cfg).await;
+    let mut fx = Fixture::new(cfg).await;
+    if sealed {
+        fx.signing = Some(signing(&["server", "client-1", "client-2", "client-3"]));
+    }
+    let crypto3 = fx.crypto("client-3");
     let cfg = fx.cfg.clone();
     let run = cfg.common_args.run_id.clone();
     let topics = Topics::new(&run);
@@ -752,6 +785,7 @@ async fn a_tampered_update_is_rejected_and_the_round_completes_without_it() {
     // client-3 speaks the protocol by hand: it uploads the global model back as its update,
     // announces it with the right digest, but first flips one byte of the stored blob.
     let mut o = federation::session_options(&cfg, "client-3", None);
+    o.signer = fx.signing.as_ref().map(|s| s.1["client-3"].clone());
     o.subscriptions = vec![topics.command("client-3")];
     o.presence = Some(fedmq::transport::PresenceMessages::status(
         &run,
@@ -769,9 +803,19 @@ async fn a_tampered_update_is_rejected_and_the_round_completes_without_it() {
                 continue;
             };
             let Body::Train(t) = env.body else { break };
-            let bytes = store.get(&t.global).await.unwrap();
+            let mut bytes = store.get(&t.global).await.unwrap();
             let key = keys.update(env.round, "client-3");
-            let blob = store.put(&key, bytes.clone()).await.unwrap();
+            let mut ck = None;
+            if let Some(c) = &crypto3 {
+                let plain = c.open(&t.global, bytes).unwrap();
+                let (s, k) = c.seal(&key, &plain);
+                bytes = s.into();
+                ck = Some(k);
+            }
+            let mut blob = store.put(&key, bytes.clone()).await.unwrap();
+            if let (Some(c), Some(k)) = (&crypto3, &ck) {
+                blob = c.wrapped_ref(&blob, k, "server").unwrap();
+            }
             let mut flipped = bytes.to_vec();
             let i = flipped.len() / 2;
             flipped[i] ^= 0x01;
@@ -798,9 +842,14 @@ async fn a_tampered_update_is_rejected_and_the_round_completes_without_it() {
         assert_eq!(r.participants, 2, "{r:?}");
         assert_eq!(r.failures, 1, "{r:?}");
         let f = &r.failed_clients[0];
+        let check = if sealed {
+            "does not authenticate"
+        } else {
+            "SHA-256"
+        };
         assert!(
-            f.starts_with("client-3: bad update:") && f.contains("SHA-256"),
-            "the failure names the digest check: {f}"
+            f.starts_with("client-3: bad update:") && f.contains(check),
+            "the failure names the check ({check}): {f}"
         );
     }
     for c in [c1, c2] {
@@ -825,14 +874,7 @@ async fn forged_and_unsigned_messages_are_dropped_when_signatures_are_on() {
     let mut cfg = config("signed", "lr", 2, 2, "homo");
     cfg.validation_args.frequency_of_the_test = 100;
     let mut fx = Fixture::new(cfg).await;
-    let mut ring = Keyring::default();
-    let mut ids = BTreeMap::new();
-    for id in ["server", "client-1", "client-2"] {
-        let k = Identity::generate(id);
-        ring.trust(&k);
-        ids.insert(id.to_string(), Arc::new(k));
-    }
-    fx.signing = Some((Arc::new(ring), ids));
+    fx.signing = Some(signing(&["server", "client-1", "client-2"]));
     let cfg = fx.cfg.clone();
     let run = cfg.common_args.run_id.clone();
     let topics = Topics::new(&run);
