@@ -988,18 +988,7 @@ fn connect_packet(level: u8, login: Option<(&String, &String)>) -> Vec<u8> {
         string(&mut body, pass.as_bytes());
     }
     let mut packet = vec![0x10];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        packet.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
+    super::gateway::put_remaining_length(&mut packet, body.len());
     packet.extend_from_slice(&body);
     packet
 }

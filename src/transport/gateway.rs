@@ -334,6 +334,21 @@ fn valid_filter(filter: &str) -> bool {
 }
 
 /// Appends an MQTT length-prefixed string or binary field.
+/// Appends MQTT's variable-length encoding of a packet's remaining length.
+pub(crate) fn put_remaining_length(out: &mut Vec<u8>, mut len: usize) {
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+}
+
 fn put_binary(out: &mut Vec<u8>, b: &[u8]) -> Result<(), Refusal> {
     let n = u16::try_from(b.len()).map_err(|_| Refusal::Malformed("field over 65,535 bytes"))?;
     out.extend_from_slice(&n.to_be_bytes());
@@ -365,18 +380,7 @@ impl Connect<'_> {
         put_binary(&mut body, internal.password.as_bytes())?;
         let mut packet = Vec::with_capacity(body.len() + 5);
         packet.push(0x10);
-        let mut len = body.len();
-        loop {
-            let mut byte = (len % 128) as u8;
-            len /= 128;
-            if len > 0 {
-                byte |= 0x80;
-            }
-            packet.push(byte);
-            if len == 0 {
-                break;
-            }
-        }
+        put_remaining_length(&mut packet, body.len());
         packet.extend_from_slice(&body);
         Ok(packet)
     }
