@@ -27,7 +27,7 @@ use crate::client::{self, ClientOptions, ClientReport, NoopTrainer};
 use crate::federation::{capabilities, Security, KEY_PREFIX};
 use crate::metrics::RoundRecord;
 use crate::proto::{BlobKeys, TrainConfig};
-use crate::server::{self, Outcome, Progress, RoundConfig, ServerOptions, ServerReport};
+use crate::server::{self, Outcome, Progress, RoundConfig, ServerOptions, ServerReport, Weighting};
 use crate::store::{
     BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions, StoreTls, MIB,
 };
@@ -551,6 +551,8 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
                 weight_decay: 0.0,
                 seed: 0,
             },
+            keys: BlobKeys::new(KEY_PREFIX, run),
+            weighting: Weighting::Samples,
         },
         expected_clients: (1..=cfg.clients).map(client::client_id).collect(),
         retention: RetentionPolicy::KeepLast(KEEP_ROUNDS),

@@ -60,6 +60,9 @@ pub fn round_config(cfg: &Config) -> RoundConfig {
             weight_decay: t.weight_decay,
             seed: 0,
         },
+        keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
+        // Validated by Config::validate; the default otherwise.
+        weighting: f.weighting.parse().unwrap_or_default(),
     }
 }
 

@@ -438,6 +438,10 @@ pub struct FedmqArgs {
     /// in `fedmq run`, whose participants get keys of their own). `true`: required (an error
     /// without keys). `false`: plaintext blobs, integrity-checked only.
     pub encrypt_blobs: Option<bool>,
+    /// How the server weights updates: `samples` (FedAvg: by the claimed sample count, bounded
+    /// by the `capabilities.samples` each client announced when it joined) or `uniform` (every
+    /// update the same).
+    pub weighting: String,
 }
 
 impl Default for FedmqArgs {
@@ -454,6 +458,7 @@ impl Default for FedmqArgs {
             signing_key: String::new(),
             trusted_keys: String::new(),
             encrypt_blobs: None,
+            weighting: "samples".into(),
         }
     }
 }
@@ -620,6 +625,11 @@ impl Config {
             "must be at least 1".into(),
         );
         let f = &self.fedmq_args;
+        check(
+            matches!(f.weighting.as_str(), "samples" | "uniform"),
+            "fedmq_args.weighting",
+            format!("must be samples or uniform, got {:?}", f.weighting),
+        );
         check(
             f.round_timeout_s.is_finite() && f.round_timeout_s > 0.0,
             "fedmq_args.round_timeout_s",

@@ -17,7 +17,7 @@
 //! (to the failed clients that are online, and replacements) up to `max_retries` times, then the
 //! run is aborted with a message saying what to check.
 
-use crate::proto::{BlobRef, Capabilities, TrainConfig, TrainMetrics};
+use crate::proto::{BlobKeys, BlobRef, Capabilities, TrainConfig, TrainMetrics};
 use crate::strategy::{ClientFailure, FailureReason, RoundAggregate, Strategy};
 use crate::tensor::{ParamSet, ParamsView};
 use rand::SeedableRng;
@@ -25,6 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
 
 /// Policy of the round engine (from `train_args`, `validation_args` and `fedmq_args`).
 #[derive(Debug, Clone)]
@@ -49,6 +50,33 @@ pub struct RoundConfig {
     pub seed: u64,
     /// Local training settings sent with every train command (`seed` is replaced per round).
     pub train: TrainConfig,
+    /// The run's blob keys: an update is accepted only from the sender's own update key of the
+    /// round ([`BlobKeys::update`]).
+    pub keys: BlobKeys,
+    /// How updates are weighted in the aggregate (`fedmq_args.weighting`).
+    pub weighting: Weighting,
+}
+
+/// How the server weights each update (`fedmq_args.weighting`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Weighting {
+    /// By the samples the client claims, bounded by the `capabilities.samples` it announced
+    /// when it joined (FedAvg's weighting). A client can still lie when it joins.
+    #[default]
+    Samples,
+    /// Every update weighs the same, whatever it claims.
+    Uniform,
+}
+
+impl std::str::FromStr for Weighting {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "samples" => Ok(Weighting::Samples),
+            "uniform" => Ok(Weighting::Uniform),
+            other => Err(format!("unknown weighting {other:?}; use samples or uniform")),
+        }
+    }
 }
 
 /// Something that happened, as seen by the driver.
@@ -215,22 +243,50 @@ struct RoundState {
     retries: u32,
     commands: usize,
     selected: BTreeSet<String>,
-    /// Announced in time, being fetched: client → (samples, metrics).
-    fetching: BTreeMap<String, (u64, TrainMetrics)>,
+    /// Announced in time, being fetched.
+    fetching: BTreeMap<String, Pending>,
     /// Folded into the aggregate: client → (samples, loss).
     reported: BTreeMap<String, (u64, f64)>,
     failed: BTreeMap<String, FailureReason>,
+    /// Clients whose update notice of this round was taken (fetched, folded or refused): their
+    /// slot is closed, a second notice is ignored.
+    announced: BTreeSet<String>,
+    /// Clients already warned about a second update notice this round (warned once).
+    warned: BTreeSet<String>,
+    /// The reason a client failed before the round was re-sent to it: named in the abort
+    /// message when it then times out.
+    earlier: BTreeMap<String, FailureReason>,
     aggregate: Option<Box<dyn RoundAggregate>>,
     /// Deadline passed: no new announcements are accepted.
     closed_for_updates: bool,
+}
+
+/// An update being fetched.
+#[derive(Debug)]
+struct Pending {
+    /// Samples behind it (the claim, bounded by the client's announcement).
+    samples: u64,
+    /// Its weight in the aggregate ([`Weighting`]).
+    weight: u64,
+    metrics: TrainMetrics,
 }
 
 /// Known client.
 #[derive(Debug, Clone)]
 struct ClientEntry {
     online: bool,
-    #[allow(dead_code)]
+    /// What it announced when it joined (the latest announcement); bounds its sample claims.
     capabilities: Option<Capabilities>,
+}
+
+/// An update announced for the round about to start (after a server restart, the clients'
+/// re-announcements may arrive before the round's train commands go out).
+#[derive(Debug)]
+struct EarlyUpdate {
+    round: u64,
+    blob: BlobRef,
+    num_samples: u64,
+    metrics: TrainMetrics,
 }
 
 /// The round engine.
@@ -244,6 +300,8 @@ pub struct RoundMachine {
     /// Last completed round (0 before the first).
     completed: u64,
     upload_started: Option<Instant>,
+    /// Updates announced for round `completed + 1` before it started (first per client).
+    early: BTreeMap<String, EarlyUpdate>,
 }
 
 impl RoundMachine {
@@ -265,6 +323,7 @@ impl RoundMachine {
             phase: Phase::Admitting { since: now },
             completed: 0,
             upload_started: None,
+            early: BTreeMap::new(),
         }
     }
 
@@ -380,29 +439,7 @@ impl RoundMachine {
                 blob,
                 num_samples,
                 metrics,
-            } => {
-                let Phase::Training(r) = &mut self.phase else {
-                    tracing::debug!(%client, round, "update outside a round ignored");
-                    return out;
-                };
-                if round != r.round {
-                    tracing::info!(%client, round, current = r.round, "stale update ignored");
-                } else if !r.selected.contains(&client) {
-                    tracing::warn!(%client, round, "update from a client not selected ignored");
-                } else if r.reported.contains_key(&client) || r.fetching.contains_key(&client) {
-                    tracing::debug!(%client, round, "duplicate update notice ignored");
-                } else if r.closed_for_updates {
-                    tracing::info!(%client, round, "update after the deadline discarded");
-                } else {
-                    r.failed.remove(&client);
-                    r.fetching.insert(client.clone(), (num_samples, metrics));
-                    out.push(Action::FetchUpdate {
-                        client,
-                        round,
-                        blob,
-                    });
-                }
-            }
+            } => self.on_update_ready(client, round, blob, num_samples, metrics, now, &mut out),
             Event::UpdateFetched {
                 client,
                 round,
@@ -410,19 +447,19 @@ impl RoundMachine {
             } => {
                 if let Phase::Training(r) = &mut self.phase {
                     if r.round == round {
-                        if let Some((samples, metrics)) = r.fetching.remove(&client) {
+                        if let Some(p) = r.fetching.remove(&client) {
                             let agg = r.aggregate.as_mut();
                             let added = ParamsView::parse(&blob)
                                 .map_err(|e| format!("not a model blob: {e}"))
                                 .and_then(|v| {
                                     agg.map(|a| {
-                                        a.add(&client, &v, samples).map_err(|e| e.to_string())
+                                        a.add(&client, &v, p.weight).map_err(|e| e.to_string())
                                     })
                                     .transpose()
                                 });
                             match added {
                                 Ok(Some(())) => {
-                                    r.reported.insert(client, (samples, metrics.train_loss));
+                                    r.reported.insert(client, (p.samples, p.metrics.train_loss));
                                 }
                                 Err(e) => {
                                     tracing::warn!(%client, round, "update rejected: {e}");
@@ -457,9 +494,9 @@ impl RoundMachine {
                     if r.round == round
                         && r.selected.contains(&client)
                         && !r.reported.contains_key(&client)
-                        && !r.fetching.contains_key(&client)
+                        && !r.announced.contains(&client)
                     {
-                        tracing::info!(%client, round, "client failed: {reason}");
+                        tracing::warn!(%client, round, "client failed: {reason}");
                         r.failed.insert(client, FailureReason::Reported(reason));
                     }
                 }
@@ -502,6 +539,115 @@ impl RoundMachine {
             },
         }
         out
+    }
+
+    /// An update notice: fetched when it is the first of a selected client for the open round,
+    /// from the client's own update key, in time; otherwise ignored or refused with a logged
+    /// reason (a refusal is that client's failure of the round).
+    fn on_update_ready(
+        &mut self,
+        client: String,
+        round: u64,
+        blob: BlobRef,
+        num_samples: u64,
+        metrics: TrainMetrics,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Phase::Training(r) = &mut self.phase else {
+            if round == self.completed + 1 && round <= self.cfg.rounds {
+                // The round this server is about to (re)start: a client's re-announcement after
+                // a server restart can arrive before the train commands. Kept for the round.
+                debug!(%client, round, "update for the next round kept until it starts");
+                self.early.entry(client).or_insert(EarlyUpdate {
+                    round,
+                    blob,
+                    num_samples,
+                    metrics,
+                });
+            } else {
+                debug!(%client, round, "update outside a round ignored");
+            }
+            return;
+        };
+        if round != r.round {
+            info!(%client, round, current = r.round, "stale update ignored");
+            return;
+        }
+        if !r.selected.contains(&client) {
+            warn!(%client, round, "update from a client not selected ignored");
+            return;
+        }
+        if r.announced.contains(&client) || r.reported.contains_key(&client) {
+            if r.warned.insert(client.clone()) {
+                warn!(
+                    %client, round, key = %blob.key,
+                    "second update notice of the round ignored: the first one counts (further \
+                     notices from this client in this round are dropped without a warning)"
+                );
+            }
+            return;
+        }
+        if r.closed_for_updates {
+            info!(%client, round, "update after the deadline discarded");
+            return;
+        }
+        r.announced.insert(client.clone());
+        let own = self.cfg.keys.update(round, &client);
+        if blob.key != own {
+            let reason = format!(
+                "its blob key {:?} is not its own update key for round {round} ({own:?})",
+                blob.key
+            );
+            warn!(%client, round, "update refused: {reason}");
+            r.failed.insert(client, FailureReason::BadUpdate(reason));
+            self.maybe_close(now, out);
+            return;
+        }
+        let announced = self
+            .clients
+            .get(&client)
+            .and_then(|c| c.capabilities.as_ref())
+            .map(|c| c.samples);
+        let samples = match (self.cfg.weighting, announced) {
+            (Weighting::Samples, None) => {
+                let reason = format!(
+                    "it claims {num_samples} samples but announced no capabilities.samples when \
+                     it joined; a client must announce its sample count (or set \
+                     fedmq_args.weighting: uniform)"
+                );
+                warn!(%client, round, "update refused: {reason}");
+                r.failed.insert(client, FailureReason::BadUpdate(reason));
+                self.maybe_close(now, out);
+                return;
+            }
+            (_, Some(max)) if num_samples > max => {
+                warn!(
+                    %client, round, claimed = num_samples, announced = max,
+                    "sample claim above what the client announced when it joined; clipped to it"
+                );
+                max
+            }
+            _ => num_samples,
+        };
+        let weight = match self.cfg.weighting {
+            Weighting::Samples => samples,
+            Weighting::Uniform => 1,
+        };
+        r.failed.remove(&client);
+        r.fetching.insert(
+            client.clone(),
+            Pending {
+                samples,
+                weight,
+                metrics,
+            },
+        );
+        out.push(Action::FetchUpdate {
+            client,
+            round,
+            blob,
+        });
     }
 
     fn maybe_start(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -560,9 +706,19 @@ impl RoundMachine {
             fetching: BTreeMap::new(),
             reported: BTreeMap::new(),
             failed: BTreeMap::new(),
+            announced: BTreeSet::new(),
+            warned: BTreeSet::new(),
+            earlier: BTreeMap::new(),
             aggregate,
             closed_for_updates: false,
         }));
+        // Updates announced for this round before it started (re-announcements reaching a
+        // restarted server early): taken as if they arrived now.
+        for (client, u) in std::mem::take(&mut self.early) {
+            if u.round == round {
+                self.on_update_ready(client, u.round, u.blob, u.num_samples, u.metrics, now, out);
+            }
+        }
         // No client online at all: nothing will ever arrive; let the deadline logic handle it.
         self.maybe_close(now, out);
     }
@@ -604,7 +760,7 @@ impl RoundMachine {
                 r.reported.len(),
                 r.selected.len(),
                 r.retries + 1,
-                describe_failures(&r.failed)
+                describe_failures(&r.failed, &r.earlier)
             );
             self.finish(Outcome::Aborted(msg), out);
         }
@@ -628,10 +784,11 @@ impl RoundMachine {
         r.closed_for_updates = false;
         r.deadline = now + self.cfg.round_timeout;
         let need = self.cfg.clients_per_round.saturating_sub(r.reported.len());
+        // Clients whose update was refused already delivered it: asking again changes nothing.
         let mut targets: Vec<String> = r
             .failed
             .keys()
-            .filter(|c| online.contains(*c))
+            .filter(|c| online.contains(*c) && !r.announced.contains(*c))
             .cloned()
             .collect();
         let spare: Vec<String> = online
@@ -653,7 +810,11 @@ impl RoundMachine {
             "quorum missed; re-sending the round"
         );
         for c in &targets {
-            r.failed.remove(c);
+            if let Some(why) = r.failed.remove(c) {
+                if why != FailureReason::Timeout {
+                    r.earlier.insert(c.clone(), why);
+                }
+            }
             r.selected.insert(c.clone());
             r.commands += 1;
             out.push(Action::SendTrain {
@@ -714,13 +875,21 @@ impl RoundMachine {
     }
 }
 
-fn describe_failures(failed: &BTreeMap<String, FailureReason>) -> String {
+/// `client: reason` for each failure; a client that failed for a reason of its own before the
+/// round was re-sent to it, then stayed silent, is described by both.
+fn describe_failures(
+    failed: &BTreeMap<String, FailureReason>,
+    earlier: &BTreeMap<String, FailureReason>,
+) -> String {
     if failed.is_empty() {
         return "none".into();
     }
     failed
         .iter()
-        .map(|(c, r)| format!("{c}: {r}"))
+        .map(|(c, r)| match earlier.get(c) {
+            Some(e) if e != r => format!("{c}: {r} (before the re-send: {e})"),
+            _ => format!("{c}: {r}"),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

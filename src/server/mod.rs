@@ -8,4 +8,4 @@ pub use driver::{
     latest_checkpoint, load_checkpoint_model, run_server, Checkpoint, Evaluation, Evaluator,
     Progress, ServerError, ServerOptions, ServerReport, SERVER_ID,
 };
-pub use machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
+pub use machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary, Weighting};

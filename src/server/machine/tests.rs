@@ -41,6 +41,18 @@ fn cfg(rounds: u64, per_round: usize) -> RoundConfig {
             weight_decay: 0.0,
             seed: 0,
         },
+        keys: BlobKeys::new("p", "run"),
+        weighting: Weighting::Samples,
+    }
+}
+
+fn caps(samples: u64) -> Capabilities {
+    Capabilities {
+        device: "cpu".into(),
+        cores: 1,
+        gpu: None,
+        samples,
+        version: "test".into(),
     }
 }
 
@@ -66,7 +78,7 @@ impl Harness {
         for id in ids {
             out.extend(self.ev(Event::ClientOnline {
                 client: id.to_string(),
-                capabilities: None,
+                capabilities: Some(caps(10_000)),
             }));
         }
         out
@@ -269,7 +281,7 @@ fn rejected_and_malformed_updates_are_failures() {
     h.ev(Event::UpdateReady {
         client: "b".into(),
         round: 1,
-        blob: blob("k/b"),
+        blob: blob("p/run/r000001/updates/b"),
         num_samples: 1,
         metrics: TrainMetrics::default(),
     });
@@ -282,7 +294,7 @@ fn rejected_and_malformed_updates_are_failures() {
     h.ev(Event::UpdateReady {
         client: "c".into(),
         round: 1,
-        blob: blob("k/c"),
+        blob: blob("p/run/r000001/updates/c"),
         num_samples: 1,
         metrics: TrainMetrics::default(),
     });

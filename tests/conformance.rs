@@ -1,0 +1,892 @@
+//! `docs/PROTOCOL.md` against the code: the page is parsed here, and every JSON example, every
+//! table that mirrors code (topics, blob keys, models, data sets) and every test vector is checked
+//! with the crate's public API. The vectors were computed independently of this crate
+//! (`tests/vectors/gen_vectors.py`, Python `cryptography`), so the Rust code opening them shows that
+//! the page is enough to interoperate with it. Nothing is duplicated here: change a value in the
+//! page and a test here fails.
+
+use bytes::Bytes;
+use curve25519_dalek::montgomery::MontgomeryPoint;
+use fedmq::data::DatasetKind;
+use fedmq::identity::{self, Identity, IdentityError, Keyring};
+use fedmq::proto::{self, BlobKeys, BlobRef, Body, DecodeError, Envelope, Topics};
+use fedmq::seal::{self, BlobCrypto, SealError};
+use fedmq::server::Checkpoint;
+use fedmq::tensor::{NamedTensor, ParamSet};
+use fedmq::train::{init_params, ModelKind};
+use fedmq::transport::Incoming;
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::hkdf;
+use sha2::{Digest as _, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+
+const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/PROTOCOL.md");
+const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors");
+/// The sample run, round and client the page's examples and tables use.
+const RUN: &str = "local";
+const ROUND: u64 = 4;
+const CLIENT: &str = "client-3";
+const KINDS: [&str; 5] = ["status", "train", "update", "failure", "finish"];
+
+// ---------------------------------------------------------------------------------------------
+// Reading the page
+// ---------------------------------------------------------------------------------------------
+
+fn doc() -> String {
+    std::fs::read_to_string(DOC).unwrap_or_else(|e| panic!("{DOC}: {e}"))
+}
+
+/// A fenced code block of the page.
+#[derive(Debug)]
+struct Block {
+    /// The info string after the opening fence (`json`, `text`).
+    lang: String,
+    /// The lines between the fences, joined with `\n` (no trailing newline).
+    body: String,
+    /// The last heading above the block.
+    heading: String,
+    /// 1-based line of the opening fence (for messages).
+    line: usize,
+}
+
+fn blocks(text: &str) -> Vec<Block> {
+    let mut out = Vec::new();
+    let mut heading = String::new();
+    let mut open: Option<(String, usize, Vec<&str>)> = None;
+    for (i, line) in text.lines().enumerate() {
+        match &mut open {
+            Some((lang, start, lines)) => {
+                if line.trim_start().starts_with("```") {
+                    out.push(Block {
+                        lang: std::mem::take(lang),
+                        body: lines.join("\n"),
+                        heading: heading.clone(),
+                        line: *start,
+                    });
+                    open = None;
+                } else {
+                    lines.push(line);
+                }
+            }
+            None => {
+                if let Some(info) = line.trim_start().strip_prefix("```") {
+                    open = Some((info.trim().to_string(), i + 1, Vec::new()));
+                } else if line.starts_with('#') {
+                    heading = line.to_string();
+                }
+            }
+        }
+    }
+    assert!(open.is_none(), "{DOC}: unclosed code block");
+    out
+}
+
+/// The text of the section starting at the heading line `title` up to the next heading of the
+/// same or a higher level.
+fn section(text: &str, title: &str) -> String {
+    let level = title.chars().take_while(|&c| c == '#').count();
+    let mut lines = text.lines().skip_while(|l| *l != title);
+    assert!(lines.next().is_some(), "{DOC}: no section {title:?}");
+    let mut in_code = false;
+    let mut out = Vec::new();
+    for line in lines {
+        if line.trim_start().starts_with("```") {
+            in_code = !in_code;
+        }
+        let hashes = line.chars().take_while(|&c| c == '#').count();
+        if !in_code && hashes > 0 && hashes <= level && line[hashes..].starts_with(' ') {
+            break;
+        }
+        out.push(line);
+    }
+    out.join("\n")
+}
+
+/// The rows of the Markdown table whose header line starts with `header`, as trimmed cells.
+fn table(text: &str, header: &str) -> Vec<Vec<String>> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(header));
+    assert!(
+        lines.next().is_some(),
+        "{DOC}: no table starting {header:?}"
+    );
+    lines
+        .skip(1) // |---|---|
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            l.trim()
+                .trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+/// A cell's text without its backticks.
+fn code(cell: &str) -> &str {
+    cell.trim().trim_matches('`')
+}
+
+/// `[10, 784]` → `[10, 784]` as numbers.
+fn shape(cell: &str) -> Vec<usize> {
+    let inner = code(cell).trim_start_matches('[').trim_end_matches(']');
+    inner
+        .split(',')
+        .map(|d| {
+            d.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("shape {cell:?}: {e}"))
+        })
+        .collect()
+}
+
+/// The `label: value` fields of the `text` blocks under a `####` heading of "Test vectors"; a
+/// hex value may continue on the following lines.
+fn vector_fields(title: &str) -> BTreeMap<String, String> {
+    let text = section(&doc(), "## Test vectors");
+    let sec = section(&text, title);
+    let mut fields = BTreeMap::new();
+    let mut last: Option<String> = None;
+    for b in blocks(&sec).into_iter().filter(|b| b.lang == "text") {
+        for line in b.body.lines() {
+            let line = line.trim();
+            match line.split_once(':') {
+                Some((label, value))
+                    if label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || " -_()".contains(c)) =>
+                {
+                    let prev = fields.insert(label.to_string(), value.trim().to_string());
+                    assert!(prev.is_none(), "{title}: field {label:?} twice");
+                    last = Some(label.to_string());
+                }
+                _ => {
+                    let label = last
+                        .as_ref()
+                        .unwrap_or_else(|| panic!("{title}: text before any label: {line:?}"));
+                    assert!(
+                        line.bytes().all(|b| b.is_ascii_hexdigit()),
+                        "{title}: continuation of {label:?} is not hex: {line:?}"
+                    );
+                    if let Some(v) = fields.get_mut(label) {
+                        v.push_str(line);
+                    }
+                }
+            }
+        }
+    }
+    assert!(!fields.is_empty(), "{title}: no fields");
+    fields
+}
+
+fn field<'a>(fields: &'a BTreeMap<String, String>, name: &str) -> &'a str {
+    fields.get(name).unwrap_or_else(|| {
+        panic!(
+            "test vector field {name:?} missing; have {:?}",
+            fields.keys()
+        )
+    })
+}
+
+fn hex_field(fields: &BTreeMap<String, String>, name: &str) -> Vec<u8> {
+    hex::decode(field(fields, name)).unwrap_or_else(|e| panic!("field {name:?}: {e}"))
+}
+
+fn hex32(fields: &BTreeMap<String, String>, name: &str) -> [u8; 32] {
+    hex_field(fields, name)
+        .try_into()
+        .unwrap_or_else(|v: Vec<u8>| panic!("field {name:?}: {} bytes, expected 32", v.len()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crypto helpers, written from the page (ring, curve25519-dalek), independent of fedmq::seal
+// ---------------------------------------------------------------------------------------------
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn hkdf32(ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
+        .extract(ikm)
+        .expand(info, hkdf::HKDF_SHA256)
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF-SHA256 of 32 bytes");
+    out
+}
+
+/// The page's blob AEAD key.
+fn blob_aead_key(ikm: &[u8; 32], header: &[u8], object_key: &str) -> [u8; 32] {
+    hkdf32(
+        ikm,
+        &header[24..56],
+        &[b"fedmq/v1 blob", &header[8..9], object_key.as_bytes()],
+    )
+}
+
+/// Opens chunk `i` of a sealed blob with the page's nonce and associated data.
+fn open_chunk(key: &[u8; 32], header: &[u8], i: u64, last: bool, sealed_chunk: &[u8]) -> Vec<u8> {
+    let key = LessSafeKey::new(UnboundKey::new(&aead::AES_256_GCM, key).expect("AES-256 key"));
+    let mut nonce = [0u8; 12];
+    nonce[0] = u8::from(last);
+    nonce[4..].copy_from_slice(&i.to_be_bytes());
+    let mut buf = sealed_chunk.to_vec();
+    let plain = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(header),
+            &mut buf,
+        )
+        .unwrap_or_else(|_| panic!("chunk {i} does not open with the page's construction"));
+    plain.to_vec()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Identities of the test vectors, loaded through fedmq's own key files
+// ---------------------------------------------------------------------------------------------
+
+struct Keys {
+    _dir: tempfile::TempDir,
+    client: Arc<Identity>,
+    server: Arc<Identity>,
+    /// Every public key of the vectors (client-3 and server).
+    ring: Keyring,
+}
+
+fn keys() -> Keys {
+    let ids = vector_fields("#### Identities");
+    let dir = tempfile::tempdir().expect("temp dir");
+    for who in [CLIENT, "server"] {
+        std::fs::write(
+            dir.path().join(format!("{who}.key")),
+            field(&ids, &format!("{who} seed")),
+        )
+        .expect("write key");
+        std::fs::write(
+            dir.path().join(format!("{who}.pub")),
+            format!("{}\n", field(&ids, &format!("{who} public key"))),
+        )
+        .expect("write pub");
+    }
+    let load = |who: &str| {
+        Arc::new(
+            Identity::load(&dir.path().join(format!("{who}.key")), who)
+                .unwrap_or_else(|e| panic!("{who}: {e}")),
+        )
+    };
+    Keys {
+        client: load(CLIENT),
+        server: load("server"),
+        ring: Keyring::load_dir(dir.path()).expect("keyring"),
+        _dir: dir,
+    }
+}
+
+/// `me`'s blob crypto, trusting the other participant only (as the page's keyrings).
+fn crypto(keys: &Keys, me: &Arc<Identity>) -> BlobCrypto {
+    let mut ring = Keyring::default();
+    let other = if me.id() == CLIENT {
+        &keys.server
+    } else {
+        &keys.client
+    };
+    ring.trust(other);
+    BlobCrypto::new(me.clone(), Arc::new(ring))
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON examples
+// ---------------------------------------------------------------------------------------------
+
+/// The topic an example message travels on.
+fn topic_of(env: &Envelope, topics: &Topics) -> String {
+    match env.body {
+        Body::Status(_) => topics.status(&env.from),
+        Body::Train(_) | Body::Finish(_) => topics.command(CLIENT),
+        Body::Update(_) | Body::Failure(_) => topics.up(&env.from),
+    }
+}
+
+/// Adds an unknown field to `obj` (receivers must ignore it).
+fn with_extra(mut v: serde_json::Value) -> serde_json::Value {
+    v["x_future_field"] = serde_json::json!({"nested": [1, 2.5, "x"]});
+    if let Some(body) = v.get_mut("body") {
+        body["x_future_field"] = serde_json::json!(true);
+    }
+    v
+}
+
+#[test]
+fn every_json_example_decodes_with_the_rust_decoder() {
+    let text = doc();
+    let examples: Vec<Block> = blocks(&text)
+        .into_iter()
+        .filter(|b| b.lang == "json")
+        .collect();
+    let mut kinds_seen = BTreeSet::new();
+    let mut checkpoints = 0;
+    for b in &examples {
+        let at = format!("{DOC}:{} (under {:?})", b.line, b.heading);
+        let value: serde_json::Value =
+            serde_json::from_str(&b.body).unwrap_or_else(|e| panic!("{at}: not JSON: {e}"));
+        assert!(value.is_object(), "{at}: not a JSON object");
+        if value.get("body").is_some() {
+            let env = proto::decode(b.body.as_bytes())
+                .unwrap_or_else(|e| panic!("{at}: the Rust decoder refuses it: {e}"));
+            let kind = env.body.kind();
+            // Under a "### `train` ..." heading, the example is a train message.
+            if let Some(named) = KINDS
+                .iter()
+                .find(|k| b.heading.starts_with(&format!("### `{k}`")))
+            {
+                assert_eq!(kind, *named, "{at}: example of the wrong type");
+            }
+            kinds_seen.insert(kind);
+            // The topic rules: the example is valid on its own topic.
+            let topics = Topics::new(&env.run);
+            let incoming = Incoming {
+                topic: topic_of(&env, &topics),
+                payload: Bytes::from(b.body.clone().into_bytes()),
+                retained: false,
+            };
+            let (_, checked) = incoming
+                .decode(&topics)
+                .unwrap_or_else(|e| panic!("{at}: refused on its topic: {e}"));
+            assert_eq!(checked, env);
+            // Unknown fields are ignored.
+            let extra = serde_json::to_vec(&with_extra(value.clone())).expect("JSON");
+            assert_eq!(
+                proto::decode(&extra).unwrap_or_else(|e| panic!("{at}: with an extra field: {e}")),
+                env,
+                "{at}"
+            );
+            // Blob keys follow the key scheme.
+            let keys = BlobKeys::new(fedmq::federation::KEY_PREFIX, &env.run);
+            match &env.body {
+                Body::Train(t) => assert_eq!(t.global.key, keys.global(env.round), "{at}"),
+                Body::Update(u) => {
+                    assert_eq!(u.update.key, keys.update(env.round, &env.from), "{at}")
+                }
+                Body::Finish(f) => {
+                    if let Some(m) = &f.final_model {
+                        assert_eq!(m.key, keys.final_model(), "{at}");
+                    }
+                }
+                Body::Status(_) | Body::Failure(_) => {}
+            }
+        } else if value.get("strategy").is_some() {
+            let cp: Checkpoint = serde_json::from_str(&b.body)
+                .unwrap_or_else(|e| panic!("{at}: not a Checkpoint: {e}"));
+            cp.model
+                .validate("model")
+                .unwrap_or_else(|e| panic!("{at}: {e}"));
+            let keys = BlobKeys::new(fedmq::federation::KEY_PREFIX, &cp.run);
+            assert!(
+                cp.model.key == keys.global(cp.round + 1) || cp.model.key == keys.final_model(),
+                "{at}: a checkpoint names the global model of the next round or the final model"
+            );
+            checkpoints += 1;
+        } else {
+            panic!("{at}: a json example must be a message (with `body`) or a checkpoint");
+        }
+    }
+    for k in KINDS {
+        assert!(kinds_seen.contains(k), "no JSON example of a `{k}` message");
+    }
+    assert_eq!(checkpoints, 1, "one checkpoint example");
+}
+
+/// The number rules of "Messages" and "Receiving rules", on the page's first example.
+#[test]
+fn stated_decoding_rules_hold() {
+    let text = doc();
+    let first = blocks(&text)
+        .into_iter()
+        .find(|b| b.lang == "json")
+        .expect("a json example");
+    let base: serde_json::Value = serde_json::from_str(&first.body).expect("JSON");
+    let decode = |v: &serde_json::Value| proto::decode(&serde_json::to_vec(v).expect("JSON"));
+    let mut v = base.clone();
+    v["v"] = serde_json::json!(2);
+    assert!(matches!(
+        decode(&v),
+        Err(DecodeError::UnsupportedVersion { got: 2 })
+    ));
+    let mut v = base.clone();
+    v["round"] = serde_json::json!(4.0);
+    assert!(
+        matches!(decode(&v), Err(DecodeError::Malformed(_))),
+        "4.0 is not an integer"
+    );
+    let mut v = base.clone();
+    v["body"]["type"] = serde_json::json!("hello");
+    assert!(matches!(decode(&v), Err(DecodeError::Malformed(_))));
+    let mut v = base.clone();
+    v["from"] = serde_json::json!("client/3");
+    assert!(matches!(decode(&v), Err(DecodeError::Invalid(_))));
+    let big = vec![b' '; proto::MAX_MESSAGE_BYTES + 1];
+    assert!(matches!(
+        proto::decode(&big),
+        Err(DecodeError::TooLarge { .. })
+    ));
+    // The constants the page states.
+    assert_eq!(proto::MAX_MESSAGE_BYTES, 65_536);
+    assert!(text.contains("at most 65,536 bytes"));
+    assert_eq!(identity::SIGNATURE_HEX_LEN, 128);
+    assert_eq!(identity::MAX_CLOCK_SKEW.as_secs(), 300);
+    assert!(text.contains("more than 300 s from its clock"));
+    assert_eq!(seal::HEADER_LEN, 56);
+    assert_eq!(seal::TAG_LEN, 16);
+    assert_eq!(seal::WRAPPED_KEY_HEX_LEN, 160);
+    assert_eq!(
+        seal::sealed_len(6_654_088),
+        6_654_088 + 56 + 16 * 7,
+        "sealed adds 56 + 16 × ⌈len / 2^20⌉"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tables
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn topic_table_matches_topics() {
+    let text = doc();
+    let t = Topics::new(RUN);
+    let rows = table(&text, "| topic |");
+    let mut got = BTreeSet::new();
+    for row in &rows {
+        let built = code(&row[0])
+            .replace("<run>", RUN)
+            .replace("<participant>", CLIENT)
+            .replace("<client>", CLIENT);
+        assert_eq!(built, code(&row[1]), "example column of {:?}", row[0]);
+        got.insert(built);
+    }
+    let want: BTreeSet<String> = [t.status(CLIENT), t.command(CLIENT), t.up(CLIENT)].into();
+    assert_eq!(got, want);
+    // The subscriptions named under the table.
+    for (filter, built) in [
+        ("`fedmq/v1/<run>/up/+`", t.up_all()),
+        ("`fedmq/v1/<run>/status/+`", t.status_all()),
+        ("`fedmq/v1/<run>/status/server`", t.status("server")),
+    ] {
+        assert!(text.contains(filter), "the page names {filter}");
+        assert_eq!(code(filter).replace("<run>", RUN), built);
+    }
+    assert_eq!(fedmq::server::SERVER_ID, "server");
+    assert_eq!(fedmq::client::client_id(3), CLIENT, "rank N is client-N");
+}
+
+#[test]
+fn key_table_matches_blob_keys() {
+    let text = doc();
+    assert_eq!(fedmq::federation::KEY_PREFIX, "fedmq");
+    assert!(text.contains("`<prefix>` is `fedmq`"));
+    let keys = BlobKeys::new(fedmq::federation::KEY_PREFIX, RUN);
+    let fill = |template: &str| {
+        template
+            .replace("<prefix>", fedmq::federation::KEY_PREFIX)
+            .replace("<run>", RUN)
+            .replace("<round:06>", &format!("{ROUND:06}"))
+            .replace("<client>", CLIENT)
+    };
+    let rows = table(&text, "| key |");
+    let mut got = BTreeSet::new();
+    for row in &rows {
+        let built = fill(code(&row[0]));
+        assert_eq!(built, code(&row[1]), "example column of {:?}", row[0]);
+        got.insert(built);
+    }
+    let want: BTreeSet<String> = [
+        keys.global(ROUND),
+        keys.update(ROUND, CLIENT),
+        keys.checkpoint(ROUND),
+        keys.final_model(),
+    ]
+    .into();
+    assert_eq!(got, want);
+    assert!(text.contains("`<prefix>/<run>/r<round:06>/`"));
+    assert_eq!(
+        fill("<prefix>/<run>/r<round:06>/"),
+        keys.round_prefix(ROUND)
+    );
+    assert!(text.contains("`<prefix>/<run>/r<round:06>/updates/<from>`"));
+}
+
+/// Evaluates a shape of the "general" column (`[K, C·H·W]`, `[512, 64·⌊H/4⌋·⌊W/4⌋]`).
+fn general_shape(cell: &str, c: usize, h: usize, w: usize, k: usize) -> Vec<usize> {
+    let inner = code(cell).trim_start_matches('[').trim_end_matches(']');
+    inner
+        .split(',')
+        .map(|dim| {
+            dim.trim()
+                .split('·')
+                .map(|f| match f {
+                    "C" => c,
+                    "H" => h,
+                    "W" => w,
+                    "K" => k,
+                    "⌊H/4⌋" => h / 4,
+                    "⌊W/4⌋" => w / 4,
+                    n => n
+                        .parse()
+                        .unwrap_or_else(|e| panic!("{cell:?}: factor {n:?}: {e}")),
+                })
+                .product()
+        })
+        .collect()
+}
+
+#[test]
+fn model_tables_match_param_specs_and_blob_lengths() {
+    let text = doc();
+    let rows = table(&text, "| model | tensor |");
+    let mut by_model: BTreeMap<String, Vec<&Vec<String>>> = BTreeMap::new();
+    for row in &rows {
+        by_model
+            .entry(code(&row[0]).to_string())
+            .or_default()
+            .push(row);
+    }
+    let names: BTreeSet<&str> = by_model.keys().map(String::as_str).collect();
+    assert_eq!(names, ModelKind::NAMES.into_iter().collect());
+    // Column → (sample shape, classes); the last is an odd shape for the general column.
+    let shapes: [([usize; 3], usize); 3] = [([1, 28, 28], 10), ([3, 32, 32], 10), ([2, 9, 13], 7)];
+    for kind in ModelKind::ALL {
+        let rows = &by_model[kind.name()];
+        for (col, (sample, classes)) in shapes.iter().enumerate() {
+            let specs = kind
+                .param_specs(sample, *classes)
+                .unwrap_or_else(|e| panic!("{kind}: {e}"));
+            let want: Vec<(String, Vec<usize>)> =
+                specs.into_iter().map(|s| (s.name, s.shape)).collect();
+            let got: Vec<(String, Vec<usize>)> = rows
+                .iter()
+                .map(|r| {
+                    let [c, h, w] = *sample;
+                    let s = if col < 2 {
+                        shape(&r[2 + col])
+                    } else {
+                        general_shape(&r[4], c, h, w, *classes)
+                    };
+                    (code(&r[1]).to_string(), s)
+                })
+                .collect();
+            assert_eq!(got, want, "{kind}, sample {sample:?}, {classes} classes");
+        }
+    }
+    let sizes = table(&text, "| model | parameters, MNIST |");
+    assert_eq!(sizes.len(), ModelKind::ALL.len());
+    for row in &sizes {
+        let kind: ModelKind = code(&row[0]).parse().expect("model name");
+        for (i, sample) in [[1, 28, 28], [3, 32, 32]].iter().enumerate() {
+            let params = init_params(kind, sample, 10, 0).expect("init");
+            let n: usize = params.iter().map(|t| t.len()).sum();
+            let len = params.to_safetensors_bytes().len();
+            let cell = |j: usize| -> usize { row[j].parse().expect("number") };
+            assert_eq!(cell(1 + 2 * i), n, "{kind} {sample:?}: parameters");
+            assert_eq!(cell(2 + 2 * i), len, "{kind} {sample:?}: blob bytes");
+        }
+    }
+}
+
+#[test]
+fn data_set_table_matches_data_kinds() {
+    let text = doc();
+    let rows = table(&text, "| data set");
+    let mut seen = BTreeSet::new();
+    for row in &rows {
+        let kind: DatasetKind = code(&row[0]).parse().expect("data set name");
+        assert_eq!(code(&row[0]), kind.name(), "the page uses FedML's names");
+        assert_eq!(shape(&row[1]), kind.sample_shape().to_vec(), "{kind}");
+        assert_eq!(
+            row[2].parse::<usize>().ok(),
+            Some(kind.num_classes()),
+            "{kind}"
+        );
+        let floats = |cell: &str| -> Vec<f32> {
+            code(cell)
+                .split(',')
+                .map(|x| x.trim().parse().expect("number"))
+                .collect()
+        };
+        assert_eq!(floats(&row[3]), kind.mean(), "{kind}: mean");
+        assert_eq!(floats(&row[4]), kind.std(), "{kind}: std");
+        seen.insert(kind.name());
+    }
+    assert_eq!(
+        seen,
+        DatasetKind::ALL
+            .into_iter()
+            .map(DatasetKind::name)
+            .collect()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test vectors
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn identities_derive_as_stated() {
+    let ids = vector_fields("#### Identities");
+    let k = keys();
+    for (who, id) in [(CLIENT, &k.client), ("server", &k.server)] {
+        let seed = hex32(&ids, &format!("{who} seed"));
+        assert_eq!(id.public_hex(), field(&ids, &format!("{who} public key")));
+        let sk = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let scalar = hex32(&ids, &format!("{who} x25519 secret"));
+        assert_eq!(sk.to_scalar_bytes(), scalar, "{who}: SHA-512(seed)[0..32]");
+        let x_pub = hex32(&ids, &format!("{who} x25519 public"));
+        assert_eq!(sk.verifying_key().to_montgomery().to_bytes(), x_pub);
+        assert_eq!(MontgomeryPoint::mul_base_clamped(scalar).to_bytes(), x_pub);
+        // Key files as `fedmq keys` writes them: 64 hex digits and a newline.
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (key_file, pub_file) = id.save(dir.path()).expect("save");
+        assert_eq!(
+            std::fs::read_to_string(key_file).expect("read"),
+            format!("{}\n", hex::encode(seed))
+        );
+        assert_eq!(
+            std::fs::read_to_string(pub_file).expect("read"),
+            format!("{}\n", field(&ids, &format!("{who} public key")))
+        );
+    }
+    assert_eq!(
+        k.ring.ids().collect::<Vec<_>>(),
+        vec![CLIENT, "server"],
+        "a keyring is the .pub files of a directory"
+    );
+}
+
+/// Vector A's payload: the block's lines joined by `\n`.
+fn vector_a() -> Vec<u8> {
+    let text = section(&doc(), "## Test vectors");
+    let sec = section(&text, "#### A. A signed message");
+    let b = blocks(&sec)
+        .into_iter()
+        .find(|b| b.lang == "text")
+        .expect("vector A block");
+    b.body.into_bytes()
+}
+
+#[test]
+fn vector_a_verifies_and_the_rust_signer_writes_the_same_bytes() {
+    let payload = vector_a();
+    let k = keys();
+    let (json, sig) = identity::split_signed(&payload);
+    assert_eq!(
+        sig.map(<[u8]>::len),
+        Some(128),
+        "JSON, newline, 128 hex digits"
+    );
+    assert_eq!(payload[json.len()], b'\n');
+    assert_eq!(
+        k.client.seal(json.to_vec()),
+        payload,
+        "Ed25519 is deterministic"
+    );
+    k.ring.verify(CLIENT, &payload).expect("signature verifies");
+    assert!(matches!(
+        k.ring.verify("server", &payload),
+        Err(IdentityError::BadSignature(_))
+    ));
+    let mut altered = payload.clone();
+    altered[10] ^= 1;
+    assert!(k.ring.verify(CLIENT, &altered).is_err());
+
+    let env = proto::decode(&payload).expect("a signed message decodes");
+    assert!(matches!(env.body, Body::Update(_)));
+    assert_eq!(env.from, CLIENT);
+    assert_eq!(proto::encode(&env), json, "what fedmq's encoder writes");
+    let topics = Topics::new(RUN);
+    let incoming = Incoming {
+        topic: topics.up(CLIENT),
+        payload: Bytes::from(payload.clone()),
+        retained: false,
+    };
+    let (_, checked) = incoming.decode(&topics).expect("valid on its topic");
+    // Retained or not, the signature checks out (the live age check is the clock's business).
+    k.ring
+        .check_message(&payload, true, &checked)
+        .expect("signed by client-3");
+}
+
+fn vector_a_update() -> BlobRef {
+    match proto::decode(&vector_a()).expect("vector A").body {
+        Body::Update(u) => u.update,
+        other => panic!("vector A is not an update: {other:?}"),
+    }
+}
+
+#[test]
+fn vector_b_opens_for_the_server_only() {
+    let f = vector_fields("#### B. A sealed update, wrapped to the server");
+    let ids = vector_fields("#### Identities");
+    let k = keys();
+    let key = field(&f, "object key");
+    let sealed = hex_field(&f, "sealed");
+    let plain = hex_field(&f, "plaintext");
+    let blob = vector_a_update();
+    assert_eq!(blob.key, key);
+    assert_eq!(blob.len as usize, sealed.len());
+    assert_eq!(
+        field(&f, "sealed length").parse::<usize>().ok(),
+        Some(sealed.len())
+    );
+    assert_eq!(sha256_hex(&sealed), field(&f, "sealed sha256"));
+    assert_eq!(blob.sha256, field(&f, "sealed sha256"));
+    assert_eq!(blob.wrapped_key.as_deref(), Some(field(&f, "wrapped key")));
+    assert_eq!(seal::sealed_len(plain.len()), sealed.len());
+
+    // fedmq opens what Python sealed and wrapped.
+    let server = crypto(&k, &k.server);
+    let opened = server
+        .open(&blob, Bytes::from(sealed.clone()))
+        .unwrap_or_else(|e| panic!("the server cannot open vector B: {e}"));
+    assert_eq!(&opened[..], &plain[..]);
+    // ... and it is the safetensors blob fedmq writes for these tensors.
+    let params = ParamSet::from_safetensors_bytes(&plain).expect("safetensors");
+    let want = ParamSet::new(vec![
+        NamedTensor::new("fc.weight", vec![1, 2], vec![1.0, -2.0]).expect("tensor"),
+        NamedTensor::new("fc.bias", vec![1], vec![0.5]).expect("tensor"),
+    ])
+    .expect("set");
+    assert_eq!(params, want);
+    assert_eq!(want.to_safetensors_bytes(), plain);
+    assert_eq!(u64::from_le_bytes(plain[..8].try_into().expect("8")), 128);
+
+    // Nobody else opens it, nor the same bytes under another key.
+    let client = crypto(&k, &k.client);
+    assert!(matches!(
+        client.open(&blob, Bytes::from(sealed.clone())),
+        Err(SealError::Unwrap { .. })
+    ));
+    let moved = BlobRef {
+        key: "fedmq/local/r000004/updates/client-4".into(),
+        ..blob.clone()
+    };
+    assert!(server.open(&moved, Bytes::from(sealed.clone())).is_err());
+
+    // The intermediate values, recomputed from the page's construction.
+    let header = &sealed[..seal::HEADER_LEN];
+    assert_eq!(&header[..8], b"fedmqSB1");
+    assert_eq!(header[8], 1, "mode 1");
+    assert_eq!(header[9], 20, "chunk_log2 20");
+    assert_eq!(&header[24..56], &hex_field(&f, "salt")[..]);
+    let ck = hex32(&f, "content key");
+    let aead_key = blob_aead_key(&ck, header, key);
+    assert_eq!(aead_key, hex32(&f, "blob aead key"));
+    assert_eq!(open_chunk(&aead_key, header, 0, true, &sealed[56..]), plain);
+    let eph = hex32(&f, "ephemeral secret");
+    let e_pub = MontgomeryPoint::mul_base_clamped(eph).to_bytes();
+    assert_eq!(e_pub, hex32(&f, "ephemeral public"));
+    let wrapped = hex_field(&f, "wrapped key");
+    assert_eq!(wrapped.len(), 80);
+    assert_eq!(&wrapped[..32], &e_pub[..], "E ‖ C");
+    let r = hex32(&f, "reader public");
+    assert_eq!(r, hex32(&ids, "server x25519 public"));
+    let shared = MontgomeryPoint(r).mul_clamped(eph).to_bytes();
+    assert_eq!(shared, hex32(&f, "shared secret"));
+    assert_eq!(
+        MontgomeryPoint(e_pub)
+            .mul_clamped(hex32(&ids, "server x25519 secret"))
+            .to_bytes(),
+        shared,
+        "the reader's side of the exchange"
+    );
+    let mut salt = e_pub.to_vec();
+    salt.extend_from_slice(&r);
+    let kek = hkdf32(&shared, &salt, &[b"fedmq/v1 key wrap", key.as_bytes()]);
+    assert_eq!(kek, hex32(&f, "kek"));
+    let chacha = LessSafeKey::new(UnboundKey::new(&aead::CHACHA20_POLY1305, &kek).expect("key"));
+    let mut c = wrapped[32..].to_vec();
+    let unwrapped = chacha
+        .open_in_place(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(key.as_bytes()),
+            &mut c,
+        )
+        .expect("C opens with the kek");
+    assert_eq!(unwrapped, &ck[..]);
+}
+
+#[test]
+fn vector_c_opens_with_the_servers_own_key() {
+    let f = vector_fields("#### C. A blob sealed with the server's own key");
+    let ids = vector_fields("#### Identities");
+    let k = keys();
+    let key = field(&f, "object key");
+    let sealed = hex_field(&f, "sealed");
+    let plain = hex_field(&f, "plaintext");
+    assert_eq!(plain, br#"{"round":4}"#);
+    let opened = crypto(&k, &k.server)
+        .open_own(key, Bytes::from(sealed.clone()))
+        .unwrap_or_else(|e| panic!("the server cannot open vector C: {e}"));
+    assert_eq!(&opened[..], &plain[..]);
+    assert!(crypto(&k, &k.client)
+        .open_own(key, Bytes::from(sealed.clone()))
+        .is_err());
+    let header = &sealed[..seal::HEADER_LEN];
+    assert_eq!(header[8], 2, "mode 2");
+    assert_eq!(&header[24..56], &hex_field(&f, "salt")[..]);
+    let aead_key = blob_aead_key(&hex32(&ids, "server seed"), header, key);
+    assert_eq!(aead_key, hex32(&f, "blob aead key"));
+    assert_eq!(open_chunk(&aead_key, header, 0, true, &sealed[56..]), plain);
+}
+
+#[test]
+fn vector_d_opens_across_two_chunks() {
+    let f = vector_fields("#### D. Two chunks, wrapped to a client");
+    let k = keys();
+    let path = Path::new(VECTORS).join("sealed-two-chunks.bin");
+    let sealed = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        field(&f, "sealed length").parse::<usize>().ok(),
+        Some(sealed.len())
+    );
+    assert_eq!(sha256_hex(&sealed), field(&f, "sealed sha256"));
+    let header = &sealed[..seal::HEADER_LEN];
+    assert_eq!(header, &hex_field(&f, "header")[..]);
+    let n: usize = field(&f, "plaintext length").parse().expect("number");
+    let plain: Vec<u8> = (0..n).map(|i| (31 * i % 251) as u8).collect();
+    let chunk = 1usize << header[9];
+    assert_eq!(chunk, 65_536);
+    assert_eq!(
+        &sealed[56 + chunk..56 + chunk + 16],
+        &hex_field(&f, "chunk 0 tag")[..]
+    );
+    assert_eq!(
+        &sealed[sealed.len() - 16..],
+        &hex_field(&f, "chunk 1 tag")[..]
+    );
+
+    let key = field(&f, "object key");
+    let blob = BlobRef {
+        key: key.to_string(),
+        len: sealed.len() as u64,
+        sha256: sha256_hex(&sealed),
+        wrapped_key: Some(field(&f, "wrapped key").to_string()),
+    };
+    blob.validate("vector D").expect("a valid blob reference");
+    let opened = crypto(&k, &k.client)
+        .open(&blob, Bytes::from(sealed.clone()))
+        .unwrap_or_else(|e| panic!("client-3 cannot open vector D: {e}"));
+    assert_eq!(&opened[..], &plain[..]);
+
+    // The page's nonces, chunk by chunk.
+    let aead_key = blob_aead_key(&hex32(&f, "content key"), header, key);
+    let c0 = &sealed[56..56 + chunk + 16];
+    let c1 = &sealed[56 + chunk + 16..];
+    assert_eq!(open_chunk(&aead_key, header, 0, false, c0), &plain[..chunk]);
+    assert_eq!(open_chunk(&aead_key, header, 1, true, c1), &plain[chunk..]);
+    let eph = hex32(&f, "ephemeral secret");
+    assert_eq!(
+        &hex_field(&f, "wrapped key")[..32],
+        &MontgomeryPoint::mul_base_clamped(eph).to_bytes()[..]
+    );
+}
