@@ -374,3 +374,182 @@ fn selection_is_seeded() {
     };
     assert_eq!(run(), run());
 }
+
+/// Announces an update of `client` for `round` with the given key and claim; returns the actions.
+fn notice(h: &mut Harness, client: &str, round: u64, key: &str, samples: u64) -> Vec<Action> {
+    h.ev(Event::UpdateReady {
+        client: client.into(),
+        round,
+        blob: blob(key),
+        num_samples: samples,
+        metrics: TrainMetrics::default(),
+    })
+}
+
+fn failure_of<'a>(s: &'a RoundSummary, client: &str) -> Option<&'a FailureReason> {
+    s.failures
+        .iter()
+        .find(|f| f.client == client)
+        .map(|f| &f.reason)
+}
+
+#[test]
+fn an_update_key_outside_the_run_or_of_another_client_is_refused() {
+    let mut c = cfg(1, 3);
+    c.quorum = 0.3;
+    let mut h = Harness::new(c);
+    h.online(&["a", "b", "c"]);
+    h.upload(1);
+    // A key outside the run's prefix, and b pointing at c's object: neither is fetched.
+    let acts = notice(&mut h, "a", 1, "outside/evil", 10);
+    assert!(
+        !acts.iter().any(|a| matches!(a, Action::FetchUpdate { .. })),
+        "{acts:?}"
+    );
+    let acts = notice(&mut h, "b", 1, "p/run/r000001/updates/c", 10);
+    assert!(
+        !acts.iter().any(|a| matches!(a, Action::FetchUpdate { .. })),
+        "{acts:?}"
+    );
+    // A key of the right client but another round is refused too.
+    let acts = h.report("c", 1, 2.0, 10);
+    let s = closed(&acts).expect("c completes the round");
+    assert_eq!(s.participants, vec!["c"]);
+    for who in ["a", "b"] {
+        match failure_of(s, who) {
+            Some(FailureReason::BadUpdate(why)) => {
+                assert!(why.contains("not its own update key"), "{why}")
+            }
+            other => panic!("{who}: {other:?}"),
+        }
+    }
+    assert_eq!(h.m.global().get("w").unwrap().data(), &[2.0, 4.0]);
+}
+
+#[test]
+fn a_key_of_the_wrong_round_is_refused() {
+    let mut h = Harness::new(cfg(2, 1));
+    h.online(&["a"]);
+    h.upload(1);
+    let acts = notice(&mut h, "a", 1, "p/run/r000002/updates/a", 10);
+    assert!(!acts.iter().any(|a| matches!(a, Action::FetchUpdate { .. })));
+}
+
+#[test]
+fn a_sample_claim_above_the_announced_count_is_clipped() {
+    let mut h = Harness::new(cfg(1, 2));
+    for (id, samples) in [("honest", 100), ("liar", 100)] {
+        h.ev(Event::ClientOnline {
+            client: id.into(),
+            capabilities: Some(caps(samples)),
+        });
+    }
+    h.upload(1);
+    h.report("honest", 1, 1.0, 100);
+    // Claims 1000 samples; weighted as 100 (what it announced), so the mean is 2.0, not ~2.8.
+    let acts = h.report("liar", 1, 3.0, 1_000);
+    let s = closed(&acts).unwrap();
+    assert_eq!(s.num_samples, 200);
+    assert_eq!(h.m.global().get("w").unwrap().data(), &[2.0, 4.0]);
+}
+
+#[test]
+fn uniform_weighting_ignores_sample_counts() {
+    let mut c = cfg(1, 2);
+    c.weighting = Weighting::Uniform;
+    let mut h = Harness::new(c);
+    h.online(&["a", "b"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 10);
+    let acts = h.report("b", 1, 4.0, 9_000);
+    assert!(closed(&acts).is_some());
+    assert_eq!(h.m.global().get("w").unwrap().data(), &[2.5, 5.0]);
+}
+
+#[test]
+fn sample_weighting_refuses_a_client_that_announced_no_capabilities() {
+    let mut c = cfg(1, 2);
+    c.quorum = 0.5;
+    let mut h = Harness::new(c);
+    h.online(&["a"]);
+    h.ev(Event::ClientOnline {
+        client: "anon".into(),
+        capabilities: None,
+    });
+    h.upload(1);
+    h.report("a", 1, 1.0, 10);
+    let acts = notice(&mut h, "anon", 1, "p/run/r000001/updates/anon", 10);
+    let s = closed(&acts).expect("anon's refusal closes the round");
+    match failure_of(s, "anon") {
+        Some(FailureReason::BadUpdate(why)) => assert!(why.contains("capabilities"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_second_notice_is_ignored_and_the_first_counts() {
+    let mut h = Harness::new(cfg(1, 2));
+    h.online(&["a", "b"]);
+    h.upload(1);
+    // The first notice is being fetched when a second one (another id) arrives.
+    let first = notice(&mut h, "a", 1, "p/run/r000001/updates/a", 10);
+    assert!(matches!(first[..], [Action::FetchUpdate { .. }]));
+    assert!(notice(&mut h, "a", 1, "p/run/r000001/updates/a", 50).is_empty());
+    assert!(notice(&mut h, "a", 1, "outside/x", 50).is_empty());
+    h.ev(Event::UpdateFetched {
+        client: "a".into(),
+        round: 1,
+        blob: params(1.0).to_safetensors_bytes().into(),
+    });
+    let acts = h.report("b", 1, 1.0, 10);
+    assert_eq!(closed(&acts).unwrap().num_samples, 20);
+}
+
+#[test]
+fn an_update_announced_before_a_resumed_round_starts_is_kept() {
+    // A restarted server resumes after round 1; a client's re-announced update for round 2
+    // reaches it before the round opens (the broker delivers queued messages at once).
+    let mut h = Harness::new(cfg(2, 2));
+    h.m.resume(1, params(1.0));
+    assert!(notice(&mut h, "a", 2, "p/run/r000002/updates/a", 10).is_empty());
+    // A notice of another round is not kept.
+    assert!(notice(&mut h, "b", 3, "p/run/r000003/updates/b", 10).is_empty());
+    h.online(&["a", "b"]);
+    let acts = h.ev(Event::GlobalUploaded {
+        round: 2,
+        blob: blob("p/run/r000002/global"),
+    });
+    let fetches: Vec<&str> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::FetchUpdate { client, .. } => Some(client.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fetches, vec!["a"]);
+}
+
+#[test]
+fn the_abort_names_the_cause_before_the_resend() {
+    let mut c = cfg(1, 2);
+    c.quorum = 1.0;
+    let mut h = Harness::new(c);
+    h.online(&["a", "b"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 10);
+    let acts = h.ev(Event::ClientFailed {
+        client: "b".into(),
+        round: 1,
+        reason: "uploading the update failed: store unreachable".into(),
+    });
+    assert!(trains(&acts).is_empty(), "b may still come back before the deadline");
+    // At the deadline the round is re-sent to b, which then stays silent.
+    assert_eq!(trains(&h.advance(10 * SEC)), vec!["b"]);
+    let acts = h.advance(10 * SEC);
+    match acts.last() {
+        Some(Action::Finish(Outcome::Aborted(msg))) => {
+            assert!(msg.contains("store unreachable"), "{msg}");
+        }
+        other => panic!("expected abort, got {other:?}"),
+    }
+}
