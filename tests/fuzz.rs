@@ -48,6 +48,7 @@ fn corpus(server: &Identity, client: &Identity) -> Vec<(String, Vec<u8>)> {
                         samples: 6000,
                         version: "0.1.0".into(),
                     }),
+                    announce_window_ms: None,
                 }),
             ),
         ),

@@ -7,9 +7,22 @@
 //!
 //! # Commands
 //! - `train` for round `r`: ignored when it is a duplicate (same id), when round `r` is being
-//!   trained or was already trained (an update already sent is announced again instead, so a
-//!   lost notice can be recovered by the server's re-send), when `r` is older than the last round
-//!   seen, or when its deadline has passed. A newer round interrupts the round in progress.
+//!   trained, when `r` is older than the last round seen, or when its deadline has passed. When
+//!   round `r` was already trained, the update already sent is announced again instead (never
+//!   trained twice), so a lost notice is recovered by the server's re-send; when round `r`
+//!   failed here (the store was down, say), a re-sent command trains it again. A newer round
+//!   interrupts the round in progress.
+//! - The server's `status` online with an id not seen before, after a first one (a server that
+//!   restarted, or reconnected after a broker restart): the client announces itself again and
+//!   re-announces its latest update when that is for the latest round it was asked to train,
+//!   after a random delay within the status' `announce_window_ms`, so a server that lost
+//!   track (a broker that dropped messages, a restarted server whose broker keeps its old
+//!   subscription) learns who is there and what they sent without waiting for a deadline.
+//!
+//! # Store outages
+//! Fetching the global model and storing the update are retried with back-off across transient
+//! store errors until the round's deadline ([`crate::store::retry::until`]): a store that
+//! restarts mid-round delays the round, it does not fail it.
 //! - `finish`: the client interrupts any work, publishes its offline status and exits. A finish
 //!   kept retained by the broker from an earlier run (sent before this client started) is
 //!   ignored.
@@ -24,7 +37,7 @@ use crate::proto::{
 };
 use crate::seal::BlobCrypto;
 use crate::server::SERVER_ID;
-use crate::store::BlobStore;
+use crate::store::{self, BlobStore};
 use crate::tensor::ParamSet;
 use crate::transport::{
     ConnState, Dedup, Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
@@ -32,6 +45,7 @@ use crate::transport::{
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use rand::Rng;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -109,7 +123,7 @@ pub async fn run_client(
     let started_ms = proto::now_ms();
     let topics = Topics::new(&opts.run);
     let mut mqtt = mqtt;
-    mqtt.client_id = opts.id.clone();
+    mqtt.client_id = topics.mqtt_client_id(&opts.id);
     mqtt.subscriptions = vec![topics.command(&opts.id), topics.status(SERVER_ID)];
     mqtt.presence = Some(PresenceMessages::status(
         &opts.run,
@@ -135,6 +149,9 @@ pub async fn run_client(
     let mut last_round = 0u64;
     let mut last_update: Option<Envelope> = None;
     let mut rounds_reported = 0u64;
+    // Whether a server online status was seen yet: the first one (often retained from before
+    // this client started) needs no re-announcement, the client has just announced itself.
+    let mut seen_server = false;
 
     let (reason, final_model) = loop {
         tokio::select! {
@@ -157,6 +174,34 @@ pub async fn run_client(
                 };
                 match on_command(&m, &topics, &mut dedup, started_ms, opts.keyring.as_deref()) {
                     Command::Ignore => {}
+                    Command::ServerOnline { window } => {
+                        if !std::mem::replace(&mut seen_server, true) {
+                            continue;
+                        }
+                        // The latest update, unless a round is in progress (its update will be
+                        // announced when done) or a newer round was asked for.
+                        let update = last_update
+                            .as_ref()
+                            .filter(|e| current.is_none() && e.round == last_round)
+                            .cloned();
+                        info!(
+                            client = %opts.id,
+                            update_round = update.as_ref().map(|e| e.round),
+                            "the server (re)connected; announcing this client again"
+                        );
+                        let handle = handle.clone();
+                        let up = topics.up(&opts.id);
+                        let delay = Duration::from_millis(rand::rng().random_range(0..=window));
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            if let Err(e) = handle.announce().await {
+                                debug!("re-announcement not sent: {e}");
+                            }
+                            if let Some(env) = update {
+                                publish(&handle, &up, &env).await;
+                            }
+                        });
+                    }
                     Command::Finish { reason, final_model } => break (reason, final_model),
                     Command::Train { round, id, train } => {
                         if round < last_round
@@ -167,14 +212,14 @@ pub async fn run_client(
                         }
                         if round == last_round && current.is_none() {
                             // Trained already: announce the same update again (the server
-                            // drops it if it has it), never train twice.
+                            // drops it if it has it), never train twice. A round that failed
+                            // here is trained again (below).
                             if let Some(env) = last_update.as_ref().filter(|e| e.round == round) {
                                 info!(client = %opts.id, round, "round already trained; update announced again");
                                 publish(&handle, &topics.up(&opts.id), env).await;
-                            } else {
-                                info!(client = %opts.id, round, "round already handled; command ignored");
+                                continue;
                             }
-                            continue;
+                            info!(client = %opts.id, round, "round re-sent after a failure here; training it again");
                         }
                         if train.deadline_ms <= proto::now_ms() {
                             info!(client = %opts.id, round, "train command past its deadline ignored");
@@ -223,6 +268,10 @@ pub async fn run_client(
 
 enum Command {
     Ignore,
+    /// The server's online status, with a new id: it asks to be told who is there.
+    ServerOnline {
+        window: u64,
+    },
     Train {
         round: u64,
         id: String,
@@ -261,7 +310,12 @@ fn on_command(
     match (kind, env.body) {
         (TopicKind::Status(_), Body::Status(s)) => {
             info!(state = ?s.state, "server status");
-            Command::Ignore
+            match (s.state, s.role) {
+                (proto::Presence::Online, Role::Server) => Command::ServerOnline {
+                    window: s.announce_window_ms.unwrap_or(0).min(MAX_ANNOUNCE_WINDOW_MS),
+                },
+                _ => Command::Ignore,
+            }
         }
         (TopicKind::Command(_), Body::Train(t)) => Command::Train {
             round: env.round,
@@ -290,6 +344,10 @@ async fn publish(handle: &MqttHandle, topic: &str, env: &Envelope) {
         warn!(%topic, "publish failed: {e}");
     }
 }
+
+/// Longest delay before a re-announcement, whatever the server asks (a bound on how long a
+/// forged or mistaken window can keep a client quiet).
+const MAX_ANNOUNCE_WINDOW_MS: u64 = 60_000;
 
 /// What one round's task needs.
 struct JobCtx {
@@ -323,7 +381,7 @@ impl JobCtx {
                     round,
                     &self.id,
                     Body::Failure(Failure {
-                        reason: truncate(&reason, 2000),
+                        reason: proto::clip_text(&reason),
                     }),
                 );
                 publish(&self.handle, &self.up_topic, &env).await;
@@ -338,9 +396,11 @@ impl JobCtx {
         train: &Train,
         interrupt: &Arc<AtomicBool>,
     ) -> Result<Update, String> {
-        let bytes = self
-            .store
-            .get(&train.global)
+        // Store operations are retried across an outage until the round's deadline.
+        let left = train.deadline_ms.saturating_sub(proto::now_ms());
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(left);
+        let what = format!("{}: fetching the global model of round {round}", self.id);
+        let bytes = store::retry::until(&what, deadline, || self.store.get(&train.global))
             .await
             .map_err(|e| format!("fetching the global model: {e}"))?;
         let crypto = self.crypto.clone();
@@ -382,6 +442,12 @@ impl JobCtx {
                 .await
                 .map_err(|e| format!("training task failed: {e}"))??;
         drop(_permit);
+        if !metrics.train_loss.is_finite() {
+            return Err(format!(
+                "training diverged (train loss {}); lower train_args.learning_rate",
+                metrics.train_loss
+            ));
+        }
         let key = self.keys.update(round, &self.id);
         let crypto = self.crypto.clone();
         let sealed_key = key.clone();
@@ -397,9 +463,9 @@ impl JobCtx {
         })
         .await
         .map_err(|e| format!("encoding task failed: {e}"))?;
-        let mut blob = self
-            .store
-            .put(&key, Bytes::from(bytes))
+        let bytes = Bytes::from(bytes);
+        let what = format!("{}: storing the update of round {round}", self.id);
+        let mut blob = store::retry::until(&what, deadline, || self.store.put(&key, bytes.clone()))
             .await
             .map_err(|e| format!("storing the update: {e}"))?;
         if let (Some(c), Some(ck)) = (&self.crypto, &content_key) {
@@ -413,15 +479,4 @@ impl JobCtx {
             metrics,
         })
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }

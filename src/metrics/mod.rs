@@ -56,7 +56,7 @@ pub use table::summary_table;
 
 use serde::Deserialize;
 use std::fmt::Write as _;
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -181,6 +181,58 @@ impl MetricsWriter {
             jsonl,
             csv,
             records: Vec::new(),
+        })
+    }
+
+    /// Opens the files of a run resumed after round `up_to`: the records of rounds up to `up_to`
+    /// are kept as they are, anything after them (rounds the checkpoint does not cover, a line
+    /// cut short by a crash) is cut off, and new rounds are appended. `metrics.csv` is rewritten
+    /// from the kept records. Without an earlier `metrics.jsonl` this is [`MetricsWriter::create`].
+    pub fn resume(dir: &Path, up_to: u64) -> Result<Self, MetricsError> {
+        let jsonl_path = dir.join(JSONL_FILE);
+        let text = match std::fs::read(&jsonl_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Self::create(dir),
+            Err(e) => return Err(MetricsError::io(&jsonl_path)(e)),
+        };
+        let mut records = Vec::new();
+        let mut keep = 0;
+        for line in text.split_inclusive(|b| *b == b'\n') {
+            if !line.ends_with(b"\n") {
+                break; // cut short by a crash
+            }
+            let body = &line[..line.len() - 1];
+            if body.iter().all(u8::is_ascii_whitespace) {
+                keep += line.len();
+                continue;
+            }
+            match serde_json::from_slice::<RoundRecord>(body) {
+                Ok(r) if r.round <= up_to && records.last().is_none_or(|l: &RoundRecord| l.round < r.round) => {
+                    records.push(r);
+                    keep += line.len();
+                }
+                _ => break,
+            }
+        }
+        let jsonl = OpenOptions::new()
+            .append(true)
+            .open(&jsonl_path)
+            .and_then(|f| f.set_len(keep as u64).map(|()| f))
+            .map_err(MetricsError::io(&jsonl_path))?;
+        let csv_path = dir.join(CSV_FILE);
+        let mut csv = File::create(&csv_path).map_err(MetricsError::io(&csv_path))?;
+        let mut table = format!("{CSV_HEADER}\n");
+        for r in &records {
+            table.push_str(&csv_row(r));
+        }
+        write_flushed(&mut csv, table.as_bytes()).map_err(MetricsError::io(&csv_path))?;
+        Ok(MetricsWriter {
+            dir: dir.to_path_buf(),
+            jsonl_path,
+            csv_path,
+            jsonl,
+            csv,
+            records,
         })
     }
 

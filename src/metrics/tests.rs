@@ -31,6 +31,48 @@ fn run(n: u64, every: u64) -> Vec<RoundRecord> {
 // ---- writer, JSONL, CSV ----
 
 #[test]
+fn resume_keeps_the_checkpointed_rounds_and_appends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut w = MetricsWriter::create(dir).unwrap();
+    let rs = run(3, 1);
+    for r in &rs {
+        w.record(r).unwrap();
+    }
+    drop(w);
+    // A crash cut a line short after round 3.
+    let jsonl = dir.join(JSONL_FILE);
+    let mut f = OpenOptions::new().append(true).open(&jsonl).unwrap();
+    f.write_all(b"{\"round\":4,\"test_acc").unwrap();
+    drop(f);
+    let before = std::fs::read_to_string(&jsonl).unwrap();
+    // The checkpoint covers round 2: round 3 (after it) and the broken line go.
+    let mut w = MetricsWriter::resume(dir, 2).unwrap();
+    assert_eq!(w.records(), &rs[..2]);
+    let mut r3 = record(3, Some(0.9));
+    r3.elapsed_s = 99.0;
+    w.record(&r3).unwrap();
+    let after = std::fs::read_to_string(&jsonl).unwrap();
+    let kept: String = before.split_inclusive('\n').take(2).collect();
+    assert!(after.starts_with(&kept), "earlier rounds kept byte for byte");
+    assert_eq!(read_jsonl(&jsonl).unwrap(), vec![rs[0].clone(), rs[1].clone(), r3]);
+    let csv = std::fs::read_to_string(dir.join(CSV_FILE)).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(csv.lines().nth(3).unwrap().starts_with("3,0.9,"), "{csv}");
+}
+
+#[test]
+fn resume_without_earlier_files_creates_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let w = MetricsWriter::resume(tmp.path(), 5).unwrap();
+    assert!(w.records().is_empty());
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join(CSV_FILE)).unwrap(),
+        format!("{CSV_HEADER}\n")
+    );
+}
+
+#[test]
 fn writer_round_trips_through_read_jsonl() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("runs").join("r1"); // parents are created

@@ -98,6 +98,11 @@ pub struct Status {
     /// What the participant can do (clients, when online).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capabilities: Option<Capabilities>,
+    /// The server, when online: clients that see this status with an id they have not seen
+    /// before (a server that restarted or reconnected) announce themselves again, each after a
+    /// random delay in `[0, announce_window_ms]`, and re-announce their latest update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce_window_ms: Option<u64>,
 }
 
 /// What a client brings to the federation.
@@ -310,10 +315,33 @@ impl BlobRef {
     }
 }
 
+/// Longest free text (reasons, names) a message may carry, in bytes.
+pub const MAX_TEXT_BYTES: usize = 1024;
+
+/// `s` made fit for a free-text field: control characters (newlines of a multi-line error)
+/// become spaces, and text beyond [`MAX_TEXT_BYTES`] is cut at a character boundary and marked
+/// with `…`.
+pub fn clip_text(s: &str) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.len() <= MAX_TEXT_BYTES {
+        return clean;
+    }
+    let mut end = MAX_TEXT_BYTES - '…'.len_utf8();
+    while !clean.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &clean[..end])
+}
+
 /// Free text in messages is short and printable.
 fn check_text(name: &str, s: &str) -> Result<(), String> {
-    if s.len() > 1024 || s.chars().any(|c| c.is_control()) {
-        return Err(format!("{name} must be at most 1024 printable characters"));
+    if s.len() > MAX_TEXT_BYTES || s.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "{name} must be at most {MAX_TEXT_BYTES} bytes of printable characters"
+        ));
     }
     Ok(())
 }

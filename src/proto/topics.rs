@@ -14,6 +14,7 @@ use super::valid_id;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topics {
     root: String,
+    run: String,
 }
 
 /// What a received topic is, parsed back from its string.
@@ -32,7 +33,15 @@ impl Topics {
     pub fn new(run: &str) -> Self {
         Self {
             root: format!("fedmq/v1/{run}"),
+            run: run.to_string(),
         }
+    }
+
+    /// The MQTT client id of `participant` in this run: `fedmq-<run>-<participant>`. It keys the
+    /// broker's persistent session, so it is unique per run and participant: two runs on one
+    /// broker never take over each other's connections.
+    pub fn mqtt_client_id(&self, participant: &str) -> String {
+        format!("fedmq-{}-{participant}", self.run)
     }
 
     /// Retained presence of a participant (server or client).

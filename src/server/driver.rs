@@ -27,7 +27,7 @@ use crate::proto::{
     self, BlobKeys, BlobRef, Body, Envelope, Finish, Presence, Role, TopicKind, Topics, Train,
 };
 use crate::seal::{self, BlobCrypto, ContentKey};
-use crate::store::{BlobStore, RetentionPolicy};
+use crate::store::{self, BlobStore, RetentionPolicy};
 use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
 use crate::transport::{
@@ -48,6 +48,13 @@ use tracing::{debug, info, warn};
 const SENDER_BURST: u32 = 50;
 /// Messages a second a sender's budget refills.
 const SENDER_RATE: f64 = 5.0;
+
+/// How long clients may take to announce themselves again when the server (re)connects: 2 ms
+/// per expected client, at least 1 s and at most 10 s, so that a fleet's re-announcements are
+/// spread out rather than arriving at once.
+pub fn announce_window(expected_clients: usize) -> Duration {
+    Duration::from_millis((2 * expected_clients as u64).clamp(1_000, 10_000))
+}
 
 /// The server's participant id (`from` of its messages, its status topic).
 pub const SERVER_ID: &str = "server";
@@ -297,14 +304,12 @@ pub async fn run_server(
     let started = Instant::now();
     let topics = Topics::new(&opts.run);
     let mut mqtt = mqtt;
-    mqtt.client_id = SERVER_ID.to_string();
+    mqtt.client_id = topics.mqtt_client_id(SERVER_ID);
     mqtt.subscriptions = vec![topics.status_all(), topics.up_all()];
-    mqtt.presence = Some(PresenceMessages::status(
-        &opts.run,
-        SERVER_ID,
-        Role::Server,
-        None,
-    ));
+    mqtt.presence = Some(
+        PresenceMessages::status(&opts.run, SERVER_ID, Role::Server, None)
+            .with_announce_window(announce_window(opts.expected_clients.len())),
+    );
     let endpoint = format!("{}:{}", mqtt.host, mqtt.port);
     store.ensure_bucket().await?;
     // The session has its own token: after `cancel` the server still tells the clients that the
@@ -349,10 +354,21 @@ pub async fn run_server(
         checkpoint_task: None,
         global_key: None,
         budget: SenderBudget::new(SENDER_BURST, SENDER_RATE),
+        elapsed_before: 0.0,
     };
     if let Some(dir) = &driver.opts.output_dir {
-        match MetricsWriter::create(dir) {
-            Ok(w) => driver.metrics = Some(w),
+        // A resumed run appends to the metrics of the rounds its checkpoint covers.
+        let opened = match &resume_from {
+            Some(cp) => MetricsWriter::resume(dir, cp.round),
+            None => MetricsWriter::create(dir),
+        };
+        match opened {
+            Ok(w) => {
+                // Elapsed time goes on from the last recorded round.
+                let before = w.records().last().map_or(0.0, |r| r.elapsed_s);
+                driver.elapsed_before = before;
+                driver.metrics = Some(w);
+            }
             Err(e) => warn!("metrics will not be written: {e}"),
         }
     }
@@ -475,6 +491,8 @@ struct Driver {
     global_key: Option<(u64, Arc<ContentKey>)>,
     /// Message budgets per sender.
     budget: SenderBudget,
+    /// Seconds the run had taken before this server resumed it (from its metrics).
+    elapsed_before: f64,
 }
 
 impl Driver {
@@ -676,6 +694,8 @@ impl Driver {
                 let crypto = self.opts.crypto.clone();
                 let content_key = crypto.as_ref().map(|_| Arc::new(ContentKey::generate()));
                 self.global_key = content_key.clone().map(|k| (round, k));
+                // A store outage delays the round by up to a round's timeout before it aborts it.
+                let retry_deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
                 tokio::spawn(async move {
                     let bytes = match (crypto, content_key) {
                         (Some(c), Some(k)) => {
@@ -687,10 +707,13 @@ impl Driver {
                         _ => Ok(plain),
                     };
                     let stored = match bytes {
-                        Ok(b) => store
-                            .put(&key, Bytes::from(b))
-                            .await
-                            .map_err(|e| e.to_string()),
+                        Ok(b) => {
+                            let b = Bytes::from(b);
+                            let what = format!("storing the global model of round {round}");
+                            store::retry::until(&what, retry_deadline, || store.put(&key, b.clone()))
+                                .await
+                                .map_err(|e| e.to_string())
+                        }
                         Err(e) => Err(e),
                     };
                     let done = match stored {
@@ -757,14 +780,22 @@ impl Driver {
                 let tx = self.tasks.0.clone();
                 let slots = self.fetch_slots.clone();
                 let crypto = self.opts.crypto.clone();
+                let retry_deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
                 tokio::spawn(async move {
                     let permit = slots.acquire_owned().await.ok();
                     // A sealed update's key is wrapped to the server alone: its AEAD tags
-                    // authenticate every byte, so the SHA-256 pass is skipped.
-                    let fetched = match (&crypto, &blob.wrapped_key) {
-                        (Some(_), Some(_)) => store.get_length_checked(&blob).await,
-                        _ => store.get(&blob).await,
-                    };
+                    // authenticate every byte, so the SHA-256 pass is skipped (docs/PROTOCOL.md,
+                    // "What the server verifies").
+                    let sealed = crypto.is_some() && blob.wrapped_key.is_some();
+                    let what = format!("fetching the update of {client} for round {round}");
+                    let fetched = store::retry::until(&what, retry_deadline, || async {
+                        if sealed {
+                            store.get_length_checked(&blob).await
+                        } else {
+                            store.get(&blob).await
+                        }
+                    })
+                    .await;
                     let result = match fetched {
                         Ok(bytes) => tokio::task::spawn_blocking(move || {
                             open_blob(crypto.as_deref(), &blob, bytes)
@@ -845,7 +876,7 @@ impl Driver {
             train_loss: s.train_loss.is_finite().then_some(s.train_loss),
             round_s: s.seconds,
             eval_s,
-            elapsed_s: self.started.elapsed().as_secs_f64(),
+            elapsed_s: self.elapsed_before + self.started.elapsed().as_secs_f64(),
             bytes,
             participants: s.participants.len(),
             failures: s.failures.len(),
@@ -890,7 +921,13 @@ impl Driver {
                 }
                 None => (plain, None),
             };
-            match self.store.put(&key, Bytes::from(bytes)).await {
+            let bytes = Bytes::from(bytes);
+            let deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
+            let stored = store::retry::until("storing the final model", deadline, || {
+                self.store.put(&key, bytes.clone())
+            })
+            .await;
+            match stored {
                 Ok(blob) => {
                     self.write_checkpoint(&blob, content_key.as_ref()).await;
                     final_model = Some(blob);

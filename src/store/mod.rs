@@ -11,6 +11,7 @@
 //!   free loopback port, HTTPS with [`StoreTls`]; [`serve`], [`serve_tls`] and [`run_blocking`]
 //!   for other lifecycles.
 //! - `fast_fs.rs`: [`FastFs`], s3s-fs with faster GetObject, PutObject, UploadPart and CompleteMultipartUpload paths.
+//! - `retry.rs`: [`retry::until`], a whole operation retried across a store outage.
 //! - `bench.rs`: the put/get throughput measurement behind `fedmq bench blob`.
 //! - `error.rs`: [`Error`], with the mapping of S3 error responses to it.
 
@@ -23,6 +24,7 @@ pub mod bench;
 mod blob;
 mod error;
 mod fast_fs;
+pub mod retry;
 mod server;
 
 pub use blob::{

@@ -239,6 +239,7 @@ impl PresenceMessages {
                     state,
                     role,
                     capabilities,
+                    announce_window_ms: None,
                 }),
             )
         };
@@ -247,6 +248,16 @@ impl PresenceMessages {
             online: msg(Presence::Online, capabilities),
             offline: msg(Presence::Offline, None),
         }
+    }
+
+    /// The server's presence: its online status asks clients that see it anew to announce
+    /// themselves again within `window` ([`Status::announce_window_ms`]).
+    #[must_use]
+    pub fn with_announce_window(mut self, window: Duration) -> Self {
+        if let Body::Status(s) = &mut self.online.body {
+            s.announce_window_ms = Some(window.as_millis() as u64);
+        }
+        self
     }
 }
 
@@ -642,6 +653,7 @@ impl MqttSession {
         let retained = RetainedLedger::default();
         let cancel = cancel.child_token();
         let last_error = Arc::new(Mutex::new(None));
+        let handle_presence = opts.presence.clone().map(Arc::new);
 
         let driver = Driver {
             eventloop,
@@ -672,6 +684,9 @@ impl MqttSession {
             awaiting_suback: None,
             last_error: None,
             had_connack: false,
+            connected_at: None,
+            quick_drops: 0,
+            takeover_reported: false,
         };
         let task = tokio::spawn(driver.run());
         let handle = MqttHandle {
@@ -684,6 +699,7 @@ impl MqttSession {
             close_timeout: opts.close_timeout,
             last_error,
             signer: opts.signer,
+            presence: handle_presence,
         };
         Ok((handle, incoming_rx))
     }
@@ -710,6 +726,8 @@ pub struct MqttHandle {
     last_error: Arc<Mutex<Option<String>>>,
     /// Signs published messages.
     signer: Option<Arc<crate::identity::Identity>>,
+    /// The participant's presence, re-announced on request.
+    presence: Option<Arc<PresenceMessages>>,
 }
 
 impl MqttHandle {
@@ -743,6 +761,24 @@ impl MqttHandle {
             });
         }
         self.send(topic, Bytes::from(payload), retain).await
+    }
+
+    /// Publishes the participant's online presence again (retained, with a fresh id: a new
+    /// event), e.g. when a restarted server asks who is there. Does nothing without presence.
+    ///
+    /// # Errors
+    /// As [`MqttHandle::publish`].
+    pub async fn announce(&self) -> Result<(), MqttError> {
+        match &self.presence {
+            Some(p) => {
+                let payload = seal(&self.signer, &fresh(&p.online));
+                self.client
+                    .publish_bytes(p.topic.clone(), QoS::AtLeastOnce, true, Bytes::from(payload))
+                    .await
+                    .map_err(closed)
+            }
+            None => Ok(()),
+        }
     }
 
     /// Clears the retained message on `topic` (an empty retained payload) and stops
@@ -945,7 +981,19 @@ struct Driver {
     last_error: Option<String>,
     /// A CONNACK arrived since the last connection error.
     had_connack: bool,
+    /// When the latest CONNACK arrived.
+    connected_at: Option<std::time::Instant>,
+    /// Connections in a row that the broker closed within [`TAKEOVER_WINDOW`] of accepting them.
+    quick_drops: u32,
+    /// The takeover error was logged (once per session).
+    takeover_reported: bool,
 }
+
+/// A connection closed this soon after its CONNACK counts as taken over (see
+/// `Driver::on_error`).
+const TAKEOVER_WINDOW: Duration = Duration::from_secs(2);
+/// Quick drops in a row that mean another connection uses our client id.
+const TAKEOVER_DROPS: u32 = 3;
 
 impl Driver {
     async fn run(mut self) {
@@ -1023,7 +1071,13 @@ impl Driver {
     }
 
     fn on_connack(&mut self, session_present: bool) {
-        self.backoff.reset();
+        // While another connection keeps taking our client id over, the back-off keeps growing
+        // instead of restarting at 50 ms: two such sessions would otherwise fight hundreds of
+        // times a minute.
+        if self.quick_drops == 0 {
+            self.backoff.reset();
+        }
+        self.connected_at = Some(std::time::Instant::now());
         let was = *self.state.borrow();
         if was == ConnState::Disconnected {
             info!(client_id = %self.client_id, endpoint = %self.endpoint, session_present,
@@ -1106,6 +1160,24 @@ impl Driver {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(msg.clone());
         let repeated = self.last_error.as_deref() == Some(msg.as_str());
+        if self.had_connack {
+            // A broker closes an accepted connection at once when another one connects with the
+            // same client id (MQTT 3.1.1 §3.1.4): the two then take each other over forever.
+            let quick = self
+                .connected_at
+                .is_some_and(|t| t.elapsed() < TAKEOVER_WINDOW);
+            self.quick_drops = if quick { self.quick_drops + 1 } else { 0 };
+            if self.quick_drops >= TAKEOVER_DROPS && !self.takeover_reported {
+                self.takeover_reported = true;
+                tracing::error!(
+                    client_id = %self.client_id, endpoint = %self.endpoint,
+                    "the broker keeps closing this connection right after accepting it: another \
+                     process is connected with the same MQTT client id (the same participant of \
+                     the same run, common_args.run_id). Stop it, or give each run its own run_id \
+                     and each client its own rank"
+                );
+            }
+        }
         if self.had_connack {
             warn!(client_id = %self.client_id, endpoint = %self.endpoint, error = %msg,
                   "MQTT connection lost; reconnecting with back-off");

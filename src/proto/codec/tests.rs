@@ -41,6 +41,7 @@ fn samples() -> Vec<Envelope> {
                     samples: 6000,
                     version: "0.1.0".into(),
                 }),
+                announce_window_ms: None,
             }),
         ),
         Envelope::new("run-1", 1, "server", Body::Train(train)),
