@@ -359,6 +359,13 @@ pub async fn run_server_from_config(
     progress: impl FnMut(&Progress) + Send,
     cancel: CancellationToken,
 ) -> Result<ServerReport> {
+    if cfg.fedmq_args.rank != 0 {
+        bail!(
+            "the server is rank 0, but rank {} was given (--rank or fedmq_args.rank); start \
+             clients with `fedmq client --rank N`, and the server without --rank",
+            cfg.fedmq_args.rank
+        );
+    }
     require_external(cfg, "fedmq server")?;
     let (split, _) = tokio::task::block_in_place(|| load_data(cfg, true))?;
     let store = BlobStore::connect(&S3Options::from(
@@ -395,7 +402,14 @@ async fn serve(
         let cp = server::latest_checkpoint(&store, &opts.keys, opts.crypto.as_deref()).await?;
         match &cp {
             Some(c) => tracing::info!(round = c.round, "resuming after round {}", c.round),
-            None => tracing::info!("no checkpoint found; starting from round 1"),
+            None => bail!(
+                "--resume: run {:?} has no checkpoint under {} in bucket {}: nothing to resume. \
+                 Check common_args.run_id (env FEDMQ_RUN_ID), or start without --resume to begin \
+                 the run at round 1",
+                cfg.common_args.run_id,
+                opts.keys.checkpoint_prefix(),
+                store.bucket()
+            ),
         }
         cp
     } else {

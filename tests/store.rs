@@ -494,6 +494,37 @@ async fn multipart_objects_read_back_through_s3s_fs() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_objects_leave_no_side_files_behind() -> Result<()> {
+    let e = Embedded::start().await?;
+    let blobs = e.blobs().await?;
+    let side_files = || -> Result<Vec<String>> {
+        Ok(std::fs::read_dir(e.dir.path().join("data"))?
+            .filter_map(|d| d.ok())
+            .map(|d| d.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".bucket-"))
+            .collect())
+    };
+    // Single puts, a multipart put, then one delete and a prefix delete (DeleteObjects).
+    blobs.put("gone/one", random_bytes(1000)).await?;
+    blobs.put("gone/two", random_bytes(1000)).await?;
+    let big = 2 * blobs.options().part_size + 7;
+    blobs.put("gone/big", random_bytes(big)).await?;
+    blobs.put("kept", random_bytes(10)).await?;
+    let before = side_files()?.len();
+    assert!(before >= 4, "s3s-fs writes side files: {before}");
+    blobs.delete("gone/one").await?;
+    assert_eq!(blobs.delete_prefix("gone/").await?, 2);
+    let left = side_files()?;
+    let kept = format!(".object-{}", "a2VwdA"); // base64url("kept")
+    assert!(
+        left.iter().all(|n| n.contains(&kept)),
+        "only the kept object's side files remain: {left:?}"
+    );
+    assert!(!left.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_endpoint_fails_fast_with_a_hint() -> Result<()> {
     // A port nobody listens on: bind, note it, close.
     let port = std::net::TcpListener::bind("127.0.0.1:0")?

@@ -40,7 +40,7 @@ use crate::server::SERVER_ID;
 use crate::store::{self, BlobStore};
 use crate::tensor::ParamSet;
 use crate::transport::{
-    ConnState, Dedup, Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
+    Dedup, Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
 };
 use bytes::Bytes;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -93,8 +93,30 @@ pub struct ClientReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The MQTT session could not be set up or the broker was not reached.
-    #[error("MQTT: {0}")]
+    #[error(transparent)]
     Mqtt(#[from] crate::transport::MqttError),
+    /// The object store refused this client's credentials or stayed unreachable.
+    #[error(transparent)]
+    Store(#[from] crate::store::Error),
+}
+
+/// How long a starting client waits for the object store to answer.
+const STORE_CHECK: Duration = Duration::from_secs(30);
+
+/// Checks at start that the store answers and accepts this client's credentials (a listing of
+/// the run's checkpoints), so that wrong credentials fail the client at once, naming the settings,
+/// rather than its first round. A bucket that does not exist yet is fine: the server creates it.
+async fn check_store(store: &BlobStore, keys: &BlobKeys) -> Result<(), ClientError> {
+    let deadline = tokio::time::Instant::now() + STORE_CHECK;
+    let prefix = keys.checkpoint_prefix();
+    let listed = store::retry::until("checking the object store", deadline, || {
+        store.list(&prefix)
+    })
+    .await;
+    match listed {
+        Ok(_) | Err(store::Error::NoSuchBucket { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 struct Job {
@@ -131,15 +153,11 @@ pub async fn run_client(
         Role::Client,
         Some(opts.capabilities.clone()),
     ));
+    check_store(&store, &opts.keys).await?;
+    let endpoint = format!("{}:{}", mqtt.host, mqtt.port);
     let session_cancel = CancellationToken::new();
     let (handle, mut incoming) = MqttSession::connect(mqtt, session_cancel.clone())?;
-    if let Err(e) = handle
-        .wait_for(ConnState::Connected, opts.connect_timeout)
-        .await
-    {
-        handle.shutdown().await;
-        return Err(e.into());
-    }
+    handle.wait_started(&endpoint, opts.connect_timeout).await?;
     info!(client = %opts.id, samples = trainer.num_samples(), "client online");
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, JobDone)>();

@@ -31,7 +31,7 @@ use crate::store::{self, BlobStore, RetentionPolicy};
 use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
 use crate::transport::{
-    ConnState, Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
+    Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -157,10 +157,10 @@ pub struct ServerReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// The MQTT session could not be set up or the broker was not reached.
-    #[error("MQTT: {0}")]
+    #[error(transparent)]
     Mqtt(#[from] crate::transport::MqttError),
     /// The object store could not be used at start.
-    #[error("object store: {0}")]
+    #[error(transparent)]
     Store(#[from] crate::store::Error),
     /// Reading or writing a checkpoint failed.
     #[error("checkpoint: {0}")]
@@ -315,14 +315,7 @@ pub async fn run_server(
     // The session has its own token: after `cancel` the server still tells the clients that the
     // run is over, then shuts the session down itself.
     let (handle, mut incoming) = MqttSession::connect(mqtt, CancellationToken::new())?;
-    if let Err(e) = handle
-        .wait_for(ConnState::Connected, opts.connect_timeout)
-        .await
-    {
-        handle.shutdown().await;
-        warn!("broker {endpoint} not reached: {e}");
-        return Err(e.into());
-    }
+    handle.wait_started(&endpoint, opts.connect_timeout).await?;
     for c in &opts.expected_clients {
         handle.clear_retained(&topics.command(c)).await?;
     }
@@ -352,6 +345,7 @@ pub async fn run_server(
         metrics: None,
         held_permit: None,
         checkpoint_task: None,
+        cleanup_task: None,
         global_key: None,
         budget: SenderBudget::new(SENDER_BURST, SENDER_RATE),
         elapsed_before: 0.0,
@@ -487,6 +481,8 @@ struct Driver {
     held_permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The latest checkpoint write (awaited before the run returns).
     checkpoint_task: Option<tokio::task::JoinHandle<()>>,
+    /// The latest deletion of old rounds' blobs (awaited before the run returns).
+    cleanup_task: Option<tokio::task::JoinHandle<()>>,
     /// Content key of the latest global model upload (sealed federations), by round.
     global_key: Option<(u64, Arc<ContentKey>)>,
     /// Message budgets per sender.
@@ -833,11 +829,16 @@ impl Driver {
                 if keep > 0 {
                     let store = self.store.clone();
                     let keys = self.opts.keys.clone();
-                    tokio::spawn(async move {
+                    // After the previous cleanup (it is awaited before the run returns).
+                    let previous = self.cleanup_task.take();
+                    self.cleanup_task = Some(tokio::spawn(async move {
+                        if let Some(p) = previous {
+                            let _ = p.await;
+                        }
                         if let Err(e) = store.delete_rounds_before(&keys, keep).await {
                             warn!("deleting blobs of rounds before {keep}: {e}");
                         }
-                    });
+                    }));
                 }
             }
             Action::Finish(outcome) => return Some(outcome),
@@ -982,6 +983,9 @@ impl Driver {
             }
         }
         if let Some(t) = self.checkpoint_task.take() {
+            let _ = t.await;
+        }
+        if let Some(t) = self.cleanup_task.take() {
             let _ = t.await;
         }
         match &outcome {

@@ -464,6 +464,18 @@ impl FastFs {
         ))
     }
 
+    /// Removes the side files of a deleted object (those that exist).
+    async fn remove_side_files(&self, bucket: &str, key: &str) {
+        for what in ["metadata", "internal"] {
+            let path = self.side_file(bucket, key, what);
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!("embedded store: removing {}: {e}", path.display()),
+            }
+        }
+    }
+
     /// The plan for `req` if the fast path handles it; `None` (request untouched) to let s3s-fs
     /// do it.
     fn put_plan(&self, req: &mut S3Request<PutObjectInput>) -> Option<PutPlan> {
@@ -891,12 +903,48 @@ macro_rules! delegate {
 }
 
 impl S3 for FastFs {
+    // Deletes are s3s-fs's, followed by removing the object's side files, which s3s-fs 0.14.1
+    // leaves behind (two files per deleted object, forever).
+    fn delete_object<'life0, 'async_trait>(
+        &'life0 self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> BoxFut<'async_trait, DeleteObjectOutput>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
+            let out = self.inner.delete_object(req).await?;
+            self.remove_side_files(&bucket, &key).await;
+            Ok(out)
+        })
+    }
+
+    fn delete_objects<'life0, 'async_trait>(
+        &'life0 self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> BoxFut<'async_trait, DeleteObjectsOutput>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move {
+            let bucket = req.input.bucket.clone();
+            let out = self.inner.delete_objects(req).await?;
+            for d in out.output.deleted.iter().flatten() {
+                if let Some(key) = &d.key {
+                    self.remove_side_files(&bucket, key).await;
+                }
+            }
+            Ok(out)
+        })
+    }
+
     delegate! {
         create_bucket(CreateBucketInput) -> CreateBucketOutput;
         copy_object(CopyObjectInput) -> CopyObjectOutput;
         delete_bucket(DeleteBucketInput) -> DeleteBucketOutput;
-        delete_object(DeleteObjectInput) -> DeleteObjectOutput;
-        delete_objects(DeleteObjectsInput) -> DeleteObjectsOutput;
         get_bucket_location(GetBucketLocationInput) -> GetBucketLocationOutput;
         head_bucket(HeadBucketInput) -> HeadBucketOutput;
         head_object(HeadObjectInput) -> HeadObjectOutput;

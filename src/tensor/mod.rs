@@ -37,7 +37,7 @@ pub use view::{ParamsView, TensorView};
 pub enum Error {
     /// The bytes are not a valid safetensors blob (bad header, truncated data, bad offsets...).
     #[error("malformed safetensors blob: {0}")]
-    Malformed(#[source] safetensors::SafeTensorError),
+    Malformed(safetensors::SafeTensorError),
     /// A tensor in a blob or a `VarMap` has another dtype than f32.
     #[error("tensor `{name}` has dtype {dtype}; fedmq parameters are f32")]
     UnsupportedDtype {
@@ -65,8 +65,16 @@ pub enum Error {
         got: usize,
     },
     /// An operation of the candle tensor library failed (device transfer, allocation).
+    // Not `#[from]`: that would also make it the error's source, and `{:#}` would print the
+    // candle message twice.
     #[error("candle: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
 }
 
 /// Result of the parameter layer.

@@ -106,8 +106,16 @@ pub enum Error {
     #[error(transparent)]
     Tensor(#[from] crate::tensor::Error),
     /// A candle operation failed (device memory, kernel launch, shape bug).
+    // Not `#[from]`: that would also make it the error's source, and `{:#}` would print the
+    // candle message twice.
     #[error("candle: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(candle_core::Error),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
 }
 
 /// Result of the training layer.

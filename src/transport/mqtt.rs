@@ -117,6 +117,21 @@ pub enum MqttError {
         /// The unsent request.
         request: Box<Request>,
     },
+    /// The broker was not reached when the participant started.
+    #[error(
+        "the MQTT broker at {endpoint} was not reached within {after:?}{}; check \
+         comm_args.customized_training_mqtt_config.BROKER_HOST and BROKER_PORT, and that the \
+         broker is running",
+        last_error_suffix(.last_error)
+    )]
+    BrokerUnreachable {
+        /// `host:port`.
+        endpoint: String,
+        /// How long we waited.
+        after: Duration,
+        /// The last connection error.
+        last_error: Option<String>,
+    },
     /// A wait on the connection state timed out.
     #[error(
         "timed out after {after:?} waiting for the MQTT session to be {want:?} (it is {now:?}){}",
@@ -849,6 +864,31 @@ impl MqttHandle {
                 after: timeout,
                 last_error: self.last_error(),
             }),
+        }
+    }
+
+    /// Waits for the first connection of a participant that is starting, for at most `timeout`;
+    /// on failure, shuts the session down and returns [`MqttError::BrokerUnreachable`] naming
+    /// `endpoint` and the settings to check.
+    ///
+    /// # Errors
+    /// [`MqttError::BrokerUnreachable`], or [`MqttError::ClosedWhileWaiting`].
+    pub async fn wait_started(&self, endpoint: &str, timeout: Duration) -> Result<(), MqttError> {
+        match self.wait_for(ConnState::Connected, timeout).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.shutdown().await;
+                Err(match e {
+                    MqttError::Timeout {
+                        after, last_error, ..
+                    } => MqttError::BrokerUnreachable {
+                        endpoint: endpoint.to_string(),
+                        after,
+                        last_error,
+                    },
+                    other => other,
+                })
+            }
         }
     }
 
