@@ -193,16 +193,39 @@ pub fn session_options(cfg: &Config, id: &str, port: Option<u16>) -> SessionOpti
     o
 }
 
+/// `fedmq_args.signing_key` for participant `id`: `{id}` in it stands for the participant id
+/// (`server`, `client-3`), so one config serves every participant of a federation.
+pub fn signing_key_path(cfg: &Config, id: &str) -> String {
+    cfg.fedmq_args.signing_key.replace("{id}", id)
+}
+
+/// The warning a distributed participant prints when nothing proves who sent a message: no
+/// signing key and no mTLS identity. `None` when either is configured.
+pub fn unauthenticated_warning(cfg: &Config, id: &str) -> Option<String> {
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    if !cfg.fedmq_args.signing_key.is_empty() || !m.mqtt_cert_path.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "{id} runs without authentication: its messages are unsigned and it has no mTLS \
+         identity, so anyone who can publish on the broker can act as any participant (forge \
+         updates, impersonate clients, send commands). Create keys with `fedmq keys --out keys \
+         --clients N` and set fedmq_args.signing_key: \"keys/{{id}}.key\" and trusted_keys: \
+         \"keys\" (as config/fedml_config_distributed.yaml does), or give each participant a \
+         client certificate (MQTT_CERT_PATH) on a broker with an ACL"
+    ))
+}
+
 /// This participant's signing key from `fedmq_args.signing_key`, if configured.
 ///
 /// # Errors
 /// The key file is missing or malformed (the message names it).
 pub fn signer(cfg: &Config, id: &str) -> Result<Option<Arc<Identity>>> {
-    let path = &cfg.fedmq_args.signing_key;
+    let path = signing_key_path(cfg, id);
     if path.is_empty() {
         return Ok(None);
     }
-    let id = Identity::load(std::path::Path::new(path), id)
+    let id = Identity::load(std::path::Path::new(&path), id)
         .with_context(|| "fedmq_args.signing_key".to_string())?;
     Ok(Some(Arc::new(id)))
 }
@@ -314,6 +337,9 @@ pub async fn run_client_from_config(
         );
     }
     require_external(cfg, "fedmq client")?;
+    if let Some(w) = unauthenticated_warning(cfg, &client::client_id(rank)) {
+        tracing::warn!("{w}");
+    }
     let (split, part) = tokio::task::block_in_place(|| load_data(cfg, true))?;
     let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
     let kind: ModelKind = cfg.model_args.model.parse()?;
@@ -367,6 +393,9 @@ pub async fn run_server_from_config(
         );
     }
     require_external(cfg, "fedmq server")?;
+    if let Some(w) = unauthenticated_warning(cfg, server::SERVER_ID) {
+        tracing::warn!("{w}");
+    }
     let (split, _) = tokio::task::block_in_place(|| load_data(cfg, true))?;
     let store = BlobStore::connect(&S3Options::from(
         &cfg.comm_args.customized_training_s3_config,
@@ -649,4 +678,46 @@ fn random_secret() -> String {
     let mut b = [0u8; 24];
     rand::rng().fill_bytes(&mut b);
     hex::encode(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn distributed() -> Config {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/fedml_config_distributed.yaml"
+        ))
+        .unwrap();
+        serde_yaml_ng::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn a_participant_without_keys_or_certificate_is_warned_about() {
+        let mut cfg = distributed();
+        assert_eq!(unauthenticated_warning(&cfg, "server"), None, "shipped: signed");
+        cfg.fedmq_args.signing_key.clear();
+        cfg.fedmq_args.trusted_keys.clear();
+        let w = unauthenticated_warning(&cfg, "client-2").expect("unsigned: warned");
+        assert!(w.contains("client-2") && w.contains("act as any participant"), "{w}");
+        assert!(w.contains("fedmq keys"), "names the fix: {w}");
+        // An mTLS identity authenticates the participant to the broker.
+        cfg.comm_args.customized_training_mqtt_config.mqtt_cert_path = "c.pem".into();
+        assert_eq!(unauthenticated_warning(&cfg, "client-2"), None);
+    }
+
+    #[test]
+    fn the_shipped_distributed_config_signs_and_seals_with_per_participant_keys() {
+        let cfg = distributed();
+        assert_eq!(signing_key_path(&cfg, "client-7"), "keys/client-7.key");
+        assert_eq!(cfg.fedmq_args.trusted_keys, "keys");
+        assert_eq!(cfg.fedmq_args.encrypt_blobs, Some(true));
+        let dir = tempfile::tempdir().unwrap();
+        Identity::generate("client-7").save(dir.path()).unwrap();
+        let mut cfg = cfg;
+        cfg.fedmq_args.signing_key = format!("{}/{{id}}.key", dir.path().display());
+        let me = signer(&cfg, "client-7").unwrap().expect("loaded");
+        assert_eq!(me.id(), "client-7");
+    }
 }

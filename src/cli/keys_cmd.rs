@@ -11,14 +11,27 @@ pub struct KeysArgs {
     #[arg(long)]
     out: PathBuf,
     /// Participant ids, comma-separated, e.g. server,client-1,client-2.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "clients")]
     participants: Vec<String>,
+    /// A whole federation: `server` and `client-1` … `client-N` (with --participants: added to
+    /// them).
+    #[arg(long)]
+    clients: Option<usize>,
     /// Replace existing key files.
     #[arg(long)]
     force: bool,
 }
 
-pub fn run(a: KeysArgs) -> Result<()> {
+pub fn run(mut a: KeysArgs) -> Result<()> {
+    if let Some(n) = a.clients {
+        let all = std::iter::once(fedmq::server::SERVER_ID.to_string())
+            .chain((1..=n).map(fedmq::client::client_id));
+        for id in all {
+            if !a.participants.contains(&id) {
+                a.participants.push(id);
+            }
+        }
+    }
     for id in &a.participants {
         if !fedmq::proto::valid_id(id) {
             bail!(
@@ -38,8 +51,9 @@ pub fn run(a: KeysArgs) -> Result<()> {
     }
     eprintln!(
         "fedmq keys: {} key pair(s) in {}. Give each participant its <id>.key \
-         (fedmq_args.signing_key) and the directory of .pub files (fedmq_args.trusted_keys); \
-         delete a .pub file to revoke that participant.",
+         (fedmq_args.signing_key; \"{{id}}\" in it stands for the participant id) and the \
+         directory of .pub files (fedmq_args.trusted_keys); delete a .pub file to revoke that \
+         participant.",
         a.participants.len(),
         a.out.display()
     );

@@ -507,11 +507,17 @@ impl RoundMachine {
                     if let Some(t) = self.cfg.admission_timeout {
                         if now >= *since + t {
                             let online = self.online_clients().len();
+                            let setting = if self.cfg.min_clients == self.cfg.clients_per_round
+                            {
+                                "train_args.client_num_per_round"
+                            } else {
+                                "fedmq_args.min_clients"
+                            };
                             let msg = format!(
-                                    "only {online} of the {} required clients came online within \
-                                     {:?}; start more clients or lower train_args.client_num_per_round",
-                                    self.cfg.min_clients, t
-                                );
+                                "only {online} of the {} required clients came online within \
+                                 {:?}; start more clients or lower {setting}",
+                                self.cfg.min_clients, t
+                            );
                             self.finish(Outcome::Aborted(msg), &mut out);
                         }
                     }

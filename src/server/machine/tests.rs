@@ -553,3 +553,45 @@ fn the_abort_names_the_cause_before_the_resend() {
         other => panic!("expected abort, got {other:?}"),
     }
 }
+
+/// Log lines (WARN and above) emitted while `f` runs.
+fn warnings_of(f: impl FnOnce()) -> String {
+    use std::sync::{Arc, Mutex};
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    text
+}
+
+#[test]
+fn a_second_update_of_a_client_is_logged_at_warn_once_per_round() {
+    let mut h = Harness::new(cfg(1, 2));
+    h.online(&["a", "b"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 10);
+    let logs = warnings_of(|| {
+        for _ in 0..3 {
+            assert!(notice(&mut h, "a", 1, "p/run/r000001/updates/a", 10).is_empty());
+        }
+    });
+    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("second update")).collect();
+    assert_eq!(lines.len(), 1, "{logs}");
+    assert!(lines[0].contains("WARN") && lines[0].contains("client=a"), "{logs}");
+}
