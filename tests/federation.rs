@@ -746,14 +746,30 @@ fn distributed_federation_over_mosquitto_and_a_store_process() {
 /// round closes with the other clients' updates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tampered_update_is_rejected_and_the_round_completes_without_it() {
-    tampered_update_round(false).await;
+    tampered_update_round(false, Tamper::FlipByte).await;
 }
 
 /// The same with signatures and sealed blobs: the server skips the SHA-256 pass for sealed
 /// updates, and the AEAD tags catch the flipped byte instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tampered_sealed_update_is_rejected_and_the_round_completes_without_it() {
-    tampered_update_round(true).await;
+    tampered_update_round(true, Tamper::FlipByte).await;
+}
+
+/// What docs/PROTOCOL.md ("What is verified") says: a sealed update is authenticated by its AEAD
+/// tags, not by its `sha256` field. The bytes are intact and the field is wrong: accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sealed_update_is_authenticated_by_its_tags_not_its_digest() {
+    tampered_update_round(true, Tamper::WrongDigest).await;
+}
+
+/// What client-3 of [`tampered_update_round`] does to its update.
+#[derive(Clone, Copy, PartialEq)]
+enum Tamper {
+    /// Flips one byte of the stored blob after computing its reference.
+    FlipByte,
+    /// Stores the blob intact but announces a wrong SHA-256.
+    WrongDigest,
 }
 
 /// Every participant's key, all trusted by one keyring.
@@ -768,9 +784,13 @@ fn signing(ids: &[&str]) -> Signing {
     (Arc::new(ring), keys)
 }
 
-async fn tampered_update_round(sealed: bool) {
+async fn tampered_update_round(sealed: bool, tamper: Tamper) {
     let mut cfg = config(
-        if sealed { "tamper-sealed" } else { "tamper" },
+        match (sealed, tamper) {
+            (false, _) => "tamper",
+            (true, Tamper::FlipByte) => "tamper-sealed",
+            (true, Tamper::WrongDigest) => "digest-sealed",
+        },
         "lr",
         3,
         2,
@@ -824,10 +844,15 @@ async fn tampered_update_round(sealed: bool) {
             if let (Some(c), Some(k)) = (&crypto3, &ck) {
                 blob = c.wrapped_ref(&blob, k, "server").unwrap();
             }
-            let mut flipped = bytes.to_vec();
-            let i = flipped.len() / 2;
-            flipped[i] ^= 0x01;
-            store.put(&key, flipped.into()).await.unwrap();
+            match tamper {
+                Tamper::FlipByte => {
+                    let mut flipped = bytes.to_vec();
+                    let i = flipped.len() / 2;
+                    flipped[i] ^= 0x01;
+                    store.put(&key, flipped.into()).await.unwrap();
+                }
+                Tamper::WrongDigest => blob.sha256 = "00".repeat(32),
+            }
             let update = Envelope::new(
                 &env.run,
                 env.round,
@@ -847,6 +872,10 @@ async fn tampered_update_round(sealed: bool) {
     assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
     assert_eq!(report.records.len(), 2);
     for r in &report.records {
+        if tamper == Tamper::WrongDigest {
+            assert_eq!((r.participants, r.failures), (3, 0), "{r:?}");
+            continue;
+        }
         assert_eq!(r.participants, 2, "{r:?}");
         assert_eq!(r.failures, 1, "{r:?}");
         let f = &r.failed_clients[0];
