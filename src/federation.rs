@@ -696,11 +696,18 @@ mod tests {
     #[test]
     fn a_participant_without_keys_or_certificate_is_warned_about() {
         let mut cfg = distributed();
-        assert_eq!(unauthenticated_warning(&cfg, "server"), None, "shipped: signed");
+        assert_eq!(
+            unauthenticated_warning(&cfg, "server"),
+            None,
+            "shipped: signed"
+        );
         cfg.fedmq_args.signing_key.clear();
         cfg.fedmq_args.trusted_keys.clear();
         let w = unauthenticated_warning(&cfg, "client-2").expect("unsigned: warned");
-        assert!(w.contains("client-2") && w.contains("act as any participant"), "{w}");
+        assert!(
+            w.contains("client-2") && w.contains("act as any participant"),
+            "{w}"
+        );
         assert!(w.contains("fedmq keys"), "names the fix: {w}");
         // An mTLS identity authenticates the participant to the broker.
         cfg.comm_args.customized_training_mqtt_config.mqtt_cert_path = "c.pem".into();

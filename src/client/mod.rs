@@ -43,9 +43,9 @@ use crate::transport::{
     Dedup, Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
 };
 use bytes::Bytes;
+use rand::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use rand::Rng;
 use std::time::Duration;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -330,7 +330,10 @@ fn on_command(
             info!(state = ?s.state, "server status");
             match (s.state, s.role) {
                 (proto::Presence::Online, Role::Server) => Command::ServerOnline {
-                    window: s.announce_window_ms.unwrap_or(0).min(MAX_ANNOUNCE_WINDOW_MS),
+                    window: s
+                        .announce_window_ms
+                        .unwrap_or(0)
+                        .min(MAX_ANNOUNCE_WINDOW_MS),
                 },
                 _ => Command::Ignore,
             }

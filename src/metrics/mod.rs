@@ -207,7 +207,12 @@ impl MetricsWriter {
                 continue;
             }
             match serde_json::from_slice::<RoundRecord>(body) {
-                Ok(r) if r.round <= up_to && records.last().is_none_or(|l: &RoundRecord| l.round < r.round) => {
+                Ok(r)
+                    if r.round <= up_to
+                        && records
+                            .last()
+                            .is_none_or(|l: &RoundRecord| l.round < r.round) =>
+                {
                     records.push(r);
                     keep += line.len();
                 }

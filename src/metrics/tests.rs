@@ -54,8 +54,14 @@ fn resume_keeps_the_checkpointed_rounds_and_appends() {
     w.record(&r3).unwrap();
     let after = std::fs::read_to_string(&jsonl).unwrap();
     let kept: String = before.split_inclusive('\n').take(2).collect();
-    assert!(after.starts_with(&kept), "earlier rounds kept byte for byte");
-    assert_eq!(read_jsonl(&jsonl).unwrap(), vec![rs[0].clone(), rs[1].clone(), r3]);
+    assert!(
+        after.starts_with(&kept),
+        "earlier rounds kept byte for byte"
+    );
+    assert_eq!(
+        read_jsonl(&jsonl).unwrap(),
+        vec![rs[0].clone(), rs[1].clone(), r3]
+    );
     let csv = std::fs::read_to_string(dir.join(CSV_FILE)).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}");
     assert!(csv.lines().nth(3).unwrap().starts_with("3,0.9,"), "{csv}");

@@ -30,9 +30,7 @@ use crate::seal::{self, BlobCrypto, ContentKey};
 use crate::store::{self, BlobStore, RetentionPolicy};
 use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
-use crate::transport::{
-    Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
-};
+use crate::transport::{Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -706,9 +704,11 @@ impl Driver {
                         Ok(b) => {
                             let b = Bytes::from(b);
                             let what = format!("storing the global model of round {round}");
-                            store::retry::until(&what, retry_deadline, || store.put(&key, b.clone()))
-                                .await
-                                .map_err(|e| e.to_string())
+                            store::retry::until(&what, retry_deadline, || {
+                                store.put(&key, b.clone())
+                            })
+                            .await
+                            .map_err(|e| e.to_string())
                         }
                         Err(e) => Err(e),
                     };

@@ -74,7 +74,9 @@ impl std::str::FromStr for Weighting {
         match s {
             "samples" => Ok(Weighting::Samples),
             "uniform" => Ok(Weighting::Uniform),
-            other => Err(format!("unknown weighting {other:?}; use samples or uniform")),
+            other => Err(format!(
+                "unknown weighting {other:?}; use samples or uniform"
+            )),
         }
     }
 }
@@ -279,10 +281,11 @@ struct ClientEntry {
     capabilities: Option<Capabilities>,
 }
 
-/// An update announced for the round about to start (after a server restart, the clients'
-/// re-announcements may arrive before the round's train commands go out).
+/// An update notice: what a client's `update` message says. Notices for the round about to
+/// start are kept until it does (after a server restart, the clients' re-announcements may arrive
+/// before the round's train commands go out).
 #[derive(Debug)]
-struct EarlyUpdate {
+struct Notice {
     round: u64,
     blob: BlobRef,
     num_samples: u64,
@@ -301,7 +304,7 @@ pub struct RoundMachine {
     completed: u64,
     upload_started: Option<Instant>,
     /// Updates announced for round `completed + 1` before it started (first per client).
-    early: BTreeMap<String, EarlyUpdate>,
+    early: BTreeMap<String, Notice>,
 }
 
 impl RoundMachine {
@@ -439,7 +442,15 @@ impl RoundMachine {
                 blob,
                 num_samples,
                 metrics,
-            } => self.on_update_ready(client, round, blob, num_samples, metrics, now, &mut out),
+            } => {
+                let notice = Notice {
+                    round,
+                    blob,
+                    num_samples,
+                    metrics,
+                };
+                self.on_update_ready(client, notice, now, &mut out);
+            }
             Event::UpdateFetched {
                 client,
                 round,
@@ -507,8 +518,7 @@ impl RoundMachine {
                     if let Some(t) = self.cfg.admission_timeout {
                         if now >= *since + t {
                             let online = self.online_clients().len();
-                            let setting = if self.cfg.min_clients == self.cfg.clients_per_round
-                            {
+                            let setting = if self.cfg.min_clients == self.cfg.clients_per_round {
                                 "train_args.client_num_per_round"
                             } else {
                                 "fedmq_args.min_clients"
@@ -553,27 +563,29 @@ impl RoundMachine {
     fn on_update_ready(
         &mut self,
         client: String,
-        round: u64,
-        blob: BlobRef,
-        num_samples: u64,
-        metrics: TrainMetrics,
+        notice: Notice,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let Phase::Training(r) = &mut self.phase else {
+        let round = notice.round;
+        if !matches!(self.phase, Phase::Training(_)) {
             if round == self.completed + 1 && round <= self.cfg.rounds {
                 // The round this server is about to (re)start: a client's re-announcement after
                 // a server restart can arrive before the train commands. Kept for the round.
                 debug!(%client, round, "update for the next round kept until it starts");
-                self.early.entry(client).or_insert(EarlyUpdate {
-                    round,
-                    blob,
-                    num_samples,
-                    metrics,
-                });
+                self.early.entry(client).or_insert(notice);
             } else {
                 debug!(%client, round, "update outside a round ignored");
             }
+            return;
+        }
+        let Notice {
+            blob,
+            num_samples,
+            metrics,
+            ..
+        } = notice;
+        let Phase::Training(r) = &mut self.phase else {
             return;
         };
         if round != r.round {
@@ -722,7 +734,7 @@ impl RoundMachine {
         // restarted server early): taken as if they arrived now.
         for (client, u) in std::mem::take(&mut self.early) {
             if u.round == round {
-                self.on_update_ready(client, u.round, u.blob, u.num_samples, u.metrics, now, out);
+                self.on_update_ready(client, u, now, out);
             }
         }
         // No client online at all: nothing will ever arrive; let the deadline logic handle it.

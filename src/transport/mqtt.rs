@@ -788,7 +788,12 @@ impl MqttHandle {
             Some(p) => {
                 let payload = seal(&self.signer, &fresh(&p.online));
                 self.client
-                    .publish_bytes(p.topic.clone(), QoS::AtLeastOnce, true, Bytes::from(payload))
+                    .publish_bytes(
+                        p.topic.clone(),
+                        QoS::AtLeastOnce,
+                        true,
+                        Bytes::from(payload),
+                    )
                     .await
                     .map_err(closed)
             }

@@ -542,7 +542,10 @@ fn the_abort_names_the_cause_before_the_resend() {
         round: 1,
         reason: "uploading the update failed: store unreachable".into(),
     });
-    assert!(trains(&acts).is_empty(), "b may still come back before the deadline");
+    assert!(
+        trains(&acts).is_empty(),
+        "b may still come back before the deadline"
+    );
     // At the deadline the round is re-sent to b, which then stays silent.
     assert_eq!(trains(&h.advance(10 * SEC)), vec!["b"]);
     let acts = h.advance(10 * SEC);
@@ -591,7 +594,13 @@ fn a_second_update_of_a_client_is_logged_at_warn_once_per_round() {
             assert!(notice(&mut h, "a", 1, "p/run/r000001/updates/a", 10).is_empty());
         }
     });
-    let lines: Vec<&str> = logs.lines().filter(|l| l.contains("second update")).collect();
+    let lines: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("second update"))
+        .collect();
     assert_eq!(lines.len(), 1, "{logs}");
-    assert!(lines[0].contains("WARN") && lines[0].contains("client=a"), "{logs}");
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("client=a"),
+        "{logs}"
+    );
 }
