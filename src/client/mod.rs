@@ -18,14 +18,14 @@
 //!   after a random delay within the status' `announce_window_ms`, so a server that lost
 //!   track (a broker that dropped messages, a restarted server whose broker keeps its old
 //!   subscription) learns who is there and what they sent without waiting for a deadline.
+//! - `finish`: the client interrupts any work, publishes its offline status and exits. A finish
+//!   kept retained by the broker from an earlier run (sent before this client started) is
+//!   ignored.
 //!
 //! # Store outages
 //! Fetching the global model and storing the update are retried with back-off across transient
 //! store errors until the round's deadline ([`crate::store::retry::until`]): a store that
 //! restarts mid-round delays the round, it does not fail it.
-//! - `finish`: the client interrupts any work, publishes its offline status and exits. A finish
-//!   kept retained by the broker from an earlier run (sent before this client started) is
-//!   ignored.
 
 mod trainer;
 

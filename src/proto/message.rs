@@ -357,3 +357,19 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clipped_text_is_always_a_valid_reason() {
+        let long = format!("first line\nsecond\t{}", "é".repeat(2000));
+        let c = clip_text(&long);
+        assert!(c.len() <= MAX_TEXT_BYTES, "{}", c.len());
+        assert!(c.starts_with("first line second "), "{c}");
+        assert!(c.ends_with('…'));
+        check_text("reason", &c).unwrap();
+        assert_eq!(clip_text("short"), "short");
+    }
+}

@@ -937,10 +937,12 @@ impl Driver {
                 Err(e) => warn!("final model not stored: {e}"),
             }
         }
-        let reason = match &outcome {
+        // Clipped to what a message may carry: a long list of failures must not make every
+        // client drop its finish.
+        let reason = proto::clip_text(&match &outcome {
             Outcome::Completed => "completed".to_string(),
             Outcome::Aborted(r) => format!("aborted: {r}"),
-        };
+        });
         let mut clients = self.known_clients.clone();
         clients.extend(self.opts.expected_clients.iter().cloned());
         for c in &clients {
