@@ -781,7 +781,7 @@ impl Driver {
                     let permit = slots.acquire_owned().await.ok();
                     // A sealed update's key is wrapped to the server alone: its AEAD tags
                     // authenticate every byte, so the SHA-256 pass is skipped (docs/PROTOCOL.md,
-                    // "What the server verifies").
+                    // "What is verified").
                     let sealed = crypto.is_some() && blob.wrapped_key.is_some();
                     let what = format!("fetching the update of {client} for round {round}");
                     let fetched = store::retry::until(&what, retry_deadline, || async {

@@ -295,8 +295,9 @@ pub struct SessionOptions {
     pub host: String,
     /// Broker port.
     pub port: u16,
-    /// MQTT client id: the participant id (it keys the broker's persistent session, so it must
-    /// be stable across reconnects and unique among connected participants).
+    /// MQTT client id (it keys the broker's persistent session, so it must be stable across
+    /// reconnects and unique among connected participants; the server and clients use
+    /// [`Topics::mqtt_client_id`], `fedmq-<run>-<participant>`).
     pub client_id: String,
     /// User name, if the broker requires authentication.
     pub user: Option<String>,
