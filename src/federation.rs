@@ -225,8 +225,16 @@ pub fn signer(cfg: &Config, id: &str) -> Result<Option<Arc<Identity>>> {
     if path.is_empty() {
         return Ok(None);
     }
-    let id = Identity::load(std::path::Path::new(&path), id)
-        .with_context(|| "fedmq_args.signing_key".to_string())?;
+    let file = std::path::Path::new(&path);
+    let id = Identity::load(file, id).with_context(|| {
+        if file.exists() {
+            "fedmq_args.signing_key".to_string()
+        } else {
+            "fedmq_args.signing_key (create the federation's keys with `fedmq keys --out DIR \
+             --clients N`)"
+                .to_string()
+        }
+    })?;
     Ok(Some(Arc::new(id)))
 }
 

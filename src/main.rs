@@ -14,8 +14,7 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the whole context chain on one line: "what failed: why: root cause".
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli::one_line(&e));
             ExitCode::FAILURE
         }
     }

@@ -102,6 +102,24 @@ impl Cli {
     }
 }
 
+/// The whole chain of an error on one line, "what failed: why: root cause", each cause once:
+/// many errors already print their cause in their own message (`{path}: {source}`), so a cause
+/// whose text the line already holds is not repeated (`{:#}` would print it twice).
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 /// Sets up logging to stderr; `RUST_LOG` wins over `-v`. With `quiet`, the default level is one
 /// step lower (the command prints its own progress).
 pub fn init_tracing(verbose: u8, quiet: bool) {
@@ -178,5 +196,32 @@ pub fn parse_engine(s: &str) -> std::result::Result<fedmq::train::Engine, String
         "auto" | "native" => Ok(fedmq::train::Engine::Auto),
         "candle" => Ok(fedmq::train::Engine::Candle),
         other => Err(format!("unknown engine {other:?}; valid: auto, candle")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{path}: {source}")]
+    struct Io {
+        path: String,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file");
+        let e = anyhow::Error::new(Io {
+            path: "keys/a.key".into(),
+            source: io,
+        })
+        .context("fedmq_args.signing_key");
+        assert_eq!(format!("{e:#}").matches("No such file").count(), 2);
+        assert_eq!(
+            one_line(&e),
+            "fedmq_args.signing_key: keys/a.key: No such file"
+        );
     }
 }
