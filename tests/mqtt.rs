@@ -370,6 +370,106 @@ async fn control_messages_through_mosquitto() {
     control_messages(port).await;
 }
 
+/// One session floods another while that one publishes as much and reads nothing: the flooded
+/// session's publishes must all go out and its connection stay up (its driver keeps polling the
+/// network), then everything it was sent is still there to read. Before the relay, the driver
+/// waited for room in the 16-deep incoming channel, the consumer waited for room in the 16-deep
+/// request channel that only the driver drains, and both stalled until the broker dropped them.
+async fn a_flooded_session_keeps_publishing(port: u16) {
+    const N: usize = 3_000;
+    let run = run_id("flood");
+    let t = Topics::new(&run);
+    let session = |name: &str, subscriptions: Vec<String>| {
+        let mut o = SessionOptions::new("127.0.0.1", port, format!("{run}-{name}"));
+        o.subscriptions = subscriptions;
+        o.queue_capacity = 16;
+        o.keepalive = Duration::from_secs(2);
+        MqttSession::connect(o, CancellationToken::new()).expect("options")
+    };
+    let (a, mut a_rx) = session("a", vec![t.up_all()]);
+    let (b, mut b_rx) = session("b", vec![t.command("c1")]);
+    for h in [&a, &b] {
+        h.wait_for(ConnState::Connected, WAIT).await.unwrap();
+    }
+    // b reads everything a sends it, as fast as it comes.
+    let b_reader = tokio::spawn(async move {
+        let mut ids = std::collections::HashSet::new();
+        while ids.len() < N {
+            match tokio::time::timeout(Duration::from_secs(60), b_rx.recv()).await {
+                Ok(Some(m)) => {
+                    let env: Envelope = serde_json::from_slice(&m.payload).unwrap();
+                    ids.insert(env.id);
+                }
+                _ => break,
+            }
+        }
+        ids.len()
+    });
+    let (b_pub, up) = (b.clone(), t.up("c1"));
+    let flood_run = run.clone();
+    let b_flood = tokio::spawn(async move {
+        for _ in 0..N {
+            b_pub
+                .publish(&up, &update(&flood_run, 1, "c1"), false)
+                .await
+                .unwrap();
+        }
+    });
+    // a publishes N commands while nobody reads what it receives.
+    let started = std::time::Instant::now();
+    let cmd = t.command("c1");
+    let a_flood = async {
+        for i in 0..N {
+            a.publish(&cmd, &train(&run, i as u64 + 1), false)
+                .await
+                .unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), a_flood)
+        .await
+        .expect("the flooded session's publishes go out (no deadlock)");
+    tokio::time::timeout(Duration::from_secs(60), b_flood)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        a.state(),
+        ConnState::Connected,
+        "the flooded session stayed up"
+    );
+    assert_eq!(b_reader.await.unwrap(), N, "every command arrived");
+    // Now a reads its backlog: every update is there.
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < N {
+        let m = tokio::time::timeout(WAIT, a_rx.recv())
+            .await
+            .expect("the backlog is delivered")
+            .unwrap();
+        let env: Envelope = serde_json::from_slice(&m.payload).unwrap();
+        ids.insert(env.id);
+    }
+    eprintln!(
+        "{N} messages each way through a session that read nothing meanwhile: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_session_keeps_publishing_through_embedded_rumqttd() {
+    a_flooded_session_keeps_publishing(embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_session_keeps_publishing_through_mosquitto() {
+    let Some(bin) = mosquitto_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _broker = start_mosquitto(&bin, port, &dir);
+    a_flooded_session_keeps_publishing(port).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // (c) broker restart
 

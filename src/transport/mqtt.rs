@@ -2,9 +2,10 @@
 //!
 //! [`MqttSession::connect`] validates [`SessionOptions`], spawns the driver task and returns a
 //! [`MqttHandle`] plus a bounded [`mpsc::Receiver`] of [`Incoming`] publishes. The driver is the
-//! only code that touches the rumqttc [`EventLoop`]; it never blocks on anything but the network,
-//! the incoming channel (backpressure: a consumer that stops reading stalls the socket, it never
-//! loses a message) and cancellation.
+//! only code that touches the rumqttc [`EventLoop`]; it never blocks on anything but the network
+//! and cancellation. Incoming publishes reach the bounded channel through a relay task, so a slow
+//! consumer never stalls the network or the keep-alive, even while it waits to publish; beyond a
+//! bounded backlog ([`MAX_INCOMING_BACKLOG`] bytes) new publishes are shed with a warning.
 //!
 //! Wire defaults: MQTT 3.1.1, QoS 1 for every publish and subscription, persistent sessions
 //! (`clean_session = false`), a maximum packet size of [`super::DEFAULT_MAX_PACKET_SIZE`] in both
@@ -665,6 +666,21 @@ impl MqttSession {
         network.set_tcp_nodelay(opts.tcp_nodelay);
         eventloop.set_network_options(network);
         let (incoming_tx, incoming_rx) = mpsc::channel(opts.queue_capacity);
+        // The driver hands incoming publishes to a relay task and never waits for the consumer
+        // (see `Driver::forward`): the relay does the waiting.
+        let (relay_tx, mut relay_rx) = mpsc::unbounded_channel::<Incoming>();
+        let backlog = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let relay_backlog = backlog.clone();
+        tokio::spawn(async move {
+            while let Some(m) = relay_rx.recv().await {
+                let len = incoming_cost(&m);
+                let sent = incoming_tx.send(m).await;
+                relay_backlog.fetch_sub(len, std::sync::atomic::Ordering::Relaxed);
+                if sent.is_err() {
+                    break;
+                }
+            }
+        });
         let state = Arc::new(watch::Sender::new(ConnState::Connecting));
         let retained = RetainedLedger::default();
         let cancel = cancel.child_token();
@@ -690,7 +706,9 @@ impl MqttSession {
             subscriptions: opts.subscriptions,
             presence: opts.presence,
             retained: retained.clone(),
-            incoming_tx,
+            relay: relay_tx,
+            backlog,
+            shedding: false,
             receiver_gone: false,
             state: state.clone(),
             cancel: cancel.clone(),
@@ -1011,7 +1029,12 @@ struct Driver {
     subscriptions: Vec<String>,
     presence: Option<PresenceMessages>,
     retained: RetainedLedger,
-    incoming_tx: mpsc::Sender<Incoming>,
+    /// To the relay task that feeds the consumer's channel.
+    relay: mpsc::UnboundedSender<Incoming>,
+    /// Bytes handed to the relay and not yet taken by the consumer's channel.
+    backlog: Arc<std::sync::atomic::AtomicUsize>,
+    /// Publishes are being shed (logged once per episode).
+    shedding: bool,
     /// Set once the incoming receiver was dropped (logged once).
     receiver_gone: bool,
     state: Arc<watch::Sender<ConnState>>,
@@ -1033,6 +1056,16 @@ struct Driver {
     quick_drops: u32,
     /// The takeover error was logged (once per session).
     takeover_reported: bool,
+}
+
+/// Bytes of incoming publishes a session holds for a slow consumer before it sheds new ones
+/// (see `Driver::forward`): 1,024 maximum-size messages.
+pub const MAX_INCOMING_BACKLOG: usize = 1024 * MAX_MESSAGE_BYTES;
+
+/// What an incoming publish counts against [`MAX_INCOMING_BACKLOG`]: its bytes plus a fixed
+/// overhead, so that many empty messages are bounded too.
+fn incoming_cost(m: &Incoming) -> usize {
+    m.payload.len() + m.topic.len() + 64
 }
 
 /// A connection closed this soon after its CONNACK counts as taken over (see
@@ -1087,8 +1120,7 @@ impl Driver {
                         topic: p.topic,
                         payload: p.payload,
                         retained: p.retain,
-                    })
-                    .await;
+                    });
                 }
                 Ok(Event::Incoming(Packet::Disconnect)) => {
                     info!(client_id = %self.client_id, "the broker sent DISCONNECT");
@@ -1249,16 +1281,41 @@ impl Driver {
         self.set_state(ConnState::Disconnected);
     }
 
-    async fn forward(&mut self, msg: Incoming) {
+    /// Hands an incoming publish to the consumer without ever waiting for it.
+    ///
+    /// Design: the driver must keep polling the network whatever the consumer does. If it waited
+    /// for room in the consumer's channel, a consumer that is itself waiting to publish (its
+    /// requests go through rumqttc's channel, which only this driver drains) would stall both
+    /// forever, and the broker would drop the session after 1.5 × keep-alive. So publishes go to
+    /// a relay task through an unbounded channel whose content is bounded here by bytes
+    /// ([`MAX_INCOMING_BACKLOG`]): beyond it, publishes are shed, with a warning per episode.
+    fn forward(&mut self, msg: Incoming) {
+        use std::sync::atomic::Ordering::Relaxed;
         if self.receiver_gone {
             return;
         }
-        tokio::select! {
-            r = self.incoming_tx.send(msg) => if r.is_err() {
-                self.receiver_gone = true;
-                debug!(client_id = %self.client_id, "incoming receiver dropped; discarding publishes");
-            },
-            () = self.cancel.cancelled() => {}
+        let len = incoming_cost(&msg);
+        let queued = self.backlog.load(Relaxed);
+        if queued + len > MAX_INCOMING_BACKLOG {
+            if !self.shedding {
+                self.shedding = true;
+                warn!(
+                    client_id = %self.client_id, queued_bytes = queued,
+                    "incoming messages are arriving faster than they are handled: shedding \
+                     publishes beyond the {MAX_INCOMING_BACKLOG}-byte backlog (QoS 1 does not \
+                     resend them; the protocol's re-announcements recover presence and updates)"
+                );
+            }
+            return;
+        }
+        if self.shedding && queued < MAX_INCOMING_BACKLOG / 2 {
+            self.shedding = false;
+            info!(client_id = %self.client_id, "incoming backlog drained; no longer shedding");
+        }
+        self.backlog.fetch_add(len, Relaxed);
+        if self.relay.send(msg).is_err() {
+            self.receiver_gone = true;
+            debug!(client_id = %self.client_id, "incoming receiver dropped; discarding publishes");
         }
     }
 
