@@ -749,6 +749,72 @@ async fn a_tampered_update_is_rejected_and_the_round_completes_without_it() {
     tampered_update_round(false, Tamper::FlipByte).await;
 }
 
+/// Presence lost before the server starts (as after a broker restart without retained messages):
+/// the clients are connected and online, but nothing on the broker says so. The server asks who
+/// is there while clients are missing, every client answers, and the run completes with all of
+/// them in every round; without the request the server would wait out its admission timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_server_relearns_every_client_when_presence_messages_are_lost() {
+    const CLIENTS: usize = 4;
+    let mut cfg = config("lost-presence", "lr", CLIENTS, 2, "homo");
+    cfg.validation_args.frequency_of_the_test = 100;
+    cfg.fedmq_args.admission_timeout_s = 40.0;
+    let fx = Fixture::new(cfg).await;
+    let run = fx.cfg.common_args.run_id.clone();
+    let topics = Topics::new(&run);
+    // A watcher that sees the clients' presence, then erases it from the broker.
+    let mut o = SessionOptions::new("127.0.0.1", fx.broker_port, format!("{run}-watcher"));
+    o.clean_session = true;
+    o.subscriptions = vec![topics.status_all()];
+    let (watcher, mut statuses) = MqttSession::connect(o, CancellationToken::new()).unwrap();
+    watcher.wait_for(ConnState::Connected, WAIT).await.unwrap();
+    let cancel = CancellationToken::new();
+    let clients: Vec<_> = (1..=CLIENTS)
+        .map(|r| fx.client(r, Arc::new(Slow(Duration::from_millis(10))), &cancel))
+        .collect();
+    let mut online = std::collections::BTreeSet::new();
+    while online.len() < CLIENTS {
+        let m = tokio::time::timeout(WAIT, statuses.recv())
+            .await
+            .expect("every client announces itself")
+            .unwrap();
+        if let Ok((TopicKind::Status(id), _)) = m.decode(&topics) {
+            online.insert(id);
+        }
+    }
+    for r in 1..=CLIENTS {
+        watcher
+            .clear_retained(&topics.status(&client::client_id(r)))
+            .await
+            .unwrap();
+    }
+    watcher.shutdown().await;
+    // The retained statuses are gone: a new subscriber gets nothing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let report = fx.server(|_| {}, None).await;
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    for r in &report.records {
+        assert_eq!((r.participants, r.failures), (CLIENTS, 0), "{r:?}");
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "presence re-learned; run completed {:.1} s after the server started",
+        took.as_secs_f64()
+    );
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    for c in clients {
+        let rep = tokio::time::timeout(WAIT, c)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(rep.rounds_reported, 2);
+    }
+    fx.shutdown().await;
+}
+
 /// The same with signatures and sealed blobs: the server skips the SHA-256 pass for sealed
 /// updates, and the AEAD tags catch the flipped byte instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -54,6 +54,9 @@ pub fn announce_window(expected_clients: usize) -> Duration {
     Duration::from_millis((2 * expected_clients as u64).clamp(1_000, 10_000))
 }
 
+/// Shortest interval between two "who is there" requests while clients are missing.
+const ASK_EVERY_MIN: Duration = Duration::from_secs(5);
+
 /// The server's participant id (`from` of its messages, its status topic).
 pub const SERVER_ID: &str = "server";
 
@@ -377,8 +380,19 @@ pub async fn run_server(
         needed: clients_needed,
     });
 
+    // While clients are missing at admission, the server asks who is there: a fresh online
+    // status, which every client answers by announcing itself again within the window. Presence
+    // then never depends on what a broker does with retained messages.
+    let window = announce_window(driver.opts.expected_clients.len());
+    let ask_every = (2 * window).max(ASK_EVERY_MIN);
+    let mut next_ask = Instant::now() + ask_every;
+    // Whether the machine was admitting clients when the last event reached it.
+    let mut in_admission = true;
     let outcome = loop {
         let deadline = machine.next_deadline();
+        let asking = machine.current_round().is_none()
+            && !machine.is_finished()
+            && machine.online_clients().len() < clients_needed;
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -401,12 +415,22 @@ pub async fn run_server(
                 None => continue,
             },
             _ = sleep => Event::Tick,
+            _ = tokio::time::sleep_until(next_ask.into()), if asking => {
+                let online = machine.online_clients().len();
+                info!(online, needed = clients_needed, "clients missing; asking who is there");
+                if let Err(e) = driver.handle.announce().await {
+                    warn!("asking who is there failed: {e}");
+                }
+                next_ask = Instant::now() + ask_every;
+                continue;
+            }
         };
         let admitting = machine.current_round().is_none() && machine.completed_rounds() == 0;
         let folded = match &event {
             Event::UpdateFetched { client, round, .. } => Some((client.clone(), *round)),
             _ => None,
         };
+        in_admission = machine.current_round().is_none() && !machine.is_finished();
         let actions = machine.handle(event, Instant::now());
         driver.held_permit = None;
         if let Some((client, round)) = folded {
@@ -444,6 +468,40 @@ pub async fn run_server(
         if let Some(o) = finished {
             break o;
         }
+    };
+    let outcome = match outcome {
+        Outcome::Aborted(why) if in_admission => {
+            // Aborted at admission: name who never came.
+            let online: BTreeSet<String> = machine.online_clients().into_iter().collect();
+            let missing: Vec<&String> = driver
+                .opts
+                .expected_clients
+                .iter()
+                .filter(|c| !online.contains(*c))
+                .collect();
+            if missing.is_empty() {
+                Outcome::Aborted(why)
+            } else {
+                let first: Vec<&str> = missing.iter().take(10).map(|c| c.as_str()).collect();
+                let more = missing.len().saturating_sub(first.len());
+                let tail = if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                };
+                warn!(
+                    missing = missing.len(),
+                    "expected clients never seen online: {}{tail}",
+                    first.join(", ")
+                );
+                Outcome::Aborted(format!(
+                    "{why} (not online: {} of the expected clients: {}{tail})",
+                    missing.len(),
+                    first.join(", ")
+                ))
+            }
+        }
+        other => other,
     };
     let report = driver.finish(outcome, &machine).await;
     progress(&Progress::Finished(report.outcome.clone()));
