@@ -122,6 +122,9 @@ pub struct RoundBenchConfig {
     /// or Mosquitto), S3 over HTTPS, every message signed and checked, every blob sealed (see
     /// [`BenchSecurity`]).
     pub secure: bool,
+    /// With processes: client sessions per client process (each with its own MQTT connection and
+    /// S3 client), so that thousands of real sessions fit on a small machine.
+    pub clients_per_process: usize,
 }
 
 impl Default for RoundBenchConfig {
@@ -136,6 +139,7 @@ impl Default for RoundBenchConfig {
             delta: 0.001,
             round_timeout: Duration::from_secs(300),
             secure: false,
+            clients_per_process: 1,
         }
     }
 }

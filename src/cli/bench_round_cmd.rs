@@ -67,6 +67,11 @@ pub struct RoundArgs {
     /// message signed and checked, every blob sealed. In-process mode only.
     #[arg(long, value_delimiter = ',', default_value = "off", value_parser = parse_security)]
     pub security: Vec<bool>,
+    /// With --processes: client sessions per client process, each with its own MQTT connection
+    /// and S3 client (1,000–10,000 real sessions on a small machine). The server keeps its own
+    /// process, so its memory and CPU are measured alone.
+    #[arg(long, default_value_t = 1)]
+    pub clients_per_process: usize,
 }
 
 fn parse_security(s: &str) -> std::result::Result<bool, String> {
@@ -81,9 +86,12 @@ fn parse_security(s: &str) -> std::result::Result<bool, String> {
 /// secret comes from FEDMQ_S3_SAK. Prints one JSON line when done, with its own peak resident set.
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
-    /// Rank (1-based).
+    /// Rank (1-based) of the first client of this process.
     #[arg(long)]
     pub rank: usize,
+    /// Client sessions in this process: ranks `rank` … `rank + count − 1`.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
     /// Broker host.
     #[arg(long, default_value = "127.0.0.1")]
     pub broker_host: String,
@@ -108,6 +116,9 @@ pub struct ClientArgs {
 #[derive(Debug, Serialize, Deserialize)]
 struct ClientLine {
     rank: usize,
+    /// Rounds reported, per client session of the process.
+    reported: Vec<u64>,
+    /// The first client's (all clients' when they agree).
     rounds_reported: u64,
     reason: String,
     vm_hwm_kib: Option<u64>,
@@ -135,6 +146,12 @@ pub fn run(a: RoundArgs) -> Result<()> {
              --broker embedded)"
         );
     }
+    if a.clients_per_process == 0 {
+        bail!("--clients-per-process must be at least 1");
+    }
+    if a.clients_per_process > 1 && !a.processes {
+        bail!("--clients-per-process needs --processes (in-process runs hold every client anyway)");
+    }
     if a.processes && a.security.contains(&true) {
         bail!(
             "--security on runs in-process only (child processes would need certificates and \
@@ -156,6 +173,7 @@ pub fn run(a: RoundArgs) -> Result<()> {
             delta: a.delta,
             round_timeout: Duration::from_secs_f64(a.round_timeout_s),
             secure,
+            clients_per_process: a.clients_per_process,
         })
         .collect();
     if let [cfg] = configs.as_slice() {
@@ -256,7 +274,8 @@ fn run_child(cfg: &RoundBenchConfig, processes: bool) -> Result<String> {
             cfg.round_timeout.as_secs_f64()
         ));
     if processes {
-        cmd.arg("--processes");
+        cmd.arg("--processes")
+            .arg(format!("--clients-per-process={}", cfg.clients_per_process));
     }
     cmd.arg(format!(
         "--security={}",
@@ -411,12 +430,15 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
     };
 
     // Clients. Each watches its stdin: when this process dies, the pipes close and they stop.
-    let mut clients = Vec::with_capacity(cfg.clients);
-    let mut client_stdins = Vec::with_capacity(cfg.clients);
-    for rank in 1..=cfg.clients {
+    let per = cfg.clients_per_process.max(1);
+    let mut clients = Vec::with_capacity(cfg.clients.div_ceil(per));
+    let mut client_stdins = Vec::with_capacity(cfg.clients.div_ceil(per));
+    for rank in (1..=cfg.clients).step_by(per) {
+        let count = per.min(cfg.clients + 1 - rank);
         let mut child = Command::new(&exe)
             .arg("bench-round-client")
             .arg(format!("--rank={rank}"))
+            .arg(format!("--count={count}"))
             .arg(format!("--broker-port={port}"))
             .arg(format!("--s3-endpoint={endpoint}"))
             .arg(format!("--run={}", env.run))
@@ -478,10 +500,12 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
     let server = server?;
     let wall_s = started.elapsed().as_secs_f64();
 
+    let processes = cfg.clients.div_ceil(per);
     let clients_ok = lines
         .iter()
         .flatten()
-        .filter(|l| l.rounds_reported == cfg.rounds)
+        .flat_map(|l| &l.reported)
+        .filter(|&&r| r == cfg.rounds)
         .count();
     let client_peaks: Vec<u64> = lines
         .iter()
@@ -493,7 +517,7 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
     report.broker_peak_rss_mib = broker_peak.map(kib_to_mib);
     report.store_peak_rss_mib = store_peak.map(kib_to_mib);
     report.client_peak_rss_mib_max = client_peaks.iter().max().copied().map(kib_to_mib);
-    let all_known = client_peaks.len() == cfg.clients;
+    let all_known = client_peaks.len() == processes;
     report.total_rss_mib = match (server.peak_rss_kib, broker_peak, store_peak, all_known) {
         (Some(s), Some(b), Some(st), true) => {
             Some(kib_to_mib(s + b + st + client_peaks.iter().sum::<u64>()))
@@ -501,7 +525,7 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
         _ => None,
     };
     let client_cpus: Vec<f64> = lines.iter().flatten().filter_map(|l| l.cpu_s).collect();
-    let clients_cpu = (client_cpus.len() == cfg.clients).then(|| round2(client_cpus.iter().sum()));
+    let clients_cpu = (client_cpus.len() == processes).then(|| round2(client_cpus.iter().sum()));
     report.cpu_s = CpuSeconds {
         total: match (server_cpu, broker_cpu, store_cpu, clients_cpu) {
             (Some(a), Some(b), Some(c), Some(d)) => Some(round2(a + b + c + d)),
@@ -545,11 +569,35 @@ pub fn run_client(a: ClientArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    let report = rt.block_on(run_bench_client(a.rank, &env, a.delta, cancel))?;
+    let ranks = a.rank..a.rank + a.count.max(1);
+    let reports = rt.block_on(async {
+        let runs = ranks.map(|r| {
+            let (env, cancel) = (&env, cancel.clone());
+            async move { run_bench_client(r, env, a.delta, cancel).await }
+        });
+        futures::future::join_all(runs).await
+    });
+    let mut reported = Vec::with_capacity(reports.len());
+    let mut reason = String::new();
+    for r in reports {
+        match r {
+            Ok(rep) => {
+                reported.push(rep.rounds_reported);
+                if reason.is_empty() {
+                    reason = rep.reason;
+                }
+            }
+            Err(e) => {
+                reported.push(0);
+                reason = format!("{e:#}");
+            }
+        }
+    }
     let line = ClientLine {
         rank: a.rank,
-        rounds_reported: report.rounds_reported,
-        reason: report.reason,
+        rounds_reported: reported.iter().copied().min().unwrap_or(0),
+        reported,
+        reason,
         vm_hwm_kib: proc_status_kib(None, "VmHWM"),
         cpu_s: proc_cpu_s(None),
     };
