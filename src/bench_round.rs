@@ -134,7 +134,7 @@ impl Default for RoundBenchConfig {
             params: 1_000_000,
             rounds: 5,
             broker: BrokerKind::Embedded,
-            fetch_concurrency: 1,
+            fetch_concurrency: 0,
             payload_check: false,
             delta: 0.001,
             round_timeout: Duration::from_secs(300),
@@ -159,7 +159,7 @@ pub struct RoundBenchReport {
     pub mode: Mode,
     /// The broker.
     pub broker: BrokerKind,
-    /// The server's update downloads in flight at once.
+    /// The server's update downloads in flight at once (0: the server's default).
     pub fetch_concurrency: usize,
     /// `on`: TLS, signed messages and sealed blobs; `off`: plain TCP and HTTP, unsigned,
     /// plaintext blobs.
@@ -560,7 +560,7 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
         },
         expected_clients: (1..=cfg.clients).map(client::client_id).collect(),
         retention: RetentionPolicy::KeepLast(KEEP_ROUNDS),
-        fetch_concurrency: cfg.fetch_concurrency.max(1),
+        fetch_concurrency: cfg.fetch_concurrency,
         output_dir: None,
         connect_timeout: Duration::from_secs(30),
         keyring: None,
@@ -800,7 +800,7 @@ impl RoundBenchReport {
             rounds_completed: server.report.records.len(),
             mode,
             broker: cfg.broker,
-            fetch_concurrency: cfg.fetch_concurrency.max(1),
+            fetch_concurrency: cfg.fetch_concurrency,
             security: if cfg.secure { "on" } else { "off" },
             round_s_median: stats.as_ref().map(|s| round6(s.median)),
             round_s_p90: stats.as_ref().map(|s| round6(s.p90)),

@@ -77,7 +77,7 @@ pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOption
             .collect(),
         retention: NonZeroU64::new(cfg.fedmq_args.keep_rounds)
             .map_or(RetentionPolicy::KeepAll, RetentionPolicy::KeepLast),
-        fetch_concurrency: 2,
+        fetch_concurrency: 0,
         output_dir,
         connect_timeout: Duration::from_secs(30),
         keyring: None,

@@ -10,7 +10,7 @@
 //!   the local trainer, evaluation and the training benchmark.
 //! - [`proto`]: protocol v1: MQTT topics, JSON control messages, blob references, blob keys.
 //! - [`store`]: the blob layer over aws-sdk-s3 (multipart, ranged gets, SHA-256 checks, retries,
-//!   retention) and the embedded S3-compatible server (s3s-fs with a faster file backend).
+//!   retention) and the embedded S3-compatible server (s3s over fedmq's own object backend).
 //! - [`strategy`]: configure/aggregate strategies with streaming aggregation; FedAvg.
 //! - [`server`]: the round engine as a sans-IO state machine.
 //! - [`transport`]: the MQTT session (one event-loop task, cloneable handle, retained presence,

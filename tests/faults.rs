@@ -274,6 +274,8 @@ struct Fed {
     data_dir: PathBuf,
     store_port: u16,
     store: Option<Proc>,
+    /// `fedmq store --cache-mib` (None: its default).
+    store_cache_mib: Option<usize>,
     server: Option<Proc>,
     /// By rank - 1; None once killed.
     client_procs: Vec<Option<Proc>>,
@@ -345,6 +347,7 @@ impl Fed {
             data_dir: root.join("store"),
             store_port,
             store: None,
+            store_cache_mib: None,
             server: None,
             client_procs: (0..clients).map(|_| None).collect(),
             killed: BTreeSet::new(),
@@ -396,16 +399,14 @@ impl Fed {
     #[track_caller]
     fn start_store(&mut self) {
         assert!(self.store.is_none(), "store already running");
-        let cmd = self.fedmq(
-            &[
-                "store",
-                "--listen",
-                &format!("127.0.0.1:{}", self.store_port),
-                "--data-dir",
-                &self.data_dir.display().to_string(),
-            ],
-            &self.cfg_path,
-        );
+        let listen = format!("127.0.0.1:{}", self.store_port);
+        let data_dir = self.data_dir.display().to_string();
+        let mut args = vec!["store", "--listen", &listen, "--data-dir", &data_dir];
+        let cache = self.store_cache_mib.map(|m| m.to_string());
+        if let Some(m) = &cache {
+            args.extend(["--cache-mib", m.as_str()]);
+        }
+        let cmd = self.fedmq(&args, &self.cfg_path);
         let mut p = spawn("store", cmd, &self.log("store"), Stdio::piped());
         let line = first_line(&mut p.child, STARTUP);
         self.store = Some(p);
@@ -479,9 +480,9 @@ impl Fed {
         }
     }
 
-    /// The file the store keeps `key` in (s3s-fs layout: `<data-dir>/<bucket>/<key>`).
-    fn object(&self, key: &str) -> PathBuf {
-        self.data_dir.join(&self.bucket).join(key)
+    /// The object `key` of the run's bucket, as a file of the store.
+    fn object(&self, key: &str) -> StoredObject {
+        StoredObject::new(&self.data_dir, &self.bucket, key)
     }
 
     fn metrics_path(&self) -> PathBuf {
@@ -713,6 +714,37 @@ impl Fed {
                 ),
             );
         }
+    }
+}
+
+/// An object of the embedded store found by its file name,
+/// `<data-dir>/buckets/<bucket>/<SHA-256 of the key>.<version>` (the version is not known
+/// ahead, so the file is looked up each time).
+struct StoredObject {
+    dir: PathBuf,
+    prefix: String,
+}
+
+impl StoredObject {
+    fn new(data_dir: &Path, bucket: &str, key: &str) -> Self {
+        use sha2::Digest as _;
+        Self {
+            dir: data_dir.join("buckets").join(bucket),
+            prefix: format!("{}.", hex::encode(sha2::Sha256::digest(key.as_bytes()))),
+        }
+    }
+
+    /// The file holding the object's current version, if it is stored.
+    fn path(&self) -> Option<PathBuf> {
+        std::fs::read_dir(&self.dir)
+            .ok()?
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().starts_with(&self.prefix))
+            .map(|e| e.path())
+    }
+
+    fn exists(&self) -> bool {
+        self.path().is_some()
     }
 }
 
@@ -996,7 +1028,7 @@ impl Fed {
     /// Waits until every client's update of `round` is stored.
     #[track_caller]
     fn wait_updates_stored(&mut self, round: u64, limit: Duration, what: &str) {
-        let files: Vec<PathBuf> = (1..=self.clients)
+        let files: Vec<StoredObject> = (1..=self.clients)
             .map(|r| self.object(&self.keys.update(round, &format!("client-{r}"))))
             .collect();
         self.wait(what, limit, Duration::from_millis(10), |_| {
@@ -1275,20 +1307,24 @@ fn flip_byte(path: &Path) {
 
 /// The server reaches the store through a proxy that, before forwarding the server's first
 /// GET of each update of client-3, flips one byte of that object's file in the store's data
-/// directory (`<data-dir>/<bucket>/<key>`). So every update of client-3 is corrupted, always
-/// before the server reads it (once: the server re-fetches once on a digest mismatch, and a
-/// second flip would repair it).
+/// directory. So every update of client-3 is damaged on disk, always before the server reads
+/// it. The store runs without its object cache (so that it reads the damaged file), finds the
+/// block that fails its CRC32 and refuses the object; the server records client-3's update as
+/// bad.
 fn corrupted_update(kind: BrokerKind) {
     let _serial = serial();
     let dir = test_dir("corrupt");
     let Some((_broker, mut fed)) = start(kind, dir.path(), "corrupt", 10) else {
         return;
     };
+    fed.kill_store();
+    fed.store_cache_mib = Some(0);
+    fed.start_store();
     let corrupted = Arc::new(Mutex::new(Vec::<String>::new()));
     let victims: BTreeSet<String> = (1..=ROUNDS)
         .map(|r| fed.keys.update(r, "client-3"))
         .collect();
-    let (c, files) = (corrupted.clone(), fed.data_dir.join(&fed.bucket));
+    let (c, data_dir, bucket) = (corrupted.clone(), fed.data_dir.clone(), fed.bucket.clone());
     let proxy = S3Proxy::start(
         fed.store_port,
         &fed.bucket,
@@ -1296,7 +1332,8 @@ fn corrupted_update(kind: BrokerKind) {
         Arc::new(move |method, key| {
             let mut done = c.lock().unwrap();
             if method == "GET" && victims.contains(key) && !done.iter().any(|k| k == key) {
-                flip_byte(&files.join(key));
+                let file = StoredObject::new(&data_dir, &bucket, key).path();
+                flip_byte(&file.unwrap_or_else(|| panic!("{key} is not stored")));
                 done.push(key.to_string());
             }
         }),
@@ -1316,7 +1353,7 @@ fn corrupted_update(kind: BrokerKind) {
         corrupted == want,
         format_args!("client-3's update corrupted in every round: {corrupted:?}"),
     );
-    let bad: BTreeMap<String, &str> = [("client-3".to_string(), "SHA-256")].into();
+    let bad: BTreeMap<String, &str> = [("client-3".to_string(), "changed on disk")].into();
     for r in &records {
         fed.check_round(r, &bad);
         fed.check(

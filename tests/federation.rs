@@ -999,6 +999,7 @@ async fn forged_and_unsigned_messages_are_dropped_when_signatures_are_on() {
     let (split, _) = federation::load_data(&cfg, false).unwrap();
     let initial = federation::initial_model(&cfg, split.train.as_ref()).unwrap();
     let zeros = initial.zeros_like().to_safetensors_bytes();
+    store.ensure_bucket().await.unwrap();
     let blob = store
         .put("fedmq/signed/forged-zeros", zeros.into())
         .await

@@ -53,8 +53,9 @@ pub struct RoundArgs {
     /// Check that the final model is exactly the initial one plus rounds × delta.
     #[arg(long)]
     pub payload_check: bool,
-    /// Update downloads the server runs at once (each holds one model in memory).
-    #[arg(long, default_value_t = 1)]
+    /// Update downloads the server runs at once (each holds one model in memory); 0: the
+    /// server's default, as many as fit in 64 MiB (1 to 8).
+    #[arg(long, default_value_t = 0)]
     pub fetch_concurrency: usize,
     /// What every client adds to every parameter.
     #[arg(long, default_value_t = 0.001)]
@@ -168,7 +169,7 @@ pub fn run(a: RoundArgs) -> Result<()> {
             params,
             rounds: a.rounds,
             broker: a.broker,
-            fetch_concurrency: a.fetch_concurrency.max(1),
+            fetch_concurrency: a.fetch_concurrency,
             payload_check: a.payload_check,
             delta: a.delta,
             round_timeout: Duration::from_secs_f64(a.round_timeout_s),

@@ -23,6 +23,10 @@ pub struct StoreArgs {
     /// Directory holding the buckets and objects (created when missing; kept across restarts).
     #[arg(long, default_value = "fedmq-store")]
     pub data_dir: PathBuf,
+    /// Memory (MiB) for recently written and read objects, served without touching the disk;
+    /// objects up to a quarter of it (at most 16 MiB) are cached. 0 turns the cache off.
+    #[arg(long, default_value_t = 256)]
+    pub cache_mib: usize,
     /// The accepted access key id.
     #[arg(long, env = "FEDMQ_S3_AKI")]
     pub access_key: Option<String>,
@@ -53,6 +57,7 @@ pub fn run(a: StoreArgs) -> Result<()> {
     let opts = StoreOptions {
         listen: a.listen,
         data_dir: a.data_dir,
+        cache_bytes: a.cache_mib.saturating_mul(1 << 20),
         access_key: access_key.unwrap_or_default(),
         secret_key: secret_key.unwrap_or_default(),
     };

@@ -446,7 +446,7 @@ impl BlobStore {
             }
             Err(e) => match self.sdk_error(e, self.ctx("CreateBucket", "")) {
                 Error::S3 { ref code, .. } if code == "BucketAlreadyOwnedByYou" => Ok(()),
-                // Created concurrently, or (on s3s-fs) ours already: fine if we can access it.
+                // Created concurrently (some stores say so for our own bucket): fine if we can access it.
                 Error::S3 { ref code, .. } if code == "BucketAlreadyExists" => {
                     self.head_bucket().await
                 }

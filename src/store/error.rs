@@ -288,7 +288,9 @@ pub(crate) fn from_response(
     message: String,
 ) -> Error {
     let code_str = code.as_deref().unwrap_or("");
-    if status == 403 || AUTH_CODES.contains(&code_str) {
+    // A 403 without a code is an authentication failure; one with another code (e.g.
+    // InvalidObjectState: the store cannot serve a damaged object) is not.
+    if (status == 403 && code.is_none()) || AUTH_CODES.contains(&code_str) {
         return Error::Auth {
             endpoint: ctx.endpoint.to_string(),
             code: code.unwrap_or_else(|| format!("HTTP {status}")),

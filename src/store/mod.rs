@@ -7,10 +7,11 @@
 //! # Layout
 //! - `blob.rs`: [`BlobStore`] (put/get with digest checks, multipart and ranged transfers,
 //!   retries, listing, prefix and retention deletes), [`S3Options`], [`RetentionPolicy`].
-//! - `server.rs`: [`EmbeddedStore`], the S3-compatible HTTP server (s3s + s3s-fs, SigV4) on a
+//! - `server.rs`: [`EmbeddedStore`], the S3-compatible HTTP server (s3s + [`ObjectStore`], SigV4) on a
 //!   free loopback port, HTTPS with [`StoreTls`]; [`serve`], [`serve_tls`] and [`run_blocking`]
 //!   for other lifecycles.
-//! - `fast_fs.rs`: [`FastFs`], s3s-fs with faster GetObject, PutObject, UploadPart and CompleteMultipartUpload paths.
+//! - `objects.rs`: [`ObjectStore`], the embedded store's S3 backend: opaque keys, an in-memory
+//!   index and cache, one checked file per object version.
 //! - `retry.rs`: [`retry::until`], a whole operation retried across a store outage.
 //! - `bench.rs`: the put/get throughput measurement behind `fedmq bench blob`.
 //! - `error.rs`: [`Error`], with the mapping of S3 error responses to it.
@@ -23,7 +24,7 @@
 pub mod bench;
 mod blob;
 mod error;
-mod fast_fs;
+mod objects;
 pub mod retry;
 mod server;
 
@@ -31,7 +32,7 @@ pub use blob::{
     BlobStore, ObjectMeta, RetentionPolicy, S3Options, MAX_PARTS, MIB, MIN_PART_SIZE, TLS_HINT,
 };
 pub use error::{Error, Result, AUTH_HINT, UNREACHABLE_HINT};
-pub use fast_fs::{FastFs, READ_CHUNK};
+pub use objects::{ObjectStore, BLOCK, CACHE_MAX_OBJECT, DEFAULT_CACHE_BYTES, MAX_KEY_BYTES};
 pub use server::{
     default_listen, run_blocking, run_blocking_with_tls, serve, serve_tls, EmbeddedStore,
     StoreOptions, StoreTls, SHUTDOWN_GRACE, TLS_HANDSHAKE_TIMEOUT,

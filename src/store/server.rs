@@ -1,5 +1,6 @@
-//! The embedded S3-compatible server: [`s3s_fs`] (objects as files under a data directory) behind
-//! [`s3s`]'s HTTP service with SigV4 authentication, served by hyper on the current tokio runtime.
+//! The embedded S3-compatible server: [`ObjectStore`] (objects as checked files under a data
+//! directory, an in-memory index and cache) behind [`s3s`]'s HTTP service with SigV4
+//! authentication, served by hyper on the current tokio runtime.
 //!
 //! It is the local default of the design's "store" part: the server and every client talk to it
 //! over real HTTP with real SigV4 signatures, exactly as they would to MinIO or AWS S3. A request
@@ -19,7 +20,7 @@
 //! every request.
 
 use super::error::{Error, Result};
-use super::fast_fs::FastFs;
+use super::objects::{ObjectStore, DEFAULT_CACHE_BYTES};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
@@ -76,9 +77,12 @@ pub struct StoreOptions {
     /// Address to listen on. The default `127.0.0.1:0` picks a free port on loopback only; read
     /// the chosen one back with [`EmbeddedStore::addr`] / [`EmbeddedStore::endpoint`].
     pub listen: SocketAddr,
-    /// Root of the stored data: one sub-directory per bucket, one file per object, plus s3s-fs's
-    /// hidden metadata files. Created when missing. Survives restarts.
+    /// Root of the stored data (layout in [`ObjectStore`]'s docs). Created when missing.
+    /// Survives restarts.
     pub data_dir: PathBuf,
+    /// Memory for recently written and read objects, served without touching the disk
+    /// (default [`DEFAULT_CACHE_BYTES`]; 0 turns the cache off).
+    pub cache_bytes: usize,
     /// The only access key id accepted (FedML's `CN_S3_AKI`).
     pub access_key: String,
     /// Its secret (FedML's `CN_S3_SAK`). Must not be empty.
@@ -95,6 +99,7 @@ impl StoreOptions {
         Self {
             listen: default_listen(),
             data_dir: data_dir.into(),
+            cache_bytes: DEFAULT_CACHE_BYTES,
             access_key: access_key.into(),
             secret_key: secret_key.into(),
         }
@@ -129,6 +134,7 @@ impl std::fmt::Debug for StoreOptions {
         f.debug_struct("StoreOptions")
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
+            .field("cache_bytes", &self.cache_bytes)
             .field("access_key", &self.access_key)
             .field("secret_key", &"<redacted>")
             .finish()
@@ -160,7 +166,7 @@ impl EmbeddedStore {
     ///
     /// # Errors
     /// [`Error::InvalidOptions`] (empty keys), [`Error::Io`] (data directory), [`Error::Bind`],
-    /// [`Error::Server`] (s3s-fs refused the directory).
+    /// [`Error::Server`] (the directory holds another layout).
     ///
     /// # Panics
     /// Outside a tokio runtime (it spawns the accept loop).
@@ -249,8 +255,9 @@ fn build_service(opts: &StoreOptions) -> Result<S3Service> {
         path: opts.data_dir.clone(),
         source,
     })?;
-    let fs = FastFs::new(&opts.data_dir)?;
-    let mut b = S3ServiceBuilder::new(fs);
+    let objects = ObjectStore::open(&opts.data_dir, opts.cache_bytes)?;
+    tracing::debug!(objects = objects.object_count(), dir = %opts.data_dir.display(), "store index loaded");
+    let mut b = S3ServiceBuilder::new(objects);
     b.set_auth(SimpleAuth::from_single(
         opts.access_key.clone(),
         opts.secret_key.clone(),
