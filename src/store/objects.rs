@@ -542,7 +542,10 @@ impl BlockCrcs {
     }
 }
 
-/// A file under `tmp/`, removed on drop unless renamed into place.
+/// A file being written: removed on drop unless [`finish`](Self::finish)ed. Object and part
+/// files are created at their final name (unique per version; until its footer is written a
+/// file is not an object, and `load` removes such leftovers); copies and multipart
+/// completions write under `tmp/` and are renamed into place.
 struct TmpFile {
     path: Option<PathBuf>,
     file: std::fs::File,
@@ -569,6 +572,18 @@ impl TmpFile {
         }
     }
 
+    /// Creates `path`, which must not exist.
+    fn create_at(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        Ok(Self {
+            path: Some(path.to_path_buf()),
+            file,
+        })
+    }
+
     fn write_chunks(&mut self, chunks: &[Bytes]) -> std::io::Result<()> {
         let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
         let mut rest = &mut slices[..];
@@ -583,7 +598,8 @@ impl TmpFile {
         Ok(())
     }
 
-    /// Appends the footer (`json`, its length, [`MAGIC`]) and renames the file to `dest`.
+    /// Appends the footer (`json`, its length, [`MAGIC`]) and renames the file to `dest`
+    /// (unless it is already there).
     fn finish(mut self, json: &[u8], dest: &Path) -> std::io::Result<u64> {
         let len = u32::try_from(json.len()).map_err(std::io::Error::other)?;
         self.file.write_all(json)?;
@@ -591,6 +607,9 @@ impl TmpFile {
         self.file.write_all(MAGIC)?;
         let total = self.file.stream_position()?;
         let path = self.path.take().expect("not yet renamed");
+        if path == dest {
+            return Ok(total);
+        }
         if let Err(e) = std::fs::rename(&path, dest) {
             let _ = std::fs::remove_file(&path);
             return Err(e);
@@ -706,23 +725,23 @@ struct Received {
 }
 
 impl Received {
-    /// Writes the rest and the footer, and renames the file to `dest` (blocking).
-    fn finish(self, tmp_dir: &Path, json: &[u8], dest: &Path) -> std::io::Result<u64> {
+    /// Writes the rest and the footer of the file at `dest` (blocking).
+    fn finish(self, json: &[u8], dest: &Path) -> std::io::Result<u64> {
         let mut file = match self.file {
             Some(f) => f,
-            None => TmpFile::create(tmp_dir)?,
+            None => TmpFile::create_at(dest)?,
         };
         file.write_chunks(&self.tail)?;
         file.finish(json, dest)
     }
 }
 
-/// Receives `body` into a file under `tmp_dir` in [`WRITE_CHUNK`] writes on the blocking pool
+/// Receives `body` into a new file at `at` in [`WRITE_CHUNK`] writes on the blocking pool
 /// (one in flight while the next chunk arrives), computing block CRCs, the MD5 when `md5`, and
 /// the checksums `hasher` was asked for. Keeps the whole body in memory when it is at most
 /// `keep` bytes. A body cut short or longer than `expected` is an error.
 async fn receive(
-    tmp_dir: &Path,
+    at: &Path,
     mut body: StreamingBlob,
     expected: Option<u64>,
     md5: bool,
@@ -778,11 +797,11 @@ async fn receive(
             };
             let chunks = std::mem::take(&mut batch);
             batch_len = 0;
-            let dir = tmp_dir.to_path_buf();
+            let at = at.to_path_buf();
             writing = Some(tokio::task::spawn_blocking(move || {
                 let mut file = match prev {
                     Some(f) => f,
-                    None => TmpFile::create(&dir)?,
+                    None => TmpFile::create_at(&at)?,
                 };
                 file.write_chunks(&chunks)?;
                 Ok(file)
@@ -1318,6 +1337,13 @@ fn object_file_name(key: &str, version: u64) -> String {
     )
 }
 
+/// `<64 hex>.<16 hex>`, as [`object_file_name`] writes.
+fn is_object_file_name(name: &str) -> bool {
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|c| c.is_ascii_hexdigit());
+    name.split_once('.')
+        .is_some_and(|(h, v)| hex(h, 64) && hex(v, 16))
+}
+
 fn part_file_name(number: i32, version: u64) -> String {
     format!("{number:05}.{version:016x}.part")
 }
@@ -1368,6 +1394,15 @@ fn load(
                 }
                 Ok(_) => {
                     tracing::warn!(path = %path.display(), "object file does not match its footer; ignored");
+                    continue;
+                }
+                // Our name without a complete footer: a write the store did not finish.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::InvalidData
+                        && is_object_file_name(&f.file_name().to_string_lossy()) =>
+                {
+                    tracing::info!(path = %path.display(), "removing an unfinished object write");
+                    let _ = std::fs::remove_file(&path);
                     continue;
                 }
                 Err(e) => {
@@ -1661,9 +1696,10 @@ impl S3 for ObjectStore {
         };
         let hasher = given.hasher(i.checksum_algorithm.as_ref(), trailer.as_deref())?;
         let expected = expected_len(i.content_length, &body);
-        let tmp = self.tmp_dir();
+        let version = self.version();
+        let dest = self.inner.object_path(&i.bucket, &i.key, version);
         let received = receive(
-            &tmp,
+            &dest,
             body,
             expected,
             i.content_md5.is_some(),
@@ -1673,7 +1709,6 @@ impl S3 for ObjectStore {
         .await?;
         given.add_trailers(trailers)?;
         given.check(&received.sums)?;
-        let version = self.version();
         let etag = checked_e_tag(&received, i.content_md5.as_deref(), version)?;
         let meta = Meta {
             key: i.key,
@@ -1695,12 +1730,11 @@ impl S3 for ObjectStore {
             crcs: received.crcs.clone(),
         };
         let json = serde_json::to_vec(&meta).map_err(|e| io_error("encoding metadata", e))?;
-        let dest = self.inner.object_path(&i.bucket, &meta.key, version);
         let sums = meta.sums.clone();
         let whole = received.whole.clone();
         joined(
             "writing to the store",
-            tokio::task::spawn_blocking(move || received.finish(&tmp, &json, &dest)).await,
+            tokio::task::spawn_blocking(move || received.finish(&json, &dest)).await,
         )?;
         self.commit(NewObject {
             bucket: i.bucket,
@@ -2036,11 +2070,12 @@ impl S3 for ObjectStore {
         };
         let hasher = given.hasher(i.checksum_algorithm.as_ref(), trailer.as_deref())?;
         let expected = expected_len(i.content_length, &body);
-        let tmp = self.tmp_dir();
-        let received = receive(&tmp, body, expected, i.content_md5.is_some(), hasher, 0).await?;
+        let version = self.version();
+        let dir = self.inner.upload_dir(&i.upload_id);
+        let dest = dir.join(part_file_name(i.part_number, version));
+        let received = receive(&dest, body, expected, i.content_md5.is_some(), hasher, 0).await?;
         given.add_trailers(trailers)?;
         given.check(&received.sums)?;
-        let version = self.version();
         let etag = checked_e_tag(&received, i.content_md5.as_deref(), version)?;
         let part = Part {
             number: i.part_number,
@@ -2052,11 +2087,9 @@ impl S3 for ObjectStore {
             sums: received.sums.clone(),
         };
         let json = serde_json::to_vec(&part).map_err(|e| io_error("encoding part", e))?;
-        let dir = self.inner.upload_dir(&i.upload_id);
-        let dest = dir.join(part_file_name(i.part_number, version));
         joined(
             "writing a part",
-            tokio::task::spawn_blocking(move || received.finish(&tmp, &json, &dest)).await,
+            tokio::task::spawn_blocking(move || received.finish(&json, &dest)).await,
         )?;
         let sums = part.sums.clone();
         let replaced = {
