@@ -14,7 +14,7 @@ use common::free_port;
 use fedmq::proto::{BlobRef, Body, Envelope, Failure, Role, TopicKind, Topics, Train, TrainConfig};
 use fedmq::tls::{generate_certs, CertsPlan, Identity};
 use fedmq::transport::{
-    BrokerOptions, BrokerTls, ConnState, ConnectRate, EmbeddedBroker, Incoming, MqttHandle,
+    BrokerOptions, BrokerTls, ConnState, EmbeddedBroker, FailureBudget, Incoming, MqttHandle,
     MqttSession, MqttTls, PresenceMessages, SessionOptions,
 };
 use std::collections::HashMap;
@@ -310,12 +310,12 @@ fn certificate_login(port: u16, dir: &Path) -> impl Fn(&str, &str) -> SessionOpt
     }
 }
 
-/// The embedded broker with `opts` plus the shipped ACL, and a connection rate that the test's
-/// reconnecting sessions cannot exhaust.
+/// The embedded broker with `opts` plus the shipped ACL, and a failure budget that the test's
+/// refused sessions cannot exhaust.
 fn start_embedded(opts: BrokerOptions) -> u16 {
     let opts = BrokerOptions {
         acl_file: Some(acl_file()),
-        connect_rate: ConnectRate {
+        failure_budget: FailureBudget {
             burst: 1000,
             per_second: 1000.0,
         },

@@ -1259,3 +1259,153 @@ async fn a_federation_over_mutual_tls_with_signatures_and_sealed_blobs_learns_li
     );
     store.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The secure embedded broker under abuse from the participants' own address.
+
+/// Peak resident set (VmHWM) of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// `fedmq broker` with mutual TLS and the shipped ACL (the configuration recommended for a
+/// distributed run) in its own process. While 1,000 idle TCP sockets are held open against it
+/// and a flood of malformed connections (600 per second for 20 s) comes from 127.0.0.1, the
+/// address every participant also uses, a 10-client federation connects and completes every
+/// round with every client, and the broker's memory stays bounded. Before the gateway shed
+/// idle connections (it refused new ones beyond 128 pending, and rate-limited every connection
+/// of an address), no participant could connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_completes_through_the_secure_broker_while_its_address_floods_it() {
+    use tokio::io::AsyncWriteExt as _;
+    const N: usize = 10;
+    const IDLE: usize = 1000;
+    const FLOOD_PER_S: u64 = 600;
+    const FLOOD: Duration = Duration::from_secs(20);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ids: Vec<String> = std::iter::once("server".to_string())
+        .chain((1..=N).map(client::client_id))
+        .collect();
+    let mut plan = fedmq::tls::CertsPlan::new(d.join("certs"), ids);
+    plan.hosts = vec!["127.0.0.1".into()];
+    fedmq::tls::generate_certs(&plan).unwrap();
+    let certs = d.join("certs");
+    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl");
+    let port = free_port();
+    // FEDMQ_TEST_BROKER_BIN: another fedmq binary as the broker (to check an older build).
+    let bin = std::env::var("FEDMQ_TEST_BROKER_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fedmq").to_string());
+    let mut broker = Command::new(bin);
+    broker
+        .arg("broker")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tls-cert")
+        .arg(certs.join("broker.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("broker.key"))
+        .arg("--tls-client-ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--acl-file")
+        .arg(&acl)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut broker = Proc(broker.spawn().expect("fedmq broker"));
+    first_line(&mut broker.0);
+    let pid = broker.0.id();
+    let idle_rss = peak_rss_mib(pid);
+
+    // The abuse: idle sockets held to the end, and a flood of garbage connections.
+    let addr = format!("127.0.0.1:{port}");
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let flooding = CancellationToken::new();
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let flood = {
+        let (addr, stop, sent) = (addr.clone(), flooding.clone(), sent.clone());
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut n = 0u64;
+            while start.elapsed() < FLOOD {
+                tick.tick().await;
+                // Catch up to the target rate.
+                let due = start.elapsed().as_millis() as u64 * FLOOD_PER_S / 1000;
+                while n < due {
+                    n += 1;
+                    let addr = addr.clone();
+                    let sent = sent.clone();
+                    tokio::spawn(async move {
+                        if let Ok(mut s) = tokio::net::TcpStream::connect(&addr).await {
+                            // Not a TLS ClientHello: MQTT CONNECT bytes and junk.
+                            let _ = s.write_all(b"\x10\xff\xff\xff\x7fgarbage").await;
+                            sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    });
+                }
+            }
+            stop.cancel();
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let store = EmbeddedStore::start(StoreOptions::new(d.join("store"), "fedmq", SECRET))
+        .await
+        .unwrap();
+    let mut base = config("abused", "lr", N, 3, "homo");
+    base.fedmq_args.round_timeout_s = 60.0;
+    let cfg = |id: &str, rank: usize| {
+        let mut c = base.clone();
+        let m = &mut c.comm_args.customized_training_mqtt_config;
+        m.broker_host = "127.0.0.1".into();
+        m.broker_port = port;
+        m.mqtt_tls = true;
+        m.mqtt_ca_path = certs.join("ca.pem").display().to_string();
+        m.mqtt_cert_path = certs.join(format!("{id}.pem")).display().to_string();
+        m.mqtt_key_path = certs.join(format!("{id}.key")).display().to_string();
+        c.comm_args.customized_training_s3_config.cn_s3_endpoint = store.endpoint();
+        c.fedmq_args.rank = rank;
+        c
+    };
+    let clients: Vec<Config> = (1..=N).map(|r| cfg(&client::client_id(r), r)).collect();
+    let started = Instant::now();
+    let report = run_from_configs(&cfg("server", 0), &clients).await;
+    let took = started.elapsed();
+    let during_flood = !flooding.is_cancelled();
+    flood.await.unwrap();
+    let rss = peak_rss_mib(pid);
+    let sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "federation took {took:?} ({}); {IDLE} idle sockets held; {sent} garbage connections \
+         in {FLOOD:?}; broker peak RSS {rss:.1} MiB ({idle_rss:.1} MiB at start)",
+        if during_flood {
+            "all during the flood"
+        } else {
+            "partly after the flood"
+        },
+    );
+    assert_eq!(report.outcome, Outcome::Completed, "{report:?}");
+    assert_eq!(report.records.len(), 3);
+    for r in &report.records {
+        assert_eq!((r.participants, r.failures), (N, 0), "{r:?}");
+    }
+    assert!(during_flood, "the federation ran while the flood went on");
+    assert!(
+        sent >= FLOOD_PER_S * FLOOD.as_secs() * 9 / 10,
+        "flood of at least {} connections/s: {sent} in {FLOOD:?}",
+        FLOOD_PER_S * 9 / 10
+    );
+    assert!(rss < 256.0, "broker memory bounded: peak {rss:.1} MiB");
+    drop(idle);
+    store.shutdown().await;
+}

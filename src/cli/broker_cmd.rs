@@ -46,13 +46,19 @@ pub struct BrokerArgs {
     /// Common Name is the client's user name. Needs TLS (--tls-cert/--tls-key or --config).
     #[arg(long)]
     pub tls_client_ca: Option<PathBuf>,
-    /// With the gateway: connections a source address may open at once [default: 20].
+    /// With the gateway: failures before CONNECT (malformed bytes, bad credentials, idle
+    /// sockets) a source address may cause at once before its new connections get a 2 s CONNECT
+    /// window and are shed first [default: 20]. Successful connections cost nothing.
     #[arg(long)]
-    pub connect_burst: Option<u32>,
-    /// With the gateway: new connections per second per source address after the burst
+    pub failure_burst: Option<u32>,
+    /// With the gateway: failures per second a source address regains after the burst
     /// [default: 10].
     #[arg(long)]
-    pub connect_rate: Option<f64>,
+    pub failure_rate: Option<f64>,
+    /// With the gateway: connections that may be waiting for their CONNECT at once; beyond it
+    /// the oldest is closed [default: 10000].
+    #[arg(long)]
+    pub max_pending_connects: Option<usize>,
 }
 
 /// Starts the broker, prints its address(es) on stdout, and blocks until Ctrl-C.
@@ -90,11 +96,14 @@ pub fn run(a: BrokerArgs) -> Result<()> {
     if a.password_file.is_some() {
         opts.password_file = a.password_file;
     }
-    if let Some(burst) = a.connect_burst {
-        opts.connect_rate.burst = burst;
+    if let Some(burst) = a.failure_burst {
+        opts.failure_budget.burst = burst;
     }
-    if let Some(rate) = a.connect_rate {
-        opts.connect_rate.per_second = rate;
+    if let Some(rate) = a.failure_rate {
+        opts.failure_budget.per_second = rate;
+    }
+    if let Some(n) = a.max_pending_connects {
+        opts.max_pending_connects = n;
     }
     let authenticated =
         opts.users.is_some() || opts.password_file.is_some() || opts.client_ca.is_some();

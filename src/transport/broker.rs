@@ -34,7 +34,7 @@
 //! rate limits. [`EmbeddedBroker::addr`] is then the gateway's address. The gateway speaks MQTT
 //! 3.1.1 only, so it cannot be combined with an MQTT 5 listener.
 
-use super::gateway::{self, Acl, ConnectRate, Credential, PasswordFile};
+use super::gateway::{self, Acl, Credential, FailureBudget, PasswordFile};
 use super::{DEFAULT_MAX_PACKET_SIZE, MIN_PACKET_SIZE};
 use std::collections::HashMap;
 use std::fmt;
@@ -158,10 +158,13 @@ pub struct BrokerOptions {
     /// one, and its Common Name is its user name (like Mosquitto's `use_identity_as_username`;
     /// `fedmq certs` puts the participant id there). Needs `tls`. Turns on the gateway.
     pub client_ca: Option<PathBuf>,
-    /// Gateway only: new connections per source address (IPv6: per /64).
-    pub connect_rate: ConnectRate,
-    /// Gateway only: connections that may be between accept and a completed CONNECT at once
-    /// (slow or idle clients beyond it are refused instead of holding resources).
+    /// Gateway only: failures (bad bytes, bad credentials, no CONNECT in time) a source address
+    /// (IPv6: a /64) may cause before its connections are treated as abusive; successful
+    /// connections cost nothing. See [`FailureBudget`].
+    pub failure_budget: FailureBudget,
+    /// Gateway only: connections that may be between accept and a complete CONNECT at once.
+    /// When a new one arrives at the cap, the oldest pending connection (from an abusive source
+    /// first) is closed; a connection that has sent its CONNECT is never shed.
     pub max_pending_connects: usize,
 }
 
@@ -213,8 +216,8 @@ impl Default for BrokerOptions {
             acl_file: None,
             password_file: None,
             client_ca: None,
-            connect_rate: ConnectRate::default(),
-            max_pending_connects: 128,
+            failure_budget: FailureBudget::default(),
+            max_pending_connects: 10_000,
         }
     }
 }
@@ -238,7 +241,7 @@ impl fmt::Debug for BrokerOptions {
             .field("acl_file", &self.acl_file)
             .field("password_file", &self.password_file)
             .field("client_ca", &self.client_ca)
-            .field("connect_rate", &self.connect_rate)
+            .field("failure_budget", &self.failure_budget)
             .field("max_pending_connects", &self.max_pending_connects)
             .finish()
     }
@@ -441,10 +444,10 @@ impl BrokerOptions {
                         .into(),
                 );
             }
-            let rate = &self.connect_rate;
+            let rate = &self.failure_budget;
             if rate.burst == 0 || !(rate.per_second.is_finite() && rate.per_second > 0.0) {
                 return bad(
-                    "connect_rate",
+                    "failure_budget",
                     format!(
                         "burst {} and {} per second: both must be positive",
                         rate.burst, rate.per_second
@@ -718,7 +721,7 @@ impl EmbeddedBroker {
             connect_timeout: Duration::from_millis(u64::from(opts.connection_timeout_ms)),
             max_connections: opts.max_connections,
             max_pending: opts.max_pending_connects,
-            rate: opts.connect_rate,
+            rate: opts.failure_budget,
         })
         .map_err(BrokerError::Spawn)?;
         // The listener is bound, so this only proves that nothing is badly wrong with it.
@@ -1150,13 +1153,13 @@ mod tests {
         );
         assert_eq!(
             field(BrokerOptions {
-                connect_rate: ConnectRate {
+                failure_budget: FailureBudget {
                     burst: 0,
                     per_second: 1.0
                 },
                 ..with_acl
             }),
-            "connect_rate"
+            "failure_budget"
         );
         let s = format!(
             "{:?}",

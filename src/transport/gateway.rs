@@ -874,16 +874,23 @@ pub(crate) fn common_name(der: &[u8]) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // I/O driver
 
-/// New connections per source address: a token bucket.
+/// Failures a source address may cause before it is treated as abusive: a token bucket
+/// that only failures drain (a connection closed or refused before its CONNECT was accepted:
+/// malformed bytes, a wrong password, no CONNECT in time, a failed TLS handshake). Successful
+/// connections cost nothing, so any number of honest devices may share one address (a NAT, a
+/// compose network, a load test). An address over its budget is not refused (honest devices
+/// behind it still connect): its new connections get [`ABUSIVE_CONNECT_WINDOW`] instead of
+/// `connection_timeout_ms` to send CONNECT, are the first shed when the pending cap is reached,
+/// and their failures are logged at debug level.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ConnectRate {
-    /// Connections a source may open at once.
+pub struct FailureBudget {
+    /// Failures a source may cause at once.
     pub burst: u32,
-    /// Refill rate: connections per second.
+    /// Refill rate: failures per second.
     pub per_second: f64,
 }
 
-impl Default for ConnectRate {
+impl Default for FailureBudget {
     /// Burst 20, then 10 per second.
     fn default() -> Self {
         Self {
@@ -893,38 +900,68 @@ impl Default for ConnectRate {
     }
 }
 
+/// Time to send CONNECT for a connection from an address over its [`FailureBudget`].
+pub const ABUSIVE_CONNECT_WINDOW: Duration = Duration::from_secs(2);
+
 struct Bucket {
     tokens: f64,
     last: Instant,
-    /// A refusal was logged since the bucket was last full: log once per episode.
+    /// The exhaustion was logged since the bucket was last full: log once per episode.
     warned: bool,
 }
 
-/// Per-source token buckets. IPv6 sources are grouped by /64 (one host usually owns one).
+/// Per-source failure buckets. IPv6 sources are grouped by /64 (one host usually owns one).
 struct RateLimiter {
-    rate: ConnectRate,
+    rate: FailureBudget,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
 }
 
 /// Most tracked sources; beyond it, full buckets are dropped, then (a flood from many
-/// addresses) all of them: memory stays bounded, the pending-CONNECT cap still applies.
+/// addresses) all of them: memory stays bounded.
 const MAX_TRACKED_SOURCES: usize = 16_384;
 
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    }
+}
+
 impl RateLimiter {
-    /// `Ok` to admit; `Err(first)`: refuse, `first` when this episode has not been logged yet.
-    fn admit(&self, ip: IpAddr, now: Instant) -> Result<(), bool> {
-        let key = match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => {
-                    let s = v6.segments();
-                    IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-                }
-            },
-            v4 => v4,
-        };
+    fn refill(&self, b: &mut Bucket, now: Instant) {
         let burst = f64::from(self.rate.burst);
+        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * self.rate.per_second).min(burst);
+        b.last = now;
+        if b.tokens >= burst {
+            b.warned = false;
+        }
+    }
+
+    /// True when `ip` has used up its failure budget.
+    fn abusive(&self, ip: IpAddr, now: Instant) -> bool {
         // A poisoned lock only means another task panicked mid-update; the map is still valid.
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get_mut(&source_key(ip)) {
+            None => false,
+            Some(b) => {
+                self.refill(b, now);
+                b.tokens < 1.0
+            }
+        }
+    }
+
+    /// Counts one failure of `ip`. Returns `(abusive, first)`: whether the source is now over
+    /// its budget, and whether this is the first failure of that episode (to log once).
+    fn charge(&self, ip: IpAddr, now: Instant) -> (bool, bool) {
+        let key = source_key(ip);
+        let burst = f64::from(self.rate.burst);
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_TRACKED_SOURCES && !map.contains_key(&key) {
             let rate = self.rate.per_second;
@@ -940,20 +977,100 @@ impl RateLimiter {
             last: now,
             warned: false,
         });
-        let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * self.rate.per_second).min(burst);
-        b.last = now;
-        if b.tokens >= burst {
-            b.warned = false;
-        }
+        self.refill(b, now);
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
-            Ok(())
-        } else {
-            let first = !b.warned;
-            b.warned = true;
-            Err(first)
         }
+        if b.tokens >= 1.0 {
+            return (false, false);
+        }
+        let first = !b.warned;
+        b.warned = true;
+        (true, first)
+    }
+}
+
+/// Connections that have not yet sent a complete CONNECT, oldest first; those from abusive
+/// sources apart, so that they are shed first.
+#[derive(Default)]
+struct PendingSet {
+    next: u64,
+    normal: std::collections::BTreeMap<u64, tokio_util::sync::CancellationToken>,
+    abusive: std::collections::BTreeMap<u64, tokio_util::sync::CancellationToken>,
+}
+
+/// A connection's place in the [`PendingSet`]; leaves it on [`done`](Self::done) or drop.
+struct Pending {
+    shared: Arc<Shared>,
+    id: u64,
+    abusive: bool,
+    cancel: tokio_util::sync::CancellationToken,
+    left: bool,
+}
+
+impl Pending {
+    /// Registers a new connection; when the set is full, sheds (cancels) the oldest pending
+    /// connection of an abusive source, else the oldest pending connection.
+    fn register(shared: &Arc<Shared>, abusive: bool) -> Self {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let mut set = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let id = set.next;
+        set.next += 1;
+        if set.normal.len() + set.abusive.len() >= shared.cfg.max_pending {
+            let victim = set.abusive.pop_first().or_else(|| set.normal.pop_first());
+            if let Some((_, token)) = victim {
+                token.cancel();
+                let shed = shared
+                    .shed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if shed.is_power_of_two() || shed == 0 {
+                    tracing::warn!(
+                        max = shared.cfg.max_pending,
+                        shed = shed + 1,
+                        "gateway: pending-connection cap reached: shedding the oldest \
+                         connections that have not sent CONNECT (logged at 1, 2, 4, ... sheds)"
+                    );
+                }
+            }
+        }
+        let slot = if abusive {
+            &mut set.abusive
+        } else {
+            &mut set.normal
+        };
+        slot.insert(id, cancel.clone());
+        drop(set);
+        Self {
+            shared: shared.clone(),
+            id,
+            abusive,
+            cancel,
+            left: false,
+        }
+    }
+
+    /// The connection sent a complete CONNECT: it is authenticating and is never shed.
+    fn done(&mut self) {
+        if !self.left {
+            self.left = true;
+            let mut set = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let slot = if self.abusive {
+                &mut set.abusive
+            } else {
+                &mut set.normal
+            };
+            slot.remove(&self.id);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.done();
     }
 }
 
@@ -983,9 +1100,10 @@ pub(crate) struct GatewayConfig {
     /// Time from accept to a forwarded CONNECT (TLS handshake included).
     pub(crate) connect_timeout: Duration,
     pub(crate) max_connections: usize,
-    /// Connections that may be between accept and a forwarded CONNECT at once.
+    /// Connections that may be between accept and a complete CONNECT at once; beyond it the
+    /// oldest is shed.
     pub(crate) max_pending: usize,
-    pub(crate) rate: ConnectRate,
+    pub(crate) rate: FailureBudget,
 }
 
 /// State shared by the accept loop and the connection tasks.
@@ -995,12 +1113,13 @@ struct Shared {
     limiter: RateLimiter,
     /// One permit per open connection.
     connections: Arc<Semaphore>,
-    /// One permit per connection that has not finished CONNECT.
-    pending: Arc<Semaphore>,
-    /// A "connection cap reached" / "pending cap reached" warning was logged for the current
-    /// episode (reset when a connection is admitted again).
+    /// Connections that have not sent a complete CONNECT.
+    pending: Mutex<PendingSet>,
+    /// Pending connections shed so far.
+    shed: std::sync::atomic::AtomicU64,
+    /// A "connection cap reached" warning was logged for the current episode (reset when a
+    /// connection is admitted again).
     warned_full: std::sync::atomic::AtomicBool,
-    warned_pending: std::sync::atomic::AtomicBool,
 }
 
 /// Starts the gateway on its own thread and runtime. It runs for the rest of the process, as
@@ -1026,9 +1145,9 @@ pub(crate) fn spawn(cfg: GatewayConfig) -> std::io::Result<()> {
             buckets: Mutex::new(HashMap::new()),
         },
         connections: Arc::new(Semaphore::new(cfg.max_connections)),
-        pending: Arc::new(Semaphore::new(cfg.max_pending)),
+        pending: Mutex::new(PendingSet::default()),
+        shed: 0.into(),
         warned_full: false.into(),
-        warned_pending: false.into(),
         cfg,
     });
     std::thread::Builder::new()
@@ -1054,15 +1173,6 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        if let Err(first) = shared.limiter.admit(peer.ip(), Instant::now()) {
-            if first {
-                tracing::warn!(%peer, burst = shared.cfg.rate.burst,
-                    per_second = shared.cfg.rate.per_second,
-                    "gateway: refusing connections from this source: connection rate limit \
-                     (logged once until the source slows down)");
-            }
-            continue;
-        }
         let Ok(conn) = shared.connections.clone().try_acquire_owned() else {
             if !shared.warned_full.swap(true, Relaxed) {
                 tracing::warn!(%peer, max = shared.cfg.max_connections,
@@ -1071,16 +1181,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             }
             continue;
         };
-        let Ok(pending) = shared.pending.clone().try_acquire_owned() else {
-            if !shared.warned_pending.swap(true, Relaxed) {
-                tracing::warn!(%peer, max = shared.cfg.max_pending,
-                    "gateway: refusing connection: too many connections have not finished \
-                     CONNECT (logged once until a connection is admitted)");
-            }
-            continue;
-        };
+        let abusive = shared.limiter.abusive(peer.ip(), Instant::now());
+        let pending = Pending::register(&shared, abusive);
         shared.warned_full.store(false, Relaxed);
-        shared.warned_pending.store(false, Relaxed);
         let shared = shared.clone();
         tokio::spawn(async move {
             let _conn = conn;
@@ -1100,6 +1203,14 @@ enum End {
     Closed(String),
 }
 
+impl End {
+    /// Ends that count against the source's failure budget: refusals and CONNACK refusals
+    /// (a quiet close after a good CONNECT does not reach here).
+    fn is_before_connect(&self) -> bool {
+        matches!(self, End::Refused(_) | End::Connack(..) | End::Closed(_))
+    }
+}
+
 /// Who a connection is, once CONNECT has been accepted.
 #[derive(Debug, Clone)]
 struct Who {
@@ -1107,22 +1218,51 @@ struct Who {
     client_id: String,
 }
 
+/// Counts a failure before CONNECT against `peer`'s address; true when the address is over
+/// its budget (its failures are then logged at debug level).
+fn charge(shared: &Shared, peer: SocketAddr) -> bool {
+    let (abusive, first) = shared.limiter.charge(peer.ip(), Instant::now());
+    if first {
+        tracing::warn!(%peer, burst = shared.cfg.rate.burst,
+            per_second = shared.cfg.rate.per_second,
+            "gateway: this address keeps failing before CONNECT (malformed bytes, bad \
+             credentials, idle sockets): its new connections get a short CONNECT window and \
+             are shed first; further failures from it are logged at debug level until it \
+             slows down");
+    }
+    abusive
+}
+
 async fn handle(
     shared: Arc<Shared>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    pending: tokio::sync::OwnedSemaphorePermit,
+    mut pending: Pending,
 ) {
-    let deadline = tokio::time::Instant::now() + shared.cfg.connect_timeout;
+    let window = if pending.abusive {
+        shared.cfg.connect_timeout.min(ABUSIVE_CONNECT_WINDOW)
+    } else {
+        shared.cfg.connect_timeout
+    };
+    let deadline = tokio::time::Instant::now() + window;
+    let cancel = pending.cancel.clone();
     match &shared.tls {
-        None => session(&shared, tcp, peer, None, pending, deadline).await,
-        Some(acceptor) => match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-            Ok(Ok(tls)) => {
+        None => session(&shared, tcp, peer, None, &mut pending, deadline).await,
+        Some(acceptor) => match tokio::select! {
+            r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => Some(r),
+            () = cancel.cancelled() => None,
+        } {
+            None => {
+                charge(&shared, peer);
+                tracing::debug!(%peer, "gateway: shed during its TLS handshake");
+            }
+            Some(Ok(Ok(tls))) => {
                 let cn = if shared.cfg.auth.client_cert {
                     let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
                     match cert.and_then(|c| common_name(c.as_ref())) {
                         Some(cn) => Some(cn),
                         None => {
+                            charge(&shared, peer);
                             tracing::warn!(%peer, "gateway: refusing connection: the client \
                                     certificate has no single Common Name to use as user name");
                             return;
@@ -1131,14 +1271,22 @@ async fn handle(
                 } else {
                     None
                 };
-                session(&shared, tls, peer, cn, pending, deadline).await;
+                session(&shared, tls, peer, cn, &mut pending, deadline).await;
             }
-            Ok(Err(e)) => {
-                tracing::warn!(%peer, error = %e, "gateway: TLS handshake failed");
+            Some(Ok(Err(e))) => {
+                if charge(&shared, peer) {
+                    tracing::debug!(%peer, error = %e, "gateway: TLS handshake failed");
+                } else {
+                    tracing::warn!(%peer, error = %e, "gateway: TLS handshake failed");
+                }
             }
-            Err(_) => {
-                tracing::warn!(%peer, timeout = ?shared.cfg.connect_timeout,
-                        "gateway: TLS handshake did not finish within connection_timeout_ms");
+            Some(Err(_)) => {
+                if charge(&shared, peer) {
+                    tracing::debug!(%peer, "gateway: TLS handshake timed out");
+                } else {
+                    tracing::warn!(%peer, timeout = ?window,
+                        "gateway: TLS handshake did not finish within the CONNECT window");
+                }
             }
         },
     }
@@ -1150,29 +1298,44 @@ async fn session<S>(
     stream: S,
     peer: SocketAddr,
     cert_user: Option<String>,
-    pending: tokio::sync::OwnedSemaphorePermit,
+    pending: &mut Pending,
     deadline: tokio::time::Instant,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(4096);
-    let opened = tokio::time::timeout_at(
-        deadline,
-        open(shared, &mut rd, &mut wr, &mut buf, cert_user),
-    )
-    .await;
-    drop(pending);
+    // No buffer until bytes arrive: an idle connection costs its task and socket only.
+    let mut buf = BytesMut::new();
+    let cancel = pending.cancel.clone();
+    let opened = tokio::select! {
+        r = tokio::time::timeout_at(
+            deadline,
+            open(shared, &mut rd, &mut wr, &mut buf, cert_user, pending),
+        ) => Some(r),
+        () = cancel.cancelled() => None,
+    };
+    pending.done();
     let (who, upstream) = match opened {
-        Ok(Ok(opened)) => opened,
-        Ok(Err(end)) => {
-            log_end(peer, None, end);
+        Some(Ok(Ok(opened))) => opened,
+        Some(Ok(Err(end))) => {
+            let quiet = end.is_before_connect() && charge(shared, peer);
+            if quiet {
+                tracing::debug!(%peer, "gateway: connection failed before CONNECT");
+            } else {
+                log_end(peer, None, end);
+            }
             let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
             return;
         }
-        Err(_) => {
-            tracing::warn!(%peer, timeout = ?shared.cfg.connect_timeout,
-                "gateway: closing connection: no CONNECT within connection_timeout_ms");
+        Some(Err(_)) => {
+            if !charge(shared, peer) {
+                tracing::warn!(%peer, "gateway: closing connection: no CONNECT within its window");
+            }
+            return;
+        }
+        None => {
+            charge(shared, peer);
+            tracing::debug!(%peer, "gateway: shed before CONNECT (pending-connection cap)");
             return;
         }
     };
@@ -1216,6 +1379,7 @@ async fn open<R, W>(
     wr: &mut W,
     buf: &mut BytesMut,
     cert_user: Option<String>,
+    pending: &mut Pending,
 ) -> Result<(Who, tokio::net::TcpStream), End>
 where
     R: AsyncRead + Unpin,
@@ -1229,6 +1393,8 @@ where
             Err(r) => return Err(End::Refused(r)),
         }
     };
+    // A whole packet arrived: from here the connection is authenticating, never shed.
+    pending.done();
     let packet = buf.split_to(header + len);
     if packet[0] >> 4 != 1 {
         return Err(End::Refused(Refusal::Malformed(
@@ -1324,7 +1490,8 @@ async fn read_more<R: AsyncRead + Unpin>(
             max,
         }));
     }
-    buf.reserve(8192);
+    // Small first read (a CONNECT is usually under 512 bytes), larger once traffic flows.
+    buf.reserve(if buf.capacity() == 0 { 512 } else { 8192 });
     match rd.read_buf(buf).await {
         Ok(0) => Err(End::Closed("client closed the connection".into())),
         Ok(_) => Ok(()),
@@ -1647,9 +1814,9 @@ mod tests {
     }
 
     #[test]
-    fn rate_limiter_allows_a_burst_then_the_rate() {
+    fn only_failures_drain_an_address_budget() {
         let l = RateLimiter {
-            rate: ConnectRate {
+            rate: FailureBudget {
                 burst: 3,
                 per_second: 10.0,
             },
@@ -1657,13 +1824,18 @@ mod tests {
         };
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let t = Instant::now();
-        for _ in 0..3 {
-            assert_eq!(l.admit(ip, t), Ok(()));
-        }
-        assert_eq!(l.admit(ip, t), Err(true));
-        assert_eq!(l.admit(ip, t), Err(false), "logged once per episode");
-        assert_eq!(l.admit("10.0.0.2".parse().unwrap(), t), Ok(()));
-        assert_eq!(l.admit(ip, t + Duration::from_millis(150)), Ok(()));
+        assert!(!l.abusive(ip, t), "connections alone cost nothing");
+        assert_eq!(l.charge(ip, t), (false, false));
+        assert_eq!(l.charge(ip, t), (false, false));
+        assert_eq!(
+            l.charge(ip, t),
+            (true, true),
+            "third failure exhausts it, logged"
+        );
+        assert_eq!(l.charge(ip, t), (true, false), "logged once per episode");
+        assert!(l.abusive(ip, t));
+        assert!(!l.abusive("10.0.0.2".parse().unwrap(), t));
+        assert!(!l.abusive(ip, t + Duration::from_millis(150)), "refilled");
     }
 
     /// Random and mutated byte streams through framing, parsing and the ACL: no panics.

@@ -40,7 +40,7 @@ mod gateway;
 mod mqtt;
 
 pub use broker::{BrokerError, BrokerOptions, BrokerTls, EmbeddedBroker};
-pub use gateway::ConnectRate;
+pub use gateway::{FailureBudget, ABUSIVE_CONNECT_WINDOW};
 pub use mqtt::{
     ConnState, Dedup, Incoming, IncomingError, MqttError, MqttHandle, MqttSession, MqttTls,
     PresenceMessages, SessionOptions,
