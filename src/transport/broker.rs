@@ -30,8 +30,9 @@
 //! [`BrokerOptions::client_ca`], rumqttd listens on 127.0.0.1 on a free port behind an
 //! authorizing gateway (`gateway.rs`) that serves [`BrokerOptions::listen`]: Mosquitto's ACL and
 //! password file formats (so `broker/fedmq.acl` and one `mosquitto_passwd` file serve both
-//! brokers), mutual TLS with the certificate's Common Name as user name, per-source connection
-//! rate limits. [`EmbeddedBroker::addr`] is then the gateway's address. The gateway speaks MQTT
+//! brokers), mutual TLS with the certificate's Common Name as user name, and guards against idle and
+//! hostile connections (the oldest connection still waiting for its CONNECT is shed at the
+//! pending cap; failures, not connections, cost a source address its budget). [`EmbeddedBroker::addr`] is then the gateway's address. The gateway speaks MQTT
 //! 3.1.1 only, so it cannot be combined with an MQTT 5 listener.
 
 use super::gateway::{self, Acl, Credential, FailureBudget, PasswordFile};
