@@ -61,3 +61,114 @@ fn three_hundred_client_sessions_through_mosquitto() {
     }
     federation_of_300("mosquitto");
 }
+
+/// Reconnect storm: 1,000 sessions (mutual TLS, behind the gateway with the shipped ACL) are
+/// connected to `fedmq broker`; the broker is killed (SIGKILL) and started again on the same
+/// port; every session must be back without any action, the gateway refusing none of them.
+/// Their reconnects are spread by the sessions' jittered exponential back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_sessions_return_after_a_broker_restart() {
+    use fedmq::transport::{ConnState, MqttSession, MqttTls, SessionOptions};
+    use std::io::BufRead as _;
+    use std::time::{Duration, Instant};
+    const SESSIONS: usize = 1000;
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = fedmq::tls::CertsPlan::new(dir.path().join("certs"), vec!["client-1".into()]);
+    plan.hosts = vec!["127.0.0.1".into()];
+    fedmq::tls::generate_certs(&plan).unwrap();
+    let certs = dir.path().join("certs");
+    let port = common::free_port();
+    let start_broker = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fedmq"))
+            .arg("broker")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--tls-cert")
+            .arg(certs.join("broker.pem"))
+            .arg("--tls-key")
+            .arg(certs.join("broker.key"))
+            .arg("--tls-client-ca")
+            .arg(certs.join("ca.pem"))
+            .arg("--acl-file")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl"))
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("fedmq broker");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.contains(&port.to_string()).then_some(child)
+    };
+    // The port can take a moment to be free again after the kill: a few tries.
+    let start_broker = || {
+        for _ in 0..20 {
+            if let Some(child) = start_broker() {
+                return child;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("fedmq broker did not start on port {port}");
+    };
+    let mut broker = start_broker();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut sessions = Vec::with_capacity(SESSIONS);
+    let t = Instant::now();
+    for i in 0..SESSIONS {
+        let mut o = SessionOptions::new("127.0.0.1", port, format!("storm-{i}"));
+        o.tls = Some(MqttTls {
+            ca: certs.join("ca.pem"),
+            identity: Some(fedmq::tls::Identity {
+                cert: certs.join("client-1.pem"),
+                key: certs.join("client-1.key"),
+            }),
+        });
+        let (h, rx) = MqttSession::connect(o, cancel.child_token()).unwrap();
+        sessions.push((h, rx));
+    }
+    let all = |want: ConnState, limit: Duration| {
+        let handles: Vec<_> = sessions.iter().map(|(h, _)| h.clone()).collect();
+        async move {
+            let waits = handles.iter().map(|h| h.wait_for(want, limit));
+            futures::future::join_all(waits)
+                .await
+                .into_iter()
+                .filter(|r| r.is_err())
+                .count()
+        }
+    };
+    let missing = all(ConnState::Connected, Duration::from_secs(120)).await;
+    assert_eq!(
+        missing, 0,
+        "{missing} of {SESSIONS} sessions never connected"
+    );
+    let first = t.elapsed();
+
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let missing = all(ConnState::Disconnected, Duration::from_secs(60)).await;
+    assert_eq!(
+        missing, 0,
+        "{missing} sessions did not notice the broker was gone"
+    );
+    let mut broker = start_broker();
+    let t = Instant::now();
+    let missing = all(ConnState::Connected, Duration::from_secs(120)).await;
+    let back = t.elapsed();
+    eprintln!(
+        "{SESSIONS} TLS sessions: first connect {first:?}; all back {back:?} after the restart"
+    );
+    assert_eq!(
+        missing, 0,
+        "{missing} of {SESSIONS} sessions did not come back"
+    );
+    cancel.cancel();
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
