@@ -1296,28 +1296,11 @@ async fn a_federation_completes_through_the_secure_broker_while_its_address_floo
     plan.hosts = vec!["127.0.0.1".into()];
     fedmq::tls::generate_certs(&plan).unwrap();
     let certs = d.join("certs");
-    let acl = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl");
     let port = free_port();
     // FEDMQ_TEST_BROKER_BIN: another fedmq binary as the broker (to check an older build).
-    let bin = std::env::var("FEDMQ_TEST_BROKER_BIN")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fedmq").to_string());
-    let mut broker = Command::new(bin);
-    broker
-        .arg("broker")
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--tls-cert")
-        .arg(certs.join("broker.pem"))
-        .arg("--tls-key")
-        .arg(certs.join("broker.key"))
-        .arg("--tls-client-ca")
-        .arg(certs.join("ca.pem"))
-        .arg("--acl-file")
-        .arg(&acl)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    let bin = std::env::var_os("FEDMQ_TEST_BROKER_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_fedmq").into());
+    let mut broker = common::secure_broker_command(&bin, port, &certs);
     let mut broker = Proc(broker.spawn().expect("fedmq broker"));
     first_line(&mut broker.0);
     let pid = broker.0.id();

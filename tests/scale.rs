@@ -84,24 +84,10 @@ async fn a_thousand_sessions_return_after_a_broker_restart() {
     let certs = dir.path().join("certs");
     let port = common::free_port();
     let start_broker = || {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fedmq"))
-            .arg("broker")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls-cert")
-            .arg(certs.join("broker.pem"))
-            .arg("--tls-key")
-            .arg(certs.join("broker.key"))
-            .arg("--tls-client-ca")
-            .arg(certs.join("ca.pem"))
-            .arg("--acl-file")
-            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl"))
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("fedmq broker");
+        let mut child =
+            common::secure_broker_command(env!("CARGO_BIN_EXE_fedmq").as_ref(), port, &certs)
+                .spawn()
+                .expect("fedmq broker");
         let mut line = String::new();
         std::io::BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)

@@ -1542,6 +1542,71 @@ fn block_stream(
     })
 }
 
+/// The attributes of an upload request (`PutObject`, `CreateMultipartUpload`, `CopyObject`
+/// with `REPLACE`): the same field names in each input type.
+macro_rules! attrs_of {
+    ($i:expr) => {
+        Attrs::new(
+            $i.content_type,
+            $i.content_encoding,
+            $i.content_disposition,
+            $i.content_language,
+            $i.cache_control,
+            $i.website_redirect_location,
+            $i.expires,
+            $i.metadata,
+        )
+    };
+}
+
+/// The `x-amz-checksum-*` values of an upload request (`PutObject`, `UploadPart`).
+macro_rules! sums_of {
+    ($i:expr) => {
+        Sums {
+            crc32: $i.checksum_crc32,
+            crc32c: $i.checksum_crc32c,
+            crc64nvme: $i.checksum_crc64nvme,
+            sha1: $i.checksum_sha1,
+            sha256: $i.checksum_sha256,
+        }
+    };
+}
+
+/// A `GetObject` or `HeadObject` output with the object's stored headers (ETag, attributes,
+/// checksums `$sums`) and the given fields.
+macro_rules! object_headers {
+    ($ty:ident, $meta:expr, $sums:expr, { $($field:ident $(: $value:expr)?),* $(,)? }) => {
+        $ty {
+            $($field $(: $value)?,)*
+            accept_ranges: Some("bytes".into()),
+            last_modified: Some($meta.modified()),
+            e_tag: Some(ETag::Strong($meta.etag.clone())),
+            metadata: $meta.attrs.metadata(),
+            content_type: $meta.attrs.content_type.clone(),
+            content_encoding: $meta.attrs.content_encoding.clone(),
+            content_disposition: $meta.attrs.content_disposition.clone(),
+            content_language: $meta.attrs.content_language.clone(),
+            cache_control: $meta.attrs.cache_control.clone(),
+            website_redirect_location: $meta.attrs.website_redirect_location.clone(),
+            expires: $meta.attrs.expires(),
+            checksum_crc32: $sums.crc32,
+            checksum_crc32c: $sums.crc32c,
+            checksum_crc64nvme: $sums.crc64nvme,
+            checksum_sha1: $sums.sha1,
+            checksum_sha256: $sums.sha256,
+            ..Default::default()
+        }
+    };
+}
+
+/// The checksum trailers an aws-chunked request announces (`x-amz-trailer`).
+fn trailer_names<T>(req: &S3Request<T>) -> Option<String> {
+    req.headers
+        .get("x-amz-trailer")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 // ---------------------------------------------------------------------------------------------
 // S3 operations
 
@@ -1655,11 +1720,7 @@ impl S3 for ObjectStore {
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
-        let trailer = req
-            .headers
-            .get("x-amz-trailer")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let trailer = trailer_names(&req);
         let trailers = req.trailing_headers;
         let i = req.input;
         check_key(&i.key)?;
@@ -1687,13 +1748,7 @@ impl S3 for ObjectStore {
         let Some(body) = i.body else {
             return Err(err(S3ErrorCode::IncompleteBody, "the request has no body"));
         };
-        let mut given = Sums {
-            crc32: i.checksum_crc32,
-            crc32c: i.checksum_crc32c,
-            crc64nvme: i.checksum_crc64nvme,
-            sha1: i.checksum_sha1,
-            sha256: i.checksum_sha256,
-        };
+        let mut given = sums_of!(i);
         let hasher = given.hasher(i.checksum_algorithm.as_ref(), trailer.as_deref())?;
         let expected = expected_len(i.content_length, &body);
         let version = self.version();
@@ -1716,16 +1771,7 @@ impl S3 for ObjectStore {
             size: received.size,
             etag: etag.clone(),
             modified_ms: now_ms(),
-            attrs: Attrs::new(
-                i.content_type,
-                i.content_encoding,
-                i.content_disposition,
-                i.content_language,
-                i.cache_control,
-                i.website_redirect_location,
-                i.expires,
-                i.metadata,
-            ),
+            attrs: attrs_of!(i),
             sums: received.sums.clone(),
             crcs: received.crcs.clone(),
         };
@@ -1805,28 +1851,13 @@ impl S3 for ObjectStore {
         } else {
             Sums::default()
         };
-        Ok(S3Response::new(GetObjectOutput {
-            body: Some(body),
-            content_length: Some(len as i64),
-            content_range,
-            accept_ranges: Some("bytes".into()),
-            last_modified: Some(meta.modified()),
-            e_tag: Some(ETag::Strong(meta.etag.clone())),
-            metadata: meta.attrs.metadata(),
-            content_type: meta.attrs.content_type.clone(),
-            content_encoding: meta.attrs.content_encoding.clone(),
-            content_disposition: meta.attrs.content_disposition.clone(),
-            content_language: meta.attrs.content_language.clone(),
-            cache_control: meta.attrs.cache_control.clone(),
-            website_redirect_location: meta.attrs.website_redirect_location.clone(),
-            expires: meta.attrs.expires(),
-            checksum_crc32: sums.crc32,
-            checksum_crc32c: sums.crc32c,
-            checksum_crc64nvme: sums.crc64nvme,
-            checksum_sha1: sums.sha1,
-            checksum_sha256: sums.sha256,
-            ..Default::default()
-        }))
+        Ok(S3Response::new(
+            object_headers!(GetObjectOutput, meta, sums, {
+                body: Some(body),
+                content_length: Some(len as i64),
+                content_range,
+            }),
+        ))
     }
 
     async fn head_object(
@@ -1837,26 +1868,11 @@ impl S3 for ObjectStore {
         let meta = self.lookup(&i.bucket, &i.key)?;
         check_read_conditions(&meta, i.if_match.as_ref(), i.if_none_match.as_ref())?;
         let sums = meta.sums.clone();
-        Ok(S3Response::new(HeadObjectOutput {
-            content_length: Some(meta.size as i64),
-            accept_ranges: Some("bytes".into()),
-            last_modified: Some(meta.modified()),
-            e_tag: Some(ETag::Strong(meta.etag.clone())),
-            metadata: meta.attrs.metadata(),
-            content_type: meta.attrs.content_type.clone(),
-            content_encoding: meta.attrs.content_encoding.clone(),
-            content_disposition: meta.attrs.content_disposition.clone(),
-            content_language: meta.attrs.content_language.clone(),
-            cache_control: meta.attrs.cache_control.clone(),
-            website_redirect_location: meta.attrs.website_redirect_location.clone(),
-            expires: meta.attrs.expires(),
-            checksum_crc32: sums.crc32,
-            checksum_crc32c: sums.crc32c,
-            checksum_crc64nvme: sums.crc64nvme,
-            checksum_sha1: sums.sha1,
-            checksum_sha256: sums.sha256,
-            ..Default::default()
-        }))
+        Ok(S3Response::new(
+            object_headers!(HeadObjectOutput, meta, sums, {
+                content_length: Some(meta.size as i64),
+            }),
+        ))
     }
 
     async fn delete_object(
@@ -2000,16 +2016,7 @@ impl S3 for ObjectStore {
             bucket: i.bucket.clone(),
             key: i.key.clone(),
             owner,
-            attrs: Attrs::new(
-                i.content_type,
-                i.content_encoding,
-                i.content_disposition,
-                i.content_language,
-                i.cache_control,
-                i.website_redirect_location,
-                i.expires,
-                i.metadata,
-            ),
+            attrs: attrs_of!(i),
             algorithm: i.checksum_algorithm.as_ref().map(|a| a.as_str().to_owned()),
             created_ms: now_ms(),
         };
@@ -2043,11 +2050,7 @@ impl S3 for ObjectStore {
         &self,
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
-        let trailer = req
-            .headers
-            .get("x-amz-trailer")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let trailer = trailer_names(&req);
         let caller = req.credentials.as_ref().map(|c| c.access_key.clone());
         let trailers = req.trailing_headers;
         let i = req.input;
@@ -2061,13 +2064,7 @@ impl S3 for ObjectStore {
         let Some(body) = i.body else {
             return Err(err(S3ErrorCode::IncompleteBody, "the request has no body"));
         };
-        let mut given = Sums {
-            crc32: i.checksum_crc32,
-            crc32c: i.checksum_crc32c,
-            crc64nvme: i.checksum_crc64nvme,
-            sha1: i.checksum_sha1,
-            sha256: i.checksum_sha256,
-        };
+        let mut given = sums_of!(i);
         let hasher = given.hasher(i.checksum_algorithm.as_ref(), trailer.as_deref())?;
         let expected = expected_len(i.content_length, &body);
         let version = self.version();
@@ -2282,16 +2279,7 @@ impl S3 for ObjectStore {
             .as_ref()
             .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
         let attrs = if replace {
-            Attrs::new(
-                i.content_type,
-                i.content_encoding,
-                i.content_disposition,
-                i.content_language,
-                i.cache_control,
-                i.website_redirect_location,
-                i.expires,
-                i.metadata,
-            )
+            attrs_of!(i)
         } else {
             src.attrs.clone()
         };

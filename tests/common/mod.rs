@@ -39,3 +39,30 @@ pub fn installed(name: &str) -> Option<PathBuf> {
 pub fn mosquitto_bin() -> Option<PathBuf> {
     installed("mosquitto")
 }
+
+/// `<bin> broker` on 127.0.0.1:`port` as recommended for a distributed run: mutual TLS with the
+/// certificates `fedmq certs` wrote to `certs` (the client certificate's name is the MQTT user)
+/// and the shipped ACL. Its first stdout line names the listener; stderr is discarded.
+pub fn secure_broker_command(
+    bin: &std::ffi::OsStr,
+    port: u16,
+    certs: &std::path::Path,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(bin);
+    c.arg("broker")
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--tls-cert")
+        .arg(certs.join("broker.pem"))
+        .arg("--tls-key")
+        .arg(certs.join("broker.key"))
+        .arg("--tls-client-ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--acl-file")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl"))
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    c
+}
