@@ -25,6 +25,7 @@
 
 use crate::client::{self, ClientOptions, ClientReport, NoopTrainer};
 use crate::federation::{capabilities, Security, KEY_PREFIX};
+use crate::store::access::StoreCredential;
 use crate::metrics::RoundRecord;
 use crate::proto::{BlobKeys, TrainConfig};
 use crate::server::{self, Outcome, Progress, RoundConfig, ServerOptions, ServerReport, Weighting};
@@ -499,6 +500,16 @@ impl BenchEnv {
         }
     }
 
+    /// Client `id`'s store options: its own credential, derived from the store's secret.
+    fn client_s3(&self, id: &str) -> S3Options {
+        let own = StoreCredential::for_participant(&self.s3.secret_key, id);
+        S3Options {
+            access_key: own.access_key,
+            secret_key: own.secret_key,
+            ..self.s3.clone()
+        }
+    }
+
     fn session(&self, id: &str) -> SessionOptions {
         let mut o = SessionOptions::new(self.mqtt_host.clone(), self.mqtt_port, id);
         if let Some(sec) = &self.security {
@@ -758,7 +769,7 @@ pub async fn run_bench_client(
     cancel: CancellationToken,
 ) -> Result<ClientReport> {
     let id = client::client_id(rank);
-    let store = BlobStore::connect(&env.s3).context("S3 options of a client")?;
+    let store = BlobStore::connect(&env.client_s3(&id)).context("S3 options of a client")?;
     let sec = env.security_of(&id);
     let opts = ClientOptions {
         run: env.run.clone(),

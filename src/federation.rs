@@ -14,6 +14,7 @@ use crate::seal::BlobCrypto;
 use crate::server::{
     self, Checkpoint, Evaluation, Evaluator, Progress, RoundConfig, ServerOptions, ServerReport,
 };
+use crate::store::access::StoreCredential;
 use crate::store::{BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions};
 use crate::strategy::FedAvg;
 use crate::tensor::ParamSet;
@@ -216,6 +217,49 @@ pub fn unauthenticated_warning(cfg: &Config, id: &str) -> Option<String> {
     ))
 }
 
+/// The store options of participant `id`: the config's endpoint and bucket, with the
+/// participant's own credential from `fedmq_args.store_credentials` when that is set.
+///
+/// # Errors
+/// The credential file is missing or malformed, or holds another participant's credential.
+pub fn store_options(cfg: &Config, id: &str) -> Result<S3Options> {
+    let mut o = S3Options::from(&cfg.comm_args.customized_training_s3_config);
+    let path = cfg.fedmq_args.store_credentials.replace("{id}", id);
+    if path.is_empty() {
+        return Ok(o);
+    }
+    let c = StoreCredential::load(std::path::Path::new(&path)).map_err(|e| {
+        anyhow::anyhow!(
+            "{e} (fedmq_args.store_credentials; create the participants' credentials with \
+             `fedmq keys -c <config> --out DIR --clients N`)"
+        )
+    })?;
+    if c.access_key != id {
+        bail!(
+            "fedmq_args.store_credentials: {path} holds the store credential of {:?}, not of {id}",
+            c.access_key
+        );
+    }
+    o.access_key = c.access_key;
+    o.secret_key = c.secret_key;
+    Ok(o)
+}
+
+/// The warning a distributed client prints when it signs its store requests with the run's
+/// shared credential (which lets it overwrite any blob of the run). `None` with a credential of
+/// its own.
+pub fn shared_store_credential_warning(s3: &S3Options, id: &str) -> Option<String> {
+    (s3.access_key != id).then(|| {
+        format!(
+            "{id} uses the store's shared credential ({}): it can overwrite or delete every \
+             participant's blobs. Give each participant its own with `fedmq keys -c <config> \
+             --out keys --clients N` and fedmq_args.store_credentials: \"keys/{{id}}.s3\" \
+             (docs/SECURITY.md, \"Least privilege on the store\")",
+            s3.access_key
+        )
+    })
+}
+
 /// This participant's signing key from `fedmq_args.signing_key`, if configured.
 ///
 /// # Errors
@@ -360,9 +404,11 @@ pub async fn run_client_from_config(
         0,
     ));
     let id = client::client_id(rank);
-    let store = BlobStore::connect(&S3Options::from(
-        &cfg.comm_args.customized_training_s3_config,
-    ))?;
+    let s3 = store_options(cfg, &id)?;
+    if let Some(w) = shared_store_credential_warning(&s3, &id) {
+        tracing::warn!("{w}");
+    }
+    let store = BlobStore::connect(&s3)?;
     let opts = ClientOptions {
         run: cfg.common_args.run_id.clone(),
         keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
@@ -405,9 +451,7 @@ pub async fn run_server_from_config(
         tracing::warn!("{w}");
     }
     let (split, _) = tokio::task::block_in_place(|| load_data(cfg, true))?;
-    let store = BlobStore::connect(&S3Options::from(
-        &cfg.comm_args.customized_training_s3_config,
-    ))?;
+    let store = BlobStore::connect(&store_options(cfg, server::SERVER_ID)?)?;
     let mqtt = session_options(cfg, server::SERVER_ID, None);
     let sec = Security::from_config(cfg, server::SERVER_ID)?;
     serve(
@@ -572,7 +616,8 @@ pub async fn run_local(
 
     // Store.
     let s3 = &mut cfg.comm_args.customized_training_s3_config;
-    let store_server = if s3.cn_s3_endpoint.is_empty() {
+    let embedded_store = s3.cn_s3_endpoint.is_empty();
+    let store_server = if embedded_store {
         if s3.cn_s3_aki.is_empty() {
             s3.cn_s3_aki = "fedmq".into();
         }
@@ -625,7 +670,19 @@ pub async fn run_local(
             crypto: sec.crypto,
             id: id.clone(),
         };
-        let store = BlobStore::connect(&s3_opts)?;
+        // Each client signs with its own credential: the embedded store derives it from its
+        // secret; an external one needs fedmq_args.store_credentials (or shares the run's).
+        let client_s3 = if embedded_store {
+            let own = StoreCredential::for_participant(&s3_opts.secret_key, &id);
+            S3Options {
+                access_key: own.access_key,
+                secret_key: own.secret_key,
+                ..s3_opts.clone()
+            }
+        } else {
+            store_options(&cfg, &id)?
+        };
+        let store = BlobStore::connect(&client_s3)?;
         let mut mqtt = session_options(&cfg, &id, mqtt_port);
         mqtt.signer = sec.signer;
         clients.push(tokio::spawn(client::run_client(
@@ -637,7 +694,11 @@ pub async fn run_local(
         )));
     }
 
-    let store = BlobStore::connect(&s3_opts)?;
+    let store = BlobStore::connect(&if embedded_store {
+        s3_opts
+    } else {
+        store_options(&cfg, server::SERVER_ID)?
+    })?;
     let mqtt = session_options(&cfg, server::SERVER_ID, mqtt_port);
     let report = serve(
         &cfg,

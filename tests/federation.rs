@@ -681,8 +681,35 @@ fn distributed_federation_over_mosquitto_and_a_store_process() {
         format!("http://127.0.0.1:{store_port}");
     cfg.comm_args.customized_training_s3_config.cn_s3_sak = String::new();
     cfg.tracking_args.log_file_dir = dir.path().join("out").display().to_string();
+    // The secure recipe of the README: signed messages, sealed blobs, and each participant's own
+    // store credential from `fedmq keys -c`; clients never see the store's secret.
+    let keys = dir.path().join("keys");
+    cfg.fedmq_args.signing_key = format!("{}/{{id}}.key", keys.display());
+    cfg.fedmq_args.trusted_keys = keys.display().to_string();
+    cfg.fedmq_args.store_credentials = format!("{}/{{id}}.s3", keys.display());
     let cfg_path = dir.path().join("fedml_config.yaml");
     std::fs::write(&cfg_path, serde_yaml_ng::to_string(&cfg).unwrap()).unwrap();
+    let made = fedmq(
+        &["keys", "--out", &keys.display().to_string(), "--clients", "3"],
+        &cfg_path,
+    )
+    .stdout(Stdio::null())
+    .status()
+    .unwrap();
+    assert!(made.success(), "fedmq keys: {made}");
+    for id in ["server", "client-1", "client-3"] {
+        let cred = std::fs::read_to_string(keys.join(format!("{id}.s3"))).unwrap();
+        assert!(cred.contains(&format!("FEDMQ_S3_AKI={id}\n")), "{cred}");
+        assert!(!cred.contains(SECRET));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(keys.join(format!("{id}.s3"))).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{id}.s3 is readable by others: {mode:o}");
+        }
+        let policy = std::fs::read_to_string(keys.join(format!("{id}.s3-policy.json"))).unwrap();
+        assert!(policy.contains("arn:aws:s3:::"), "{policy}");
+    }
 
     let mut store = fedmq(
         &[
@@ -709,6 +736,7 @@ fn distributed_federation_over_mosquitto_and_a_store_process() {
         .map(|rank| {
             Proc(
                 fedmq(&["client", "--rank", &rank.to_string()], &cfg_path)
+                    .env_remove("FEDMQ_S3_SAK")
                     .stdout(Stdio::null())
                     .stderr(Stdio::inherit())
                     .spawn()

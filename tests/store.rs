@@ -434,6 +434,113 @@ async fn wrong_secret_or_access_key_is_auth_error_naming_the_config_keys() -> Re
     Ok(())
 }
 
+/// Least privilege: a participant's own credential (derived from the store's secret, as
+/// `fedmq keys -c` writes it) writes only its own updates and reads only the global models,
+/// the final model and its own updates. Another client's update, the global model, listings,
+/// deletes and copies are refused with `AccessDenied`, and what was refused is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_credential_cannot_write_another_clients_prefix() -> Result<()> {
+    use fedmq::store::access::StoreCredential;
+    let e = Embedded::start().await?;
+    let admin = e.blobs().await?;
+    let keys = BlobKeys::new("fedmq", "run-1");
+    let as_client = |id: &str| -> Result<BlobStore> {
+        let c = StoreCredential::for_participant(SK, id);
+        Ok(BlobStore::connect(&S3Options {
+            access_key: c.access_key,
+            secret_key: c.secret_key,
+            ..e.options()
+        })?)
+    };
+    let (one, two) = (as_client("client-1")?, as_client("client-2")?);
+    let global = admin.put(&keys.global(1), random_bytes(1000)).await?;
+    let theirs_bytes = random_bytes(2000);
+    let theirs = two.put(&keys.update(1, "client-2"), theirs_bytes.clone()).await?;
+
+    // Its own update, small and multipart, and reading back what it may read.
+    let mine = one.put(&keys.update(1, "client-1"), random_bytes(3000)).await?;
+    let big = random_bytes(2 * one.options().part_size + 7);
+    let mine_big = one.put(&keys.update(2, "client-1"), big.clone()).await?;
+    assert!(one.get(&mine_big).await? == big);
+    one.get(&mine).await?;
+    one.get(&global).await?;
+    one.ensure_bucket().await?;
+
+    // Everything else is refused, naming the request.
+    fn denied<T>(r: std::result::Result<T, Error>, what: &str) {
+        match r {
+            Err(Error::Denied { .. }) => {}
+            Err(other) => panic!("{what}: expected Denied, got {other}"),
+            Ok(_) => panic!("{what}: allowed"),
+        }
+    }
+    denied(
+        one.put(&keys.update(1, "client-2"), random_bytes(10)).await,
+        "overwrite another client's update",
+    );
+    denied(
+        one.put(&keys.update(3, "client-2"), big.clone()).await,
+        "multipart into another client's update",
+    );
+    denied(
+        one.put(&keys.update(1, "client-10"), random_bytes(10)).await,
+        "a longer id",
+    );
+    denied(one.put(&keys.global(2), random_bytes(10)).await, "write a global model");
+    denied(one.put(&keys.checkpoint(1), random_bytes(10)).await, "write a checkpoint");
+    denied(one.get(&theirs).await, "read another client's update");
+    denied(one.delete(&keys.update(1, "client-2")).await, "delete");
+    denied(one.delete(&keys.update(1, "client-1")).await, "delete its own");
+    denied(one.list(&keys.run_prefix()).await, "list");
+    let err = one.put("../btwo/k", random_bytes(1)).await.unwrap_err();
+    assert!(matches!(err, Error::Denied { .. }), "{err}");
+    // Through the SDK: copying another's update over its own, and a batch delete.
+    let sdk = sdk_client_as(&e, "client-1", &StoreCredential::for_participant(SK, "client-1").secret_key);
+    let copy = sdk
+        .copy_object()
+        .bucket(BUCKET)
+        .key(keys.update(4, "client-1"))
+        .copy_source(format!("{BUCKET}/{}", keys.update(1, "client-2")))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(s3_code(&copy), "AccessDenied");
+    let batch = sdk
+        .delete_objects()
+        .bucket(BUCKET)
+        .delete(
+            aws_sdk_s3::types::Delete::builder()
+                .objects(
+                    aws_sdk_s3::types::ObjectIdentifier::builder()
+                        .key(keys.update(1, "client-2"))
+                        .build()?,
+                )
+                .build()?,
+        )
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(s3_code(&batch), "AccessDenied");
+
+    // Signing as client-2 with client-1's secret is a bad signature, not a way in.
+    let forged = BlobStore::connect(&S3Options {
+        access_key: "client-2".into(),
+        secret_key: StoreCredential::for_participant(SK, "client-1").secret_key,
+        ..e.options()
+    })?;
+    let err = forged
+        .put(&keys.update(1, "client-2"), random_bytes(10))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Auth { .. }), "{err}");
+
+    // What was refused is intact; the store's own key (the server's) still does everything.
+    assert!(admin.get(&theirs).await? == theirs_bytes);
+    assert_eq!(admin.list(&keys.run_prefix()).await?.len(), 4);
+    admin.delete(&keys.update(1, "client-2")).await?;
+    Ok(())
+}
+
 /// Bytes changed on the store's disk (a failing disk, a tampering operator) are never served:
 /// the store checks every block it reads against the CRC32 it stored, and the file's length,
 /// and refuses the object with an error that names it (not retried: the data is gone).
@@ -801,8 +908,13 @@ async fn shutdown_stops_serving_and_data_survives_a_restart() -> Result<()> {
 /// An aws-sdk-s3 client for the embedded store, with the SDK's own checksums off as in
 /// `BlobStore` (so requests carry only the checksums a test sets).
 fn sdk_client(e: &Embedded) -> aws_sdk_s3::Client {
+    sdk_client_as(e, AK, SK)
+}
+
+/// [`sdk_client`] signing with `access_key`/`secret_key`.
+fn sdk_client_as(e: &Embedded, access_key: &str, secret_key: &str) -> aws_sdk_s3::Client {
     use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation};
-    let creds = aws_sdk_s3::config::Credentials::new(AK, SK, None, None, "test");
+    let creds = aws_sdk_s3::config::Credentials::new(access_key, secret_key, None, None, "test");
     aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::Config::builder()
             .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())

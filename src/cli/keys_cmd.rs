@@ -1,8 +1,11 @@
 //! `fedmq keys`: Ed25519 signing keys for participants (`<id>.key`, mode 0600) and their public
-//! keys (`<id>.pub`), the directory of which is a keyring (`fedmq_args.trusted_keys`).
+//! keys (`<id>.pub`), the directory of which is a keyring (`fedmq_args.trusted_keys`). With a
+//! config, also each participant's own store credential (`<id>.s3`, mode 0600) and the IAM
+//! policy that confines it on MinIO or AWS (`<id>.s3-policy.json`).
 
 use anyhow::{bail, Context, Result};
 use fedmq::identity::Identity;
+use fedmq::store::access::{iam_policy, StoreCredential};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -20,6 +23,11 @@ pub struct KeysArgs {
     /// Replace existing key files.
     #[arg(long)]
     force: bool,
+    /// A config whose store secret (CN_S3_SAK, env FEDMQ_S3_SAK) derives each participant's own
+    /// store credential: also write `<id>.s3` (for fedmq_args.store_credentials) and
+    /// `<id>.s3-policy.json` (the same rights as an IAM policy for MinIO or AWS).
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
 }
 
 pub fn run(mut a: KeysArgs) -> Result<()> {
@@ -43,11 +51,23 @@ pub fn run(mut a: KeysArgs) -> Result<()> {
             bail!("{} exists; pass --force to replace it", key.display());
         }
     }
+    let store = a.config.as_deref().map(store_of).transpose()?;
     for id in &a.participants {
         let (secret, public) = Identity::generate(id)
             .save(&a.out)
             .with_context(|| format!("writing the keys of {id}"))?;
         println!("{}\n{}", secret.display(), public.display());
+        if let Some((store_secret, bucket, run_prefix)) = &store {
+            let cred = a.out.join(format!("{id}.s3"));
+            StoreCredential::for_participant(store_secret, id)
+                .save(&cred)
+                .with_context(|| format!("writing {}", cred.display()))?;
+            let policy = a.out.join(format!("{id}.s3-policy.json"));
+            let text = serde_json::to_string_pretty(&iam_policy(bucket, run_prefix, id))?;
+            std::fs::write(&policy, text + "\n")
+                .with_context(|| format!("writing {}", policy.display()))?;
+            println!("{}\n{}", cred.display(), policy.display());
+        }
     }
     eprintln!(
         "fedmq keys: {} key pair(s) in {}. Give each participant its <id>.key \
@@ -57,5 +77,27 @@ pub fn run(mut a: KeysArgs) -> Result<()> {
         a.participants.len(),
         a.out.display()
     );
+    if store.is_some() {
+        eprintln!(
+            "fedmq keys: store credentials in <id>.s3: give each participant its own and set \
+             fedmq_args.store_credentials: \"keys/{{id}}.s3\"; `fedmq store` derives them from its \
+             secret, MinIO needs a user and <id>.s3-policy.json per participant (docs/SECURITY.md)."
+        );
+    }
     Ok(())
+}
+
+/// The store secret, bucket and run prefix of the config at `path` (env overrides applied).
+fn store_of(path: &std::path::Path) -> Result<(String, String, String)> {
+    let cfg = super::load_config(path)?;
+    let s3 = &cfg.comm_args.customized_training_s3_config;
+    if s3.cn_s3_sak.is_empty() {
+        bail!(
+            "{}: store credentials are derived from the store's secret, which is empty: set \
+             comm_args.customized_training_s3_config.CN_S3_SAK or FEDMQ_S3_SAK",
+            path.display()
+        );
+    }
+    let run = fedmq::proto::BlobKeys::new(fedmq::federation::KEY_PREFIX, &cfg.common_args.run_id);
+    Ok((s3.cn_s3_sak.clone(), s3.bucket_name.clone(), run.run_prefix()))
 }

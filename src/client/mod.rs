@@ -106,6 +106,8 @@ const STORE_CHECK: Duration = Duration::from_secs(30);
 /// Checks at start that the store answers and accepts this client's credentials (a listing of
 /// the run's checkpoints), so that wrong credentials fail the client at once, naming the settings,
 /// rather than its first round. A bucket that does not exist yet is fine: the server creates it.
+/// So is `AccessDenied`: the store verified the signature, and a participant's own credential
+/// may not list (`store::access`).
 async fn check_store(store: &BlobStore, keys: &BlobKeys) -> Result<(), ClientError> {
     let deadline = tokio::time::Instant::now() + STORE_CHECK;
     let prefix = keys.checkpoint_prefix();
@@ -114,7 +116,7 @@ async fn check_store(store: &BlobStore, keys: &BlobKeys) -> Result<(), ClientErr
     })
     .await;
     match listed {
-        Ok(_) | Err(store::Error::NoSuchBucket { .. }) => Ok(()),
+        Ok(_) | Err(store::Error::NoSuchBucket { .. } | store::Error::Denied { .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }

@@ -438,6 +438,10 @@ pub struct FedmqArgs {
     /// in `fedmq run`, whose participants get keys of their own). `true`: required (an error
     /// without keys). `false`: plaintext blobs, integrity-checked only.
     pub encrypt_blobs: Option<bool>,
+    /// This participant's own store credential (`<id>.s3` from `fedmq keys -c <config>`; `{id}`
+    /// stands for the participant id): its access key and secret replace `CN_S3_AKI`/`CN_S3_SAK`,
+    /// and the store lets it write only its own updates. Empty: the shared credential.
+    pub store_credentials: String,
     /// How the server weights updates: `samples` (FedAvg: by the claimed sample count, bounded
     /// by the `capabilities.samples` each client announced when it joined) or `uniform` (every
     /// update the same).
@@ -458,6 +462,7 @@ impl Default for FedmqArgs {
             signing_key: String::new(),
             trusted_keys: String::new(),
             encrypt_blobs: None,
+            store_credentials: String::new(),
             weighting: "samples".into(),
         }
     }

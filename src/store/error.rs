@@ -47,6 +47,23 @@ pub enum Error {
         /// Which configuration keys to check ([`AUTH_HINT`]).
         hint: &'static str,
     },
+    /// The store accepted the credential but refused the request (`AccessDenied`): the rights
+    /// of the credential in use (a participant's, see `super::access`) do not cover it.
+    #[error(
+        "S3 endpoint {endpoint} refused {op} of {bucket}/{key} (AccessDenied): the credential in \
+         use may not do this (a participant's own store credential may write only its own \
+         updates; docs/SECURITY.md, \"Least privilege on the store\")"
+    )]
+    Denied {
+        /// The endpoint that answered.
+        endpoint: String,
+        /// The S3 operation.
+        op: &'static str,
+        /// The bucket.
+        bucket: String,
+        /// The key (empty for bucket-level operations).
+        key: String,
+    },
     /// No connection could be made (refused, reset, DNS failure, connect timeout).
     #[error("S3 endpoint {endpoint} is unreachable ({reason}): {hint}")]
     Unreachable {
@@ -223,7 +240,6 @@ const AUTH_CODES: &[&str] = &[
     "SignatureDoesNotMatch",
     "InvalidAccessKeyId",
     "NotSignedUp",
-    "AccessDenied",
     "InvalidSecurity",
     "InvalidToken",
     "ExpiredToken",
@@ -288,6 +304,14 @@ pub(crate) fn from_response(
     message: String,
 ) -> Error {
     let code_str = code.as_deref().unwrap_or("");
+    if code_str == "AccessDenied" {
+        return Error::Denied {
+            endpoint: ctx.endpoint.to_string(),
+            op: ctx.op,
+            bucket: ctx.bucket.to_string(),
+            key: ctx.key.to_string(),
+        };
+    }
     // A 403 without a code is an authentication failure; one with another code (e.g.
     // InvalidObjectState: the store cannot serve a damaged object) is not.
     if (status == 403 && code.is_none()) || AUTH_CODES.contains(&code_str) {
@@ -400,6 +424,15 @@ mod tests {
                 "{msg}"
             );
         }
+    }
+
+    #[test]
+    fn access_denied_names_the_request_not_the_credentials() {
+        let e = from_response(ctx(), 403, Some("AccessDenied".into()), String::new());
+        assert!(matches!(e, Error::Denied { .. }), "{e:?}");
+        assert!(!e.is_transient());
+        let msg = e.to_string();
+        assert!(msg.contains("GetObject of b/k"), "{msg}");
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   for other lifecycles.
 //! - `objects.rs`: [`ObjectStore`], the embedded store's S3 backend: opaque keys, an in-memory
 //!   index and cache, one checked file per object version.
+//! - `access.rs`: per-participant credentials ([`access::StoreCredential`]) and what each may do
+//!   (enforced by the embedded store; [`access::iam_policy`] for MinIO and AWS).
 //! - `retry.rs`: [`retry::until`], a whole operation retried across a store outage.
 //! - `bench.rs`: the put/get throughput measurement behind `fedmq bench blob`.
 //! - `error.rs`: [`Error`], with the mapping of S3 error responses to it.
@@ -21,6 +23,7 @@
 // matching on variants clumsier.
 #![allow(clippy::result_large_err)]
 
+pub mod access;
 pub mod bench;
 mod blob;
 mod error;

@@ -3,8 +3,11 @@
 //! authentication, served by hyper on the current tokio runtime.
 //!
 //! It is the local default of the design's "store" part: the server and every client talk to it
-//! over real HTTP with real SigV4 signatures, exactly as they would to MinIO or AWS S3. A request
-//! signed with any other key pair is rejected (`SignatureDoesNotMatch` / `InvalidAccessKeyId`).
+//! over real HTTP with real SigV4 signatures, exactly as they would to MinIO or AWS S3. It accepts
+//! its own key pair (everything allowed) and each participant's derived credential (only what
+//! that participant may do, `super::access`); a request signed with any other key pair is
+//! rejected (`SignatureDoesNotMatch` / `InvalidAccessKeyId`), one outside its rights
+//! `AccessDenied`.
 //!
 //! Lifecycle: [`EmbeddedStore::start`] binds (port 0 picks a free port) and spawns the accept loop;
 //! [`EmbeddedStore::shutdown`] stops accepting, lets in-flight requests finish for up to
@@ -19,11 +22,11 @@
 //! S3 client fedmq uses cannot present one (see `S3Options::ca_path`), and SigV4 authenticates
 //! every request.
 
+use super::access::{ParticipantAccess, ParticipantAuth};
 use super::error::{Error, Result};
 use super::objects::{ObjectStore, DEFAULT_CACHE_BYTES};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use s3s::auth::SimpleAuth;
 use s3s::service::{S3Service, S3ServiceBuilder};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -83,7 +86,8 @@ pub struct StoreOptions {
     /// Memory for recently written and read objects, served without touching the disk
     /// (default [`DEFAULT_CACHE_BYTES`]; 0 turns the cache off).
     pub cache_bytes: usize,
-    /// The only access key id accepted (FedML's `CN_S3_AKI`).
+    /// The store's own access key id (FedML's `CN_S3_AKI`), allowed everything. Participants
+    /// sign with their own credentials, derived from the secret (`super::access`).
     pub access_key: String,
     /// Its secret (FedML's `CN_S3_SAK`). Must not be empty.
     pub secret_key: String,
@@ -247,7 +251,8 @@ impl Drop for EmbeddedStore {
     }
 }
 
-/// Builds the s3s service over `opts.data_dir` with SigV4 auth for the one key pair.
+/// Builds the s3s service over `opts.data_dir` with SigV4 auth for the store's key pair and every
+/// participant's derived one, and each participant's rights (`super::access`).
 fn build_service(opts: &StoreOptions) -> Result<S3Service> {
     opts.validate()?;
     std::fs::create_dir_all(&opts.data_dir).map_err(|source| Error::Io {
@@ -258,10 +263,8 @@ fn build_service(opts: &StoreOptions) -> Result<S3Service> {
     let objects = ObjectStore::open(&opts.data_dir, opts.cache_bytes)?;
     tracing::debug!(objects = objects.object_count(), dir = %opts.data_dir.display(), "store index loaded");
     let mut b = S3ServiceBuilder::new(objects);
-    b.set_auth(SimpleAuth::from_single(
-        opts.access_key.clone(),
-        opts.secret_key.clone(),
-    ));
+    b.set_auth(ParticipantAuth::new(&opts.access_key, &opts.secret_key));
+    b.set_access(ParticipantAccess::new(&opts.access_key));
     Ok(b.build())
 }
 
