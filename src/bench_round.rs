@@ -25,10 +25,10 @@
 
 use crate::client::{self, ClientOptions, ClientReport, NoopTrainer};
 use crate::federation::{capabilities, Security, KEY_PREFIX};
-use crate::store::access::StoreCredential;
 use crate::metrics::RoundRecord;
 use crate::proto::{BlobKeys, TrainConfig};
 use crate::server::{self, Outcome, Progress, RoundConfig, ServerOptions, ServerReport, Weighting};
+use crate::store::access::StoreCredential;
 use crate::store::{
     BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions, StoreTls, MIB,
 };

@@ -663,6 +663,17 @@ fn identities_derive_as_stated() {
     );
 }
 
+#[test]
+fn store_credentials_derive_as_stated() {
+    let v = vector_fields("#### E. A participant's store credential");
+    let c = fedmq::store::access::StoreCredential::for_participant(
+        field(&v, "store secret"),
+        field(&v, "access key"),
+    );
+    assert_eq!(c.access_key, field(&v, "access key"));
+    assert_eq!(c.secret_key, field(&v, "secret"));
+}
+
 /// Vector A's payload: the block's lines joined by `\n`.
 fn vector_a() -> Vec<u8> {
     let text = section(&doc(), "## Test vectors");

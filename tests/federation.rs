@@ -690,7 +690,13 @@ fn distributed_federation_over_mosquitto_and_a_store_process() {
     let cfg_path = dir.path().join("fedml_config.yaml");
     std::fs::write(&cfg_path, serde_yaml_ng::to_string(&cfg).unwrap()).unwrap();
     let made = fedmq(
-        &["keys", "--out", &keys.display().to_string(), "--clients", "3"],
+        &[
+            "keys",
+            "--out",
+            &keys.display().to_string(),
+            "--clients",
+            "3",
+        ],
         &cfg_path,
     )
     .stdout(Stdio::null())
@@ -704,7 +710,10 @@ fn distributed_federation_over_mosquitto_and_a_store_process() {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(keys.join(format!("{id}.s3"))).unwrap().permissions().mode();
+            let mode = std::fs::metadata(keys.join(format!("{id}.s3")))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "{id}.s3 is readable by others: {mode:o}");
         }
         let policy = std::fs::read_to_string(keys.join(format!("{id}.s3-policy.json"))).unwrap();

@@ -455,10 +455,14 @@ async fn a_client_credential_cannot_write_another_clients_prefix() -> Result<()>
     let (one, two) = (as_client("client-1")?, as_client("client-2")?);
     let global = admin.put(&keys.global(1), random_bytes(1000)).await?;
     let theirs_bytes = random_bytes(2000);
-    let theirs = two.put(&keys.update(1, "client-2"), theirs_bytes.clone()).await?;
+    let theirs = two
+        .put(&keys.update(1, "client-2"), theirs_bytes.clone())
+        .await?;
 
     // Its own update, small and multipart, and reading back what it may read.
-    let mine = one.put(&keys.update(1, "client-1"), random_bytes(3000)).await?;
+    let mine = one
+        .put(&keys.update(1, "client-1"), random_bytes(3000))
+        .await?;
     let big = random_bytes(2 * one.options().part_size + 7);
     let mine_big = one.put(&keys.update(2, "client-1"), big.clone()).await?;
     assert!(one.get(&mine_big).await? == big);
@@ -483,19 +487,33 @@ async fn a_client_credential_cannot_write_another_clients_prefix() -> Result<()>
         "multipart into another client's update",
     );
     denied(
-        one.put(&keys.update(1, "client-10"), random_bytes(10)).await,
+        one.put(&keys.update(1, "client-10"), random_bytes(10))
+            .await,
         "a longer id",
     );
-    denied(one.put(&keys.global(2), random_bytes(10)).await, "write a global model");
-    denied(one.put(&keys.checkpoint(1), random_bytes(10)).await, "write a checkpoint");
+    denied(
+        one.put(&keys.global(2), random_bytes(10)).await,
+        "write a global model",
+    );
+    denied(
+        one.put(&keys.checkpoint(1), random_bytes(10)).await,
+        "write a checkpoint",
+    );
     denied(one.get(&theirs).await, "read another client's update");
     denied(one.delete(&keys.update(1, "client-2")).await, "delete");
-    denied(one.delete(&keys.update(1, "client-1")).await, "delete its own");
+    denied(
+        one.delete(&keys.update(1, "client-1")).await,
+        "delete its own",
+    );
     denied(one.list(&keys.run_prefix()).await, "list");
     let err = one.put("../btwo/k", random_bytes(1)).await.unwrap_err();
     assert!(matches!(err, Error::Denied { .. }), "{err}");
     // Through the SDK: copying another's update over its own, and a batch delete.
-    let sdk = sdk_client_as(&e, "client-1", &StoreCredential::for_participant(SK, "client-1").secret_key);
+    let sdk = sdk_client_as(
+        &e,
+        "client-1",
+        &StoreCredential::for_participant(SK, "client-1").secret_key,
+    );
     let copy = sdk
         .copy_object()
         .bucket(BUCKET)

@@ -99,5 +99,9 @@ fn store_of(path: &std::path::Path) -> Result<(String, String, String)> {
         );
     }
     let run = fedmq::proto::BlobKeys::new(fedmq::federation::KEY_PREFIX, &cfg.common_args.run_id);
-    Ok((s3.cn_s3_sak.clone(), s3.bucket_name.clone(), run.run_prefix()))
+    Ok((
+        s3.cn_s3_sak.clone(),
+        s3.bucket_name.clone(),
+        run.run_prefix(),
+    ))
 }

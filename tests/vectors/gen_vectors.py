@@ -10,6 +10,7 @@ and it writes tests/vectors/sealed-two-chunks.bin.
 """
 
 import hashlib
+import hmac
 import json
 import os
 import struct
@@ -261,6 +262,15 @@ def main():
         ("chunk 1 tag", sealed_d[-16:]),
         ("sealed length", len(sealed_d)),
         ("sealed sha256", hashlib.sha256(sealed_d).hexdigest()),
+    ]))
+
+    store_secret, participant = "s3cret", "client-1"
+    label = b"fedmq store credential v1\x00"
+    print("\n#### E. A participant's store credential\n")
+    print(block([
+        ("store secret", store_secret),
+        ("access key", participant),
+        ("secret", hmac.new(store_secret.encode(), label + participant.encode(), hashlib.sha256).hexdigest()[:40]),
     ]))
 
     print("\n| model | parameters, MNIST | blob bytes, MNIST | parameters, CIFAR-10 | blob bytes, CIFAR-10 |")
