@@ -1247,9 +1247,14 @@ async fn handle(
     let deadline = tokio::time::Instant::now() + window;
     let cancel = pending.cancel.clone();
     match &shared.tls {
-        None => session(&shared, tcp, peer, None, &mut pending, deadline).await,
+        None => Box::pin(session(&shared, tcp, peer, None, &mut pending, deadline)).await,
+        // The TLS state is made when the first bytes arrive, so that an idle socket costs
+        // its task only.
         Some(acceptor) => match tokio::select! {
-            r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => Some(r),
+            r = tokio::time::timeout_at(deadline, async move {
+                tcp.readable().await?;
+                acceptor.accept(tcp).await
+            }) => Some(r),
             () = cancel.cancelled() => None,
         } {
             None => {
@@ -1271,7 +1276,8 @@ async fn handle(
                 } else {
                     None
                 };
-                session(&shared, tls, peer, cn, &mut pending, deadline).await;
+                // Boxed: an idle socket's task is then only as large as the handshake.
+                Box::pin(session(&shared, tls, peer, cn, &mut pending, deadline)).await;
             }
             Some(Ok(Err(e))) => {
                 if charge(&shared, peer) {

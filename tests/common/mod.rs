@@ -66,3 +66,34 @@ pub fn secure_broker_command(
         .stderr(std::process::Stdio::null());
     c
 }
+
+/// Mosquitto (`bin`) on 127.0.0.1:`port` with the same security as [`secure_broker_command`]:
+/// mutual TLS with the certificates in `certs` (the certificate's name is the user), no
+/// anonymous access, and the shipped ACL. Its config is written to `conf`.
+pub fn secure_mosquitto_command(
+    bin: &std::path::Path,
+    port: u16,
+    certs: &std::path::Path,
+    conf: &std::path::Path,
+) -> std::process::Command {
+    let acl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/fedmq.acl");
+    std::fs::write(
+        conf,
+        format!(
+            "user root\npersistence false\nset_tcp_nodelay true\nmax_packet_size 262144\n\
+             listener {port} 127.0.0.1\ncertfile {c}/broker.pem\nkeyfile {c}/broker.key\n\
+             cafile {c}/ca.pem\ntls_version tlsv1.2\nrequire_certificate true\n\
+             use_identity_as_username true\nallow_anonymous false\nacl_file {acl}\n",
+            c = certs.display(),
+            acl = acl.display()
+        ),
+    )
+    .expect("writing mosquitto.conf");
+    let mut c = std::process::Command::new(bin);
+    c.arg("-c")
+        .arg(conf)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    c
+}
