@@ -514,3 +514,76 @@ async fn embedded_mutual_tls_identity_is_the_certificate_name() {
     h.abort();
     embedded_scenario(&login, anonymous).await;
 }
+
+/// A raw MQTT 3.1.1 CONNECT with a user name and password.
+fn connect_packet(client_id: &str, user: &str, password: &str) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
+    for field in [client_id, user, password] {
+        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
+        body.extend_from_slice(field.as_bytes());
+    }
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend(body);
+    packet
+}
+
+/// Sends CONNECT from source address `from` and returns the CONNACK's return code and how
+/// long it took to come.
+async fn try_password(port: u16, from: std::net::Ipv4Addr, user: &str, pw: &str) -> (u8, Duration) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((from, 0).into()).unwrap();
+    let mut s = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+    let t = std::time::Instant::now();
+    s.write_all(&connect_packet("guess", user, pw))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    s.read_exact(&mut connack).await.unwrap();
+    (connack[3], t.elapsed())
+}
+
+/// Password guessing for one user name from many addresses (so that no address runs out of
+/// its budget): once the user name's failure budget is spent, every further wrong password is
+/// answered only after a second, while the right password still connects at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_guessing_for_one_user_name_is_slowed_and_the_right_password_is_not() {
+    let users: HashMap<String, String> = USERS
+        .iter()
+        .map(|(u, p)| (u.to_string(), p.to_string()))
+        .collect();
+    let port = EmbeddedBroker::start(BrokerOptions {
+        users: Some(users),
+        acl_file: Some(acl_file()),
+        failure_budget: FailureBudget {
+            burst: 5,
+            per_second: 0.1,
+        },
+        ..Default::default()
+    })
+    .unwrap()
+    .addr()
+    .port();
+    let mut answers = Vec::new();
+    for i in 0..8u8 {
+        let from = std::net::Ipv4Addr::new(127, 0, 1, 10 + i);
+        answers.push(try_password(port, from, "client-2", &format!("guess-{i}")).await);
+    }
+    assert!(answers.iter().all(|(code, _)| *code == 0x04), "{answers:?}");
+    let (quick, slow) = answers.split_at(4);
+    assert!(
+        quick.iter().all(|(_, t)| *t < Duration::from_millis(500)),
+        "{answers:?}"
+    );
+    assert!(
+        slow.iter().all(|(_, t)| *t >= Duration::from_millis(950)),
+        "{answers:?}"
+    );
+    // The right password is not delayed, from a fresh address or a guessing one.
+    for from in [[127, 0, 1, 100], [127, 0, 1, 10]] {
+        let (code, took) =
+            try_password(port, from.into(), "client-2", password_of("client-2")).await;
+        assert_eq!(code, 0, "the right password connects");
+        assert!(took < Duration::from_millis(500), "{took:?}");
+    }
+}

@@ -48,11 +48,13 @@ pub struct BrokerArgs {
     pub tls_client_ca: Option<PathBuf>,
     /// With the gateway: failures before CONNECT (malformed bytes, bad credentials, idle
     /// sockets) a source address may cause at once before its new connections get a 2 s CONNECT
-    /// window and are shed first [default: 20]. Successful connections cost nothing.
+    /// window and are shed first [default: 20]. Successful connections cost nothing. The same
+    /// budget applies to wrong passwords per user name: beyond it, each wrong one is answered
+    /// after 1 s.
     #[arg(long)]
     pub failure_burst: Option<u32>,
-    /// With the gateway: failures per second a source address regains after the burst
-    /// [default: 10].
+    /// With the gateway: failures per second a source address (or user name) regains after
+    /// the burst [default: 10].
     #[arg(long)]
     pub failure_rate: Option<f64>,
     /// With the gateway: connections that may be waiting for their CONNECT at once; beyond it

@@ -161,7 +161,8 @@ pub struct BrokerOptions {
     pub client_ca: Option<PathBuf>,
     /// Gateway only: failures (bad bytes, bad credentials, no CONNECT in time) a source address
     /// (IPv6: a /64) may cause before its connections are treated as abusive; successful
-    /// connections cost nothing. See [`FailureBudget`].
+    /// connections cost nothing. The same budget per user name for wrong passwords: beyond it,
+    /// each wrong password is answered after [`super::GUESS_DELAY`]. See [`FailureBudget`].
     pub failure_budget: FailureBudget,
     /// Gateway only: connections that may be between accept and a complete CONNECT at once.
     /// When a new one arrives at the cap, the oldest pending connection (from an abusive source

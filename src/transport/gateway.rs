@@ -910,11 +910,26 @@ struct Bucket {
     warned: bool,
 }
 
-/// Per-source failure buckets. IPv6 sources are grouped by /64 (one host usually owns one).
-struct RateLimiter {
+/// Failure buckets per key: source addresses (IPv6 grouped by /64, one host usually owns one,
+/// see [`source_key`]) or user names.
+struct RateLimiter<K = IpAddr> {
     rate: FailureBudget,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
+
+impl<K> RateLimiter<K> {
+    fn new(rate: FailureBudget) -> Self {
+        Self {
+            rate,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// How long a wrong password for a user name over its failure budget waits for its refusal:
+/// guessing a user's password costs the guesser a second per try and connection, a correct
+/// password is never delayed.
+pub const GUESS_DELAY: Duration = Duration::from_secs(1);
 
 /// Most tracked sources; beyond it, full buckets are dropped, then (a flood from many
 /// addresses) all of them: memory stays bounded.
@@ -933,7 +948,7 @@ fn source_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-impl RateLimiter {
+impl<K: std::hash::Hash + Eq> RateLimiter<K> {
     fn refill(&self, b: &mut Bucket, now: Instant) {
         let burst = f64::from(self.rate.burst);
         let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
@@ -944,11 +959,11 @@ impl RateLimiter {
         }
     }
 
-    /// True when `ip` has used up its failure budget.
-    fn abusive(&self, ip: IpAddr, now: Instant) -> bool {
+    /// True when `key` has used up its failure budget.
+    fn abusive(&self, key: &K, now: Instant) -> bool {
         // A poisoned lock only means another task panicked mid-update; the map is still valid.
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get_mut(&source_key(ip)) {
+        match map.get_mut(key) {
             None => false,
             Some(b) => {
                 self.refill(b, now);
@@ -957,10 +972,9 @@ impl RateLimiter {
         }
     }
 
-    /// Counts one failure of `ip`. Returns `(abusive, first)`: whether the source is now over
-    /// its budget, and whether this is the first failure of that episode (to log once).
-    fn charge(&self, ip: IpAddr, now: Instant) -> (bool, bool) {
-        let key = source_key(ip);
+    /// Counts one failure of `key`. Returns `(abusive, first)`: whether it is now over its
+    /// budget, and whether this is the first failure of that episode (to log once).
+    fn charge(&self, key: K, now: Instant) -> (bool, bool) {
         let burst = f64::from(self.rate.burst);
         let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= MAX_TRACKED_SOURCES && !map.contains_key(&key) {
@@ -1111,6 +1125,8 @@ struct Shared {
     cfg: GatewayConfig,
     tls: Option<tokio_rustls::TlsAcceptor>,
     limiter: RateLimiter,
+    /// Failed passwords per user name (password guessing from many addresses).
+    users: RateLimiter<String>,
     /// One permit per open connection.
     connections: Arc<Semaphore>,
     /// Connections that have not sent a complete CONNECT.
@@ -1140,10 +1156,8 @@ pub(crate) fn spawn(cfg: GatewayConfig) -> std::io::Result<()> {
     };
     let shared = Arc::new(Shared {
         tls: cfg.tls.clone().map(tokio_rustls::TlsAcceptor::from),
-        limiter: RateLimiter {
-            rate: cfg.rate,
-            buckets: Mutex::new(HashMap::new()),
-        },
+        limiter: RateLimiter::new(cfg.rate),
+        users: RateLimiter::new(cfg.rate),
         connections: Arc::new(Semaphore::new(cfg.max_connections)),
         pending: Mutex::new(PendingSet::default()),
         shed: 0.into(),
@@ -1181,7 +1195,9 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
             }
             continue;
         };
-        let abusive = shared.limiter.abusive(peer.ip(), Instant::now());
+        let abusive = shared
+            .limiter
+            .abusive(&source_key(peer.ip()), Instant::now());
         let pending = Pending::register(&shared, abusive);
         shared.warned_full.store(false, Relaxed);
         let shared = shared.clone();
@@ -1221,7 +1237,7 @@ struct Who {
 /// Counts a failure before CONNECT against `peer`'s address; true when the address is over
 /// its budget (its failures are then logged at debug level).
 fn charge(shared: &Shared, peer: SocketAddr) -> bool {
-    let (abusive, first) = shared.limiter.charge(peer.ip(), Instant::now());
+    let (abusive, first) = shared.limiter.charge(source_key(peer.ip()), Instant::now());
     if first {
         tracing::warn!(%peer, burst = shared.cfg.rate.burst,
             per_second = shared.cfg.rate.per_second,
@@ -1426,6 +1442,20 @@ where
             };
             let password = connect.password.unwrap_or_default();
             if !authenticate(&shared.cfg.auth, user, password).await {
+                let (guessed, first) = shared.users.charge(user.to_string(), Instant::now());
+                if first {
+                    tracing::warn!(
+                        user,
+                        burst = shared.cfg.rate.burst,
+                        per_second = shared.cfg.rate.per_second,
+                        "gateway: wrong passwords for this user name keep coming (password \
+                         guessing?): each further wrong one is answered after {GUESS_DELAY:?}; \
+                         the right password is not delayed"
+                    );
+                }
+                if guessed {
+                    tokio::time::sleep(GUESS_DELAY).await;
+                }
                 return Err(
                     refuse(wr, 0x04, format!("bad user name or password for {user:?}")).await,
                 );
@@ -1821,16 +1851,13 @@ mod tests {
 
     #[test]
     fn only_failures_drain_an_address_budget() {
-        let l = RateLimiter {
-            rate: FailureBudget {
-                burst: 3,
-                per_second: 10.0,
-            },
-            buckets: Mutex::new(HashMap::new()),
-        };
+        let l = RateLimiter::new(FailureBudget {
+            burst: 3,
+            per_second: 10.0,
+        });
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let t = Instant::now();
-        assert!(!l.abusive(ip, t), "connections alone cost nothing");
+        assert!(!l.abusive(&ip, t), "connections alone cost nothing");
         assert_eq!(l.charge(ip, t), (false, false));
         assert_eq!(l.charge(ip, t), (false, false));
         assert_eq!(
@@ -1839,9 +1866,9 @@ mod tests {
             "third failure exhausts it, logged"
         );
         assert_eq!(l.charge(ip, t), (true, false), "logged once per episode");
-        assert!(l.abusive(ip, t));
-        assert!(!l.abusive("10.0.0.2".parse().unwrap(), t));
-        assert!(!l.abusive(ip, t + Duration::from_millis(150)), "refilled");
+        assert!(l.abusive(&ip, t));
+        assert!(!l.abusive(&"10.0.0.2".parse().unwrap(), t));
+        assert!(!l.abusive(&ip, t + Duration::from_millis(150)), "refilled");
     }
 
     /// Random and mutated byte streams through framing, parsing and the ACL: no panics.

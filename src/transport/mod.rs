@@ -40,7 +40,7 @@ mod gateway;
 mod mqtt;
 
 pub use broker::{BrokerError, BrokerOptions, BrokerTls, EmbeddedBroker};
-pub use gateway::{FailureBudget, ABUSIVE_CONNECT_WINDOW};
+pub use gateway::{FailureBudget, ABUSIVE_CONNECT_WINDOW, GUESS_DELAY};
 pub use mqtt::{
     ConnState, Dedup, Incoming, IncomingError, MqttError, MqttHandle, MqttSession, MqttTls,
     PresenceMessages, SessionOptions,
