@@ -20,8 +20,8 @@ use std::time::Duration;
 /// Largest difference between a live message's timestamp and the receiver's clock.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 
-/// Hex digits of a signature.
-pub const SIGNATURE_HEX_LEN: usize = 128;
+// The signature's length and how it is split off a payload are part of the protocol.
+pub use crate::proto::{split_signed, SIGNATURE_HEX_LEN};
 
 /// Errors of key files and signature checks.
 #[derive(Debug, thiserror::Error)]
@@ -165,21 +165,6 @@ fn read_hex32(path: &Path) -> Result<[u8; 32], IdentityError> {
     bytes
         .try_into()
         .map_err(|b: Vec<u8>| bad(format!("{} bytes, expected 32", b.len())))
-}
-
-/// Splits a payload into its JSON part and its signature, if it has one: the signature is the
-/// text after the last `\n` when that is exactly [`SIGNATURE_HEX_LEN`] hex digits (JSON written
-/// by hand may contain newlines of its own).
-pub fn split_signed(payload: &[u8]) -> (&[u8], Option<&[u8]>) {
-    match payload.iter().rposition(|&b| b == b'\n') {
-        Some(i)
-            if payload.len() - i - 1 == SIGNATURE_HEX_LEN
-                && payload[i + 1..].iter().all(u8::is_ascii_hexdigit) =>
-        {
-            (&payload[..i], Some(&payload[i + 1..]))
-        }
-        _ => (payload, None),
-    }
 }
 
 /// Trusted public keys by participant id.

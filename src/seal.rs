@@ -48,9 +48,10 @@ use std::sync::Arc;
 pub const HEADER_LEN: usize = 56;
 /// Bytes of each chunk's tag.
 pub const TAG_LEN: usize = 16;
-/// Hex digits of a wrapped content key.
-pub const WRAPPED_KEY_HEX_LEN: usize = 2 * WRAPPED_KEY_LEN;
+// Hex digits of a wrapped content key: part of the protocol.
+pub use crate::proto::WRAPPED_KEY_HEX_LEN;
 const WRAPPED_KEY_LEN: usize = 32 + 32 + TAG_LEN;
+const _: () = assert!(WRAPPED_KEY_HEX_LEN == 2 * WRAPPED_KEY_LEN);
 const MAGIC: &[u8; 8] = b"fedmqSB1";
 const DEFAULT_CHUNK_LOG2: u8 = 20;
 const MODE_WRAPPED: u8 = 1;

@@ -31,12 +31,12 @@ mod trainer;
 
 pub use trainer::{DataTrainer, LocalTrainer, NoopTrainer};
 
+use crate::proto::SERVER_ID;
 use crate::proto::{
     self, BlobKeys, BlobRef, Body, Capabilities, Envelope, Failure, Role, TopicKind, Topics, Train,
     Update,
 };
 use crate::seal::BlobCrypto;
-use crate::server::SERVER_ID;
 use crate::store::{self, BlobStore};
 use crate::tensor::ParamSet;
 use crate::transport::{

@@ -65,8 +65,8 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
             max: MAX_MESSAGE_BYTES,
         });
     }
-    // A signed message is its JSON, `\n`, and a signature (`crate::identity`): decode the JSON.
-    let bytes = crate::identity::split_signed(bytes).0;
+    // A signed message is its JSON, `\n`, and a signature (see `split_signed`): decode the JSON.
+    let bytes = split_signed(bytes).0;
     let probe: Probe =
         serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
     let v = probe
@@ -80,6 +80,21 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
         serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
     msg.validate().map_err(DecodeError::Invalid)?;
     Ok(msg)
+}
+
+/// Splits a payload into its JSON part and its signature, if it has one: the signature is the
+/// text after the last `\n` when that is exactly [`super::SIGNATURE_HEX_LEN`] hex digits (JSON written
+/// by hand may contain newlines of its own).
+pub fn split_signed(payload: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match payload.iter().rposition(|&b| b == b'\n') {
+        Some(i)
+            if payload.len() - i - 1 == super::SIGNATURE_HEX_LEN
+                && payload[i + 1..].iter().all(u8::is_ascii_hexdigit) =>
+        {
+            (&payload[..i], Some(&payload[i + 1..]))
+        }
+        _ => (payload, None),
+    }
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ pub struct BlobRef {
     /// SHA-256 of the bytes, 64 lowercase hex digits.
     pub sha256: String,
     /// The blob's content key wrapped to the receiver of this message (160 hex digits), when the
-    /// blob is sealed ([`crate::seal`]). Absent: a plaintext blob.
+    /// blob is sealed (`seal` module). Absent: a plaintext blob.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wrapped_key: Option<String>,
 }
@@ -302,12 +302,12 @@ impl BlobRef {
             return Err(format!("{field}.sha256 must be 64 lowercase hex digits"));
         }
         if let Some(w) = &self.wrapped_key {
-            if w.len() != crate::seal::WRAPPED_KEY_HEX_LEN
+            if w.len() != super::WRAPPED_KEY_HEX_LEN
                 || !w.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
             {
                 return Err(format!(
                     "{field}.wrapped_key must be {} lowercase hex digits",
-                    crate::seal::WRAPPED_KEY_HEX_LEN
+                    super::WRAPPED_KEY_HEX_LEN
                 ));
             }
         }

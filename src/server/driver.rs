@@ -58,7 +58,7 @@ pub fn announce_window(expected_clients: usize) -> Duration {
 const ASK_EVERY_MIN: Duration = Duration::from_secs(5);
 
 /// The server's participant id (`from` of its messages, its status topic).
-pub const SERVER_ID: &str = "server";
+pub use crate::proto::SERVER_ID;
 
 /// Evaluates a global model on the server's test data.
 pub trait Evaluator: Send + Sync + 'static {
