@@ -1289,6 +1289,7 @@ mod tests {
             failed_clients: Vec::new(),
             num_samples: 1,
             retries: 0,
+            strategy: Default::default(),
         }
     }
 

@@ -173,6 +173,7 @@ fn train(round: u64) -> Envelope {
                 weight_decay: 0.0,
                 seed: round,
             },
+            strategy: None,
             deadline_ms: fedmq::proto::now_ms() + 60_000,
         }),
     )

@@ -9,7 +9,7 @@
 mod common;
 use common::{free_port, mosquitto_bin};
 
-use fedmq::client::{self, ClientOptions, ClientReport, DataTrainer, LocalTrainer};
+use fedmq::client::{self, ClientOptions, ClientReport, DataTrainer, LocalHooks, LocalTrainer};
 use fedmq::config::Config;
 use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
 use fedmq::identity::{Identity, Keyring};
@@ -376,6 +376,7 @@ impl LocalTrainer for Stalling {
         &self,
         global: ParamSet,
         config: &TrainConfig,
+        hooks: &LocalHooks,
         interrupt: &AtomicBool,
     ) -> Result<(ParamSet, TrainMetrics), String> {
         // The per-round seed is `random_seed * 1_000_003 + round`; with random_seed 0 it is the
@@ -386,7 +387,7 @@ impl LocalTrainer for Stalling {
             }
             return Err("interrupted".into());
         }
-        self.inner.train(global, config, interrupt)
+        self.inner.train(global, config, hooks, interrupt)
     }
 }
 
@@ -482,6 +483,7 @@ impl LocalTrainer for Slow {
         &self,
         global: ParamSet,
         _config: &TrainConfig,
+        _hooks: &LocalHooks,
         _interrupt: &AtomicBool,
     ) -> Result<(ParamSet, TrainMetrics), String> {
         std::thread::sleep(self.0);

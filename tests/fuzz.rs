@@ -70,6 +70,7 @@ fn corpus(server: &Identity, client: &Identity) -> Vec<(String, Vec<u8>)> {
                         weight_decay: 0.0,
                         seed: 3,
                     },
+                    strategy: None,
                     deadline_ms: 1_763_712_000_000,
                 }),
             ),

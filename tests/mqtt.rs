@@ -225,6 +225,7 @@ fn train(run: &str, round: u64) -> Envelope {
                 weight_decay: 0.0,
                 seed: round,
             },
+            strategy: None,
             deadline_ms: fedmq::proto::now_ms() + 60_000,
         }),
     )

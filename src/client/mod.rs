@@ -29,7 +29,7 @@
 
 mod trainer;
 
-pub use trainer::{DataTrainer, LocalTrainer, NoopTrainer};
+pub use trainer::{DataTrainer, LocalHooks, LocalTrainer, NoopTrainer};
 
 use crate::proto::SERVER_ID;
 use crate::proto::{
@@ -459,9 +459,10 @@ impl JobCtx {
         }
         let trainer = self.trainer.clone();
         let config = train.config.clone();
+        let hooks = LocalHooks::from_instruction(train.strategy.as_ref())?;
         let flag = interrupt.clone();
         let (params, metrics) =
-            tokio::task::spawn_blocking(move || trainer.train(global, &config, &flag))
+            tokio::task::spawn_blocking(move || trainer.train(global, &config, &hooks, &flag))
                 .await
                 .map_err(|e| format!("training task failed: {e}"))??;
         drop(_permit);

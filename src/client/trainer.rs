@@ -2,7 +2,7 @@
 //! benchmarks of the system around training, return it shifted by a constant ([`NoopTrainer`]).
 
 use crate::data::Dataset;
-use crate::proto::{TrainConfig, TrainMetrics};
+use crate::proto::{StrategyInstruction, TrainConfig, TrainMetrics, STRATEGY_INSTRUCTION_VERSION};
 use crate::tensor::ParamSet;
 use crate::train::{self, Engine, Model, ModelKind, OptimizerKind, TrainOptions, TrainOutcome};
 use candle_core::Device;
@@ -15,7 +15,8 @@ pub trait LocalTrainer: Send + Sync + 'static {
     /// Samples behind an update (its FedAvg weight).
     fn num_samples(&self) -> u64;
 
-    /// Trains from `global` with `config`; checks `interrupt` between batches.
+    /// Trains from `global` with `config` and what the strategy adds (`hooks`, from the train
+    /// command's strategy instruction); checks `interrupt` between batches.
     ///
     /// # Errors
     /// A message for the server (sent as the round's `failure`).
@@ -23,8 +24,58 @@ pub trait LocalTrainer: Send + Sync + 'static {
         &self,
         global: ParamSet,
         config: &TrainConfig,
+        hooks: &LocalHooks,
         interrupt: &AtomicBool,
     ) -> Result<(ParamSet, TrainMetrics), String>;
+}
+
+/// What a strategy changes in local training, read from a train command's
+/// [`StrategyInstruction`]. Applied by the optimizer layer (`crate::train::optim`), so every
+/// engine gets it the same way.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalHooks {
+    /// FedProx's proximal coefficient `μ` (`proximal_mu`; 0 = none).
+    pub proximal_mu: f64,
+}
+
+impl LocalHooks {
+    /// The hooks an instruction asks for. An instruction of another schema version, or with a
+    /// parameter this client does not implement, is refused: the client reports the round as
+    /// failed instead of training differently than the strategy assumes.
+    ///
+    /// # Errors
+    /// A message naming the strategy and what is not understood.
+    pub fn from_instruction(i: Option<&StrategyInstruction>) -> Result<Self, String> {
+        let mut hooks = Self::default();
+        let Some(i) = i else {
+            return Ok(hooks);
+        };
+        if i.version != STRATEGY_INSTRUCTION_VERSION {
+            return Err(format!(
+                "strategy {} sent instruction version {}; this client reads version {}",
+                i.name, i.version, STRATEGY_INSTRUCTION_VERSION
+            ));
+        }
+        for (name, &value) in &i.params {
+            match name.as_str() {
+                "proximal_mu" if value.is_finite() && value >= 0.0 => hooks.proximal_mu = value,
+                "proximal_mu" => {
+                    return Err(format!(
+                        "strategy {}: proximal_mu {value} is not ≥ 0",
+                        i.name
+                    ))
+                }
+                other => {
+                    return Err(format!(
+                        "strategy {} asks for {other:?}, which this client does not implement \
+                         (known: proximal_mu)",
+                        i.name
+                    ))
+                }
+            }
+        }
+        Ok(hooks)
+    }
 }
 
 /// Trains a model on this client's samples of a data set.
@@ -72,6 +123,7 @@ impl LocalTrainer for DataTrainer {
         &self,
         global: ParamSet,
         config: &TrainConfig,
+        hooks: &LocalHooks,
         interrupt: &AtomicBool,
     ) -> Result<(ParamSet, TrainMetrics), String> {
         if config.model != self.kind.name() {
@@ -93,6 +145,7 @@ impl LocalTrainer for DataTrainer {
             seed: config.seed,
             threads: self.threads,
             engine: self.engine,
+            proximal_mu: hooks.proximal_mu,
             ..TrainOptions::default()
         };
         let (model, varmap) = Model::from_params(
@@ -149,6 +202,7 @@ impl LocalTrainer for NoopTrainer {
         &self,
         mut global: ParamSet,
         _config: &TrainConfig,
+        _hooks: &LocalHooks,
         _interrupt: &AtomicBool,
     ) -> Result<(ParamSet, TrainMetrics), String> {
         let t = Instant::now();

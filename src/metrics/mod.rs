@@ -105,6 +105,10 @@ pub struct RoundRecord {
     pub num_samples: u64,
     /// Retries (of transfers or messages) during the round.
     pub retries: u32,
+    /// The strategy's own metrics of the round (e.g. `server_update_norm` for FedOpt); absent
+    /// when it has none.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub strategy: std::collections::BTreeMap<String, f64>,
 }
 
 /// Reads a float that serde_json may have written as `null` (it does so for NaN and ±inf).

@@ -15,6 +15,7 @@ fn record(round: u64, acc: Option<f64>) -> RoundRecord {
         failed_clients: vec![],
         num_samples: 1000,
         retries: 0,
+        strategy: Default::default(),
     }
 }
 
@@ -154,6 +155,7 @@ fn csv_header_and_rows_are_exact() {
         failed_clients: vec!["client-3: timeout".into()],
         num_samples: 60_000,
         retries: 2,
+        strategy: [("server_update_norm".to_string(), 0.5)].into(),
     };
     let sparse = RoundRecord {
         round: 2,
@@ -172,6 +174,7 @@ fn csv_header_and_rows_are_exact() {
         ],
         num_samples: 1200,
         retries: 0,
+        strategy: Default::default(),
     };
     let none = RoundRecord {
         round: 3,

@@ -144,6 +144,23 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// What a strategy asks of a client's local training beyond [`TrainConfig`] (a proximal term,
+/// ...): named numbers under a strategy name and a schema version. A client that does not know
+/// the version or a parameter reports a failure instead of training differently than asked.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StrategyInstruction {
+    /// The strategy (`FedProx`), for logs and errors.
+    pub name: String,
+    /// Version of the parameter schema; this build knows [`STRATEGY_INSTRUCTION_VERSION`].
+    pub version: u32,
+    /// Named parameters, e.g. `proximal_mu`; the meaning of each is in `docs/PROTOCOL.md`.
+    #[serde(default)]
+    pub params: std::collections::BTreeMap<String, f64>,
+}
+
+/// The [`StrategyInstruction`] schema version this build writes and reads.
+pub const STRATEGY_INSTRUCTION_VERSION: u32 = 1;
+
 /// Server → client: train on the global model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Train {
@@ -151,6 +168,9 @@ pub struct Train {
     pub global: BlobRef,
     /// How to train.
     pub config: TrainConfig,
+    /// What the strategy adds to local training; absent for plain local training (FedAvg).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<StrategyInstruction>,
     /// Unix time (ms) by which the update must be reported; later reports are discarded.
     pub deadline_ms: u64,
 }

@@ -804,6 +804,7 @@ impl Driver {
                 round,
                 global,
                 config,
+                instruction,
                 deadline,
             } => {
                 if let Some(b) = &mut self.round_bytes {
@@ -833,6 +834,7 @@ impl Driver {
                     Body::Train(Train {
                         global,
                         config,
+                        strategy: instruction,
                         deadline_ms: proto::now_ms() + left.as_millis() as u64,
                     }),
                 );
@@ -968,6 +970,7 @@ impl Driver {
                 .collect(),
             num_samples: s.num_samples,
             retries: s.retries,
+            strategy: s.strategy_metrics.clone(),
         };
         info!(
             round = s.round,

@@ -17,7 +17,9 @@
 //! (to the failed clients that are online, and replacements) up to `max_retries` times, then the
 //! run is aborted with a message saying what to check.
 
-use crate::proto::{BlobKeys, BlobRef, Capabilities, TrainConfig, TrainMetrics};
+use crate::proto::{
+    BlobKeys, BlobRef, Capabilities, StrategyInstruction, TrainConfig, TrainMetrics,
+};
 use crate::strategy::{ClientFailure, FailureReason, RoundAggregate, Strategy};
 use crate::tensor::{ParamSet, ParamsView};
 use rand::SeedableRng;
@@ -174,6 +176,8 @@ pub enum Action {
         global: BlobRef,
         /// Local training settings.
         config: TrainConfig,
+        /// What the strategy adds to local training.
+        instruction: Option<StrategyInstruction>,
         /// When the update is due.
         deadline: Instant,
     },
@@ -227,6 +231,8 @@ pub struct RoundSummary {
     pub evaluate: bool,
     /// Whether the global model changed (false when no update arrived).
     pub updated: bool,
+    /// The strategy's metrics of the round ([`crate::strategy::RoundEnd::metrics`]).
+    pub strategy_metrics: BTreeMap<String, f64>,
 }
 
 /// Phase of the run.
@@ -694,7 +700,7 @@ impl RoundMachine {
 
     fn start_training(&mut self, round: u64, global: BlobRef, now: Instant, out: &mut Vec<Action>) {
         let available = self.online_clients();
-        let selected = self.strategy.configure_train(
+        let plans = self.strategy.configure_train(
             round,
             &available,
             self.cfg.clients_per_round,
@@ -702,14 +708,17 @@ impl RoundMachine {
         );
         let deadline = now + self.cfg.round_timeout;
         let config = self.train_config(round);
-        for c in &selected {
+        let mut selected = Vec::with_capacity(plans.len());
+        for p in plans {
             out.push(Action::SendTrain {
-                client: c.clone(),
+                client: p.client.clone(),
                 round,
                 global: global.clone(),
                 config: config.clone(),
+                instruction: p.instruction,
                 deadline,
             });
+            selected.push(p.client);
         }
         tracing::info!(round, selected = selected.len(), "round started");
         let aggregate = Some(self.strategy.begin_round(round, &self.global));
@@ -840,6 +849,7 @@ impl RoundMachine {
                 round: r.round,
                 global: r.global.clone(),
                 config: config.clone(),
+                instruction: self.strategy.instruction(r.round, c),
                 deadline: r.deadline,
             });
         }
@@ -859,9 +869,10 @@ impl RoundMachine {
                 reason: reason.clone(),
             })
             .collect();
-        let new_global = r.aggregate.take().and_then(|a| a.finish(&failures));
-        let updated = new_global.is_some();
-        if let Some(g) = new_global {
+        let aggregate = r.aggregate.take().and_then(|a| a.finish(&failures));
+        let end = self.strategy.end_round(r.round, &self.global, aggregate);
+        let updated = end.global.is_some();
+        if let Some(g) = end.global {
             self.global = g;
         }
         let num_samples: u64 = r.reported.values().map(|(s, _)| s).sum();
@@ -883,6 +894,7 @@ impl RoundMachine {
             seconds: now.saturating_duration_since(r.started).as_secs_f64(),
             evaluate,
             updated,
+            strategy_metrics: end.metrics,
         }));
         self.begin_round(r.round + 1, now, out);
     }

@@ -11,12 +11,16 @@
 //! - `fedavg.rs`: [`FedAvg`], the sample-weighted average of McMahan et al. 2017.
 
 mod fedavg;
+mod fedopt;
 
-pub use fedavg::FedAvg;
+pub use fedavg::{FedAvg, StreamingMean};
+pub use fedopt::{FedOpt, FedOptConfig, ServerOptimizer};
 
+use crate::proto::StrategyInstruction;
 use crate::tensor::{ParamSet, ParamsView};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// Why a selected client contributed nothing to a round. Failures are data, not errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,16 +100,16 @@ pub trait Strategy: Send {
     fn name(&self) -> &'static str;
 
     /// Chooses the clients of round `round` among `available` (sorted, online and admitted), at
-    /// most `per_round` of them. The default samples uniformly without replacement from `rng`,
-    /// so a seeded run selects the same clients every time.
+    /// most `per_round` of them, each with what the strategy asks of its local training. The
+    /// default samples uniformly without replacement from `rng`, so a seeded run selects the
+    /// same clients every time, and asks each for [`Strategy::instruction`].
     fn configure_train(
         &mut self,
         round: u64,
         available: &[String],
         per_round: usize,
         rng: &mut ChaCha8Rng,
-    ) -> Vec<String> {
-        let _ = round;
+    ) -> Vec<ClientTrain> {
         let n = per_round.min(available.len());
         let mut picked: Vec<String> = rand::seq::index::sample(rng, available.len(), n)
             .into_iter()
@@ -113,10 +117,41 @@ pub trait Strategy: Send {
             .collect();
         picked.sort();
         picked
+            .into_iter()
+            .map(|client| ClientTrain {
+                instruction: self.instruction(round, &client),
+                client,
+            })
+            .collect()
+    }
+
+    /// What the strategy asks of `client`'s local training in `round` (also for a client the
+    /// round is re-sent to). `None`: plain local training.
+    fn instruction(&self, round: u64, client: &str) -> Option<StrategyInstruction> {
+        let _ = (round, client);
+        None
     }
 
     /// Starts aggregating round `round`, whose clients trained from `global`.
     fn begin_round(&mut self, round: u64, global: &ParamSet) -> Box<dyn RoundAggregate>;
+
+    /// Closes round `round`: `aggregate` is what the round's [`RoundAggregate`] produced (`None`
+    /// when no update arrived), `global` the model the round started from. Returns the next
+    /// global model (`None`: keep `global`) and metrics for `metrics.jsonl`. The default takes
+    /// the aggregate as the new model; server optimizers (FedOpt) step from `global` towards it
+    /// and update their own state here.
+    fn end_round(
+        &mut self,
+        round: u64,
+        global: &ParamSet,
+        aggregate: Option<ParamSet>,
+    ) -> RoundEnd {
+        let _ = (round, global);
+        RoundEnd {
+            global: aggregate,
+            metrics: BTreeMap::new(),
+        }
+    }
 
     /// Strategy state to checkpoint (server optimizer moments, ...); `null` when stateless.
     fn state(&self) -> serde_json::Value {
@@ -131,6 +166,25 @@ pub trait Strategy: Send {
         let _ = state;
         Ok(())
     }
+}
+
+/// One selected client of a round and what the strategy asks of its local training.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientTrain {
+    /// The client id.
+    pub client: String,
+    /// Sent in the train command (`None`: plain local training).
+    pub instruction: Option<StrategyInstruction>,
+}
+
+/// What [`Strategy::end_round`] decided.
+#[derive(Debug, Clone, Default)]
+pub struct RoundEnd {
+    /// The next global model; `None` keeps the current one.
+    pub global: Option<ParamSet>,
+    /// The strategy's metrics of the round (e.g. `server_update_norm`), recorded under
+    /// `strategy` in `metrics.jsonl`.
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// The aggregation of one round, fed one update at a time.

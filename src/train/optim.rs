@@ -19,6 +19,10 @@
 //!       m ← β1·m + (1−β1)·g ;  v ← β2·v + (1−β2)·g²
 //!       p ← p − (lr / (1−β1ᵗ)) · m / (√v / √(1−β2ᵗ) + ε)
 //! ```
+//!
+//! Federated strategies change local training here, once for both engines: FedProx's proximal
+//! term adds `μ·(p − p₀)` to every gradient before the step (`p₀`: the parameters when the
+//! optimizer was created, i.e. the round's global model; [`add_proximal`]).
 
 use super::{Error, Result};
 use candle_core::{backprop::GradStore, Tensor, Var};
@@ -87,6 +91,9 @@ pub struct OptimizerConfig {
     pub betas: (f64, f64),
     /// Adam's `ε`.
     pub eps: f64,
+    /// FedProx's `μ` (0 = none): `μ·(p − p₀)` is added to the gradient, `p₀` being the
+    /// parameters when the optimizer was created.
+    pub proximal_mu: f64,
 }
 
 impl Default for OptimizerConfig {
@@ -100,6 +107,7 @@ impl Default for OptimizerConfig {
             weight_decay: 0.0,
             betas: (0.9, 0.999),
             eps: 1e-8,
+            proximal_mu: 0.0,
         }
     }
 }
@@ -129,6 +137,12 @@ impl OptimizerConfig {
                 format!("{} is not a finite value ≥ 0", self.weight_decay),
             );
         }
+        if !(self.proximal_mu >= 0.0 && self.proximal_mu.is_finite()) {
+            return bad(
+                "proximal_mu",
+                format!("{} is not a finite value ≥ 0", self.proximal_mu),
+            );
+        }
         if self.kind == OptimizerKind::Sgd && self.nesterov && self.momentum <= 0.0 {
             return bad("nesterov", "Nesterov momentum needs momentum > 0".into());
         }
@@ -151,6 +165,16 @@ impl OptimizerConfig {
             OptimizerKind::Sgd => 0,
             OptimizerKind::Adam => 2,
         }
+    }
+}
+
+/// FedProx's proximal term on a chunk: `g ← g + μ·(p − anchor)`, the gradient of
+/// `(μ/2)·‖p − anchor‖²` (Li et al. 2020). `anchor` is the chunk's slice of the parameters the
+/// optimizer started from.
+pub fn add_proximal(mu: f32, p: &[f32], anchor: &[f32], g: &mut [f32]) {
+    debug_assert!(p.len() == anchor.len() && p.len() == g.len());
+    for ((g, &p), &a) in g.iter_mut().zip(p).zip(anchor) {
+        *g += mu * (p - a);
     }
 }
 
@@ -246,6 +270,8 @@ pub struct TensorOptimizer {
     vars: Vec<Var>,
     /// Per var: momentum buffer (SGD with μ > 0) or `[m, v]` (Adam); created lazily as zeros.
     state: Vec<Vec<Tensor>>,
+    /// The vars' values at creation, when the proximal term is on.
+    anchor: Option<Vec<Tensor>>,
     t: u64,
 }
 
@@ -257,10 +283,20 @@ impl TensorOptimizer {
     pub fn new(vars: Vec<Var>, cfg: OptimizerConfig) -> Result<Self> {
         cfg.validate()?;
         let state = vars.iter().map(|_| Vec::new()).collect();
+        let anchor = if cfg.proximal_mu > 0.0 {
+            Some(
+                vars.iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<candle_core::Result<_>>()?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
             vars,
             state,
+            anchor,
             t: 0,
         })
     }
@@ -278,11 +314,16 @@ impl TensorOptimizer {
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.t += 1;
         let cfg = self.cfg;
-        for (var, state) in self.vars.iter().zip(self.state.iter_mut()) {
+        for (i, (var, state)) in self.vars.iter().zip(self.state.iter_mut()).enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
             let p = var.as_tensor();
+            // The proximal term, as `add_proximal`.
+            let g = match &self.anchor {
+                Some(a) => (g + (p - &a[i])?.affine(cfg.proximal_mu, 0.0)?)?,
+                None => g.clone(),
+            };
             let g = if cfg.weight_decay != 0.0 {
                 (g + p.affine(cfg.weight_decay, 0.0)?)?
             } else {
@@ -380,6 +421,13 @@ mod tests {
         let mut s1 = [0f32; 3];
         let mut out = Vec::new();
         for (t, g) in G.iter().enumerate() {
+            let mut g = *g;
+            if cfg.proximal_mu > 0.0 {
+                for r in [0..1, 1..3] {
+                    let (pc, gc) = (p[r.clone()].to_vec(), &mut g[r.clone()]);
+                    add_proximal(cfg.proximal_mu as f32, &pc, &P[r], gc);
+                }
+            }
             for r in [0..1, 1..3] {
                 match cfg.kind {
                     OptimizerKind::Sgd => {
@@ -432,6 +480,33 @@ mod tests {
                 }
             }
         }
+    }
+
+    // The proximal term: the same functions with `g ← g + mu·(p − P)` first (FedProx).
+    #[test]
+    fn proximal_term_sgd_momentum_and_adam() {
+        check(
+            OptimizerConfig {
+                proximal_mu: 0.5,
+                ..cfg(OptimizerKind::Sgd, 0.1, 0.9, 0.0, false)
+            },
+            &[
+                (0, [0.95, -2.025, 0.6]),
+                (1, [0.9175, -2.07625, 0.485]),
+                (2, [0.872375, -2.0785625, 0.38225]),
+            ],
+        );
+        check(
+            OptimizerConfig {
+                proximal_mu: 2.0,
+                ..cfg(OptimizerKind::Adam, 0.1, 0.0, 0.0, false)
+            },
+            &[
+                (0, [0.900000002, -2.099999996, 0.599999999]),
+                (1, [0.880850198, -2.189857513, 0.55996619]),
+                (2, [0.870269764, -2.152123065, 0.525889743]),
+            ],
+        );
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub struct TrainOptions {
     pub threads: usize,
     /// Which implementation to use.
     pub engine: Engine,
+    /// FedProx's proximal coefficient `μ` (0 = none): the loss gains `(μ/2)·‖w − w₀‖²`, `w₀`
+    /// being the parameters training started from (the round's global model).
+    pub proximal_mu: f64,
 }
 
 impl Default for TrainOptions {
@@ -70,6 +73,7 @@ impl Default for TrainOptions {
             seed: 0,
             threads: 0,
             engine: Engine::Auto,
+            proximal_mu: 0.0,
         }
     }
 }
@@ -110,6 +114,7 @@ impl TrainOptions {
             momentum: self.momentum,
             nesterov: self.nesterov,
             weight_decay: self.weight_decay,
+            proximal_mu: self.proximal_mu,
             ..OptimizerConfig::default()
         }
     }

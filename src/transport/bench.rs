@@ -229,6 +229,7 @@ fn train_command(run: &str, round: u64) -> Envelope {
                 sha256: "3b1f0c9d7e2a4b6c8d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e".into(),
                 wrapped_key: None,
             },
+            strategy: None,
             config: TrainConfig {
                 model: "cnn".into(),
                 epochs: 1,

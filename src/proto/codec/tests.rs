@@ -24,6 +24,7 @@ fn samples() -> Vec<Envelope> {
             weight_decay: 0.0,
             seed: 7,
         },
+        strategy: None,
         deadline_ms: 1_700_000_000_000,
     };
     vec![

@@ -26,7 +26,7 @@ mod conv;
 mod gemm;
 
 use super::model::{Arch, ParamSpec, CNN_CHANNELS, CNN_HIDDEN, CNN_KERNEL, CNN_PADDING};
-use super::optim::{adam_update_with, sgd_update, AdamStep, OptimizerConfig};
+use super::optim::{adam_update_with, add_proximal, sgd_update, AdamStep, OptimizerConfig};
 use super::Result;
 use crate::tensor::{NamedTensor, ParamSet};
 use conv::ConvGeom;
@@ -118,6 +118,8 @@ struct OptState {
     cfg: OptimizerConfig,
     t: u64,
     bufs: Vec<Vec<Vec<f32>>>,
+    /// The parameters when the optimizer was set, when the proximal term is on.
+    anchor: Option<Vec<Vec<f32>>>,
 }
 
 /// Loss sum and correct predictions over one batch.
@@ -227,7 +229,13 @@ impl NativeNet {
             .iter()
             .map(|p| vec![vec![0.0; p.len()]; cfg.state_buffers()])
             .collect();
-        self.opt = Some(OptState { cfg, t: 0, bufs });
+        let anchor = (cfg.proximal_mu > 0.0).then(|| self.params.clone());
+        self.opt = Some(OptState {
+            cfg,
+            t: 0,
+            bufs,
+            anchor,
+        });
     }
 
     /// Values per input sample.
@@ -463,6 +471,7 @@ impl NativeNet {
         opt.t += 1;
         let cfg = opt.cfg;
         let adam = AdamStep::new(&cfg, opt.t);
+        let anchor = opt.anchor.as_deref();
         let mut per_thread: Vec<Vec<ParamChunk<'_>>> =
             (0..self.threads).map(|_| Vec::new()).collect();
         for (p, ((param, grad), state)) in self
@@ -549,6 +558,11 @@ impl NativeNet {
                             }
                         }
                     }
+                }
+                if let Some(anchor) = anchor {
+                    let width = c.param.len() / (c.r1 - c.r0);
+                    let a = &anchor[c.p][c.r0 * width..c.r1 * width];
+                    add_proximal(cfg.proximal_mu as f32, c.param, a, c.grad);
                 }
                 match c.state.as_mut_slice() {
                     [] => sgd_update(&cfg, c.param, c.grad, &mut []),
