@@ -32,7 +32,6 @@ use crate::store::access::StoreCredential;
 use crate::store::{
     BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions, StoreTls, MIB,
 };
-use crate::strategy::FedAvg;
 use crate::tensor::{NamedTensor, ParamSet};
 use crate::transport::{BrokerOptions, BrokerTls, EmbeddedBroker, MqttTls, SessionOptions};
 use anyhow::{bail, Context, Result};
@@ -126,6 +125,8 @@ pub struct RoundBenchConfig {
     /// With processes: client sessions per client process (each with its own MQTT connection and
     /// S3 client), so that thousands of real sessions fit on a small machine.
     pub clients_per_process: usize,
+    /// The server's strategy (`train_args.federated_optimizer` names, default hyper-parameters).
+    pub strategy: String,
 }
 
 impl Default for RoundBenchConfig {
@@ -141,6 +142,7 @@ impl Default for RoundBenchConfig {
             round_timeout: Duration::from_secs(300),
             secure: false,
             clients_per_process: 1,
+            strategy: "FedAvg".into(),
         }
     }
 }
@@ -165,6 +167,8 @@ pub struct RoundBenchReport {
     /// `on`: TLS, signed messages and sealed blobs; `off`: plain TCP and HTTP, unsigned,
     /// plaintext blobs.
     pub security: &'static str,
+    /// The server's strategy.
+    pub strategy: String,
     /// Median round time in seconds (warm-up rounds left out).
     pub round_s_median: Option<f64>,
     /// 90th percentile (nearest rank) of the round times.
@@ -354,6 +358,72 @@ pub fn check_payload(model: &ParamSet, rounds: u64, delta: f32) -> bool {
     true
 }
 
+/// How far a server optimizer (FedAvgM, FedAdam, FedYogi, FedAdagrad, default hyper-parameters)
+/// moves every parameter in `rounds` rounds in which every client adds `delta`: the
+/// pseudo-gradient is then `delta` for every parameter and round, so the moments are scalars.
+/// Written from the update rules (Reddi et al. 2021, Hsu et al. 2019) in f64, independently of
+/// `strategy::FedOpt`. `None` for strategies whose model is the plain mean (FedAvg, FedProx).
+pub fn server_shift(strategy: &str, rounds: u64, delta: f32) -> Option<f64> {
+    let d = f64::from(delta);
+    let (lr, b1, b2, tau) = match strategy.to_ascii_lowercase().as_str() {
+        "fedavgm" => (1.0, 0.9, 0.0, 0.0),
+        "fedadam" | "fedyogi" => (0.01, 0.9, 0.99, 1e-3),
+        "fedadagrad" => (0.1, 0.9, 0.0, 1e-3),
+        _ => return None,
+    };
+    let kind = strategy.to_ascii_lowercase();
+    let (mut m, mut v, mut shift) = (0.0f64, tau * tau, 0.0f64);
+    for _ in 0..rounds {
+        if kind == "fedavgm" {
+            m = b1 * m + d;
+            shift += lr * m;
+            continue;
+        }
+        m = b1 * m + (1.0 - b1) * d;
+        v = match kind.as_str() {
+            "fedadagrad" => v + d * d,
+            "fedadam" => b2 * v + (1.0 - b2) * d * d,
+            // Yogi: sign(v − Δ²), 0 at a tie (f64::signum would give ±1).
+            _ => {
+                let diff = v - d * d;
+                let sign = if diff > 0.0 {
+                    1.0
+                } else if diff < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+                v - (1.0 - b2) * d * d * sign
+            }
+        };
+        shift += lr * m / (v.sqrt() + tau);
+    }
+    Some(shift)
+}
+
+/// Whether `model` is the synthetic model of its size with every value moved by `shift`
+/// (within `tol`).
+pub fn check_shift(model: &ParamSet, shift: f64, tol: f64) -> bool {
+    let layout = synthetic_layout(model.num_params());
+    if layout.len() != model.len() {
+        return false;
+    }
+    let mut next = 0u64;
+    for ((name, shape), t) in layout.iter().zip(model.iter()) {
+        if t.name() != name || t.shape() != shape.as_slice() {
+            return false;
+        }
+        for (i, &got) in t.data().iter().enumerate() {
+            let want = f64::from(synthetic_value(next + i as u64)) + shift;
+            if (f64::from(got) - want).abs() > tol {
+                return false;
+            }
+        }
+        next += t.len() as u64;
+    }
+    true
+}
+
 /// Statistics of the rounds of a run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoundStats {
@@ -528,6 +598,19 @@ impl BenchEnv {
     fn security_of(&self, id: &str) -> Security {
         self.security.as_ref().map(|s| s.of(id)).unwrap_or_default()
     }
+}
+
+/// The strategy `name` (as `train_args.federated_optimizer`) with default hyper-parameters.
+///
+/// # Errors
+/// An unknown name, listing the valid ones.
+pub fn strategy_named(name: &str) -> Result<Box<dyn crate::strategy::Strategy>> {
+    let t = crate::config::TrainArgs {
+        federated_optimizer: name.to_string(),
+        ..Default::default()
+    };
+    crate::strategy::from_config(&t, &crate::config::FedmqArgs::default())
+        .map_err(|e| anyhow::anyhow!("--strategy: {}", e.reason))
 }
 
 /// A fresh run id (`bench-<hex>`).
@@ -718,11 +801,12 @@ pub async fn run_bench_server(
         };
         marks.push((Instant::now(), mark));
     };
+    let strategy = strategy_named(&cfg.strategy)?;
     let report = server::run_server(
         opts,
         env.session(server::SERVER_ID),
         store,
-        Box::new(FedAvg),
+        strategy,
         initial,
         None,
         None,
@@ -746,7 +830,10 @@ pub async fn run_bench_server(
     let rounds_closed = report.records.len() as u64;
     let payload_ok = cfg.payload_check.then(|| {
         tokio::task::block_in_place(|| {
-            check_payload(&report.final_params, rounds_closed, cfg.delta)
+            match server_shift(&cfg.strategy, rounds_closed, cfg.delta) {
+                None => check_payload(&report.final_params, rounds_closed, cfg.delta),
+                Some(shift) => check_shift(&report.final_params, shift, 1e-6),
+            }
         })
     });
     Ok(ServerRun {
@@ -813,6 +900,7 @@ impl RoundBenchReport {
             broker: cfg.broker,
             fetch_concurrency: cfg.fetch_concurrency,
             security: if cfg.secure { "on" } else { "off" },
+            strategy: cfg.strategy.clone(),
             round_s_median: stats.as_ref().map(|s| round6(s.median)),
             round_s_p90: stats.as_ref().map(|s| round6(s.p90)),
             round_s_min: stats.as_ref().map(|s| round6(s.min)),

@@ -16,7 +16,6 @@ use crate::server::{
 };
 use crate::store::access::StoreCredential;
 use crate::store::{BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions};
-use crate::strategy::FedAvg;
 use crate::tensor::ParamSet;
 use crate::train::{self, Model, ModelKind};
 use crate::transport::{BrokerOptions, EmbeddedBroker, SessionOptions};
@@ -500,11 +499,13 @@ async fn serve(
     let (device, _) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
     let evaluator: Arc<dyn Evaluator> =
         Arc::new(ModelEvaluator::new(kind, split.test.clone(), device));
+    let strategy = crate::strategy::from_config(&cfg.train_args, &cfg.fedmq_args)
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.reason))?;
     Ok(server::run_server(
         opts,
         mqtt,
         store,
-        Box::new(FedAvg),
+        strategy,
         initial,
         resume_from,
         Some(evaluator),

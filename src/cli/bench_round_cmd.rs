@@ -73,6 +73,10 @@ pub struct RoundArgs {
     /// process, so its memory and CPU are measured alone.
     #[arg(long, default_value_t = 1)]
     pub clients_per_process: usize,
+    /// Server strategies, comma-separated, one line each (train_args.federated_optimizer names
+    /// with default hyper-parameters: FedAvg, FedAdam, FedProx, ...).
+    #[arg(long, value_delimiter = ',', default_value = "FedAvg")]
+    pub strategy: Vec<String>,
 }
 
 fn parse_security(s: &str) -> std::result::Result<bool, String> {
@@ -164,7 +168,8 @@ pub fn run(a: RoundArgs) -> Result<()> {
         .iter()
         .flat_map(|&clients| a.params.iter().map(move |&params| (clients, params)))
         .flat_map(|(clients, params)| a.security.iter().map(move |&sec| (clients, params, sec)))
-        .map(|(clients, params, secure)| RoundBenchConfig {
+        .flat_map(|(c, p, sec)| a.strategy.iter().map(move |s| (c, p, sec, s.clone())))
+        .map(|(clients, params, secure, strategy)| RoundBenchConfig {
             clients,
             params,
             rounds: a.rounds,
@@ -175,8 +180,12 @@ pub fn run(a: RoundArgs) -> Result<()> {
             round_timeout: Duration::from_secs_f64(a.round_timeout_s),
             secure,
             clients_per_process: a.clients_per_process,
+            strategy,
         })
         .collect();
+    for s in &a.strategy {
+        fedmq::bench_round::strategy_named(s)?;
+    }
     if let [cfg] = configs.as_slice() {
         let report = run_one(cfg, a.processes)?;
         print_line(&serde_json::to_string(&report)?);
@@ -281,7 +290,8 @@ fn run_child(cfg: &RoundBenchConfig, processes: bool) -> Result<String> {
     cmd.arg(format!(
         "--security={}",
         if cfg.secure { "on" } else { "off" }
-    ));
+    ))
+    .arg(format!("--strategy={}", cfg.strategy));
     if cfg.payload_check {
         cmd.arg("--payload-check");
     }

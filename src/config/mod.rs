@@ -152,7 +152,8 @@ impl Default for ModelArgs {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainArgs {
-    /// Aggregation algorithm (`FedAvg`).
+    /// The strategy (FedML's names: `FedAvg`, `FedProx`, `FedOpt`; fedmq also accepts
+    /// `FedAvgM`, `FedAdam`, `FedYogi`, `FedAdagrad`; see `strategy::from_config`).
     pub federated_optimizer: String,
     /// FedML's explicit client id list (`[]` = ranks 1..=client_num_in_total).
     pub client_id_list: Option<serde_yaml_ng::Value>,
@@ -174,12 +175,15 @@ pub struct TrainArgs {
     pub momentum: f64,
     /// L2 weight decay (PyTorch semantics).
     pub weight_decay: f64,
-    /// Server optimizer for FedOpt (`sgd`); FedAvg ignores it.
+    /// Server optimizer of `FedOpt` (`sgd`, `adagrad`, `adam`, `yogi`).
     pub server_optimizer: String,
-    /// Server learning rate for FedOpt; FedAvg ignores it.
-    pub server_lr: f64,
-    /// Server momentum for FedOpt; FedAvg ignores it.
-    pub server_momentum: f64,
+    /// Server learning rate of the FedOpt family; unset: 1 (sgd), 0.1 (adagrad), 0.01
+    /// (adam, yogi).
+    pub server_lr: Option<f64>,
+    /// Server momentum of FedOpt with `sgd` and of `FedAvgM` (unset there: 0.9).
+    pub server_momentum: Option<f64>,
+    /// FedProx's proximal coefficient `μ` (unset: 0.01).
+    pub fedprox_mu: Option<f64>,
 }
 
 impl Default for TrainArgs {
@@ -197,8 +201,9 @@ impl Default for TrainArgs {
             momentum: 0.9,
             weight_decay: 0.0,
             server_optimizer: "sgd".into(),
-            server_lr: 1.0,
-            server_momentum: 0.0,
+            server_lr: None,
+            server_momentum: None,
+            fedprox_mu: None,
         }
     }
 }
@@ -442,6 +447,12 @@ pub struct FedmqArgs {
     /// stands for the participant id): its access key and secret replace `CN_S3_AKI`/`CN_S3_SAK`,
     /// and the store lets it write only its own updates. Empty: the shared credential.
     pub store_credentials: String,
+    /// `β1` of the adaptive server optimizers (FedAdagrad, FedAdam, FedYogi).
+    pub server_beta1: f64,
+    /// `β2` of FedAdam and FedYogi.
+    pub server_beta2: f64,
+    /// `τ` of the adaptive server optimizers (their adaptivity; Reddi et al. 2021).
+    pub server_tau: f64,
     /// How the server weights updates: `samples` (FedAvg: by the claimed sample count, bounded
     /// by the `capabilities.samples` each client announced when it joined) or `uniform` (every
     /// update the same).
@@ -463,6 +474,9 @@ impl Default for FedmqArgs {
             trusted_keys: String::new(),
             encrypt_blobs: None,
             store_credentials: String::new(),
+            server_beta1: 0.9,
+            server_beta2: 0.99,
+            server_tau: 1e-3,
             weighting: "samples".into(),
         }
     }
@@ -604,14 +618,9 @@ impl Config {
         if let Err(e) = t.client_optimizer.parse::<crate::train::OptimizerKind>() {
             check(false, "train_args.client_optimizer", e.to_string());
         }
-        check(
-            t.federated_optimizer.eq_ignore_ascii_case("FedAvg"),
-            "train_args.federated_optimizer",
-            format!(
-                "{:?} is not available yet; valid: FedAvg",
-                t.federated_optimizer
-            ),
-        );
+        if let Err(e) = crate::strategy::from_config(t, &self.fedmq_args) {
+            check(false, e.key, e.reason);
+        }
         let d = &self.data_args;
         if let Err(e) = d.dataset.parse::<crate::data::DatasetKind>() {
             check(false, "data_args.dataset", e.to_string());

@@ -8,13 +8,21 @@
 //!
 //! # Layout
 //! - this file: [`Strategy`], [`RoundAggregate`], [`ClientFailure`].
-//! - `fedavg.rs`: [`FedAvg`], the sample-weighted average of McMahan et al. 2017.
+//! - `fedavg.rs`: [`FedAvg`], the sample-weighted average of McMahan et al. 2017, and the
+//!   [`StreamingMean`] other strategies aggregate with.
+//! - `fedopt.rs`: [`FedOpt`], server optimizers on the averaged update (FedAvgM, FedAdagrad,
+//!   FedAdam, FedYogi).
+//! - `fedprox.rs`: [`FedProx`], FedAvg with a proximal term on the clients.
+//!
+//! [`from_config`] builds the strategy a config names.
 
 mod fedavg;
 mod fedopt;
+mod fedprox;
 
 pub use fedavg::{FedAvg, StreamingMean};
 pub use fedopt::{FedOpt, FedOptConfig, ServerOptimizer};
+pub use fedprox::FedProx;
 
 use crate::proto::StrategyInstruction;
 use crate::tensor::{ParamSet, ParamsView};
@@ -93,6 +101,111 @@ pub enum Error {
 
 /// Result of aggregation.
 pub type Result<T> = std::result::Result<T, Error>;
+
+/// Every `train_args.federated_optimizer` fedmq runs (matched case-insensitively): FedML's names
+/// (`FedAvg`, `FedProx`, `FedOpt` with `server_optimizer`) and shorthands for the FedOpt family.
+pub const STRATEGIES: &[&str] = &[
+    "FedAvg",
+    "FedAvgM",
+    "FedProx",
+    "FedOpt",
+    "FedAdam",
+    "FedYogi",
+    "FedAdagrad",
+];
+
+/// A config value [`from_config`] cannot use: the key and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// The config key, e.g. `train_args.server_lr`.
+    pub key: &'static str,
+    /// What is wrong and what is valid.
+    pub reason: String,
+}
+
+/// The strategy `train_args.federated_optimizer` names, with its hyper-parameters from
+/// `train_args` (FedML's keys: `server_optimizer`, `server_lr`, `server_momentum`,
+/// `fedprox_mu`) and `fedmq_args` (`server_beta1`, `server_beta2`, `server_tau`).
+///
+/// # Errors
+/// An unknown name (listing the valid ones) or an out-of-range hyper-parameter, with its key.
+pub fn from_config(
+    t: &crate::config::TrainArgs,
+    f: &crate::config::FedmqArgs,
+) -> std::result::Result<Box<dyn Strategy>, ConfigError> {
+    let name = t.federated_optimizer.to_ascii_lowercase();
+    let fedopt = |label: &'static str, opt: ServerOptimizer, momentum: f64| {
+        let cfg = FedOptConfig {
+            optimizer: opt,
+            lr: t.server_lr.unwrap_or(opt.default_lr()),
+            momentum,
+            beta1: f.server_beta1,
+            beta2: f.server_beta2,
+            tau: f.server_tau,
+        };
+        FedOpt::new(label, cfg)
+            .map(|s| Box::new(s) as Box<dyn Strategy>)
+            .map_err(|reason| ConfigError {
+                key: "train_args.server_lr",
+                reason: format!(
+                    "{label}: {reason} (keys train_args.server_lr, \
+                                 server_momentum; fedmq_args.server_beta1, server_beta2, \
+                                 server_tau)"
+                ),
+            })
+    };
+    match name.as_str() {
+        "fedavg" => Ok(Box::new(FedAvg)),
+        "fedprox" => {
+            let mu = t.fedprox_mu.unwrap_or(0.01);
+            if !(mu.is_finite() && mu >= 0.0) {
+                return Err(ConfigError {
+                    key: "train_args.fedprox_mu",
+                    reason: format!("must be ≥ 0, got {mu}"),
+                });
+            }
+            Ok(Box::new(FedProx { mu }))
+        }
+        "fedavgm" => fedopt(
+            "FedAvgM",
+            ServerOptimizer::Sgd,
+            t.server_momentum.unwrap_or(0.9),
+        ),
+        "fedadam" => fedopt("FedAdam", ServerOptimizer::Adam, 0.0),
+        "fedyogi" => fedopt("FedYogi", ServerOptimizer::Yogi, 0.0),
+        "fedadagrad" => fedopt("FedAdagrad", ServerOptimizer::Adagrad, 0.0),
+        "fedopt" => {
+            let opt =
+                ServerOptimizer::parse(&t.server_optimizer).map_err(|reason| ConfigError {
+                    key: "train_args.server_optimizer",
+                    reason,
+                })?;
+            let label = match opt {
+                ServerOptimizer::Sgd => "FedAvgM",
+                ServerOptimizer::Adam => "FedAdam",
+                ServerOptimizer::Yogi => "FedYogi",
+                ServerOptimizer::Adagrad => "FedAdagrad",
+            };
+            fedopt(label, opt, t.server_momentum.unwrap_or(0.0))
+        }
+        _ => {
+            let later = ["fednova", "scaffold", "async_fedavg", "fedbuff"];
+            let why = if later.contains(&name.as_str()) {
+                "is not available yet"
+            } else {
+                "is not a strategy fedmq knows"
+            };
+            Err(ConfigError {
+                key: "train_args.federated_optimizer",
+                reason: format!(
+                    "{:?} {why}; valid: {}",
+                    t.federated_optimizer,
+                    STRATEGIES.join(", ")
+                ),
+            })
+        }
+    }
+}
 
 /// A federated optimization strategy.
 pub trait Strategy: Send {
