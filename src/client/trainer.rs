@@ -220,3 +220,39 @@ impl LocalTrainer for NoopTrainer {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn instruction(version: u32, params: &[(&str, f64)]) -> StrategyInstruction {
+        StrategyInstruction {
+            name: "FedProx".into(),
+            version,
+            params: params.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn instructions_are_read_or_refused_never_ignored() {
+        assert_eq!(
+            LocalHooks::from_instruction(None),
+            Ok(LocalHooks::default())
+        );
+        let ok = instruction(STRATEGY_INSTRUCTION_VERSION, &[("proximal_mu", 0.5)]);
+        assert_eq!(
+            LocalHooks::from_instruction(Some(&ok)).unwrap().proximal_mu,
+            0.5
+        );
+        let newer = instruction(STRATEGY_INSTRUCTION_VERSION + 1, &[]);
+        assert!(LocalHooks::from_instruction(Some(&newer))
+            .unwrap_err()
+            .contains("version"));
+        let unknown = instruction(STRATEGY_INSTRUCTION_VERSION, &[("control_variate", 1.0)]);
+        assert!(LocalHooks::from_instruction(Some(&unknown))
+            .unwrap_err()
+            .contains("control_variate"));
+        let negative = instruction(STRATEGY_INSTRUCTION_VERSION, &[("proximal_mu", -1.0)]);
+        assert!(LocalHooks::from_instruction(Some(&negative)).is_err());
+    }
+}

@@ -869,8 +869,14 @@ impl RoundMachine {
                 reason: reason.clone(),
             })
             .collect();
+        let agg_metrics = r
+            .aggregate
+            .as_ref()
+            .map(|a| a.metrics())
+            .unwrap_or_default();
         let aggregate = r.aggregate.take().and_then(|a| a.finish(&failures));
-        let end = self.strategy.end_round(r.round, &self.global, aggregate);
+        let mut end = self.strategy.end_round(r.round, &self.global, aggregate);
+        end.metrics.extend(agg_metrics);
         let updated = end.global.is_some();
         if let Some(g) = end.global {
             self.global = g;

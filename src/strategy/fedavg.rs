@@ -3,6 +3,7 @@
 
 use super::{ClientFailure, Error, Result, RoundAggregate, Strategy};
 use crate::tensor::{ParamSet, ParamsView};
+use std::collections::BTreeMap;
 
 /// Sample-weighted federated averaging.
 #[derive(Debug, Default, Clone)]
@@ -24,18 +25,25 @@ impl Strategy for FedAvg {
 /// far, instead of summing `w · x` and dividing at the end. The result is the same weighted mean,
 /// but intermediate values stay at the scale of the parameters, so f32 accumulation loses no more
 /// precision with 1,000 clients than with 2 and no f64 copy of the model is needed.
+///
+/// It also measures how far the clients moved: the weighted mean of `‖x − global‖₂` over the
+/// updates, the round metric `update_distance` (what FedProx's proximal term shrinks).
 pub struct StreamingMean {
     mean: ParamSet,
+    global: ParamSet,
     total_weight: f64,
+    distance_sum: f64,
     count: usize,
 }
 
 impl StreamingMean {
-    /// An empty mean with the layout of `like`.
-    pub fn new(like: &ParamSet) -> Self {
+    /// An empty mean with the layout of `global`, the model the round's clients start from.
+    pub fn new(global: &ParamSet) -> Self {
         Self {
-            mean: like.zeros_like(),
+            mean: global.zeros_like(),
+            global: global.clone(),
             total_weight: 0.0,
+            distance_sum: 0.0,
             count: 0,
         }
     }
@@ -62,6 +70,14 @@ impl RoundAggregate for StreamingMean {
                 tensor: t.name().to_string(),
             });
         }
+        let mut sq = 0f64;
+        for (g, x) in self.global.tensors().iter().zip(update.tensors()) {
+            for (x, &g) in x.values().zip(g.data()) {
+                let d = f64::from(x - g);
+                sq += d * d;
+            }
+        }
+        self.distance_sum += num_samples as f64 * sq.sqrt();
         self.total_weight += num_samples as f64;
         let frac = (num_samples as f64 / self.total_weight) as f32;
         // Both are sorted by name and have the same layout (checked above).
@@ -74,6 +90,16 @@ impl RoundAggregate for StreamingMean {
 
     fn count(&self) -> usize {
         self.count
+    }
+
+    fn metrics(&self) -> BTreeMap<String, f64> {
+        if self.count == 0 {
+            return BTreeMap::new();
+        }
+        BTreeMap::from([(
+            "update_distance".to_string(),
+            self.distance_sum / self.total_weight,
+        )])
     }
 
     fn finish(self: Box<Self>, _failures: &[ClientFailure]) -> Option<ParamSet> {

@@ -312,6 +312,12 @@ pub trait RoundAggregate: Send {
     /// Number of updates folded in so far.
     fn count(&self) -> usize;
 
+    /// Metrics of the round's updates (e.g. `update_distance`), recorded under `strategy` in
+    /// `metrics.jsonl` with [`Strategy::end_round`]'s.
+    fn metrics(&self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
+
     /// Closes the round: the new global model, or `None` to keep the old one (no updates).
     /// `failures` are the selected clients that contributed nothing.
     fn finish(self: Box<Self>, failures: &[ClientFailure]) -> Option<ParamSet>;
