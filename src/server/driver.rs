@@ -28,7 +28,7 @@ use crate::proto::{
 };
 use crate::seal::{self, BlobCrypto, ContentKey};
 use crate::store::{self, BlobStore, RetentionPolicy};
-use crate::strategy::Strategy;
+use crate::strategy::{Strategy, StrategyState};
 use crate::tensor::ParamSet;
 use crate::transport::{Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
 use bytes::Bytes;
@@ -549,7 +549,7 @@ struct Driver {
     known_clients: BTreeSet<String>,
     records: Vec<RoundRecord>,
     /// Round closed, its model not yet stored: checkpoint (round, strategy, state) once it is.
-    pending_checkpoint: Option<(u64, String, serde_json::Value)>,
+    pending_checkpoint: Option<(u64, String, StrategyState)>,
     round_bytes: Option<RoundBytes>,
     started: Instant,
     last_admitting: Option<usize>,
@@ -705,41 +705,56 @@ impl Driver {
             run: self.opts.run.clone(),
             round,
             strategy,
-            state,
+            state: serde_json::Value::Null,
             model,
             ts_ms: proto::now_ms(),
         };
-        self.put_checkpoint(cp).await;
+        self.put_checkpoint(cp, state).await;
     }
 
-    /// Stores `cp` in the background (off the round's critical path), then deletes the
-    /// checkpoint two rounds older (the newest two are kept).
-    async fn put_checkpoint(&mut self, cp: Checkpoint) {
+    /// Stores `cp` with the strategy's `state` in the background (encoded, sealed and stored
+    /// off the round's critical path), then deletes the checkpoint two rounds older (the newest
+    /// two are kept).
+    async fn put_checkpoint(&mut self, mut cp: Checkpoint, state: StrategyState) {
         let key = self.opts.keys.checkpoint(cp.round);
         let old = (cp.round > 2).then(|| self.opts.keys.checkpoint(cp.round - 2));
-        let body = match serde_json::to_vec_pretty(&cp) {
-            Ok(b) => b,
-            Err(e) => {
-                warn!("checkpoint of round {} not written: {e}", cp.round);
-                return;
-            }
-        };
-        let body = match &self.opts.crypto {
-            Some(c) => c.seal_own(&key, &body),
-            None => body,
-        };
         let store = self.store.clone();
+        let crypto = self.opts.crypto.clone();
+        // One checkpoint in flight at a time, in round order.
+        let previous = self.checkpoint_task.take();
         let task = tokio::spawn(async move {
+            if let Some(p) = previous {
+                let _ = p.await;
+            }
+            let round = cp.round;
+            let sealing_key = key.clone();
+            let body = tokio::task::spawn_blocking(move || {
+                cp.state = state.encode();
+                let body = serde_json::to_vec_pretty(&cp).map_err(|e| e.to_string())?;
+                Ok::<_, String>(match &crypto {
+                    Some(c) => c.seal_own(&sealing_key, &body),
+                    None => body,
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+            let body = match body {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!("checkpoint of round {round} not written: {e}");
+                    return;
+                }
+            };
             match store.put(&key, Bytes::from(body)).await {
                 Ok(_) => {
-                    debug!(round = cp.round, %key, "checkpoint written");
+                    debug!(round, %key, "checkpoint written");
                     if let Some(old) = old {
                         let _ = store.delete(&old).await;
                     }
                 }
                 Err(e) => warn!(
-                    "checkpoint of round {} not written ({e}); the run goes on without it",
-                    cp.round
+                    "checkpoint of round {round} not written ({e}); the run goes on without it"
                 ),
             }
         });

@@ -266,9 +266,11 @@ pub trait Strategy: Send {
         }
     }
 
-    /// Strategy state to checkpoint (server optimizer moments, ...); `null` when stateless.
-    fn state(&self) -> serde_json::Value {
-        serde_json::Value::Null
+    /// Strategy state to checkpoint (server optimizer moments, ...): a snapshot, encoded to
+    /// JSON only when the checkpoint is written, off the round's critical path. `null` when
+    /// stateless.
+    fn state(&self) -> StrategyState {
+        StrategyState::json(serde_json::Value::Null)
     }
 
     /// Restores [`Strategy::state`] from a checkpoint.
@@ -278,6 +280,34 @@ pub trait Strategy: Send {
     fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
         let _ = state;
         Ok(())
+    }
+}
+
+/// A snapshot of a strategy's state ([`Strategy::state`]), turned into JSON by
+/// [`StrategyState::encode`] when a checkpoint is written (in the background: a strategy with
+/// model-sized state hands out shared references here, not copies).
+pub struct StrategyState(Box<dyn FnOnce() -> serde_json::Value + Send>);
+
+impl StrategyState {
+    /// State that is already JSON.
+    pub fn json(value: serde_json::Value) -> Self {
+        Self(Box::new(move || value))
+    }
+
+    /// State encoded by `f` when the checkpoint is written.
+    pub fn lazy(f: impl FnOnce() -> serde_json::Value + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+
+    /// The JSON of the checkpoint's `state` field.
+    pub fn encode(self) -> serde_json::Value {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for StrategyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StrategyState(..)")
     }
 }
 
