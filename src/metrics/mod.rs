@@ -36,6 +36,7 @@
 //!     failed_clients: vec![],
 //!     num_samples: 60_000,
 //!     retries: 0,
+//!     strategy: Default::default(),
 //! })?;
 //! assert_eq!(read_jsonl(&dir.join("metrics.jsonl"))?, w.records());
 //! assert!(summary_table(w.records()).contains("98.12"));
