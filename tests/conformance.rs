@@ -505,6 +505,7 @@ fn key_table_matches_blob_keys() {
         keys.global(ROUND),
         keys.update(ROUND, CLIENT),
         keys.checkpoint(ROUND),
+        keys.checkpoint_state(ROUND),
         keys.final_model(),
     ]
     .into();

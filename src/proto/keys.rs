@@ -4,6 +4,7 @@
 //! <prefix>/<run>/r<round>/global            global model sent to clients for round <round>
 //! <prefix>/<run>/r<round>/updates/<client>  a client's update for round <round>
 //! <prefix>/<run>/checkpoint/r<round>        server checkpoint after round <round>
+//! <prefix>/<run>/checkpoint-state/r<round>  its strategy's tensors (server-optimizer moments)
 //! <prefix>/<run>/final                      the final model
 //! ```
 //! Rounds are zero-padded to 6 digits so keys list in round order; deleting old rounds by policy is
@@ -54,6 +55,12 @@ impl BlobKeys {
     /// The server checkpoint written after a round.
     pub fn checkpoint(&self, round: u64) -> String {
         format!("{}/checkpoint/r{round:06}", self.base)
+    }
+
+    /// The strategy tensors of the checkpoint after `round` (kept apart from `checkpoint/`,
+    /// whose newest key is the newest checkpoint).
+    pub fn checkpoint_state(&self, round: u64) -> String {
+        format!("{}/checkpoint-state/r{round:06}", self.base)
     }
 
     /// The final model.

@@ -180,8 +180,12 @@ pub struct Checkpoint {
     pub round: u64,
     /// Strategy name.
     pub strategy: String,
-    /// Strategy state ([`Strategy::state`]).
+    /// Strategy state ([`Strategy::state`]), its JSON part.
     pub state: serde_json::Value,
+    /// Its tensors (server-optimizer moments), a safetensors blob at
+    /// `BlobKeys::checkpoint_state` (sealed with the server's own key when blobs are sealed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_blob: Option<BlobRef>,
     /// The model after `round`. In a sealed federation its `wrapped_key` is wrapped to the
     /// server itself, and the whole document is sealed with the server's own key.
     pub model: BlobRef,
@@ -243,6 +247,27 @@ pub async fn load_checkpoint_model(
     let bytes = open_blob(crypto, &cp.model, bytes).map_err(ServerError::Checkpoint)?;
     ParamSet::from_safetensors_bytes(&bytes)
         .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", cp.model.key)))
+}
+
+/// Loads a checkpoint's strategy tensors (verified against their SHA-256, opened with the
+/// server's own key when blobs are sealed).
+///
+/// # Errors
+/// The blob is missing, altered or undecodable.
+async fn load_checkpoint_state(
+    store: &BlobStore,
+    r: &BlobRef,
+    crypto: Option<&BlobCrypto>,
+) -> Result<ParamSet, ServerError> {
+    let bytes = store.get(r).await?;
+    let bytes = match crypto {
+        Some(c) => c
+            .open_own(&r.key, bytes)
+            .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", r.key)))?,
+        None => bytes,
+    };
+    ParamSet::from_safetensors_bytes(&bytes)
+        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", r.key)))
 }
 
 /// The plaintext of a fetched blob: opened when `crypto` is set (which requires it sealed),
@@ -345,9 +370,13 @@ pub async fn run_server(
     };
     let mut machine = RoundMachine::new(opts.round.clone(), strategy, initial, Instant::now());
     if let Some(cp) = &resume_from {
+        let tensors = match &cp.state_blob {
+            Some(r) => Some(load_checkpoint_state(&store, r, opts.crypto.as_deref()).await?),
+            None => None,
+        };
         machine
             .strategy_mut()
-            .restore(&cp.state)
+            .restore(&cp.state, tensors)
             .map_err(|e| ServerError::Checkpoint(e.to_string()))?;
     }
     let mut driver = Driver {
@@ -706,6 +735,7 @@ impl Driver {
             round,
             strategy,
             state: serde_json::Value::Null,
+            state_blob: None,
             model,
             ts_ms: proto::now_ms(),
         };
@@ -717,7 +747,13 @@ impl Driver {
     /// two are kept).
     async fn put_checkpoint(&mut self, mut cp: Checkpoint, state: StrategyState) {
         let key = self.opts.keys.checkpoint(cp.round);
-        let old = (cp.round > 2).then(|| self.opts.keys.checkpoint(cp.round - 2));
+        let state_key = self.opts.keys.checkpoint_state(cp.round);
+        let old = (cp.round > 2).then(|| {
+            (
+                self.opts.keys.checkpoint(cp.round - 2),
+                self.opts.keys.checkpoint_state(cp.round - 2),
+            )
+        });
         let store = self.store.clone();
         let crypto = self.opts.crypto.clone();
         // One checkpoint in flight at a time, in round order.
@@ -727,20 +763,42 @@ impl Driver {
                 let _ = p.await;
             }
             let round = cp.round;
-            let sealing_key = key.clone();
-            let body = tokio::task::spawn_blocking(move || {
-                cp.state = state.encode();
-                let body = serde_json::to_vec_pretty(&cp).map_err(|e| e.to_string())?;
-                Ok::<_, String>(match &crypto {
-                    Some(c) => c.seal_own(&sealing_key, &body),
-                    None => body,
-                })
+            let (doc_key, state_key2) = (key.clone(), state_key.clone());
+            let crypto2 = crypto.clone();
+            let encoded = tokio::task::spawn_blocking(move || {
+                let (json, tensors) = state.encode();
+                cp.state = json;
+                let tensors = tensors.map(|t| {
+                    let bytes = t.to_safetensors_bytes();
+                    match &crypto2 {
+                        Some(c) => c.seal_own(&state_key2, &bytes),
+                        None => bytes,
+                    }
+                });
+                (cp, tensors)
             })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-            let body = match body {
-                Ok(b) => b,
+            .await;
+            let (mut cp, tensors) = match encoded {
+                Ok(e) => e,
+                Err(e) => {
+                    warn!("checkpoint of round {round} not written: encoding failed: {e}");
+                    return;
+                }
+            };
+            if let Some(bytes) = tensors {
+                match store.put(&state_key, Bytes::from(bytes)).await {
+                    Ok(r) => cp.state_blob = Some(r),
+                    Err(e) => {
+                        warn!("checkpoint of round {round} not written (its strategy state: {e}); the run goes on without it");
+                        return;
+                    }
+                }
+            }
+            let body = match serde_json::to_vec_pretty(&cp) {
+                Ok(b) => match &crypto {
+                    Some(c) => c.seal_own(&doc_key, &b),
+                    None => b,
+                },
                 Err(e) => {
                     warn!("checkpoint of round {round} not written: {e}");
                     return;
@@ -749,8 +807,9 @@ impl Driver {
             match store.put(&key, Bytes::from(body)).await {
                 Ok(_) => {
                     debug!(round, %key, "checkpoint written");
-                    if let Some(old) = old {
+                    if let Some((old, old_state)) = old {
                         let _ = store.delete(&old).await;
+                        let _ = store.delete(&old_state).await;
                     }
                 }
                 Err(e) => warn!(

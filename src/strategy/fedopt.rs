@@ -12,11 +12,12 @@
 //!
 //! Moments start at `m = 0` and `v = τ²` (the paper's `v₋₁ ≥ τ²`), without bias correction, as
 //! in the paper's Algorithm 2. The arithmetic is in f32, element by element; the moments are the
-//! strategy's state, checkpointed and restored with the run.
+//! strategy's state, checkpointed (as a binary blob beside the checkpoint document) and restored
+//! with the run.
 
 use super::fedavg::StreamingMean;
 use super::{Error, Result, RoundAggregate, RoundEnd, Strategy, StrategyState};
-use crate::tensor::ParamSet;
+use crate::tensor::{NamedTensor, ParamSet};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -302,21 +303,31 @@ impl Strategy for FedOpt {
         let (m, v, steps) = (self.m.clone(), self.v.clone(), self.steps);
         let optimizer = format!("{:?}", self.cfg.optimizer).to_ascii_lowercase();
         StrategyState::lazy(move || {
-            let enc = |p: &Option<Arc<ParamSet>>| {
-                p.as_ref()
-                    .map(|p| base64_simd::STANDARD.encode_to_string(p.to_safetensors_bytes()))
-            };
-            serde_json::json!({
-                "v": 1,
+            let json = serde_json::json!({
+                "v": 2,
                 "optimizer": optimizer,
                 "steps": steps,
-                "m": enc(&m),
-                "second_moment": enc(&v),
-            })
+                "m": m.is_some(),
+                "second_moment": v.is_some(),
+            });
+            let mut tensors = Vec::new();
+            for (prefix, set) in [("m.", &m), ("second_moment.", &v)] {
+                for t in set.iter().flat_map(|p| p.tensors()) {
+                    let named = NamedTensor::new(
+                        format!("{prefix}{}", t.name()),
+                        t.shape().to_vec(),
+                        t.data().to_vec(),
+                    );
+                    tensors.push(named.expect("a copy keeps its shape"));
+                }
+            }
+            let tensors = (!tensors.is_empty())
+                .then(|| ParamSet::new(tensors).expect("prefixed names stay unique"));
+            (json, tensors)
         })
     }
 
-    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
+    fn restore(&mut self, state: &serde_json::Value, tensors: Option<ParamSet>) -> Result<()> {
         let bad = |detail: String| Error::Restore {
             strategy: self.name.to_string(),
             detail,
@@ -331,22 +342,29 @@ impl Strategy for FedOpt {
                 state["optimizer"]
             )));
         }
-        let dec = |field: &str| -> std::result::Result<Option<Arc<ParamSet>>, String> {
-            match &state[field] {
-                serde_json::Value::Null => Ok(None),
-                serde_json::Value::String(s) => {
-                    let bytes = base64_simd::STANDARD
-                        .decode_to_vec(s)
-                        .map_err(|e| format!("{field}: {e}"))?;
-                    ParamSet::from_safetensors_bytes(&bytes)
-                        .map(|p| Some(Arc::new(p)))
-                        .map_err(|e| format!("{field}: {e}"))
-                }
-                other => Err(format!("{field}: expected base64 text, got {other}")),
+        let take = |prefix: &str| -> std::result::Result<Option<Arc<ParamSet>>, String> {
+            if state[prefix.trim_end_matches('.')].as_bool() != Some(true) {
+                return Ok(None);
             }
+            let Some(all) = &tensors else {
+                return Err(format!(
+                    "the checkpoint names {prefix}* tensors but has none"
+                ));
+            };
+            let part: Vec<NamedTensor> = all
+                .tensors()
+                .iter()
+                .filter_map(|t| {
+                    let name = t.name().strip_prefix(prefix)?;
+                    NamedTensor::new(name, t.shape().to_vec(), t.data().to_vec()).ok()
+                })
+                .collect();
+            ParamSet::new(part)
+                .map(|p| Some(Arc::new(p)))
+                .map_err(|e| format!("{prefix}*: {e}"))
         };
-        self.m = dec("m").map_err(bad)?;
-        self.v = dec("second_moment").map_err(bad)?;
+        self.m = take("m.").map_err(bad)?;
+        self.v = take("second_moment.").map_err(bad)?;
         self.steps = state["steps"].as_u64().unwrap_or(0);
         Ok(())
     }
@@ -450,16 +468,24 @@ mod tests {
         let mut a = FedOpt::new("FedAdam", FedOptConfig::new(ServerOptimizer::Adam)).unwrap();
         let x = one(vec![1.0, 2.0]);
         a.end_round(1, &x, Some(one(vec![1.5, 1.0])));
-        let state = a.state().encode();
+        let (state, tensors) = a.state().encode();
+        assert!(tensors.is_some());
         let mut b = FedOpt::new("FedAdam", FedOptConfig::new(ServerOptimizer::Adam)).unwrap();
-        b.restore(&state).unwrap();
+        b.restore(&state, tensors.clone()).unwrap();
         let next = one(vec![0.5, 0.5]);
         let ra = a.end_round(2, &x, Some(next.clone())).global.unwrap();
         let rb = b.end_round(2, &x, Some(next)).global.unwrap();
         assert_eq!(ra.tensors()[0].data(), rb.tensors()[0].data());
         let mut yogi = FedOpt::new("FedYogi", FedOptConfig::new(ServerOptimizer::Yogi)).unwrap();
-        assert!(yogi.restore(&state).is_err(), "another optimizer's state");
-        assert!(yogi.restore(&serde_json::Value::Null).is_err());
+        assert!(
+            yogi.restore(&state, tensors).is_err(),
+            "another optimizer's state"
+        );
+        assert!(yogi.restore(&serde_json::Value::Null, None).is_err());
+        assert!(
+            b.restore(&state, None).is_err(),
+            "moments named but missing"
+        );
     }
 
     #[test]

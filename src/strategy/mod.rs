@@ -273,12 +273,12 @@ pub trait Strategy: Send {
         StrategyState::json(serde_json::Value::Null)
     }
 
-    /// Restores [`Strategy::state`] from a checkpoint.
+    /// Restores [`Strategy::state`] from a checkpoint: its JSON part and its tensors.
     ///
     /// # Errors
     /// [`Error::Restore`] when the state does not belong to this strategy.
-    fn restore(&mut self, state: &serde_json::Value) -> Result<()> {
-        let _ = state;
+    fn restore(&mut self, state: &serde_json::Value, tensors: Option<ParamSet>) -> Result<()> {
+        let _ = (state, tensors);
         Ok(())
     }
 }
@@ -286,21 +286,25 @@ pub trait Strategy: Send {
 /// A snapshot of a strategy's state ([`Strategy::state`]), turned into JSON by
 /// [`StrategyState::encode`] when a checkpoint is written (in the background: a strategy with
 /// model-sized state hands out shared references here, not copies).
-pub struct StrategyState(Box<dyn FnOnce() -> serde_json::Value + Send>);
+#[allow(clippy::type_complexity)]
+pub struct StrategyState(Box<dyn FnOnce() -> (serde_json::Value, Option<ParamSet>) + Send>);
 
 impl StrategyState {
     /// State that is already JSON.
     pub fn json(value: serde_json::Value) -> Self {
-        Self(Box::new(move || value))
+        Self(Box::new(move || (value, None)))
     }
 
-    /// State encoded by `f` when the checkpoint is written.
-    pub fn lazy(f: impl FnOnce() -> serde_json::Value + Send + 'static) -> Self {
+    /// State made by `f` when the checkpoint is written: a small JSON part (the checkpoint's
+    /// `state` field) and model-sized tensors, stored as a binary blob beside the checkpoint.
+    pub fn lazy(
+        f: impl FnOnce() -> (serde_json::Value, Option<ParamSet>) + Send + 'static,
+    ) -> Self {
         Self(Box::new(f))
     }
 
-    /// The JSON of the checkpoint's `state` field.
-    pub fn encode(self) -> serde_json::Value {
+    /// The checkpoint's `state` JSON and the tensors, if any.
+    pub fn encode(self) -> (serde_json::Value, Option<ParamSet>) {
         (self.0)()
     }
 }
