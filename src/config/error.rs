@@ -16,6 +16,16 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A file the config names (`comm_args.mqtt_config_path`, `s3_config_path`) could not be read.
+    #[error("{key} names {}, which cannot be read: {source} (paths are relative to the working directory, or to the config file's directory)", path.display())]
+    Referenced {
+        /// The config key that names the file.
+        key: &'static str,
+        /// The file (as resolved).
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A key that does not exist in its section (typo or misplaced key).
     #[error("{0}")]
     UnknownKey(Box<UnknownKey>),

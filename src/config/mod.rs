@@ -246,9 +246,11 @@ pub struct DeviceArgs {
 pub struct CommArgs {
     /// Transport backend: `MQTT_S3` (control over MQTT, blobs over S3).
     pub backend: String,
-    /// FedML's external MQTT config file; fedmq reads `customized_training_mqtt_config` instead.
+    /// FedML's separate broker file (`BROKER_HOST`, `BROKER_PORT`, `MQTT_USER`, ...): read into
+    /// `customized_training_mqtt_config` by [`Config::load`]; inline keys win.
     pub mqtt_config_path: Option<String>,
-    /// FedML's external S3 config file; fedmq reads `customized_training_s3_config` instead.
+    /// FedML's separate store file (`BUCKET_NAME`, `CN_S3_AKI`, ...): read into
+    /// `customized_training_s3_config` by [`Config::load`]; inline keys win.
     pub s3_config_path: Option<String>,
     /// Broker address and credentials.
     pub customized_training_mqtt_config: MqttConfig,
@@ -482,6 +484,49 @@ impl Default for FedmqArgs {
     }
 }
 
+/// `p` as given when it exists (absolute, or relative to the working directory), else beside the
+/// config file `config`.
+fn resolve_beside(p: &str, config: &Path) -> PathBuf {
+    let given = PathBuf::from(p);
+    if given.is_absolute() || given.exists() {
+        return given;
+    }
+    match config.parent() {
+        Some(dir) if dir.join(&given).exists() => dir.join(given),
+        _ => given,
+    }
+}
+
+/// The section read from `file` with the keys of `inline` (from the main file) laid over it.
+fn merge_file<T: serde::de::DeserializeOwned>(
+    key: &'static str,
+    file: &Path,
+    inline: serde_yaml_ng::Mapping,
+    main: &Path,
+) -> Result<T> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Referenced {
+        key,
+        path: file.to_path_buf(),
+        source,
+    })?;
+    // The file alone first, so that its typos are reported with its own lines.
+    if !text.trim().is_empty() {
+        serde_yaml_ng::from_str::<T>(&text).map_err(|e| error::from_yaml(e, file))?;
+    }
+    let mut merged: serde_yaml_ng::Mapping = if text.trim().is_empty() {
+        serde_yaml_ng::Mapping::new()
+    } else {
+        serde_yaml_ng::from_str(&text).map_err(|e| error::from_yaml(e, file))?
+    };
+    for (k, v) in inline {
+        merged.insert(k, v);
+    }
+    // An empty value (`CN_S3_AKI:`, as FedML's files have) leaves the key at its default.
+    merged.retain(|_, v| !v.is_null());
+    serde_yaml_ng::from_value(serde_yaml_ng::Value::Mapping(merged))
+        .map_err(|e| error::from_yaml(e, main))
+}
+
 /// Environment variables that override secrets and endpoints (name, what it sets).
 pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     (
@@ -519,9 +564,54 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let cfg = Self::from_yaml_str(&text, path)?;
+        let mut cfg = Self::from_yaml_str(&text, path)?;
+        cfg.read_comm_files(&text, path)?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Reads FedML's separate broker and store files (`comm_args.mqtt_config_path`,
+    /// `s3_config_path`, e.g. `config/mqtt_config.yaml` with `BROKER_HOST`, `BROKER_PORT`, ...):
+    /// their keys fill `customized_training_mqtt_config` / `customized_training_s3_config`;
+    /// a key set inline in the main file wins over the same key in the separate file (and the
+    /// environment overrides both, see [`ENV_OVERRIDES`]). A relative path is looked up in the
+    /// working directory first (as FedML does), then beside the config file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Referenced`] when a named file cannot be read; an unknown key or bad value
+    /// in it is reported with that file's line.
+    fn read_comm_files(&mut self, text: &str, path: &Path) -> Result<()> {
+        let main: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).unwrap_or_default();
+        let inline = |section: &str| {
+            main.get("comm_args")
+                .and_then(|c| c.get(section))
+                .and_then(|v| v.as_mapping())
+                .cloned()
+                .unwrap_or_default()
+        };
+        let named = |p: &Option<String>| {
+            p.as_deref()
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .map(str::to_string)
+        };
+        if let Some(p) = named(&self.comm_args.mqtt_config_path) {
+            self.comm_args.customized_training_mqtt_config = merge_file(
+                "comm_args.mqtt_config_path",
+                &resolve_beside(&p, path),
+                inline("customized_training_mqtt_config"),
+                path,
+            )?;
+        }
+        if let Some(p) = named(&self.comm_args.s3_config_path) {
+            self.comm_args.customized_training_s3_config = merge_file(
+                "comm_args.s3_config_path",
+                &resolve_beside(&p, path),
+                inline("customized_training_s3_config"),
+                path,
+            )?;
+        }
+        Ok(())
     }
 
     /// Parses YAML text (no validation, no environment); `path` is used in error messages only.

@@ -363,3 +363,83 @@ mod tls {
         );
     }
 }
+
+/// FedML's separate `mqtt_config.yaml` / `s3_config.yaml` are read: found beside the config (or
+/// in the working directory), inline keys win over them, a missing file and a typo in one are
+/// errors that name the file.
+#[test]
+fn mqtt_and_s3_config_paths_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("config")).unwrap();
+    std::fs::write(
+        d.join("config/mqtt_config.yaml"),
+        "BROKER_HOST: 'broker.example.org'\nBROKER_PORT: 1884\nMQTT_USER: \"admin\"\nMQTT_PWD: \"pw\"\n",
+    )
+    .unwrap();
+    let s3 = d.join("s3_config.yaml");
+    std::fs::write(
+        &s3,
+        "BUCKET_NAME: fedml\nCN_S3_AKI:\nCN_S3_SAK:\nCN_REGION_NAME: us-west-1\n",
+    )
+    .unwrap();
+    let main = d.join("fedml_config.yaml");
+    let write = |inline: &str, mqtt: &str| {
+        std::fs::write(
+            &main,
+            format!(
+                "comm_args:\n  backend: MQTT_S3\n  mqtt_config_path: {mqtt}\n  s3_config_path: {}\n{inline}",
+                s3.display()
+            ),
+        )
+        .unwrap();
+    };
+    // Relative to the config file's directory (the working directory has no `config/`).
+    write("", "config/mqtt_config.yaml");
+    let cfg = Config::load(&main).unwrap();
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    assert_eq!(
+        (m.broker_host.as_str(), m.broker_port),
+        ("broker.example.org", 1884)
+    );
+    assert_eq!((m.mqtt_user.as_str(), m.mqtt_pwd.as_str()), ("admin", "pw"));
+    let s = &cfg.comm_args.customized_training_s3_config;
+    assert_eq!(
+        (s.bucket_name.as_str(), s.cn_region_name.as_str()),
+        ("fedml", "us-west-1")
+    );
+
+    // An inline key wins over the file's.
+    write(
+        "  customized_training_mqtt_config:\n    BROKER_PORT: 1999\n",
+        "config/mqtt_config.yaml",
+    );
+    let cfg = Config::load(&main).unwrap();
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    assert_eq!(
+        (m.broker_host.as_str(), m.broker_port),
+        ("broker.example.org", 1999)
+    );
+
+    // A missing file names the key and the file.
+    write("", "config/nope.yaml");
+    let e = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        e.contains("comm_args.mqtt_config_path") && e.contains("nope.yaml"),
+        "{e}"
+    );
+
+    // A typo inside the separate file is reported with that file and its line.
+    std::fs::write(
+        d.join("config/mqtt_config.yaml"),
+        "BROKER_HOST: h\nBROKER_PROT: 1\n",
+    )
+    .unwrap();
+    write("", "config/mqtt_config.yaml");
+    let e = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        e.contains("mqtt_config.yaml") && e.contains("BROKER_PROT"),
+        "{e}"
+    );
+    assert!(e.contains(":2"), "line of the typo: {e}");
+}
