@@ -172,6 +172,10 @@ pub fn load_config(path: &Path) -> Result<Config> {
     } else {
         Config::load(path).with_context(|| format!("loading {}", path.display()))?
     };
+    // One line per FedML key fedmq does not use (stderr: `config check` prints YAML on stdout).
+    for w in &cfg.ignored_keys {
+        eprintln!("warning: {w}");
+    }
     cfg.apply_env();
     Ok(cfg)
 }

@@ -16,6 +16,7 @@
 //! - `error.rs`: [`ConfigError`], including the "did you mean" machinery.
 
 mod error;
+mod fedml;
 
 pub use error::{ConfigError, UnknownKey};
 
@@ -51,6 +52,10 @@ pub struct Config {
     pub lsa_args: LsaArgs,
     /// fedmq additions without a FedML counterpart.
     pub fedmq_args: FedmqArgs,
+    /// FedML keys the file set that fedmq does not use, one line each (`file:line: key: why`);
+    /// the commands print them as warnings.
+    #[serde(skip)]
+    pub ignored_keys: Vec<String>,
 }
 
 /// `common_args`.
@@ -622,7 +627,49 @@ impl Config {
         if text.trim().is_empty() {
             return Ok(Config::default());
         }
-        serde_yaml_ng::from_str::<Config>(text).map_err(|e| error::from_yaml(e, path))
+        // FedML's own keys that fedmq does not use are left out one by one (their lines
+        // blanked, so later errors keep their line numbers) and reported; anything else unknown
+        // is an error.
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        let mut ignored = Vec::new();
+        let mut current = text.to_string();
+        loop {
+            match serde_yaml_ng::from_str::<Config>(&current) {
+                Ok(mut cfg) => {
+                    let doc: serde_yaml_ng::Value =
+                        serde_yaml_ng::from_str(text).unwrap_or_default();
+                    let asks = fedml::unsupported(&doc);
+                    if !asks.is_empty() {
+                        return Err(ConfigError::Invalid { problems: asks });
+                    }
+                    cfg.ignored_keys = ignored;
+                    return Ok(cfg);
+                }
+                Err(e) => match error::from_yaml(e, path) {
+                    ConfigError::UnknownKey(u) => {
+                        let Some(why) = fedml::why_ignored(&u.section, &u.key) else {
+                            return Err(ConfigError::UnknownKey(u));
+                        };
+                        if u.line == 0 || u.line > lines.len() || lines[u.line - 1].is_empty() {
+                            return Err(ConfigError::UnknownKey(u));
+                        }
+                        let dotted = if u.section.is_empty() {
+                            u.key.clone()
+                        } else {
+                            format!("{}.{}", u.section, u.key)
+                        };
+                        ignored.push(format!(
+                            "{}:{}: {dotted} is a FedML key fedmq ignores: {why}",
+                            path.display(),
+                            u.line
+                        ));
+                        fedml::blank_key(&mut lines, u.line);
+                        current = lines.join("\n");
+                    }
+                    other => return Err(other),
+                },
+            }
+        }
     }
 
     /// Applies the environment overrides listed in [`ENV_OVERRIDES`] (non-empty values only).

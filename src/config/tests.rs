@@ -443,3 +443,110 @@ fn mqtt_and_s3_config_paths_are_read() {
     );
     assert!(e.contains(":2"), "line of the typo: {e}");
 }
+
+/// A config written the way FedML's examples are (cross-silo MQTT_S3, with tracking, attack,
+/// defense and DP sections switched off) loads: each FedML key fedmq does not use is one warning
+/// naming its line and why; a typo is still an error; a switched-on feature fedmq lacks is an
+/// error that says so.
+#[test]
+fn fedml_example_keys_load_with_warnings_and_typos_still_fail() {
+    let text = r#"common_args:
+  training_type: "cross_silo"
+  scenario: "horizontal"
+  using_mlops: false
+  config_version: release
+  random_seed: 0
+data_args:
+  dataset: "mnist"
+  data_cache_dir: ~/fedml_data
+  partition_method: "hetero"
+  partition_alpha: 0.5
+  debug: false
+model_args:
+  model: "lr"
+  class_num: 10
+train_args:
+  federated_optimizer: "FedAvg"
+  client_id_list:
+  client_num_in_total: 2
+  client_num_per_round: 2
+  comm_round: 3
+  epochs: 1
+  batch_size: 10
+  client_optimizer: sgd
+  learning_rate: 0.03
+  weight_decay: 0.001
+  ml_engine: torch
+validation_args:
+  frequency_of_the_test: 1
+device_args:
+  worker_num: 2
+  using_gpu: false
+  gpu_mapping_file: config/gpu_mapping.yaml
+  gpu_mapping_key: mapping_default
+comm_args:
+  backend: "MQTT_S3"
+  is_mobile: 0
+  grpc_ipconfig_path: config/grpc_ipconfig.csv
+tracking_args:
+  log_file_dir: ./log
+  enable_wandb: false
+  wandb_name: fedml_torch_fedavg_mnist_lr
+attack_args:
+  enable_attack: false
+  attack_type: byzantine
+  byzantine_client_num: 1
+defense_args:
+  enable_defense: false
+  defense_type: krum
+  krum_param_m: 2
+dp_args:
+  enable_dp: false
+  epsilon: 1.0
+"#;
+    let cfg = parse(text).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.train_args.client_num_in_total, 2);
+    let w = &cfg.ignored_keys;
+    for (line, key) in [
+        (12, "data_args.debug"),
+        (15, "model_args.class_num"),
+        (27, "train_args.ml_engine"),
+        (37, "comm_args.is_mobile"),
+        (38, "comm_args.grpc_ipconfig_path"),
+        (42, "tracking_args.wandb_name"),
+        (43, "attack_args"),
+        (47, "defense_args"),
+        (51, "dp_args"),
+    ] {
+        assert!(
+            w.iter()
+                .any(|l| l.contains(&format!(":{line}: {key} is a FedML key"))),
+            "{key} at line {line}: {w:#?}"
+        );
+    }
+    // One line each, and nothing fedmq reads among them (keys fedmq already accepts, such as
+    // common_args.scenario or device_args.worker_num, give no warning).
+    assert_eq!(w.len(), 9, "{w:#?}");
+    assert!(!w.iter().any(|l| l.contains(" train_args.learning_rate is")
+        || l.contains(" tracking_args.log_file_dir is")));
+
+    // A typo is still caught, with its line, after FedML keys above it were left out.
+    let typo = text.replace("  learning_rate: 0.03", "  learnig_rate: 0.03");
+    let e = parse(&typo).unwrap_err().to_string();
+    assert!(e.contains("learnig_rate") && e.contains(":25"), "{e}");
+    assert!(e.contains("learning_rate"), "suggests the right key: {e}");
+    // An unknown section that is no FedML section is an error too.
+    let e = parse(&format!("{text}trian_args:\n  epochs: 2\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("trian_args"), "{e}");
+    // A FedML feature switched on that fedmq lacks is an error naming it.
+    let e = parse(&text.replace("enable_dp: false", "enable_dp: true"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("dp_args.enable_dp") && e.contains("differential privacy"),
+        "{e}"
+    );
+}

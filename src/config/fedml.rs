@@ -1,0 +1,167 @@
+//! FedML keys that fedmq does not use: recognized, reported once each, and left out, so that a
+//! FedML user's `fedml_config.yaml` loads. A key that is neither fedmq's nor FedML's is still an
+//! error (with file:line and the closest valid key), and a FedML switch that asks for something
+//! fedmq cannot do yet (`enable_dp: true`, ...) is an error that says so.
+
+/// Why a FedML key is ignored, by theme.
+const TRACKING: &str = "experiment tracking services (wandb, MLOps) are not used: fedmq writes \
+                        metrics.jsonl, metrics.csv and plot.svg to the output directory";
+const BACKEND: &str = "fedmq's backend is MQTT_S3: settings of FedML's gRPC, TRPC, MPI, mobile \
+                       and other backends do not apply";
+const PLATFORM: &str = "FedML platform bookkeeping (project, run and MLOps names, scenario) has \
+                        no role in fedmq";
+const DEVICE: &str = "fedmq places training with device_args.using_gpu and gpu_id; FedML's \
+                      multi-GPU mappings do not apply";
+const DATA: &str = "fedmq's data sets (data_args.dataset) are fetched and partitioned by fedmq \
+                    itself; this FedML data-loader setting does not apply";
+const MODEL: &str = "fedmq builds its models (lr, mlp, cnn) from model_args.model and the data \
+                     set's shape and classes; this FedML model setting does not apply";
+const TRAIN: &str = "a FedML trainer setting fedmq's trainer does not have (fedmq trains with \
+                     train_args.client_optimizer, learning_rate, momentum, weight_decay, epochs \
+                     and batch_size)";
+const VALIDATION: &str = "fedmq evaluates the global model on the server every \
+                          validation_args.frequency_of_the_test rounds";
+const NOT_YET: &str = "this FedML feature is not in fedmq yet; its settings are read and \
+                       ignored while it is switched off";
+
+/// `(section, keys, why)`: the FedML keys (from the configs of FedML's own repository) that fedmq
+/// does not use; `*` stands for every key of a section fedmq does not have.
+#[rustfmt::skip]
+const IGNORED: &[(&str, &[&str], &str)] = &[
+    ("common_args", &["name", "project", "exist_ok", "config_version", "scenario", "use_customized_hierarchical"], PLATFORM),
+    ("common_args", &["using_mlops", "mlops_api_key", "mlops_project_name", "mlops_run_name"], TRACKING),
+    ("environment_args", &["*"], PLATFORM),
+    ("private_config_paths", &["*"], PLATFORM),
+    ("task_args", &["*"], PLATFORM),
+    ("contribution_args", &["*"], NOT_YET),
+    ("tracking_args", &["enable_tracking", "local_log_output_path", "mlops_api_key", "mlops_project_name", "mlops_run_name", "using_mlops", "wandb_name", "wandb_only_server", "enable_wandb", "wandb_key", "wandb_entity", "wandb_project", "run_name"], TRACKING),
+    ("comm_args", &["grpc_ipconfig_path", "trpc_master_config_path", "is_mobile", "enable_cuda_rpc", "cuda_rpc_gpu_mapping", "customized_training_thetastore_config", "customized_training_web3_config"], BACKEND),
+    ("device_args", &["worker_num", "gpu_mapping_file", "gpu_mapping_key", "multi_gpu_server", "device_type", "gpi_id"], DEVICE),
+    ("data_args", &["client_dataset_path", "data_col_idx", "data_conf", "data_file_path", "dataset_name", "dataset_path", "dataset_streaming", "debug", "download", "download_port", "ego_number", "eval_dataset_size", "global_model_file_path", "hop_number", "img_size", "model_file_cache_folder", "num_workers_tile", "part_file", "partition_file_path", "preprocessed", "remove_big_tiff", "remove_long_seq", "remove_unused_columns", "reprocess_input_data", "response_template", "secret_path", "test_dataset_size", "test_size", "tile_batch_size", "tile_from_scratch", "tokenize_on_the_fly", "train_size", "truncate_long_seq"], DATA),
+    ("model_args", &["alpha", "backbone", "backbone_freezed", "backbone_pretrained", "class_num", "conf_thres", "deeplearning_backend", "do_lower_case", "dropout", "eps", "extract_feat", "formulation", "global_model_file_path", "graph_embedding_dim", "group_norm_channels", "hidden_size", "image_size", "input_dim", "input_size", "iou_thres", "load_pretrained", "lr_scheduler", "model_class", "model_file_cache_folder", "model_name_or_path", "model_type", "n_layers", "node_embedding_dim", "normalize_adjacency", "normalize_features", "num_heads", "output_dim", "outstride", "peft_type", "readout_hidden_dim", "single_cls", "skip_log_model_net", "sparse_adjacency", "sync_bn", "use_flash_attention", "weights", "yolo_cfg", "yolo_hyp", "yolo_verbose"], MODEL),
+    ("train_args", &["alpha", "bf16", "checkpoint_interval", "ci", "clip_grad_norm", "dampening", "ddp_find_unused_parameters", "deepspeed", "epochs_client", "epochs_server", "eval_accumulation_steps", "eval_batch_size", "eval_steps", "evaluate_during_training", "evaluate_during_training_steps", "evaluation_strategy", "fa_task", "fp16", "freeze_layers", "gmf", "gradient_accumulation_steps", "gradient_checkpointing", "group_comm_round", "group_method", "group_num", "is_debug_mode", "local_max_steps", "local_num_train_epochs", "logging_steps", "logging_strategy", "loss_type", "lr", "lr_decay_rate", "lr_milestones", "lr_schedule", "lr_step_size", "max_grad_norm", "max_seq_length", "metric", "ml_engine", "model_dtype", "mu", "nesterov", "no_bn_wd", "optimizer", "output_dir", "per_device_eval_batch_size", "per_device_train_batch_size", "save_on_each_node", "save_steps", "save_strategy", "save_total_limit", "seed", "server_checkpoint_interval", "sleep_time_max", "sweep", "temperature", "warmup_steps", "wd", "whether_distill_on_the_server", "whether_training_on_client"], TRAIN),
+    ("validation_args", &["is_aggregator_test", "save_frequency", "test_on_client_ranks", "test_on_clients"], VALIDATION),
+    ("attack_args", &["*"], NOT_YET),
+    ("defense_args", &["*"], NOT_YET),
+    ("dp_args", &["*"], NOT_YET),
+    ("secure_aggregation_args", &["*"], NOT_YET),
+    ("fhe_args", &["*"], NOT_YET),
+    ("fednova_args", &["*"], NOT_YET),
+];
+
+/// Switches that ask for a FedML feature fedmq does not have yet: an error when true.
+const UNSUPPORTED_SWITCHES: &[(&str, &str, &str)] = &[
+    ("attack_args", "enable_attack", "attack simulation"),
+    (
+        "defense_args",
+        "enable_defense",
+        "robust aggregation (defenses)",
+    ),
+    ("dp_args", "enable_dp", "differential privacy"),
+    ("secure_aggregation_args", "enable_sa", "secure aggregation"),
+    ("fhe_args", "enable_fhe", "homomorphic encryption"),
+];
+
+/// Sections FedML's configs have and fedmq's does not.
+pub(super) const SECTIONS: &[&str] = &[
+    "environment_args",
+    "private_config_paths",
+    "task_args",
+    "contribution_args",
+    "attack_args",
+    "defense_args",
+    "dp_args",
+    "secure_aggregation_args",
+    "fhe_args",
+    "fednova_args",
+];
+
+/// Why FedML key `key` of `section` (`""` for a top-level section) is ignored, if it is one.
+pub(super) fn why_ignored(section: &str, key: &str) -> Option<&'static str> {
+    if section.is_empty() {
+        return SECTIONS.contains(&key).then(|| {
+            IGNORED
+                .iter()
+                .find(|(s, k, _)| *s == key && k.contains(&"*"))
+                .map_or(NOT_YET, |(_, _, why)| *why)
+        });
+    }
+    IGNORED
+        .iter()
+        .find(|(s, k, _)| *s == section && (k.contains(&key) || k.contains(&"*")))
+        .map(|(_, _, why)| *why)
+}
+
+/// The FedML switches in `doc` that ask for what fedmq cannot do yet, as messages.
+pub(super) fn unsupported(doc: &serde_yaml_ng::Value) -> Vec<String> {
+    UNSUPPORTED_SWITCHES
+        .iter()
+        .filter(|(s, k, _)| {
+            doc.get(*s)
+                .and_then(|sec| sec.get(*k))
+                .is_some_and(|v| v.as_bool() == Some(true) || v.as_i64() == Some(1))
+        })
+        .map(|(s, k, what)| {
+            format!(
+                "{s}.{k} asks for {what}, which fedmq does not have yet; set it to false (or \
+                 remove the section) to run without it"
+            )
+        })
+        .collect()
+}
+
+/// Blanks line `line` (1-based) of `lines` and the lines below it that belong to its value
+/// (indented deeper, or empty), keeping every other line where it was so that later errors
+/// still point at the right line.
+pub(super) fn blank_key(lines: &mut [String], line: usize) {
+    let Some(first) = line.checked_sub(1).filter(|&i| i < lines.len()) else {
+        return;
+    };
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let own = indent(&lines[first]);
+    lines[first].clear();
+    for l in lines.iter_mut().skip(first + 1) {
+        let t = l.trim();
+        if t.is_empty()
+            || t.starts_with('#')
+            || indent(l) > own
+            || t.starts_with("- ") && indent(l) == own
+        {
+            l.clear();
+        } else {
+            break;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sections_and_switches() {
+        assert_eq!(why_ignored("tracking_args", "wandb_name"), Some(TRACKING));
+        assert_eq!(
+            why_ignored("comm_args", "grpc_ipconfig_path"),
+            Some(BACKEND)
+        );
+        assert_eq!(why_ignored("", "attack_args"), Some(NOT_YET));
+        assert_eq!(why_ignored("comm_args", "brokr_host"), None);
+        assert_eq!(why_ignored("", "trian_args"), None);
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(
+            "dp_args:\n  enable_dp: true\nattack_args:\n  enable_attack: false\n",
+        )
+        .unwrap();
+        let u = unsupported(&doc);
+        assert_eq!(u.len(), 1);
+        assert!(u[0].contains("dp_args.enable_dp"), "{u:?}");
+    }
+
+    #[test]
+    fn blanking_a_key_keeps_line_numbers_and_siblings() {
+        let text = "a:\n  x: 1\n  drop:\n    - 1\n    - 2\n\n  y: 2\nb: 3\n";
+        let mut lines: Vec<String> = text.lines().map(String::from).collect();
+        blank_key(&mut lines, 3);
+        assert_eq!(lines, ["a:", "  x: 1", "", "", "", "", "  y: 2", "b: 3"]);
+    }
+}
