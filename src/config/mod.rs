@@ -4,7 +4,8 @@
 //! `model_args`, `train_args`, `validation_args`, `device_args`, `comm_args`, `tracking_args`,
 //! `lsa_args`, plus FedML's `environment_args`), so a FedML user's file loads as it is. Unlike FedML,
 //! sections are not flattened: an unknown or misplaced key is an error naming the file, the line and
-//! the closest valid key (or the section where the key belongs). Keys that fedmq adds are marked
+//! the closest valid key (or the section where the key belongs). FedML's own keys that fedmq does
+//! not use are left out with one warning each ([`Config::ignored_keys`], `fedml.rs`). Keys that fedmq adds are marked
 //! "fedmq addition" below; everything fedmq-specific without a FedML counterpart lives in the
 //! `fedmq_args` section.
 //!
@@ -14,6 +15,7 @@
 //! # Layout
 //! - this file: the section structs and their defaults, [`Config::load`], [`Config::validate`].
 //! - `error.rs`: [`ConfigError`], including the "did you mean" machinery.
+//! - `fedml.rs`: the FedML keys fedmq reads and ignores, and the FedML switches it refuses.
 
 mod error;
 mod fedml;
