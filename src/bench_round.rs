@@ -332,9 +332,9 @@ pub fn synthetic_model(params: usize) -> ParamSet {
     ParamSet::new(tensors).expect("synthetic tensor names are unique")
 }
 
-/// Whether `model` is exactly the synthetic model of its size with `delta` added `rounds` times
-/// (in f32, one addition per round, as FedAvg over identical no-op updates produces it).
-pub fn check_payload(model: &ParamSet, rounds: u64, delta: f32) -> bool {
+/// Whether `model` has the synthetic layout of its size and every value passes `ok(initial,
+/// got)`, `initial` being the synthetic model's value at that place.
+fn matches_synthetic(model: &ParamSet, mut ok: impl FnMut(f32, f32) -> bool) -> bool {
     let layout = synthetic_layout(model.num_params());
     if layout.len() != model.len() {
         return false;
@@ -345,17 +345,25 @@ pub fn check_payload(model: &ParamSet, rounds: u64, delta: f32) -> bool {
             return false;
         }
         for (i, &got) in t.data().iter().enumerate() {
-            let mut want = synthetic_value(next + i as u64);
-            for _ in 0..rounds {
-                want += delta;
-            }
-            if got != want {
+            if !ok(synthetic_value(next + i as u64), got) {
                 return false;
             }
         }
         next += t.len() as u64;
     }
     true
+}
+
+/// Whether `model` is exactly the synthetic model of its size with `delta` added `rounds` times
+/// (in f32, one addition per round, as FedAvg over identical no-op updates produces it).
+pub fn check_payload(model: &ParamSet, rounds: u64, delta: f32) -> bool {
+    matches_synthetic(model, |initial, got| {
+        let mut want = initial;
+        for _ in 0..rounds {
+            want += delta;
+        }
+        got == want
+    })
 }
 
 /// How far a server optimizer (FedAvgM, FedAdam, FedYogi, FedAdagrad, default hyper-parameters)
@@ -404,24 +412,9 @@ pub fn server_shift(strategy: &str, rounds: u64, delta: f32) -> Option<f64> {
 /// Whether `model` is the synthetic model of its size with every value moved by `shift`
 /// (within `tol`).
 pub fn check_shift(model: &ParamSet, shift: f64, tol: f64) -> bool {
-    let layout = synthetic_layout(model.num_params());
-    if layout.len() != model.len() {
-        return false;
-    }
-    let mut next = 0u64;
-    for ((name, shape), t) in layout.iter().zip(model.iter()) {
-        if t.name() != name || t.shape() != shape.as_slice() {
-            return false;
-        }
-        for (i, &got) in t.data().iter().enumerate() {
-            let want = f64::from(synthetic_value(next + i as u64)) + shift;
-            if (f64::from(got) - want).abs() > tol {
-                return false;
-            }
-        }
-        next += t.len() as u64;
-    }
-    true
+    matches_synthetic(model, |initial, got| {
+        (f64::from(got) - (f64::from(initial) + shift)).abs() <= tol
+    })
 }
 
 /// Statistics of the rounds of a run.

@@ -450,10 +450,7 @@ async fn embedded_scenario(login: Login<'_>, refused: SessionOptions) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_acl_keeps_each_client_on_its_own_topics() {
-    let users: HashMap<String, String> = USERS
-        .iter()
-        .map(|(u, p)| (u.to_string(), p.to_string()))
-        .collect();
+    let users = user_table();
     let port = start_embedded(BrokerOptions {
         users: Some(users),
         ..Default::default()
@@ -516,6 +513,14 @@ async fn embedded_mutual_tls_identity_is_the_certificate_name() {
     embedded_scenario(&login, anonymous).await;
 }
 
+/// The participants' passwords as the broker's user table.
+fn user_table() -> HashMap<String, String> {
+    USERS
+        .iter()
+        .map(|(u, p)| (u.to_string(), p.to_string()))
+        .collect()
+}
+
 /// A raw MQTT 3.1.1 CONNECT with a user name and password.
 fn connect_packet(client_id: &str, user: &str, password: &str) -> Vec<u8> {
     let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60];
@@ -549,10 +554,7 @@ async fn try_password(port: u16, from: std::net::Ipv4Addr, user: &str, pw: &str)
 /// answered only after a second, while the right password still connects at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_guessing_for_one_user_name_is_slowed_and_the_right_password_is_not() {
-    let users: HashMap<String, String> = USERS
-        .iter()
-        .map(|(u, p)| (u.to_string(), p.to_string()))
-        .collect();
+    let users = user_table();
     let port = EmbeddedBroker::start(BrokerOptions {
         users: Some(users),
         acl_file: Some(acl_file()),
