@@ -110,6 +110,18 @@ const STORE_CHECK: Duration = Duration::from_secs(30);
 /// may not list (`store::access`).
 async fn check_store(store: &BlobStore, keys: &BlobKeys) -> Result<(), ClientError> {
     let deadline = tokio::time::Instant::now() + STORE_CHECK;
+    // HeadBucket first: every credential may send it to the embedded store, so a healthy start
+    // leaves no refused request in the store's log. A 403 to it says nothing about why (HEAD
+    // answers have no code), so the listing below tells wrong credentials from a policy.
+    let headed = store::retry::until("checking the object store", deadline, || {
+        store.head_bucket()
+    })
+    .await;
+    match headed {
+        Ok(()) | Err(store::Error::NoSuchBucket { .. }) => return Ok(()),
+        Err(store::Error::Auth { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
     let prefix = keys.checkpoint_prefix();
     let listed = store::retry::until("checking the object store", deadline, || {
         store.list(&prefix)

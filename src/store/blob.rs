@@ -455,7 +455,12 @@ impl BlobStore {
         }
     }
 
-    async fn head_bucket(&self) -> Result<()> {
+    /// Whether the bucket answers to this credential (`HeadBucket`).
+    ///
+    /// # Errors
+    /// [`Error::NoSuchBucket`], [`Error::Auth`] (a HEAD answer has no code: wrong credentials
+    /// and a policy without `s3:ListBucket` look the same), [`Error::Unreachable`], ...
+    pub async fn head_bucket(&self) -> Result<()> {
         self.client()
             .head_bucket()
             .bucket(self.bucket())
