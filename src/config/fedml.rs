@@ -21,6 +21,8 @@ const TRAIN: &str = "a FedML trainer setting fedmq's trainer does not have (fedm
                      and batch_size)";
 const VALIDATION: &str = "fedmq evaluates the global model on the server every \
                           validation_args.frequency_of_the_test rounds";
+const FEDPROX: &str = "fedmq reads FedProx's proximal coefficient from train_args.fedprox_mu \
+                       (with train_args.federated_optimizer: FedProx); set it there";
 const NOT_YET: &str = "this FedML feature is not in fedmq yet; its settings are read and \
                        ignored while it is switched off";
 
@@ -35,11 +37,13 @@ const IGNORED: &[(&str, &[&str], &str)] = &[
     ("task_args", &["*"], PLATFORM),
     ("contribution_args", &["*"], NOT_YET),
     ("tracking_args", &["enable_tracking", "local_log_output_path", "mlops_api_key", "mlops_project_name", "mlops_run_name", "using_mlops", "wandb_name", "wandb_only_server", "enable_wandb", "wandb_key", "wandb_entity", "wandb_project", "run_name"], TRACKING),
+    ("tracking_args", &["simulation_schedule", "runtime_est_mode", "simulation_gpu_hetero", "gpu_hetero_ratio"], BACKEND),
     ("comm_args", &["grpc_ipconfig_path", "trpc_master_config_path", "is_mobile", "enable_cuda_rpc", "cuda_rpc_gpu_mapping", "customized_training_thetastore_config", "customized_training_web3_config"], BACKEND),
-    ("device_args", &["worker_num", "gpu_mapping_file", "gpu_mapping_key", "multi_gpu_server", "device_type", "gpi_id"], DEVICE),
-    ("data_args", &["client_dataset_path", "data_col_idx", "data_conf", "data_file_path", "dataset_name", "dataset_path", "dataset_streaming", "debug", "download", "download_port", "ego_number", "eval_dataset_size", "global_model_file_path", "hop_number", "img_size", "model_file_cache_folder", "num_workers_tile", "part_file", "partition_file_path", "preprocessed", "remove_big_tiff", "remove_long_seq", "remove_unused_columns", "reprocess_input_data", "response_template", "secret_path", "test_dataset_size", "test_size", "tile_batch_size", "tile_from_scratch", "tokenize_on_the_fly", "train_size", "truncate_long_seq"], DATA),
+    ("device_args", &["worker_num", "gpu_mapping_file", "gpu_mapping_key", "multi_gpu_server", "device_type", "gpi_id", "gpu_util_parse", "process_id"], DEVICE),
+    ("dist_training_args", &["*"], DEVICE),
+    ("data_args", &["block_size", "client_dataset_path", "data_col_idx", "data_conf", "data_file_path", "data_map_file", "dataset_name", "dataset_path", "dataset_streaming", "debug", "download", "download_port", "ego_number", "eval_dataset_size", "filter_less", "global_model_file_path", "hop_number", "img_size", "mlm_probability", "model_file_cache_folder", "num_class", "num_loaders", "num_workers_tile", "overwrite_cache", "part_file", "partition_file_path", "preprocessed", "remove_big_tiff", "remove_long_seq", "remove_unused_columns", "reprocess_input_data", "response_template", "secret_path", "task", "test_dataset_size", "test_size", "tile_batch_size", "tile_from_scratch", "tokenize_on_the_fly", "train_size", "truncate_long_seq"], DATA),
     ("model_args", &["alpha", "backbone", "backbone_freezed", "backbone_pretrained", "class_num", "conf_thres", "deeplearning_backend", "do_lower_case", "dropout", "eps", "extract_feat", "formulation", "global_model_file_path", "graph_embedding_dim", "group_norm_channels", "hidden_size", "image_size", "input_dim", "input_size", "iou_thres", "load_pretrained", "lr_scheduler", "model_class", "model_file_cache_folder", "model_name_or_path", "model_type", "n_layers", "node_embedding_dim", "normalize_adjacency", "normalize_features", "num_heads", "output_dim", "outstride", "peft_type", "readout_hidden_dim", "single_cls", "skip_log_model_net", "sparse_adjacency", "sync_bn", "use_flash_attention", "weights", "yolo_cfg", "yolo_hyp", "yolo_verbose"], MODEL),
-    ("train_args", &["alpha", "bf16", "checkpoint_interval", "ci", "clip_grad_norm", "dampening", "ddp_find_unused_parameters", "deepspeed", "epochs_client", "epochs_server", "eval_accumulation_steps", "eval_batch_size", "eval_steps", "evaluate_during_training", "evaluate_during_training_steps", "evaluation_strategy", "fa_task", "fp16", "freeze_layers", "gmf", "gradient_accumulation_steps", "gradient_checkpointing", "group_comm_round", "group_method", "group_num", "is_debug_mode", "local_max_steps", "local_num_train_epochs", "logging_steps", "logging_strategy", "loss_type", "lr", "lr_decay_rate", "lr_milestones", "lr_schedule", "lr_step_size", "max_grad_norm", "max_seq_length", "metric", "ml_engine", "model_dtype", "mu", "nesterov", "no_bn_wd", "optimizer", "output_dir", "per_device_eval_batch_size", "per_device_train_batch_size", "save_on_each_node", "save_steps", "save_strategy", "save_total_limit", "seed", "server_checkpoint_interval", "sleep_time_max", "sweep", "temperature", "warmup_steps", "wd", "whether_distill_on_the_server", "whether_training_on_client"], TRAIN),
+    ("train_args", &["alpha", "bf16", "cache_client_status", "checkpoint_interval", "ci", "clip_grad_norm", "compress_ratio", "compression", "dampening", "ddp_find_unused_parameters", "deepspeed", "epochs_client", "epochs_server", "eval_accumulation_steps", "eval_batch_size", "eval_steps", "evaluate_during_training", "evaluate_during_training_steps", "evaluation_strategy", "fa_task", "fp16", "freeze_layers", "gmf", "gradient_accumulation_steps", "gradient_checkpointing", "group_comm_round", "group_method", "group_num", "initialize_all_clients", "is_debug_mode", "local_max_steps", "local_num_train_epochs", "logging_steps", "logging_strategy", "loss_type", "lr", "lr_decay_rate", "lr_milestones", "lr_schedule", "lr_step_size", "max_grad_norm", "max_seq_length", "metric", "ml_engine", "model_dtype", "mu", "nesterov", "no_bn_wd", "optimizer", "output_dir", "per_device_eval_batch_size", "per_device_train_batch_size", "save_on_each_node", "save_steps", "save_strategy", "save_total_limit", "seed", "server_checkpoint_interval", "sleep_time_max", "sweep", "temperature", "test_batch_size", "train_batch_size", "warmup_steps", "wd", "whether_distill_on_the_server", "whether_training_on_client"], TRAIN),
     ("validation_args", &["is_aggregator_test", "save_frequency", "test_on_client_ranks", "test_on_clients"], VALIDATION),
     ("attack_args", &["*"], NOT_YET),
     ("defense_args", &["*"], NOT_YET),
@@ -47,6 +51,8 @@ const IGNORED: &[(&str, &[&str], &str)] = &[
     ("secure_aggregation_args", &["*"], NOT_YET),
     ("fhe_args", &["*"], NOT_YET),
     ("fednova_args", &["*"], NOT_YET),
+    ("fedprox_args", &["*"], FEDPROX),
+    ("feddyn_args", &["*"], NOT_YET),
 ];
 
 /// Switches that ask for a FedML feature fedmq does not have yet: an error when true.
@@ -74,6 +80,9 @@ pub(super) const SECTIONS: &[&str] = &[
     "secure_aggregation_args",
     "fhe_args",
     "fednova_args",
+    "fedprox_args",
+    "feddyn_args",
+    "dist_training_args",
 ];
 
 /// Why FedML key `key` of `section` (`""` for a top-level section) is ignored, if it is one.
@@ -146,6 +155,10 @@ mod tests {
             Some(BACKEND)
         );
         assert_eq!(why_ignored("", "attack_args"), Some(NOT_YET));
+        assert_eq!(why_ignored("", "fedprox_args"), Some(FEDPROX));
+        assert_eq!(why_ignored("fedprox_args", "fedprox_mu"), Some(FEDPROX));
+        assert_eq!(why_ignored("", "dist_training_args"), Some(DEVICE));
+        assert_eq!(why_ignored("device_args", "gpu_util_parse"), Some(DEVICE));
         assert_eq!(why_ignored("comm_args", "brokr_host"), None);
         assert_eq!(why_ignored("", "trian_args"), None);
         let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(
