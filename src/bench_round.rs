@@ -127,6 +127,10 @@ pub struct RoundBenchConfig {
     pub clients_per_process: usize,
     /// The server's strategy (`train_args.federated_optimizer` names, default hyper-parameters).
     pub strategy: String,
+    /// Local steps each no-op client reports, by rank (cycled; empty: 1 each). Strategies that
+    /// normalize by steps (FedNova, SCAFFOLD) then move the model by amounts
+    /// [`server_shift`] computes.
+    pub client_steps: Vec<u64>,
 }
 
 impl Default for RoundBenchConfig {
@@ -143,6 +147,18 @@ impl Default for RoundBenchConfig {
             secure: false,
             clients_per_process: 1,
             strategy: "FedAvg".into(),
+            client_steps: Vec::new(),
+        }
+    }
+}
+
+impl RoundBenchConfig {
+    /// The local steps client `rank` (1-based) reports.
+    pub fn steps_of(&self, rank: usize) -> u64 {
+        if self.client_steps.is_empty() {
+            1
+        } else {
+            self.client_steps[(rank - 1) % self.client_steps.len()]
         }
     }
 }
@@ -211,6 +227,9 @@ pub struct RoundBenchReport {
     pub cpu_s: CpuSeconds,
     /// Whether the final model was exactly initial + rounds × delta (with `--payload-check`).
     pub payload_ok: Option<bool>,
+    /// The strategy's metrics of the last round (`control_norm`, `tau_eff`, ...).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub strategy_metrics: std::collections::BTreeMap<String, f64>,
     /// Clients that reported every round.
     pub clients_ok: usize,
     /// `completed`, or `aborted: <reason>`.
@@ -370,7 +389,8 @@ pub fn check_payload(model: &ParamSet, rounds: u64, delta: f32) -> bool {
 /// moves every parameter in `rounds` rounds in which every client adds `delta`: the
 /// pseudo-gradient is then `delta` for every parameter and round, so the moments are scalars.
 /// Written from the update rules (Reddi et al. 2021, Hsu et al. 2019) in f64, independently of
-/// `strategy::FedOpt`. `None` for strategies whose model is the plain mean (FedAvg, FedProx).
+/// `strategy::FedOpt`. `None` for strategies whose model is the plain mean (FedAvg, FedProx,
+/// SCAFFOLD with server learning rate 1); FedNova is [`fednova_shift`].
 pub fn server_shift(strategy: &str, rounds: u64, delta: f32) -> Option<f64> {
     let d = f64::from(delta);
     let (lr, b1, b2, tau) = match strategy.to_ascii_lowercase().as_str() {
@@ -407,6 +427,18 @@ pub fn server_shift(strategy: &str, rounds: u64, delta: f32) -> Option<f64> {
         shift += lr * m / (v.sqrt() + tau);
     }
     Some(shift)
+}
+
+/// How far FedNova moves every parameter in `rounds` rounds in which every client (equal
+/// weights) adds `delta` after reporting `steps` plain SGD steps: each client's normalized
+/// direction is `−delta/τᵢ`, the effective step count the mean `τ`, so a round moves the model
+/// by `delta · mean(τ) · mean(1/τ)` (FedAvg: `delta`). From the paper's rule in f64,
+/// independently of `strategy::FedNova`.
+pub fn fednova_shift(steps: &[u64], rounds: u64, delta: f32) -> f64 {
+    let n = steps.len() as f64;
+    let mean_tau = steps.iter().map(|&t| t as f64).sum::<f64>() / n;
+    let mean_inv = steps.iter().map(|&t| 1.0 / t as f64).sum::<f64>() / n;
+    rounds as f64 * f64::from(delta) * mean_tau * mean_inv
 }
 
 /// Whether `model` is the synthetic model of its size with every value moved by `shift`
@@ -637,7 +669,8 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
                 epochs: 1,
                 batch_size: 1,
                 optimizer: "sgd".into(),
-                learning_rate: 0.0,
+                // SCAFFOLD's clients divide by it; the no-op trainer ignores it.
+                learning_rate: 1.0,
                 momentum: 0.0,
                 weight_decay: 0.0,
                 seed: 0,
@@ -823,6 +856,11 @@ pub async fn run_bench_server(
     let rounds_closed = report.records.len() as u64;
     let payload_ok = cfg.payload_check.then(|| {
         tokio::task::block_in_place(|| {
+            let steps: Vec<u64> = (1..=cfg.clients).map(|r| cfg.steps_of(r)).collect();
+            if cfg.strategy.eq_ignore_ascii_case("fednova") {
+                let shift = fednova_shift(&steps, rounds_closed, cfg.delta);
+                return check_shift(&report.final_params, shift, 1e-6);
+            }
             match server_shift(&cfg.strategy, rounds_closed, cfg.delta) {
                 None => check_payload(&report.final_params, rounds_closed, cfg.delta),
                 Some(shift) => check_shift(&report.final_params, shift, 1e-6),
@@ -846,6 +884,7 @@ pub async fn run_bench_client(
     rank: usize,
     env: &BenchEnv,
     delta: f32,
+    steps: u64,
     cancel: CancellationToken,
 ) -> Result<ClientReport> {
     let id = client::client_id(rank);
@@ -864,6 +903,7 @@ pub async fn run_bench_client(
     let trainer = std::sync::Arc::new(NoopTrainer {
         num_samples: CLIENT_SAMPLES,
         delta,
+        steps,
     });
     Ok(client::run_client(opts, env.session(&id), store, trainer, cancel).await?)
 }
@@ -918,6 +958,12 @@ impl RoundBenchReport {
             idle_rss_mib: server.idle_rss_kib.map(kib_to_mib),
             cpu_s: CpuSeconds::default(),
             payload_ok: server.payload_ok,
+            strategy_metrics: server
+                .report
+                .records
+                .last()
+                .map(|r| r.strategy.clone().into_iter().collect())
+                .unwrap_or_default(),
             clients_ok,
             outcome,
             wall_s: round6(wall_s),
@@ -1190,8 +1236,8 @@ pub async fn bench_round_in_process(cfg: &RoundBenchConfig) -> Result<RoundBench
         .map(|rank| {
             let env = env.clone();
             let cancel = client_cancel.clone();
-            let delta = cfg.delta;
-            tokio::spawn(async move { run_bench_client(rank, &env, delta, cancel).await })
+            let (delta, steps) = (cfg.delta, cfg.steps_of(rank));
+            tokio::spawn(async move { run_bench_client(rank, &env, delta, steps, cancel).await })
         })
         .collect();
 

@@ -9,7 +9,9 @@
 mod common;
 use common::{free_port, mosquitto_bin};
 
-use fedmq::client::{self, ClientOptions, ClientReport, DataTrainer, LocalHooks, LocalTrainer};
+use fedmq::client::{
+    self, ClientOptions, ClientReport, DataTrainer, LocalHooks, LocalTrainer, Trained,
+};
 use fedmq::config::Config;
 use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
 use fedmq::identity::{Identity, Keyring};
@@ -378,7 +380,7 @@ impl LocalTrainer for Stalling {
         config: &TrainConfig,
         hooks: &LocalHooks,
         interrupt: &AtomicBool,
-    ) -> Result<(ParamSet, TrainMetrics), String> {
+    ) -> Result<Trained, String> {
         // The per-round seed is `random_seed * 1_000_003 + round`; with random_seed 0 it is the
         // round.
         if config.seed >= self.stall_from {
@@ -485,9 +487,13 @@ impl LocalTrainer for Slow {
         _config: &TrainConfig,
         _hooks: &LocalHooks,
         _interrupt: &AtomicBool,
-    ) -> Result<(ParamSet, TrainMetrics), String> {
+    ) -> Result<Trained, String> {
         std::thread::sleep(self.0);
-        Ok((global, TrainMetrics::default()))
+        Ok(Trained {
+            params: global,
+            metrics: TrainMetrics::default(),
+            steps: 1,
+        })
     }
 }
 
@@ -966,6 +972,7 @@ async fn tampered_update_round(sealed: bool, tamper: Tamper) {
                     update: blob,
                     num_samples: 100,
                     metrics: TrainMetrics::default(),
+                    report: Default::default(),
                 }),
             );
             h3.publish(&up3, &update, false).await.unwrap();
@@ -1057,6 +1064,7 @@ async fn forged_and_unsigned_messages_are_dropped_when_signatures_are_on() {
                         update: blob.clone(),
                         num_samples: 1_000_000,
                         metrics: TrainMetrics::default(),
+                        report: Default::default(),
                     }),
                 )
             };

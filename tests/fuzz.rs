@@ -88,6 +88,7 @@ fn corpus(server: &Identity, client: &Identity) -> Vec<(String, Vec<u8>)> {
                         train_loss: 0.123,
                         train_seconds: 16.5,
                     },
+                    report: Default::default(),
                 }),
             ),
         ),
@@ -315,6 +316,7 @@ fn opening_sealed_blobs_never_panics_and_never_accepts_altered_input() {
                 update: r,
                 num_samples: 10,
                 metrics: TrainMetrics::default(),
+                report: Default::default(),
             }),
         );
         corpus.push((sealed, client.seal(proto::encode(&env)), r_copy));

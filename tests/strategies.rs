@@ -6,7 +6,7 @@
 //! the initial one shifted by a scalar that `bench_round::server_shift` computes in f64 from the
 //! papers' rules (independently of `strategy::FedOpt`'s f32 tensor code).
 
-use fedmq::bench_round::{bench_round_in_process, server_shift, RoundBenchConfig};
+use fedmq::bench_round::{bench_round_in_process, fednova_shift, server_shift, RoundBenchConfig};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,4 +84,68 @@ async fn fedprox_keeps_client_models_closer_to_the_global_model() {
     eprintln!("update_distance: FedAvg {plain:.4}, FedProx mu=1 {prox:.4}");
     assert!(plain > 0.0);
     assert!(prox < 0.8 * plain, "FedProx {prox} vs FedAvg {plain}");
+}
+
+/// FedNova over the real transport is exact for clients with different numbers of local steps:
+/// three clients report 1, 2 and 4 steps and each moves every parameter by the same `delta`, so
+/// their normalized directions differ (`−delta/τᵢ`) and the server's model moves by
+/// `delta · mean(τ) · mean(1/τ)` per round (7/3 · 7/12 = 1.361 × delta; FedAvg: 1 × delta),
+/// which `fednova_shift` computes in f64 from the paper's rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fednova_is_exact_for_clients_with_different_step_counts() {
+    let steps = vec![1, 2, 4];
+    let cfg = RoundBenchConfig {
+        clients: 3,
+        params: 10_000,
+        rounds: 3,
+        payload_check: true,
+        delta: 0.002,
+        round_timeout: Duration::from_secs(60),
+        strategy: "FedNova".into(),
+        client_steps: steps.clone(),
+        ..RoundBenchConfig::default()
+    };
+    let report = bench_round_in_process(&cfg).await.unwrap();
+    assert_eq!(report.rounds_completed, 3, "{report:?}");
+    assert_eq!(report.payload_ok, Some(true), "{report:?}");
+    assert!((report.strategy_metrics["tau_eff"] - 7.0 / 3.0).abs() < 1e-9);
+    let shift = fednova_shift(&steps, 3, 0.002);
+    let d = f64::from(0.002f32);
+    assert!((shift - 3.0 * d * (7.0 / 3.0) * (7.0 / 12.0)).abs() < 1e-12);
+    assert!(
+        (shift - 3.0 * d).abs() > 0.2 * shift,
+        "distinct from FedAvg"
+    );
+}
+
+/// SCAFFOLD over the real transport: the server's control variate travels in the global blob,
+/// each client returns `Δcᵢ = (x − yᵢ)/(K·η) − c` in its update blob and keeps `cᵢ`, and the
+/// server's `c` follows `c ← c + (1/N)·ΣΔcᵢ`. With no-op clients that move every parameter by
+/// `delta` in `τᵢ` steps (η = 1), round 1 gives `c = −delta·mean(1/τ)` in every parameter and
+/// later rounds keep it there (ΣΔcᵢ = 0), while the model is the plain mean. `control_norm`
+/// is `‖c‖₂ = delta·mean(1/τ)·√P`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_control_variates_cross_the_transport_as_computed_by_hand() {
+    let (params, delta) = (10_000usize, 0.002f32);
+    let cfg = RoundBenchConfig {
+        clients: 3,
+        params,
+        rounds: 3,
+        payload_check: true,
+        delta,
+        round_timeout: Duration::from_secs(60),
+        strategy: "SCAFFOLD".into(),
+        client_steps: vec![1, 2, 4],
+        ..RoundBenchConfig::default()
+    };
+    let report = bench_round_in_process(&cfg).await.unwrap();
+    assert_eq!(report.rounds_completed, 3, "{report:?}");
+    assert_eq!(report.payload_ok, Some(true), "{report:?}");
+    let mean_inv = (1.0 + 0.5 + 0.25) / 3.0;
+    let want = f64::from(delta) * mean_inv * (params as f64).sqrt();
+    let got = report.strategy_metrics["control_norm"];
+    assert!(
+        (got - want).abs() < 1e-4 * want,
+        "control_norm {got} vs {want}"
+    );
 }

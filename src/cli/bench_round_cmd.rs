@@ -181,6 +181,7 @@ pub fn run(a: RoundArgs) -> Result<()> {
             secure,
             clients_per_process: a.clients_per_process,
             strategy,
+            client_steps: Vec::new(),
         })
         .collect();
     for s in &a.strategy {
@@ -584,7 +585,7 @@ pub fn run_client(a: ClientArgs) -> Result<()> {
     let reports = rt.block_on(async {
         let runs = ranks.map(|r| {
             let (env, cancel) = (&env, cancel.clone());
-            async move { run_bench_client(r, env, a.delta, cancel).await }
+            async move { run_bench_client(r, env, a.delta, 1, cancel).await }
         });
         futures::future::join_all(runs).await
     });

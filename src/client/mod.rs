@@ -27,9 +27,11 @@
 //! store errors until the round's deadline ([`crate::store::retry::until`]): a store that
 //! restarts mid-round delays the round, it does not fail it.
 
+pub mod hooks;
 mod trainer;
 
-pub use trainer::{DataTrainer, LocalHooks, LocalTrainer, NoopTrainer};
+pub use hooks::{ClientMemory, LocalHooks};
+pub use trainer::{DataTrainer, LocalTrainer, NoopTrainer, Trained};
 
 use crate::proto::SERVER_ID;
 use crate::proto::{
@@ -184,6 +186,8 @@ pub async fn run_client(
     // Whether a server online status was seen yet: the first one (often retained from before
     // this client started) needs no re-announcement, the client has just announced itself.
     let mut seen_server = false;
+    // The strategy's state on this client (SCAFFOLD's control variate), kept across rounds.
+    let memory = Arc::new(ClientMemory::default());
 
     let (reason, final_model) = loop {
         tokio::select! {
@@ -275,6 +279,7 @@ pub async fn run_client(
                             trainer: trainer.clone(),
                             slots: opts.train_slots.clone(),
                             crypto: opts.crypto.clone(),
+                            memory: memory.clone(),
                         };
                         let tx = done_tx.clone();
                         tokio::spawn(async move {
@@ -395,6 +400,7 @@ struct JobCtx {
     trainer: Arc<dyn LocalTrainer>,
     slots: Option<Arc<Semaphore>>,
     crypto: Option<Arc<BlobCrypto>>,
+    memory: Arc<ClientMemory>,
 }
 
 impl JobCtx {
@@ -471,13 +477,23 @@ impl JobCtx {
         }
         let trainer = self.trainer.clone();
         let config = train.config.clone();
-        let hooks = LocalHooks::from_instruction(train.strategy.as_ref())?;
+        let mut hooks = LocalHooks::from_instruction(train.strategy.as_ref())?;
         let flag = interrupt.clone();
-        let (params, metrics) =
-            tokio::task::spawn_blocking(move || trainer.train(global, &config, &hooks, &flag))
-                .await
-                .map_err(|e| format!("training task failed: {e}"))??;
+        let memory = self.memory.clone();
+        let (trained, mut finished) = tokio::task::spawn_blocking(move || {
+            let mut global = global;
+            let extra = global.split_prefix(proto::STRATEGY_TENSOR_PREFIX);
+            let prepared = hooks::prepare(&mut hooks, &global, extra, &memory)?;
+            let trained = trainer.train(global, &config, &hooks, &flag)?;
+            let finished = hooks::finish(&hooks, prepared, &trained, &config, &memory)?;
+            Ok::<_, String>((trained, finished))
+        })
+        .await
+        .map_err(|e| format!("training task failed: {e}"))??;
         drop(_permit);
+        let Trained {
+            params, metrics, ..
+        } = trained;
         if !metrics.train_loss.is_finite() {
             return Err(format!(
                 "training diverged (train loss {}); lower train_args.learning_rate",
@@ -487,8 +503,12 @@ impl JobCtx {
         let key = self.keys.update(round, &self.id);
         let crypto = self.crypto.clone();
         let sealed_key = key.clone();
+        let extra = finished.tensors.take();
         let (bytes, content_key) = tokio::task::spawn_blocking(move || {
-            let plain = params.to_safetensors_bytes();
+            let plain = match &extra {
+                Some(t) => params.to_safetensors_bytes_with(proto::STRATEGY_TENSOR_PREFIX, t),
+                None => params.to_safetensors_bytes(),
+            };
             match &crypto {
                 Some(c) => {
                     let (sealed, ck) = c.seal(&sealed_key, &plain);
@@ -509,10 +529,12 @@ impl JobCtx {
                 .wrapped_ref(&blob, ck, SERVER_ID)
                 .map_err(|e| format!("sealing the update for the server: {e}"))?;
         }
+        hooks::commit(&mut finished, &self.memory);
         Ok(Update {
             update: blob,
             num_samples: self.trainer.num_samples(),
             metrics,
+            report: std::mem::take(&mut finished.report),
         })
     }
 }

@@ -1,8 +1,9 @@
 //! What a client does with a global model: train it on local data ([`DataTrainer`]), or, for
 //! benchmarks of the system around training, return it shifted by a constant ([`NoopTrainer`]).
 
+use super::hooks::LocalHooks;
 use crate::data::Dataset;
-use crate::proto::{StrategyInstruction, TrainConfig, TrainMetrics, STRATEGY_INSTRUCTION_VERSION};
+use crate::proto::{TrainConfig, TrainMetrics};
 use crate::tensor::ParamSet;
 use crate::train::{self, Engine, Model, ModelKind, OptimizerKind, TrainOptions, TrainOutcome};
 use candle_core::Device;
@@ -26,56 +27,18 @@ pub trait LocalTrainer: Send + Sync + 'static {
         config: &TrainConfig,
         hooks: &LocalHooks,
         interrupt: &AtomicBool,
-    ) -> Result<(ParamSet, TrainMetrics), String>;
+    ) -> Result<Trained, String>;
 }
 
-/// What a strategy changes in local training, read from a train command's
-/// [`StrategyInstruction`]. Applied by the optimizer layer (`crate::train::optim`), so every
-/// engine gets it the same way.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LocalHooks {
-    /// FedProx's proximal coefficient `μ` (`proximal_mu`; 0 = none).
-    pub proximal_mu: f64,
-}
-
-impl LocalHooks {
-    /// The hooks an instruction asks for. An instruction of another schema version, or with a
-    /// parameter this client does not implement, is refused: the client reports the round as
-    /// failed instead of training differently than the strategy assumes.
-    ///
-    /// # Errors
-    /// A message naming the strategy and what is not understood.
-    pub fn from_instruction(i: Option<&StrategyInstruction>) -> Result<Self, String> {
-        let mut hooks = Self::default();
-        let Some(i) = i else {
-            return Ok(hooks);
-        };
-        if i.version != STRATEGY_INSTRUCTION_VERSION {
-            return Err(format!(
-                "strategy {} sent instruction version {}; this client reads version {}",
-                i.name, i.version, STRATEGY_INSTRUCTION_VERSION
-            ));
-        }
-        for (name, &value) in &i.params {
-            match name.as_str() {
-                "proximal_mu" if value.is_finite() && value >= 0.0 => hooks.proximal_mu = value,
-                "proximal_mu" => {
-                    return Err(format!(
-                        "strategy {}: proximal_mu {value} is not ≥ 0",
-                        i.name
-                    ))
-                }
-                other => {
-                    return Err(format!(
-                        "strategy {} asks for {other:?}, which this client does not implement \
-                         (known: proximal_mu)",
-                        i.name
-                    ))
-                }
-            }
-        }
-        Ok(hooks)
-    }
+/// What local training produced.
+#[derive(Debug, Clone)]
+pub struct Trained {
+    /// The trained model.
+    pub params: ParamSet,
+    /// Loss and time.
+    pub metrics: TrainMetrics,
+    /// Optimizer steps taken (SCAFFOLD's `K`, FedNova's `τᵢ`).
+    pub steps: u64,
 }
 
 /// Trains a model on this client's samples of a data set.
@@ -125,7 +88,7 @@ impl LocalTrainer for DataTrainer {
         config: &TrainConfig,
         hooks: &LocalHooks,
         interrupt: &AtomicBool,
-    ) -> Result<(ParamSet, TrainMetrics), String> {
+    ) -> Result<Trained, String> {
         if config.model != self.kind.name() {
             return Err(format!(
                 "the server trains model {:?}, this client is set up for {:?}; use the same \
@@ -146,6 +109,7 @@ impl LocalTrainer for DataTrainer {
             threads: self.threads,
             engine: self.engine,
             proximal_mu: hooks.proximal_mu,
+            grad_offset: hooks.grad_offset.clone(),
             ..TrainOptions::default()
         };
         let (model, varmap) = Model::from_params(
@@ -174,23 +138,27 @@ impl LocalTrainer for DataTrainer {
         let params = model
             .param_set()
             .map_err(|e| format!("reading the trained model: {e}"))?;
-        Ok((
+        Ok(Trained {
             params,
-            TrainMetrics {
+            metrics: TrainMetrics {
                 train_loss: report.mean_loss,
                 train_seconds: report.seconds,
             },
-        ))
+            steps: report.steps,
+        })
     }
 }
 
-/// No training: the update is the received model plus `delta` in every parameter. Used by
-/// `fedmq bench round` to measure everything but training.
+/// No training: the update is the received model plus `delta` in every parameter, reported
+/// as `steps` local steps. Used by `fedmq bench round` to measure everything but training, and
+/// by tests of strategies whose server step depends on the clients' step counts.
 pub struct NoopTrainer {
     /// FedAvg weight reported.
     pub num_samples: u64,
     /// Added to every parameter.
     pub delta: f32,
+    /// Local steps reported (at least 1).
+    pub steps: u64,
 }
 
 impl LocalTrainer for NoopTrainer {
@@ -204,55 +172,20 @@ impl LocalTrainer for NoopTrainer {
         _config: &TrainConfig,
         _hooks: &LocalHooks,
         _interrupt: &AtomicBool,
-    ) -> Result<(ParamSet, TrainMetrics), String> {
+    ) -> Result<Trained, String> {
         let t = Instant::now();
         for tensor in global.tensors_mut() {
             for x in tensor.data_mut() {
                 *x += self.delta;
             }
         }
-        Ok((
-            global,
-            TrainMetrics {
+        Ok(Trained {
+            params: global,
+            metrics: TrainMetrics {
                 train_loss: 0.0,
                 train_seconds: t.elapsed().as_secs_f64(),
             },
-        ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn instruction(version: u32, params: &[(&str, f64)]) -> StrategyInstruction {
-        StrategyInstruction {
-            name: "FedProx".into(),
-            version,
-            params: params.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        }
-    }
-
-    #[test]
-    fn instructions_are_read_or_refused_never_ignored() {
-        assert_eq!(
-            LocalHooks::from_instruction(None),
-            Ok(LocalHooks::default())
-        );
-        let ok = instruction(STRATEGY_INSTRUCTION_VERSION, &[("proximal_mu", 0.5)]);
-        assert_eq!(
-            LocalHooks::from_instruction(Some(&ok)).unwrap().proximal_mu,
-            0.5
-        );
-        let newer = instruction(STRATEGY_INSTRUCTION_VERSION + 1, &[]);
-        assert!(LocalHooks::from_instruction(Some(&newer))
-            .unwrap_err()
-            .contains("version"));
-        let unknown = instruction(STRATEGY_INSTRUCTION_VERSION, &[("control_variate", 1.0)]);
-        assert!(LocalHooks::from_instruction(Some(&unknown))
-            .unwrap_err()
-            .contains("control_variate"));
-        let negative = instruction(STRATEGY_INSTRUCTION_VERSION, &[("proximal_mu", -1.0)]);
-        assert!(LocalHooks::from_instruction(Some(&negative)).is_err());
+            steps: self.steps.max(1),
+        })
     }
 }

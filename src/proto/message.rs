@@ -161,6 +161,12 @@ pub struct StrategyInstruction {
 /// The [`StrategyInstruction`] schema version this build writes and reads.
 pub const STRATEGY_INSTRUCTION_VERSION: u32 = 1;
 
+/// Prefix of the strategy's tensors inside model blobs: a global model blob may carry the
+/// strategy's round tensors (SCAFFOLD's server control variate as `strategy/control/<param>`),
+/// an update blob what the client returns besides its model (`strategy/delta_control/<param>`).
+/// No model parameter name starts with it.
+pub const STRATEGY_TENSOR_PREFIX: &str = "strategy/";
+
 /// Server → client: train on the global model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Train {
@@ -193,6 +199,10 @@ pub struct Update {
     pub num_samples: u64,
     /// Training metrics.
     pub metrics: TrainMetrics,
+    /// What the strategy instruction asked the client to report about its local training
+    /// (FedNova's `local_steps` and `normalizer`); empty, and left out, otherwise.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub report: std::collections::BTreeMap<String, f64>,
 }
 
 /// Client → server: this round failed on the client.

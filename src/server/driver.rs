@@ -245,8 +245,12 @@ pub async fn load_checkpoint_model(
 ) -> Result<ParamSet, ServerError> {
     let bytes = store.get(&cp.model).await?;
     let bytes = open_blob(crypto, &cp.model, bytes).map_err(ServerError::Checkpoint)?;
-    ParamSet::from_safetensors_bytes(&bytes)
-        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", cp.model.key)))
+    let mut model = ParamSet::from_safetensors_bytes(&bytes)
+        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", cp.model.key)))?;
+    // The round's strategy tensors travel in the same blob; the strategy restores its own
+    // state from the checkpoint's state blob.
+    model.split_prefix(proto::STRATEGY_TENSOR_PREFIX);
+    Ok(model)
 }
 
 /// Loads a checkpoint's strategy tensors (verified against their SHA-256, opened with the
@@ -663,6 +667,7 @@ impl Driver {
                 blob: u.update,
                 num_samples: u.num_samples,
                 metrics: u.metrics,
+                report: u.report,
             }),
             (TopicKind::Up(id), Body::Failure(f)) => Some(Event::ClientFailed {
                 client: id,
@@ -835,7 +840,9 @@ impl Driver {
                     commands: 0,
                     updates: 0,
                 });
-                let plain = machine.global().to_safetensors_bytes();
+                // The strategy's round tensors (SCAFFOLD's control variate) travel with the
+                // model, under `strategy/`.
+                let plain = machine.global_payload(round);
                 let key = self.opts.keys.global(round);
                 let store = self.store.clone();
                 let tx = self.tasks.0.clone();

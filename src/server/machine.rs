@@ -124,6 +124,8 @@ pub enum Event {
         num_samples: u64,
         /// Training metrics.
         metrics: TrainMetrics,
+        /// What the strategy asked the client to report ([`crate::proto::Update::report`]).
+        report: BTreeMap<String, f64>,
     },
     /// The driver fetched and verified (length, SHA-256) an update announced by `UpdateReady`.
     UpdateFetched {
@@ -277,6 +279,7 @@ struct Pending {
     /// Its weight in the aggregate ([`Weighting`]).
     weight: u64,
     metrics: TrainMetrics,
+    report: BTreeMap<String, f64>,
 }
 
 /// Known client.
@@ -296,6 +299,7 @@ struct Notice {
     blob: BlobRef,
     num_samples: u64,
     metrics: TrainMetrics,
+    report: BTreeMap<String, f64>,
 }
 
 /// The round engine.
@@ -345,6 +349,17 @@ impl RoundMachine {
     /// The current global model.
     pub fn global(&self) -> &ParamSet {
         &self.global
+    }
+
+    /// The blob of the global model of `round`: the model, with the strategy's round tensors
+    /// (SCAFFOLD's control variate) under `strategy/`.
+    pub fn global_payload(&mut self, round: u64) -> Vec<u8> {
+        match self.strategy.round_tensors(round, &self.global) {
+            Some(extra) => self
+                .global
+                .to_safetensors_bytes_with(crate::proto::STRATEGY_TENSOR_PREFIX, &extra),
+            None => self.global.to_safetensors_bytes(),
+        }
     }
 
     /// The strategy (for checkpointing its state).
@@ -448,12 +463,14 @@ impl RoundMachine {
                 blob,
                 num_samples,
                 metrics,
+                report,
             } => {
                 let notice = Notice {
                     round,
                     blob,
                     num_samples,
                     metrics,
+                    report,
                 };
                 self.on_update_ready(client, notice, now, &mut out);
             }
@@ -470,7 +487,8 @@ impl RoundMachine {
                                 .map_err(|e| format!("not a model blob: {e}"))
                                 .and_then(|v| {
                                     agg.map(|a| {
-                                        a.add(&client, &v, p.weight).map_err(|e| e.to_string())
+                                        a.add(&client, &v, p.weight, &p.report)
+                                            .map_err(|e| e.to_string())
                                     })
                                     .transpose()
                                 });
@@ -589,6 +607,7 @@ impl RoundMachine {
             blob,
             num_samples,
             metrics,
+            report,
             ..
         } = notice;
         let Phase::Training(r) = &mut self.phase else {
@@ -665,6 +684,7 @@ impl RoundMachine {
                 samples,
                 weight,
                 metrics,
+                report,
             },
         );
         out.push(Action::FetchUpdate {

@@ -1,7 +1,7 @@
 //! FedAvg (McMahan et al. 2017): the new global model is the sample-weighted mean of the clients'
 //! trained models.
 
-use super::{ClientFailure, Error, Result, RoundAggregate, Strategy};
+use super::{ClientFailure, Error, Report, Result, RoundAggregate, Strategy};
 use crate::tensor::{ParamSet, ParamsView};
 use std::collections::BTreeMap;
 
@@ -50,7 +50,13 @@ impl StreamingMean {
 }
 
 impl RoundAggregate for StreamingMean {
-    fn add(&mut self, client: &str, update: &ParamsView<'_>, num_samples: u64) -> Result<()> {
+    fn add(
+        &mut self,
+        client: &str,
+        update: &ParamsView<'_>,
+        num_samples: u64,
+        _report: &Report,
+    ) -> Result<()> {
         if num_samples == 0 {
             return Err(Error::ZeroWeight {
                 client: client.to_string(),
@@ -113,6 +119,8 @@ mod tests {
     use crate::tensor::NamedTensor;
     use proptest::{prop_assert, proptest};
 
+    const NONE: Report = Report::new();
+
     fn params(a: Vec<f32>, b: Vec<f32>) -> ParamSet {
         let n = a.len();
         ParamSet::new(vec![
@@ -130,12 +138,14 @@ mod tests {
             "c1",
             &ParamsView::of(&params(vec![1.0, 2.0], vec![10.0])),
             1,
+            &NONE,
         )
         .unwrap();
         agg.add(
             "c2",
             &ParamsView::of(&params(vec![4.0, 8.0], vec![40.0])),
             2,
+            &NONE,
         )
         .unwrap();
         let m = agg.finish(&[]).unwrap();
@@ -155,20 +165,30 @@ mod tests {
     fn bad_updates_are_rejected_and_leave_the_mean_unchanged() {
         let g = params(vec![0.0; 2], vec![0.0]);
         let mut agg = FedAvg.begin_round(1, &g);
-        agg.add("c1", &ParamsView::of(&params(vec![1.0, 1.0], vec![1.0])), 5)
-            .unwrap();
+        agg.add(
+            "c1",
+            &ParamsView::of(&params(vec![1.0, 1.0], vec![1.0])),
+            5,
+            &NONE,
+        )
+        .unwrap();
         let wrong_shape = params(vec![1.0; 3], vec![1.0]);
         assert!(matches!(
-            agg.add("c2", &ParamsView::of(&wrong_shape), 5),
+            agg.add("c2", &ParamsView::of(&wrong_shape), 5, &NONE),
             Err(Error::Layout { .. })
         ));
         let nan = params(vec![f32::NAN, 1.0], vec![1.0]);
         assert!(matches!(
-            agg.add("c3", &ParamsView::of(&nan), 5),
+            agg.add("c3", &ParamsView::of(&nan), 5, &NONE),
             Err(Error::NonFinite { .. })
         ));
         assert!(matches!(
-            agg.add("c4", &ParamsView::of(&params(vec![9.0; 2], vec![9.0])), 0),
+            agg.add(
+                "c4",
+                &ParamsView::of(&params(vec![9.0; 2], vec![9.0])),
+                0,
+                &NONE
+            ),
             Err(Error::ZeroWeight { .. })
         ));
         assert_eq!(agg.count(), 1);
@@ -203,7 +223,7 @@ mod tests {
             let u = params(x.clone(), vec![0.5]);
             let mut agg = FedAvg.begin_round(1, &u.zeros_like());
             for (i, w) in weights.iter().enumerate() {
-                agg.add(&format!("c{i}"), &ParamsView::of(&u), *w).unwrap();
+                agg.add(&format!("c{i}"), &ParamsView::of(&u), *w, &NONE).unwrap();
             }
             let m = agg.finish(&[]).unwrap();
             for (a, b) in m.get("a.weight").unwrap().data().iter().zip(&x) {
@@ -219,7 +239,7 @@ mod tests {
             let run = |order: &[usize]| {
                 let mut agg = FedAvg.begin_round(1, &g);
                 for &i in order {
-                    agg.add(&format!("c{i}"), &ParamsView::of(&params(xs[i].0.clone(), vec![1.0])), xs[i].1).unwrap();
+                    agg.add(&format!("c{i}"), &ParamsView::of(&params(xs[i].0.clone(), vec![1.0])), xs[i].1, &NONE).unwrap();
                 }
                 agg.finish(&[]).unwrap()
             };

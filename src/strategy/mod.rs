@@ -13,22 +13,29 @@
 //! - `fedopt.rs`: [`FedOpt`], server optimizers on the averaged update (FedAvgM, FedAdagrad,
 //!   FedAdam, FedYogi).
 //! - `fedprox.rs`: [`FedProx`], FedAvg with a proximal term on the clients.
+//! - `scaffold.rs`: [`Scaffold`], control variates against client drift (option II).
+//! - `fednova.rs`: [`FedNova`], normalized averaging of clients with different step counts.
 //!
 //! [`from_config`] builds the strategy a config names.
 
 mod fedavg;
+mod fednova;
 mod fedopt;
 mod fedprox;
+pub mod scaffold;
 
 pub use fedavg::{FedAvg, StreamingMean};
+pub use fednova::{normalizer as fednova_normalizer, FedNova};
 pub use fedopt::{FedOpt, FedOptConfig, ServerOptimizer};
 pub use fedprox::FedProx;
+pub use scaffold::Scaffold;
 
 use crate::proto::StrategyInstruction;
 use crate::tensor::{ParamSet, ParamsView};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// Why a selected client contributed nothing to a round. Failures are data, not errors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +96,14 @@ pub enum Error {
         /// The client.
         client: String,
     },
+    /// An update lacks what the strategy asked the client to report, or reports nonsense.
+    #[error("update from {client}: {detail}")]
+    Report {
+        /// The client.
+        client: String,
+        /// What is missing or wrong.
+        detail: String,
+    },
     /// Restoring strategy state from a checkpoint failed.
     #[error("cannot restore {strategy} state: {detail}")]
     Restore {
@@ -102,6 +117,10 @@ pub enum Error {
 /// Result of aggregation.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The numbers a client reports about its local training when its strategy instruction asks
+/// ([`crate::proto::Update::report`]).
+pub type Report = BTreeMap<String, f64>;
+
 /// Every `train_args.federated_optimizer` fedmq runs (matched case-insensitively): FedML's names
 /// (`FedAvg`, `FedProx`, `FedOpt` with `server_optimizer`) and shorthands for the FedOpt family.
 pub const STRATEGIES: &[&str] = &[
@@ -112,6 +131,8 @@ pub const STRATEGIES: &[&str] = &[
     "FedAdam",
     "FedYogi",
     "FedAdagrad",
+    "SCAFFOLD",
+    "FedNova",
 ];
 
 /// A config value [`from_config`] cannot use: the key and why.
@@ -174,6 +195,18 @@ pub fn from_config(
         "fedadam" => fedopt("FedAdam", ServerOptimizer::Adam, 0.0),
         "fedyogi" => fedopt("FedYogi", ServerOptimizer::Yogi, 0.0),
         "fedadagrad" => fedopt("FedAdagrad", ServerOptimizer::Adagrad, 0.0),
+        "scaffold" => Scaffold::new(t.server_lr.unwrap_or(1.0))
+            .map(|s| Box::new(s) as Box<dyn Strategy>)
+            .map_err(|reason| ConfigError {
+                key: "train_args.server_lr",
+                reason: format!("SCAFFOLD: {reason}"),
+            }),
+        "fednova" => FedNova::new(t.server_lr.unwrap_or(1.0))
+            .map(|s| Box::new(s) as Box<dyn Strategy>)
+            .map_err(|reason| ConfigError {
+                key: "train_args.server_lr",
+                reason: format!("FedNova: {reason}"),
+            }),
         "fedopt" => {
             let opt =
                 ServerOptimizer::parse(&t.server_optimizer).map_err(|reason| ConfigError {
@@ -189,7 +222,7 @@ pub fn from_config(
             fedopt(label, opt, t.server_momentum.unwrap_or(0.0))
         }
         _ => {
-            let later = ["fednova", "scaffold", "async_fedavg", "fedbuff"];
+            let later = ["async_fedavg", "fedbuff"];
             let why = if later.contains(&name.as_str()) {
                 "is not available yet"
             } else {
@@ -223,13 +256,7 @@ pub trait Strategy: Send {
         per_round: usize,
         rng: &mut ChaCha8Rng,
     ) -> Vec<ClientTrain> {
-        let n = per_round.min(available.len());
-        let mut picked: Vec<String> = rand::seq::index::sample(rng, available.len(), n)
-            .into_iter()
-            .map(|i| available[i].clone())
-            .collect();
-        picked.sort();
-        picked
+        sample_clients(available, per_round, rng)
             .into_iter()
             .map(|client| ClientTrain {
                 instruction: self.instruction(round, &client),
@@ -242,6 +269,14 @@ pub trait Strategy: Send {
     /// round is re-sent to). `None`: plain local training.
     fn instruction(&self, round: u64, client: &str) -> Option<StrategyInstruction> {
         let _ = (round, client);
+        None
+    }
+
+    /// Tensors sent to the clients with `global`, the model of `round`, in the same blob
+    /// (each named `strategy/<name>`): SCAFFOLD's server control variate. `None` for most
+    /// strategies.
+    fn round_tensors(&mut self, round: u64, global: &ParamSet) -> Option<Arc<ParamSet>> {
+        let _ = (round, global);
         None
     }
 
@@ -281,6 +316,18 @@ pub trait Strategy: Send {
         let _ = (state, tensors);
         Ok(())
     }
+}
+
+/// `per_round` of `available` (all of them when fewer), sampled uniformly without replacement
+/// from `rng` and sorted: the default selection of [`Strategy::configure_train`].
+pub fn sample_clients(available: &[String], per_round: usize, rng: &mut ChaCha8Rng) -> Vec<String> {
+    let n = per_round.min(available.len());
+    let mut picked: Vec<String> = rand::seq::index::sample(rng, available.len(), n)
+        .into_iter()
+        .map(|i| available[i].clone())
+        .collect();
+    picked.sort();
+    picked
 }
 
 /// A snapshot of a strategy's state ([`Strategy::state`]), turned into JSON by
@@ -336,12 +383,20 @@ pub struct RoundEnd {
 
 /// The aggregation of one round, fed one update at a time.
 pub trait RoundAggregate: Send {
-    /// Folds in one client's update (its full trained parameters) with its sample count.
+    /// Folds in one client's update with its weight (sample count): its full trained
+    /// parameters, plus the tensors the strategy asked for under `strategy/` (SCAFFOLD's control
+    /// variate change), and `report`, the numbers it asked for (FedNova's `local_steps`).
     ///
     /// # Errors
-    /// The update is unusable (layout, non-finite values, zero weight); the aggregate is left
-    /// unchanged, so the caller records a failure and goes on.
-    fn add(&mut self, client: &str, update: &ParamsView<'_>, num_samples: u64) -> Result<()>;
+    /// The update is unusable (layout, non-finite values, zero weight, a missing report); the
+    /// aggregate is left unchanged, so the caller records a failure and goes on.
+    fn add(
+        &mut self,
+        client: &str,
+        update: &ParamsView<'_>,
+        num_samples: u64,
+        report: &Report,
+    ) -> Result<()>;
 
     /// Number of updates folded in so far.
     fn count(&self) -> usize;

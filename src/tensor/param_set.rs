@@ -291,6 +291,44 @@ impl ParamSet {
         }
     }
 
+    /// Encodes this set and `extra` (whose names are given `prefix`) as one safetensors blob,
+    /// without copying either: how a global model travels with its strategy's tensors.
+    pub fn to_safetensors_bytes_with(&self, prefix: &str, extra: &ParamSet) -> Vec<u8> {
+        let named: Vec<(String, &NamedTensor)> = self
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t))
+            .chain(
+                extra
+                    .tensors
+                    .iter()
+                    .map(|t| (format!("{prefix}{}", t.name), t)),
+            )
+            .collect();
+        match safetensors::serialize(named.iter().map(|(n, t)| (n.as_str(), *t)), None) {
+            Ok(bytes) => bytes,
+            Err(e) => panic!("safetensors serialization of a valid ParamSet failed: {e}"),
+        }
+    }
+
+    /// Removes the tensors whose names start with `prefix` and returns them with the prefix
+    /// removed (the strategy's tensors a model blob carries).
+    pub fn split_prefix(&mut self, prefix: &str) -> ParamSet {
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.tensors)
+            .into_iter()
+            .partition(|t| t.name.starts_with(prefix));
+        self.tensors = kept;
+        let mut tensors: Vec<NamedTensor> = taken
+            .into_iter()
+            .map(|mut t| {
+                t.name = t.name[prefix.len()..].to_string();
+                t
+            })
+            .collect();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        ParamSet { tensors }
+    }
+
     /// Decodes a safetensors blob whose tensors are all `F32`.
     ///
     /// # Errors

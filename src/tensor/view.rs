@@ -123,6 +123,30 @@ impl<'a> ParamsView<'a> {
         &self.tensors
     }
 
+    /// Splits off the tensors whose names start with `prefix` (e.g. the `strategy/` tensors an
+    /// update carries beside the model): returns them with the prefix removed, and keeps the
+    /// others in `self`.
+    pub fn split_prefix(&mut self, prefix: &str) -> ParamsView<'a> {
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.tensors)
+            .into_iter()
+            .partition(|t| t.name.starts_with(prefix));
+        self.tensors = kept;
+        let mut tensors: Vec<TensorView<'a>> = taken
+            .into_iter()
+            .map(|mut t| {
+                t.name = t.name[prefix.len()..].to_string();
+                t
+            })
+            .collect();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        ParamsView { tensors }
+    }
+
+    /// Whether there are no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
     /// Total number of values.
     pub fn num_params(&self) -> usize {
         self.tensors.iter().map(TensorView::len).sum()

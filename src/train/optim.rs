@@ -22,7 +22,8 @@
 //!
 //! Federated strategies change local training here, once for both engines: FedProx's proximal
 //! term adds `μ·(p − p₀)` to every gradient before the step (`p₀`: the parameters when the
-//! optimizer was created, i.e. the round's global model; [`add_proximal`]).
+//! optimizer was created, i.e. the round's global model; [`add_proximal`]), and SCAFFOLD's
+//! control-variate correction adds a constant `c − cᵢ` to every gradient ([`add_offset`]).
 
 use super::{Error, Result};
 use candle_core::{backprop::GradStore, Tensor, Var};
@@ -178,6 +179,15 @@ pub fn add_proximal(mu: f32, p: &[f32], anchor: &[f32], g: &mut [f32]) {
     }
 }
 
+/// SCAFFOLD's correction on a chunk: `g ← g + offset`, with `offset = c − cᵢ` (the server's
+/// control variate minus the client's, Karimireddy et al. 2020), the same for every step.
+pub fn add_offset(offset: &[f32], g: &mut [f32]) {
+    debug_assert_eq!(offset.len(), g.len());
+    for (g, &o) in g.iter_mut().zip(offset) {
+        *g += o;
+    }
+}
+
 /// One SGD step on a chunk: `p`, `g` and the momentum buffer `buf` (empty when `μ = 0`) have
 /// the same length, or `buf` is empty.
 pub fn sgd_update(cfg: &OptimizerConfig, p: &mut [f32], g: &[f32], buf: &mut [f32]) {
@@ -272,6 +282,8 @@ pub struct TensorOptimizer {
     state: Vec<Vec<Tensor>>,
     /// The vars' values at creation, when the proximal term is on.
     anchor: Option<Vec<Tensor>>,
+    /// A constant added to every gradient (SCAFFOLD's `c − cᵢ`), per var.
+    offset: Option<Vec<Tensor>>,
     t: u64,
 }
 
@@ -297,8 +309,29 @@ impl TensorOptimizer {
             vars,
             state,
             anchor,
+            offset: None,
             t: 0,
         })
+    }
+
+    /// Adds `offset[i]` to the gradient of var `i` at every step, as [`add_offset`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] when the offsets do not have the vars' count and shapes.
+    pub fn set_offset(&mut self, offset: Vec<Tensor>) -> Result<()> {
+        let fits = offset.len() == self.vars.len()
+            && offset
+                .iter()
+                .zip(&self.vars)
+                .all(|(o, v)| o.dims() == v.as_tensor().dims());
+        if !fits {
+            return Err(Error::InvalidOption {
+                field: "grad_offset",
+                reason: "the gradient offsets do not have the model's shapes".into(),
+            });
+        }
+        self.offset = Some(offset);
+        Ok(())
     }
 
     /// Steps taken so far.
@@ -323,6 +356,11 @@ impl TensorOptimizer {
             let g = match &self.anchor {
                 Some(a) => (g + (p - &a[i])?.affine(cfg.proximal_mu, 0.0)?)?,
                 None => g.clone(),
+            };
+            // SCAFFOLD's correction, as `add_offset`.
+            let g = match &self.offset {
+                Some(o) => (g + &o[i])?,
+                None => g,
             };
             let g = if cfg.weight_decay != 0.0 {
                 (g + p.affine(cfg.weight_decay, 0.0)?)?
@@ -507,6 +545,43 @@ mod tests {
                 (2, [0.870269764, -2.152123065, 0.525889743]),
             ],
         );
+    }
+
+    #[test]
+    fn gradient_offset_in_tensors_equals_the_host_kernel() {
+        // SCAFFOLD's `g + (c − cᵢ)`: SGD with momentum, three steps, the same offset each step.
+        let o = [0.3f32, -0.2, 0.05];
+        let cfg = cfg(OptimizerKind::Sgd, 0.1, 0.9, 0.0, false);
+        let mut p = P;
+        let mut buf = [0f32; 3];
+        for g in &G {
+            let mut g = *g;
+            add_offset(&o, &mut g);
+            sgd_update(&cfg, &mut p, &g, &mut buf);
+        }
+        let var = Var::new(&P, &Device::Cpu).unwrap();
+        let mut opt = TensorOptimizer::new(vec![var.clone()], cfg).unwrap();
+        opt.set_offset(vec![Tensor::new(&o, &Device::Cpu).unwrap()])
+            .unwrap();
+        for g in &G {
+            let g = Tensor::new(g, &Device::Cpu).unwrap();
+            let loss = (var.as_tensor() * &g).unwrap().sum_all().unwrap();
+            opt.step(&loss.backward().unwrap()).unwrap();
+        }
+        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        for (a, b) in got.iter().zip(&p) {
+            assert!((a - b).abs() < 1e-6, "{got:?} vs {p:?}");
+        }
+        // By hand, first step: b = g + o = [0.8, 0.05, −0.95]; p − 0.1·b.
+        let mut q = P;
+        let mut b = [0f32; 3];
+        let mut g0 = G[0];
+        add_offset(&o, &mut g0);
+        sgd_update(&cfg, &mut q, &g0, &mut b);
+        for (a, b) in q.iter().zip([0.92f32, -2.005, 0.595]) {
+            assert!((a - b).abs() < 1e-6, "{q:?}");
+        }
+        assert!(opt.set_offset(vec![]).is_err());
     }
 
     #[test]

@@ -57,6 +57,10 @@ pub struct TrainOptions {
     /// FedProx's proximal coefficient `μ` (0 = none): the loss gains `(μ/2)·‖w − w₀‖²`, `w₀`
     /// being the parameters training started from (the round's global model).
     pub proximal_mu: f64,
+    /// A constant added to every gradient, named as the model's parameters (SCAFFOLD's
+    /// `c − cᵢ`); `None` for none. Not part of a serialized configuration.
+    #[serde(skip)]
+    pub grad_offset: Option<std::sync::Arc<ParamSet>>,
 }
 
 impl Default for TrainOptions {
@@ -74,6 +78,7 @@ impl Default for TrainOptions {
             threads: 0,
             engine: Engine::Auto,
             proximal_mu: 0.0,
+            grad_offset: None,
         }
     }
 }
@@ -178,6 +183,8 @@ pub struct TrainReport {
     pub samples_seen: usize,
     /// Mean training loss over the samples seen (NaN, serialized as `null`, when none).
     pub mean_loss: f64,
+    /// Optimizer steps taken (mini-batches trained on).
+    pub steps: u64,
     /// Wall time.
     pub seconds: f64,
 }
@@ -297,6 +304,7 @@ pub fn train_local(
             epochs_completed: 0,
             samples_seen: 0,
             mean_loss: f64::NAN,
+            steps: 0,
             seconds: 0.0,
         };
         let mut loss_sum = 0.0;
@@ -314,6 +322,7 @@ pub fn train_local(
         if report.samples_seen > 0 {
             report.mean_loss = loss_sum / report.samples_seen as f64;
         }
+        report.steps = s.steps();
         Ok(report)
     })();
     // Write back whatever was reached, also after an error in the loop.
@@ -500,13 +509,39 @@ impl<'m> Session<'m> {
     ) -> Result<Self> {
         let mut s = Self::new_eval(model, opts, device)?;
         match &mut s.backend {
-            Backend::Native { net, .. } => net.set_optimizer(opts.optimizer_config()),
-            Backend::Candle { opt, .. } => {
+            Backend::Native { net, .. } => {
+                net.set_optimizer(opts.optimizer_config());
+                if let Some(offset) = &opts.grad_offset {
+                    net.set_grad_offset(offset)?;
+                }
+            }
+            Backend::Candle { opt, device } => {
                 let vars = model_vars(model, varmap)?;
-                *opt = Some(TensorOptimizer::new(vars, opts.optimizer_config())?);
+                let mut o = TensorOptimizer::new(vars, opts.optimizer_config())?;
+                if let Some(offset) = &opts.grad_offset {
+                    offset.check_same_layout(&model.param_set()?)?;
+                    let tensors = model
+                        .param_specs()
+                        .iter()
+                        .map(|spec| {
+                            let t = offset.get(&spec.name).expect("layout checked above");
+                            Tensor::from_slice(t.data(), t.shape(), device)
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    o.set_offset(tensors)?;
+                }
+                *opt = Some(o);
             }
         }
         Ok(s)
+    }
+
+    /// Optimizer steps taken so far.
+    fn steps(&self) -> u64 {
+        match &self.backend {
+            Backend::Native { net, .. } => net.steps(),
+            Backend::Candle { opt, .. } => opt.as_ref().map_or(0, TensorOptimizer::steps),
+        }
     }
 
     fn new_eval(model: &'m Model, opts: &TrainOptions, device: &Device) -> Result<Self> {

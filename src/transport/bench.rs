@@ -182,6 +182,7 @@ async fn echo(
                         train_loss: 0.213,
                         train_seconds: 8.4,
                     },
+                    report: Default::default(),
                 }),
             );
             handle

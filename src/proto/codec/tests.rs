@@ -57,6 +57,7 @@ fn samples() -> Vec<Envelope> {
                     train_loss: 0.25,
                     train_seconds: 3.5,
                 },
+                report: Default::default(),
             }),
         ),
         Envelope::new(

@@ -102,6 +102,7 @@ impl Harness {
                 train_loss: 1.0,
                 train_seconds: 0.1,
             },
+            report: Default::default(),
         });
         if acts
             .iter()
@@ -256,6 +257,7 @@ fn update_announced_in_time_is_waited_for_after_the_deadline() {
         blob: blob("p/run/r000001/updates/b"),
         num_samples: 1,
         metrics: TrainMetrics::default(),
+        report: Default::default(),
     });
     assert!(matches!(acts[0], Action::FetchUpdate { .. }));
     assert!(
@@ -284,6 +286,7 @@ fn rejected_and_malformed_updates_are_failures() {
         blob: blob("p/run/r000001/updates/b"),
         num_samples: 1,
         metrics: TrainMetrics::default(),
+        report: Default::default(),
     });
     h.ev(Event::UpdateRejected {
         client: "b".into(),
@@ -297,6 +300,7 @@ fn rejected_and_malformed_updates_are_failures() {
         blob: blob("p/run/r000001/updates/c"),
         num_samples: 1,
         metrics: TrainMetrics::default(),
+        report: Default::default(),
     });
     let bad = ParamSet::new(vec![NamedTensor::new("w", vec![3], vec![0.0; 3]).unwrap()]).unwrap();
     let acts = h.ev(Event::UpdateFetched {
@@ -383,6 +387,7 @@ fn notice(h: &mut Harness, client: &str, round: u64, key: &str, samples: u64) ->
         blob: blob(key),
         num_samples: samples,
         metrics: TrainMetrics::default(),
+        report: Default::default(),
     })
 }
 

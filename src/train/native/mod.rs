@@ -26,7 +26,9 @@ mod conv;
 mod gemm;
 
 use super::model::{Arch, ParamSpec, CNN_CHANNELS, CNN_HIDDEN, CNN_KERNEL, CNN_PADDING};
-use super::optim::{adam_update_with, add_proximal, sgd_update, AdamStep, OptimizerConfig};
+use super::optim::{
+    adam_update_with, add_offset, add_proximal, sgd_update, AdamStep, OptimizerConfig,
+};
 use super::Result;
 use crate::tensor::{NamedTensor, ParamSet};
 use conv::ConvGeom;
@@ -120,6 +122,8 @@ struct OptState {
     bufs: Vec<Vec<Vec<f32>>>,
     /// The parameters when the optimizer was set, when the proximal term is on.
     anchor: Option<Vec<Vec<f32>>>,
+    /// A constant added to every gradient (SCAFFOLD's `c − cᵢ`), engine layout.
+    offset: Option<Vec<Vec<f32>>>,
 }
 
 /// Loss sum and correct predictions over one batch.
@@ -235,7 +239,43 @@ impl NativeNet {
             t: 0,
             bufs,
             anchor,
+            offset: None,
         });
+    }
+
+    /// Adds `offset` (named as the model's parameters) to every gradient from now on, as
+    /// [`add_offset`]; cleared by [`NativeNet::set_optimizer`].
+    ///
+    /// # Errors
+    /// [`crate::train::Error::Tensor`] when `offset` does not have the model's names and shapes.
+    pub fn set_grad_offset(&mut self, offset: &ParamSet) -> Result<()> {
+        let expected = ParamSet::new(
+            self.specs
+                .iter()
+                .map(|s| NamedTensor::zeros(s.name.clone(), s.shape.clone()))
+                .collect(),
+        )?;
+        expected.check_same_layout(offset)?;
+        let values = self
+            .specs
+            .iter()
+            .zip(&self.reorders)
+            .map(|(s, r)| {
+                offset
+                    .get(&s.name)
+                    .map(|t| r.to_engine(t.data()))
+                    .unwrap_or_default()
+            })
+            .collect();
+        if let Some(opt) = self.opt.as_mut() {
+            opt.offset = Some(values);
+        }
+        Ok(())
+    }
+
+    /// Optimizer steps taken since [`NativeNet::set_optimizer`].
+    pub fn steps(&self) -> u64 {
+        self.opt.as_ref().map_or(0, |o| o.t)
     }
 
     /// Values per input sample.
@@ -472,6 +512,7 @@ impl NativeNet {
         let cfg = opt.cfg;
         let adam = AdamStep::new(&cfg, opt.t);
         let anchor = opt.anchor.as_deref();
+        let offset = opt.offset.as_deref();
         let mut per_thread: Vec<Vec<ParamChunk<'_>>> =
             (0..self.threads).map(|_| Vec::new()).collect();
         for (p, ((param, grad), state)) in self
@@ -563,6 +604,10 @@ impl NativeNet {
                     let width = c.param.len() / (c.r1 - c.r0);
                     let a = &anchor[c.p][c.r0 * width..c.r1 * width];
                     add_proximal(cfg.proximal_mu as f32, c.param, a, c.grad);
+                }
+                if let Some(offset) = offset {
+                    let width = c.param.len() / (c.r1 - c.r0);
+                    add_offset(&offset[c.p][c.r0 * width..c.r1 * width], c.grad);
                 }
                 match c.state.as_mut_slice() {
                     [] => sgd_update(&cfg, c.param, c.grad, &mut []),

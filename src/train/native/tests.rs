@@ -182,3 +182,46 @@ fn optimizer_steps_match_the_host_kernels() {
         }
     }
 }
+
+#[test]
+fn a_gradient_offset_is_added_before_the_step_in_pytorch_layout() {
+    // SCAFFOLD's correction: one step with offset `o` equals the kernel applied to `g + o`,
+    // with `o` given in PyTorch's layout (the engine reorders conv weights internally).
+    let (kind, shape, classes) = (ModelKind::Cnn, [1usize, 8, 8], 10);
+    let arch = Arch::new(kind, &shape, classes).unwrap();
+    let params = init_params(kind, &shape, classes, 9).unwrap();
+    let (x, y) = batch(&shape, 6, classes, 2);
+    let (_, _, grads) = candle_reference(kind, &shape, classes, &params, &x, &y);
+    let mut offset = params.zeros_like();
+    for (t, tensor) in offset.tensors_mut().enumerate() {
+        for (i, v) in tensor.data_mut().iter_mut().enumerate() {
+            *v = 0.01 * ((i * 7 + t) % 13) as f32 - 0.06;
+        }
+    }
+    let cfg = OptimizerConfig {
+        kind: OptimizerKind::Sgd,
+        learning_rate: 0.05,
+        momentum: 0.9,
+        ..Default::default()
+    };
+    let mut net = NativeNet::new(&arch, &params, 2).unwrap();
+    net.set_optimizer(cfg);
+    net.set_grad_offset(&offset).unwrap();
+    net.input().extend_from_slice(&x);
+    net.train_step(&y);
+    assert_eq!(net.steps(), 1);
+    let after = net.param_set();
+    for (spec, g) in arch.param_specs().iter().zip(&grads) {
+        let mut p = params.get(&spec.name).unwrap().data().to_vec();
+        let mut g = g.clone();
+        crate::train::optim::add_offset(offset.get(&spec.name).unwrap().data(), &mut g);
+        let mut s0 = vec![0.0; p.len()];
+        sgd_update(&cfg, &mut p, &g, &mut s0);
+        for (a, b) in after.get(&spec.name).unwrap().data().iter().zip(&p) {
+            close(*a, *b, &spec.name);
+        }
+    }
+    // A wrong layout is refused.
+    let wrong = ParamSet::new(vec![NamedTensor::zeros("x", vec![1])]).unwrap();
+    assert!(net.set_grad_offset(&wrong).is_err());
+}
