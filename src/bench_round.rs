@@ -632,6 +632,8 @@ impl BenchEnv {
 pub fn strategy_named(name: &str) -> Result<Box<dyn crate::strategy::Strategy>> {
     let t = crate::config::TrainArgs {
         federated_optimizer: name.to_string(),
+        // The benchmark's train commands ask for SGD (`bench_server_options`).
+        client_optimizer: "sgd".into(),
         ..Default::default()
     };
     crate::strategy::from_config(&t, &crate::config::FedmqArgs::default())

@@ -11,8 +11,16 @@
 //! - [`proto`]: protocol v1: MQTT topics, JSON control messages, blob references, blob keys.
 //! - [`store`]: the blob layer over aws-sdk-s3 (multipart, ranged gets, SHA-256 checks, retries,
 //!   retention) and the embedded S3-compatible server (s3s over fedmq's own object backend).
-//! - [`strategy`]: configure/aggregate strategies with streaming aggregation; FedAvg.
-//! - [`server`]: the round engine as a sans-IO state machine.
+//! - [`strategy`]: configure/aggregate strategies with streaming aggregation: FedAvg, FedAvgM,
+//!   FedProx, FedAdam/FedYogi/FedAdagrad, SCAFFOLD, FedNova.
+//! - [`server`]: the round engine as a sans-IO state machine, and its async driver.
+//! - [`client`]: the client runtime, its trainers and the client-side strategy hooks.
+//! - [`federation`]: a whole federation in one process (`fedmq run`).
+//! - [`metrics`]: `metrics.jsonl`/`metrics.csv`, the summary table and SVG plots.
+//! - [`identity`]: Ed25519 identities, key rings and message signatures.
+//! - [`seal`]: sealed blobs (AEAD content keys wrapped per recipient).
+//! - [`bench_round`], [`bench`]: benchmark harnesses (`fedmq bench round`, `fedmq bench
+//!   strategies`).
 //! - [`transport`]: the MQTT session (one event-loop task, cloneable handle, retained presence,
 //!   reconnect/resubscribe) and the embedded rumqttd broker.
 //! - [`tls`]: rustls configurations (ring) from PEM files, handshake-failure explanations, and the
@@ -21,6 +29,7 @@
 //! - `cli` (binary only): the `fedmq` command line.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod bench_round;
 pub mod client;
 pub mod config;

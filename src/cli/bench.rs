@@ -37,6 +37,64 @@ pub enum BenchCommand {
     Mqtt(super::broker_cmd::BenchMqttArgs),
     /// Whole federated rounds with a no-op trainer: round time, bytes and peak memory.
     Round(super::bench_round_cmd::RoundArgs),
+    /// Learning quality of strategies side by side: a local federation per (strategy,
+    /// partition) with real training; rounds to a target accuracy, final accuracy, and one
+    /// figure (strategies.json, strategies.md, strategies.svg in --out).
+    Strategies(StrategiesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StrategiesArgs {
+    #[command(flatten)]
+    config: super::ConfigArg,
+    /// Strategies (train_args.federated_optimizer names), comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "FedAvg,FedAvgM,FedProx,FedAdam,FedYogi,FedAdagrad,SCAFFOLD,FedNova"
+    )]
+    strategies: Vec<String>,
+    /// Partitions: homo, pathological or hetero:<alpha>, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "hetero:0.1,hetero:0.5",
+          value_parser = parse_partition)]
+    partitions: Vec<fedmq::bench::strategies::Partition>,
+    /// Rounds per run.
+    #[arg(long, default_value_t = 30)]
+    rounds: usize,
+    /// Target test accuracy, in percent.
+    #[arg(long, default_value_t = 97.0)]
+    target: f64,
+    /// Output directory.
+    #[arg(long, default_value = "out/bench-strategies")]
+    out: std::path::PathBuf,
+}
+
+fn parse_partition(s: &str) -> Result<fedmq::bench::strategies::Partition, String> {
+    fedmq::bench::strategies::Partition::parse(s)
+}
+
+fn run_strategies(a: StrategiesArgs) -> Result<()> {
+    let base = super::load_config_args(&a.config)?;
+    let bench = fedmq::bench::strategies::StrategyBench {
+        base,
+        strategies: a.strategies,
+        partitions: a.partitions,
+        rounds: a.rounds,
+        target: a.target / 100.0,
+        out: a.out,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let runs = rt.block_on(fedmq::bench::strategies::run(&bench, cancel))?;
+    eprintln!(
+        "{}\n{} runs; table, JSON and figure in {}",
+        fedmq::bench::strategies::markdown_table(&runs, bench.target),
+        runs.len(),
+        bench.out.display()
+    );
+    Ok(())
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -74,5 +132,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Blob(a) => super::store_cmd::run_bench_blob(a),
         BenchCommand::Mqtt(a) => super::broker_cmd::run_bench_mqtt(a),
         BenchCommand::Round(a) => super::bench_round_cmd::run(a),
+        BenchCommand::Strategies(a) => run_strategies(a),
     }
 }

@@ -8,6 +8,11 @@
 //! | `control_variate` (SCAFFOLD) | every gradient gets `c − cᵢ` (`c` from `strategy/control/*`) | `Δcᵢ` sent as `strategy/delta_control/*`, `cᵢ` kept |
 //! | `normalized_steps` (FedNova) | — | `local_steps` and `normalizer` reported |
 //!
+//! SCAFFOLD's `K` is the number of steps for plain SGD; with momentum `ρ` it is the total
+//! weight with which the steps' gradients entered the model (FedNova's normalizer), so that
+//! `(x − yᵢ)/(K·η)` stays the mean local gradient (with `K` steps, momentum would inflate it by
+//! up to `1/(1 − ρ)` and the correction would overshoot).
+//!
 //! The client's own SCAFFOLD control variate `cᵢ` lives in [`ClientMemory`] for the life of the
 //! client process; it starts at zero, as in the paper, and a client that restarts starts again
 //! from zero (the server's `c` then over-counts that client's old `cᵢ` until it is refreshed).
@@ -190,8 +195,17 @@ pub fn finish(
                  learning rate {lr})"
             ));
         }
-        // Δcᵢ = (x − yᵢ)/(K·η) − c ;  cᵢ⁺ = cᵢ + Δcᵢ (option II).
-        let scale = (1.0 / (k as f64 * lr)) as f32;
+        if !config.optimizer.eq_ignore_ascii_case("sgd") {
+            return Err(format!(
+                "SCAFFOLD's control variates assume SGD local steps; the server asks for {}",
+                config.optimizer
+            ));
+        }
+        // Δcᵢ = (x − yᵢ)/(K·η) − c ;  cᵢ⁺ = cᵢ + Δcᵢ (option II). With momentum ρ the K
+        // gradients enter the model with total weight a = Σₖ(1 − ρᵏ)/(1 − ρ) instead of K
+        // (FedNova's normalizer), so (x − yᵢ)/(a·η) is the mean gradient either way.
+        let a = fednova_normalizer(k, config.momentum);
+        let scale = (1.0 / (a * lr)) as f32;
         let ci = memory
             .control()
             .filter(|ci| ci.check_same_layout(&x).is_ok())
@@ -371,6 +385,16 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("at least one local step"), "{e}");
+        let p = prepare(&mut hooks, &x, set(CONTROL, &[0.0, 0.0]), &memory).unwrap();
+        let e = finish(
+            &hooks,
+            p,
+            &trained(&[1.0, 2.0], 3),
+            &config(0.1, "adam", 0.0),
+            &memory,
+        )
+        .unwrap_err();
+        assert!(e.contains("SGD"), "{e}");
     }
 
     #[test]

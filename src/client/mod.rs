@@ -6,21 +6,10 @@
 //! trains, so a newer round or a finish interrupts the old work at once.
 //!
 //! # Commands
-//! - `train` for round `r`: ignored when it is a duplicate (same id), when round `r` is being
-//!   trained, when `r` is older than the last round seen, or when its deadline has passed. When
-//!   round `r` was already trained, the update already sent is announced again instead (never
-//!   trained twice), so a lost notice is recovered by the server's re-send; when round `r`
-//!   failed here (the store was down, say), a re-sent command trains it again. A newer round
-//!   interrupts the round in progress.
-//! - The server's `status` online with an id not seen before, after a first one (a server that
-//!   restarted, or reconnected after a broker restart): the client announces itself again and
-//!   re-announces its latest update when that is for the latest round it was asked to train,
-//!   after a random delay within the status' `announce_window_ms`, so a server that lost
-//!   track (a broker that dropped messages, a restarted server whose broker keeps its old
-//!   subscription) learns who is there and what they sent without waiting for a deadline.
-//! - `finish`: the client interrupts any work, publishes its offline status and exits. A finish
-//!   kept retained by the broker from an earlier run (sent before this client started) is
-//!   ignored.
+//! Which commands are followed, and when the client announces itself and its update again, is
+//! decided by [`ClientMachine`] (`machine.rs`), a sans-IO state machine tested without sockets;
+//! this file is its driver: it decodes and authenticates messages, runs each round's work and
+//! publishes.
 //!
 //! # Store outages
 //! Fetching the global model and storing the update are retried with back-off across transient
@@ -28,22 +17,23 @@
 //! restarts mid-round delays the round, it does not fail it.
 
 pub mod hooks;
+pub mod machine;
 mod trainer;
 
 pub use hooks::{ClientMemory, LocalHooks};
+pub use machine::ClientMachine;
+
+use machine::{Action, Event, JobOutcome};
 pub use trainer::{DataTrainer, LocalTrainer, NoopTrainer, Trained};
 
 use crate::proto::SERVER_ID;
 use crate::proto::{
-    self, BlobKeys, BlobRef, Body, Capabilities, Envelope, Failure, Role, TopicKind, Topics, Train,
-    Update,
+    self, BlobKeys, BlobRef, Body, Capabilities, Envelope, Failure, Role, Topics, Train, Update,
 };
 use crate::seal::BlobCrypto;
 use crate::store::{self, BlobStore};
 use crate::tensor::ParamSet;
-use crate::transport::{
-    Dedup, Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions,
-};
+use crate::transport::{Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
 use bytes::Bytes;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,17 +125,6 @@ async fn check_store(store: &BlobStore, keys: &BlobKeys) -> Result<(), ClientErr
     }
 }
 
-struct Job {
-    round: u64,
-    interrupt: Arc<AtomicBool>,
-}
-
-enum JobDone {
-    Reported(Box<Envelope>),
-    Failed,
-    Interrupted,
-}
-
 /// Runs the client until the server finishes the run or `cancel` fires.
 ///
 /// # Errors
@@ -176,124 +155,83 @@ pub async fn run_client(
     handle.wait_started(&endpoint, opts.connect_timeout).await?;
     info!(client = %opts.id, samples = trainer.num_samples(), "client online");
 
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, JobDone)>();
-    let mut dedup = Dedup::default();
-    let mut current: Option<Job> = None;
-    // Highest round a command was accepted for; older commands are stale.
-    let mut last_round = 0u64;
-    let mut last_update: Option<Envelope> = None;
-    let mut rounds_reported = 0u64;
-    // Whether a server online status was seen yet: the first one (often retained from before
-    // this client started) needs no re-announcement, the client has just announced itself.
-    let mut seen_server = false;
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, JobOutcome)>();
+    let mut machine = ClientMachine::new(&opts.id, started_ms);
+    // The interrupt flag of the round being trained.
+    let mut current: Option<(u64, Arc<AtomicBool>)> = None;
     // The strategy's state on this client (SCAFFOLD's control variate), kept across rounds.
     let memory = Arc::new(ClientMemory::default());
 
-    let (reason, final_model) = loop {
-        tokio::select! {
+    let (reason, final_model) = 'run: loop {
+        let event = tokio::select! {
             _ = cancel.cancelled() => break ("cancelled".to_string(), None),
-            Some((round, done)) = done_rx.recv() => {
-                if current.as_ref().is_some_and(|j| j.round == round) {
-                    current = None;
-                }
-                match done {
-                    JobDone::Reported(env) => {
-                        rounds_reported += 1;
-                        last_update = Some(*env);
-                    }
-                    JobDone::Failed | JobDone::Interrupted => {}
-                }
-            }
+            Some((round, outcome)) = done_rx.recv() => Event::JobDone { round, outcome },
             msg = incoming.recv() => {
                 let Some(m) = msg else {
                     break ("the MQTT session ended".to_string(), None);
                 };
-                match on_command(&m, &topics, &mut dedup, started_ms, opts.keyring.as_deref()) {
-                    Command::Ignore => {}
-                    Command::ServerOnline { window } => {
-                        if !std::mem::replace(&mut seen_server, true) {
-                            continue;
+                match authenticate(&m, &topics, opts.keyring.as_deref()) {
+                    Some(event) => event,
+                    None => continue,
+                }
+            }
+        };
+        for action in machine.handle(event, proto::now_ms()) {
+            match action {
+                Action::Train { round, train } => {
+                    let interrupt = Arc::new(AtomicBool::new(false));
+                    current = Some((round, interrupt.clone()));
+                    let ctx = JobCtx {
+                        run: opts.run.clone(),
+                        id: opts.id.clone(),
+                        up_topic: topics.up(&opts.id),
+                        keys: opts.keys.clone(),
+                        store: store.clone(),
+                        handle: handle.clone(),
+                        trainer: trainer.clone(),
+                        slots: opts.train_slots.clone(),
+                        crypto: opts.crypto.clone(),
+                        memory: memory.clone(),
+                    };
+                    let tx = done_tx.clone();
+                    tokio::spawn(async move {
+                        let done = ctx.run(round, *train, interrupt).await;
+                        let _ = tx.send((round, done));
+                    });
+                }
+                Action::Interrupt { round } => {
+                    if let Some((r, flag)) = &current {
+                        if *r == round {
+                            flag.store(true, Ordering::Relaxed);
                         }
-                        // The latest update, unless a round is in progress (its update will be
-                        // announced when done) or a newer round was asked for.
-                        let update = last_update
-                            .as_ref()
-                            .filter(|e| current.is_none() && e.round == last_round)
-                            .cloned();
-                        info!(
-                            client = %opts.id,
-                            update_round = update.as_ref().map(|e| e.round),
-                            "the server (re)connected; announcing this client again"
-                        );
-                        let handle = handle.clone();
-                        let up = topics.up(&opts.id);
-                        let delay = Duration::from_millis(rand::rng().random_range(0..=window));
-                        tokio::spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            if let Err(e) = handle.announce().await {
-                                debug!("re-announcement not sent: {e}");
-                            }
-                            if let Some(env) = update {
-                                publish(&handle, &up, &env).await;
-                            }
-                        });
-                    }
-                    Command::Finish { reason, final_model } => break (reason, final_model),
-                    Command::Train { round, id, train } => {
-                        if round < last_round
-                            || current.as_ref().is_some_and(|j| j.round >= round)
-                        {
-                            info!(client = %opts.id, round, last_round, "stale or duplicate train command ignored");
-                            continue;
-                        }
-                        if round == last_round && current.is_none() {
-                            // Trained already: announce the same update again (the server
-                            // drops it if it has it), never train twice. A round that failed
-                            // here is trained again (below).
-                            if let Some(env) = last_update.as_ref().filter(|e| e.round == round) {
-                                info!(client = %opts.id, round, "round already trained; update announced again");
-                                publish(&handle, &topics.up(&opts.id), env).await;
-                                continue;
-                            }
-                            info!(client = %opts.id, round, "round re-sent after a failure here; training it again");
-                        }
-                        if train.deadline_ms <= proto::now_ms() {
-                            info!(client = %opts.id, round, "train command past its deadline ignored");
-                            continue;
-                        }
-                        if let Some(old) = current.take() {
-                            info!(client = %opts.id, old = old.round, round, "newer round: interrupting the old one");
-                            old.interrupt.store(true, Ordering::Relaxed);
-                        }
-                        debug!(client = %opts.id, round, command = %id, "training");
-                        last_round = round;
-                        let interrupt = Arc::new(AtomicBool::new(false));
-                        current = Some(Job { round, interrupt: interrupt.clone() });
-                        let ctx = JobCtx {
-                            run: opts.run.clone(),
-                            id: opts.id.clone(),
-                            up_topic: topics.up(&opts.id),
-                            keys: opts.keys.clone(),
-                            store: store.clone(),
-                            handle: handle.clone(),
-                            trainer: trainer.clone(),
-                            slots: opts.train_slots.clone(),
-                            crypto: opts.crypto.clone(),
-                            memory: memory.clone(),
-                        };
-                        let tx = done_tx.clone();
-                        tokio::spawn(async move {
-                            let done = ctx.run(round, train, interrupt).await;
-                            let _ = tx.send((round, done));
-                        });
                     }
                 }
+                Action::Publish(env) => publish(&handle, &topics.up(&opts.id), &env).await,
+                Action::Reannounce { window_ms, update } => {
+                    let handle = handle.clone();
+                    let up = topics.up(&opts.id);
+                    let delay = Duration::from_millis(rand::rng().random_range(0..=window_ms));
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        if let Err(e) = handle.announce().await {
+                            debug!("re-announcement not sent: {e}");
+                        }
+                        if let Some(env) = update {
+                            publish(&handle, &up, &env).await;
+                        }
+                    });
+                }
+                Action::Stop {
+                    reason,
+                    final_model,
+                } => break 'run (reason, final_model),
             }
         }
     };
-    if let Some(j) = current.take() {
-        j.interrupt.store(true, Ordering::Relaxed);
+    if let Some((_, flag)) = current.take() {
+        flag.store(true, Ordering::Relaxed);
     }
+    let rounds_reported = machine.rounds_reported();
     info!(client = %opts.id, rounds_reported, %reason, "client done");
     handle.shutdown().await;
     Ok(ClientReport {
@@ -303,80 +241,31 @@ pub async fn run_client(
     })
 }
 
-enum Command {
-    Ignore,
-    /// The server's online status, with a new id: it asks to be told who is there.
-    ServerOnline {
-        window: u64,
-    },
-    Train {
-        round: u64,
-        id: String,
-        train: Train,
-    },
-    Finish {
-        reason: String,
-        final_model: Option<BlobRef>,
-    },
-}
-
-fn on_command(
+/// Decodes one message and checks its signature (when a key ring is set): the machine's event,
+/// or `None` (logged) for a message that is malformed or not the server's.
+fn authenticate(
     m: &Incoming,
     topics: &Topics,
-    dedup: &mut Dedup,
-    started_ms: u64,
     keyring: Option<&crate::identity::Keyring>,
-) -> Command {
+) -> Option<Event> {
     let (kind, env) = match m.decode(topics) {
         Ok(x) => x,
         Err(e) => {
             warn!("message dropped: {e}");
-            return Command::Ignore;
+            return None;
         }
     };
     if let Some(ring) = keyring {
         if let Err(reason) = ring.check_message(&m.payload, m.retained, &env) {
             warn!(topic = %m.topic, "message dropped: {reason}");
-            return Command::Ignore;
+            return None;
         }
     }
-    if !dedup.first_time(&env) {
-        debug!(id = %env.id, "duplicate dropped");
-        return Command::Ignore;
-    }
-    match (kind, env.body) {
-        (TopicKind::Status(_), Body::Status(s)) => {
-            info!(state = ?s.state, "server status");
-            match (s.state, s.role) {
-                (proto::Presence::Online, Role::Server) => Command::ServerOnline {
-                    window: s
-                        .announce_window_ms
-                        .unwrap_or(0)
-                        .min(MAX_ANNOUNCE_WINDOW_MS),
-                },
-                _ => Command::Ignore,
-            }
-        }
-        (TopicKind::Command(_), Body::Train(t)) => Command::Train {
-            round: env.round,
-            id: env.id,
-            train: t,
-        },
-        (TopicKind::Command(_), Body::Finish(f)) => {
-            if m.retained && env.ts_ms < started_ms {
-                info!(
-                    reason = %f.reason,
-                    "a finish kept by the broker from an earlier run was ignored; waiting for the server"
-                );
-                return Command::Ignore;
-            }
-            Command::Finish {
-                reason: f.reason,
-                final_model: f.final_model,
-            }
-        }
-        _ => Command::Ignore,
-    }
+    Some(Event::Message {
+        kind,
+        env: Box::new(env),
+        retained: m.retained,
+    })
 }
 
 async fn publish(handle: &MqttHandle, topic: &str, env: &Envelope) {
@@ -384,10 +273,6 @@ async fn publish(handle: &MqttHandle, topic: &str, env: &Envelope) {
         warn!(%topic, "publish failed: {e}");
     }
 }
-
-/// Longest delay before a re-announcement, whatever the server asks (a bound on how long a
-/// forged or mistaken window can keep a client quiet).
-const MAX_ANNOUNCE_WINDOW_MS: u64 = 60_000;
 
 /// What one round's task needs.
 struct JobCtx {
@@ -404,16 +289,16 @@ struct JobCtx {
 }
 
 impl JobCtx {
-    async fn run(self, round: u64, train: Train, interrupt: Arc<AtomicBool>) -> JobDone {
+    async fn run(self, round: u64, train: Train, interrupt: Arc<AtomicBool>) -> JobOutcome {
         match self.train_round(round, &train, &interrupt).await {
             Ok(update) => {
                 let env = Envelope::new(&self.run, round, &self.id, Body::Update(update));
                 publish(&self.handle, &self.up_topic, &env).await;
-                JobDone::Reported(Box::new(env))
+                JobOutcome::Reported(Box::new(env))
             }
             Err(_) if interrupt.load(Ordering::Relaxed) => {
                 info!(client = %self.id, round, "round interrupted");
-                JobDone::Interrupted
+                JobOutcome::Interrupted
             }
             Err(reason) => {
                 warn!(client = %self.id, round, "round failed: {reason}");
@@ -426,7 +311,7 @@ impl JobCtx {
                     }),
                 );
                 publish(&self.handle, &self.up_topic, &env).await;
-                JobDone::Failed
+                JobOutcome::Failed
             }
         }
     }

@@ -52,7 +52,7 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-pub use plot::{render_plot_svg, write_plot_svg};
+pub use plot::{render_curves_svg, render_plot_svg, write_plot_svg, Curve, CurvePanel};
 pub use table::summary_table;
 
 use serde::Deserialize;

@@ -159,6 +159,111 @@ pub fn write_plot_svg(
     std::fs::write(path, svg).map_err(MetricsError::io(path))
 }
 
+/// Horizontal room of one legend entry.
+fn legend_width(label: &str) -> f64 {
+    45.0 + 6.5 * label.chars().count() as f64
+}
+
+/// Height of one legend line.
+const LEGEND_ROW: f64 = 16.0;
+
+/// Colors of the curves of a comparison, in order (then repeated, dashed).
+const PALETTE: [&str; 10] = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
+];
+
+/// One curve of a comparison: a label and its (round, value) points.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Curve {
+    /// Legend label.
+    pub label: String,
+    /// (round, value) points; non-finite values are left out.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One panel of a comparison: a heading and its curves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurvePanel {
+    /// Heading above the panel.
+    pub heading: String,
+    /// The curves, each with its own color.
+    pub curves: Vec<Curve>,
+}
+
+/// An SVG comparing curves (e.g. test accuracy per round of several strategies), one panel per
+/// setting side by side, sharing one round axis and one `y_label` axis, each panel with a legend.
+/// Curves are `<polyline>`s tagged `data-series="<label>"`. Non-finite points are left out.
+pub fn render_curves_svg(title: &str, y_label: &str, panels: &[CurvePanel]) -> String {
+    let clean = |c: &Curve| -> Vec<(f64, f64)> {
+        c.points
+            .iter()
+            .copied()
+            .filter(|&(x, y)| x.is_finite() && y.is_finite() && y.abs() <= MAX_PLOTTABLE)
+            .collect()
+    };
+    let points: Vec<Vec<Vec<(f64, f64)>>> = panels
+        .iter()
+        .map(|p| p.curves.iter().map(clean).collect())
+        .collect();
+    let all = || points.iter().flatten().flatten();
+    let (xmin, xmax) = min_max(all().map(|p| p.0)).unwrap_or((0.0, 1.0));
+    let (xmin, xmax) = if xmin == xmax {
+        ((xmin - 1.0).max(0.0), (xmin - 1.0).max(0.0) + 2.0)
+    } else {
+        (xmin, xmax)
+    };
+    let x_axis = Axis::new(xmin, xmax, 8, 1.0);
+    let y_axis = min_max(all().map(|p| p.1)).map(|(lo, hi)| Axis::new(lo, hi, 6, 0.0));
+    let rows = panels
+        .iter()
+        .map(|p| {
+            let labels: Vec<&str> = p.curves.iter().map(|c| c.label.as_str()).collect();
+            Panel::legend_rows(&labels)
+        })
+        .max()
+        .unwrap_or(1);
+    let width = PANEL_GAP + panels.len().max(1) as f64 * (PANEL_W + PANEL_GAP);
+    let height = HEIGHT + LEGEND_ROW * (rows - 1) as f64;
+    let mut svg = String::new();
+    let title = xml_escape(title);
+    let _ = write!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">
+<title>{title}</title>
+<rect x="0" y="0" width="{width}" height="{height}" fill="#ffffff"/>
+<text x="{}" y="30" text-anchor="middle" font-size="18" font-weight="bold">{title}</text>
+"##,
+        width / 2.0
+    );
+    for (i, (panel, pts)) in panels.iter().zip(&points).enumerate() {
+        let lines: Vec<Line<'_>> = panel
+            .curves
+            .iter()
+            .zip(pts)
+            .enumerate()
+            .map(|(k, (c, p))| Line {
+                id: &c.label,
+                label: &c.label,
+                color: PALETTE[k % PALETTE.len()],
+                dashed: k >= PALETTE.len(),
+                points: p,
+            })
+            .collect();
+        Panel::with_legend_rows(i, rows).draw(
+            &mut svg,
+            &panel.heading,
+            y_label,
+            &x_axis,
+            y_axis.as_ref(),
+            &lines,
+            "nothing recorded",
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
 /// The plottable (round, value) points of one series, sorted by round.
 fn series(records: &[RoundRecord], value: impl Fn(&RoundRecord) -> Option<f64>) -> Vec<(f64, f64)> {
     let mut points: Vec<(f64, f64)> = records
@@ -199,14 +304,35 @@ struct Panel {
 
 impl Panel {
     fn new(index: usize) -> Panel {
+        Self::with_legend_rows(index, 1)
+    }
+
+    /// A panel whose legend takes `rows` lines above the plot area.
+    fn with_legend_rows(index: usize, rows: usize) -> Panel {
         let x0 = PANEL_GAP + index as f64 * (PANEL_W + PANEL_GAP);
+        let extra = LEGEND_ROW * rows.saturating_sub(1) as f64;
         Panel {
             x0,
             left: x0 + PLOT_LEFT,
             right: x0 + PANEL_W - PLOT_RIGHT,
-            top: PANEL_TOP + PLOT_TOP,
-            bottom: PANEL_TOP + PANEL_H - PLOT_BOTTOM,
+            top: PANEL_TOP + PLOT_TOP + extra,
+            bottom: PANEL_TOP + PANEL_H - PLOT_BOTTOM + extra,
         }
+    }
+
+    /// Lines the legend of `lines` takes in a panel (entries wrap at the plot area's width).
+    fn legend_rows(labels: &[&str]) -> usize {
+        let width = PANEL_W - PLOT_LEFT - PLOT_RIGHT;
+        let (mut rows, mut x) = (1, 0.0);
+        for label in labels {
+            let w = legend_width(label);
+            if x > 0.0 && x + w > width {
+                rows += 1;
+                x = 0.0;
+            }
+            x += w;
+        }
+        rows
     }
 
     fn px(&self, x_axis: &Axis, x: f64) -> f64 {
@@ -298,10 +424,14 @@ impl Panel {
                 for line in lines {
                     self.draw_line(svg, x_axis, y_axis, line);
                 }
-                // Legend, left to right above the plot area.
+                // Legend, left to right above the plot area, wrapping at its width.
                 let mut x = l;
-                let y = PANEL_TOP + 36.0;
+                let mut y = PANEL_TOP + 36.0;
                 for line in lines {
+                    if x > l && x + legend_width(line.label) > r {
+                        x = l;
+                        y += LEGEND_ROW;
+                    }
                     let _ = writeln!(
                         svg,
                         r#"<line x1="{x:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="{}" stroke-width="2"{}/><text x="{:.1}" y="{y:.1}">{}</text>"#,
@@ -313,7 +443,7 @@ impl Panel {
                         x + 27.0,
                         xml_escape(line.label)
                     );
-                    x += 45.0 + 6.5 * line.label.chars().count() as f64;
+                    x += legend_width(line.label);
                 }
             }
         }

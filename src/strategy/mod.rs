@@ -195,6 +195,16 @@ pub fn from_config(
         "fedadam" => fedopt("FedAdam", ServerOptimizer::Adam, 0.0),
         "fedyogi" => fedopt("FedYogi", ServerOptimizer::Yogi, 0.0),
         "fedadagrad" => fedopt("FedAdagrad", ServerOptimizer::Adagrad, 0.0),
+        "scaffold" | "fednova" if !t.client_optimizer.eq_ignore_ascii_case("sgd") => {
+            Err(ConfigError {
+                key: "train_args.client_optimizer",
+                reason: format!(
+                    "{} normalizes plain or momentum SGD steps; with client_optimizer {:?} its \
+                     arithmetic does not hold: set client_optimizer: sgd",
+                    t.federated_optimizer, t.client_optimizer
+                ),
+            })
+        }
         "scaffold" => Scaffold::new(t.server_lr.unwrap_or(1.0))
             .map(|s| Box::new(s) as Box<dyn Strategy>)
             .map_err(|reason| ConfigError {
