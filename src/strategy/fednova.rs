@@ -256,4 +256,10 @@ mod tests {
         }
         assert_eq!(normalizer(12, 0.0), 12.0);
     }
+
+    #[test]
+    fn the_protocol_example_normalizer() {
+        // docs/PROTOCOL.md, `update`: 186 steps with momentum 0.9.
+        assert_eq!(normalizer(186, 0.9), 1770.0000002775555);
+    }
 }
