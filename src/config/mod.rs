@@ -462,6 +462,11 @@ pub struct FedmqArgs {
     pub server_beta2: f64,
     /// `τ` of the adaptive server optimizers (their adaptivity; Reddi et al. 2021).
     pub server_tau: f64,
+    /// FedBuff (`federated_optimizer: FedBuff` or FedML's `Async_FedAvg`): updates per server
+    /// step (`K`); unset: half of `client_num_per_round` (at least 1).
+    pub buffer_size: Option<usize>,
+    /// FedBuff: versions an update may lag behind the newest model and still count.
+    pub max_staleness: u64,
     /// How the server weights updates: `samples` (FedAvg: by the claimed sample count, bounded
     /// by the `capabilities.samples` each client announced when it joined) or `uniform` (every
     /// update the same).
@@ -486,6 +491,8 @@ impl Default for FedmqArgs {
             server_beta1: 0.9,
             server_beta2: 0.99,
             server_tau: 1e-3,
+            buffer_size: None,
+            max_staleness: 10,
             weighting: "samples".into(),
         }
     }

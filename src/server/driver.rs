@@ -988,7 +988,13 @@ impl Driver {
                     machine.strategy().name().to_string(),
                     machine.strategy().state(),
                 ));
-                let keep = self.opts.retention.keep_from_round(summary.round);
+                // Never a round a client still trains on or whose update is being fetched
+                // (asynchronous runs keep older rounds in use).
+                let keep = self
+                    .opts
+                    .retention
+                    .keep_from_round(summary.round)
+                    .min(machine.oldest_round_in_use());
                 if keep > 0 {
                     let store = self.store.clone();
                     let keys = self.opts.keys.clone();

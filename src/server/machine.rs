@@ -242,6 +242,8 @@ enum Phase {
     Admitting { since: Instant },
     Uploading { round: u64 },
     Training(Box<RoundState>),
+    /// An asynchronous run ([`Strategy::buffered`]): `buffered.rs`.
+    Buffered(Box<buffered::BufferState>),
     Finished,
 }
 
@@ -382,6 +384,7 @@ impl RoundMachine {
         match &self.phase {
             Phase::Uploading { round } => Some(*round),
             Phase::Training(r) => Some(r.round),
+            Phase::Buffered(b) => Some(b.version),
             _ => None,
         }
     }
@@ -405,13 +408,27 @@ impl RoundMachine {
         match &self.phase {
             Phase::Admitting { since } => self.cfg.admission_timeout.map(|t| *since + t),
             Phase::Training(r) if !r.closed_for_updates => Some(r.deadline),
+            Phase::Buffered(b) => Some(b.next_deadline(&self.cfg)),
             _ => None,
+        }
+    }
+
+    /// The oldest round whose blobs a client may still use (its global model being trained
+    /// on, its update not yet fetched): retention must keep it.
+    pub fn oldest_round_in_use(&self) -> u64 {
+        match &self.phase {
+            Phase::Buffered(b) => b.oldest_in_use(),
+            _ => self.current_round().unwrap_or(self.completed + 1),
         }
     }
 
     /// Feeds one event; returns what to do, in order.
     pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
         let mut out = Vec::new();
+        if matches!(self.phase, Phase::Buffered(_)) {
+            self.handle_buffered(event, now, &mut out);
+            return out;
+        }
         match event {
             Event::ClientOnline {
                 client,
@@ -647,35 +664,15 @@ impl RoundMachine {
             self.maybe_close(now, out);
             return;
         }
-        let announced = self
-            .clients
-            .get(&client)
-            .and_then(|c| c.capabilities.as_ref())
-            .map(|c| c.samples);
-        let samples = match (self.cfg.weighting, announced) {
-            (Weighting::Samples, None) => {
-                let reason = format!(
-                    "it claims {num_samples} samples but announced no capabilities.samples when \
-                     it joined; a client must announce its sample count (or set \
-                     fedmq_args.weighting: uniform)"
-                );
+        let (samples, weight) = match weigh(&self.clients, self.cfg.weighting, &client, num_samples)
+        {
+            Ok(x) => x,
+            Err(reason) => {
                 warn!(%client, round, "update refused: {reason}");
                 r.failed.insert(client, FailureReason::BadUpdate(reason));
                 self.maybe_close(now, out);
                 return;
             }
-            (_, Some(max)) if num_samples > max => {
-                warn!(
-                    %client, round, claimed = num_samples, announced = max,
-                    "sample claim above what the client announced when it joined; clipped to it"
-                );
-                max
-            }
-            _ => num_samples,
-        };
-        let weight = match self.cfg.weighting {
-            Weighting::Samples => samples,
-            Weighting::Uniform => 1,
         };
         r.failed.remove(&client);
         r.fetching.insert(
@@ -705,6 +702,10 @@ impl RoundMachine {
     fn begin_round(&mut self, round: u64, now: Instant, out: &mut Vec<Action>) {
         if round > self.cfg.rounds {
             self.finish(Outcome::Completed, out);
+            return;
+        }
+        if let Some(schedule) = self.strategy.buffered() {
+            self.begin_buffered(round, schedule, now, out);
             return;
         }
         self.phase = Phase::Uploading { round };
@@ -931,6 +932,45 @@ impl RoundMachine {
     }
 }
 
+/// The samples an update counts for and its weight in the aggregate: the claim, bounded by the
+/// `capabilities.samples` the client announced when it joined.
+///
+/// # Errors
+/// With sample weighting, a client that announced no sample count.
+fn weigh(
+    clients: &BTreeMap<String, ClientEntry>,
+    weighting: Weighting,
+    client: &str,
+    num_samples: u64,
+) -> Result<(u64, u64), String> {
+    let announced = clients
+        .get(client)
+        .and_then(|c| c.capabilities.as_ref())
+        .map(|c| c.samples);
+    let samples = match (weighting, announced) {
+        (Weighting::Samples, None) => {
+            return Err(format!(
+                "it claims {num_samples} samples but announced no capabilities.samples when it \
+                 joined; a client must announce its sample count (or set fedmq_args.weighting: \
+                 uniform)"
+            ))
+        }
+        (_, Some(max)) if num_samples > max => {
+            warn!(
+                %client, claimed = num_samples, announced = max,
+                "sample claim above what the client announced when it joined; clipped to it"
+            );
+            max
+        }
+        _ => num_samples,
+    };
+    let weight = match weighting {
+        Weighting::Samples => samples,
+        Weighting::Uniform => 1,
+    };
+    Ok((samples, weight))
+}
+
 /// `client: reason` for each failure; a client that failed for a reason of its own before the
 /// round was re-sent to it, then stayed silent, is described by both.
 fn describe_failures(
@@ -950,5 +990,6 @@ fn describe_failures(
         .join(", ")
 }
 
+mod buffered;
 #[cfg(test)]
 mod tests;

@@ -15,16 +15,19 @@
 //! - `fedprox.rs`: [`FedProx`], FedAvg with a proximal term on the clients.
 //! - `scaffold.rs`: [`Scaffold`], control variates against client drift (option II).
 //! - `fednova.rs`: [`FedNova`], normalized averaging of clients with different step counts.
+//! - `fedbuff.rs`: [`FedBuff`], buffered asynchronous aggregation (no round barrier).
 //!
 //! [`from_config`] builds the strategy a config names.
 
 mod fedavg;
+pub mod fedbuff;
 mod fednova;
 mod fedopt;
 mod fedprox;
 pub mod scaffold;
 
 pub use fedavg::{FedAvg, StreamingMean};
+pub use fedbuff::{Buffered, FedBuff};
 pub use fednova::{normalizer as fednova_normalizer, FedNova};
 pub use fedopt::{FedOpt, FedOptConfig, ServerOptimizer};
 pub use fedprox::FedProx;
@@ -104,6 +107,16 @@ pub enum Error {
         /// What is missing or wrong.
         detail: String,
     },
+    /// An update trained from a model version the strategy no longer holds (or not yet).
+    #[error("update from {client} started from round {base}'s model, too old for round {current}")]
+    Stale {
+        /// The client.
+        client: String,
+        /// The round whose global model it trained from.
+        base: u64,
+        /// The round being aggregated.
+        current: u64,
+    },
     /// Restoring strategy state from a checkpoint failed.
     #[error("cannot restore {strategy} state: {detail}")]
     Restore {
@@ -133,6 +146,8 @@ pub const STRATEGIES: &[&str] = &[
     "FedAdagrad",
     "SCAFFOLD",
     "FedNova",
+    "FedBuff",
+    "Async_FedAvg",
 ];
 
 /// A config value [`from_config`] cannot use: the key and why.
@@ -231,22 +246,25 @@ pub fn from_config(
             };
             fedopt(label, opt, t.server_momentum.unwrap_or(0.0))
         }
-        _ => {
-            let later = ["async_fedavg", "fedbuff"];
-            let why = if later.contains(&name.as_str()) {
-                "is not available yet"
-            } else {
-                "is not a strategy fedmq knows"
-            };
-            Err(ConfigError {
-                key: "train_args.federated_optimizer",
-                reason: format!(
-                    "{:?} {why}; valid: {}",
-                    t.federated_optimizer,
-                    STRATEGIES.join(", ")
-                ),
-            })
-        }
+        "fedbuff" | "async_fedavg" => FedBuff::new(
+            f.buffer_size
+                .unwrap_or_else(|| (t.client_num_per_round / 2).max(1)),
+            f.max_staleness,
+            t.server_lr.unwrap_or(1.0),
+        )
+        .map(|s| Box::new(s) as Box<dyn Strategy>)
+        .map_err(|reason| ConfigError {
+            key: "fedmq_args.buffer_size",
+            reason: format!("FedBuff: {reason} (keys fedmq_args.buffer_size, max_staleness; train_args.server_lr)"),
+        }),
+        _ => Err(ConfigError {
+            key: "train_args.federated_optimizer",
+            reason: format!(
+                "{:?} is not a strategy fedmq knows; valid: {}",
+                t.federated_optimizer,
+                STRATEGIES.join(", ")
+            ),
+        }),
     }
 }
 
@@ -287,6 +305,13 @@ pub trait Strategy: Send {
     /// strategies.
     fn round_tensors(&mut self, round: u64, global: &ParamSet) -> Option<Arc<ParamSet>> {
         let _ = (round, global);
+        None
+    }
+
+    /// `Some` for an asynchronous strategy: the round machine then runs no round barrier, and a
+    /// "round" is one server step every `buffer` updates ([`FedBuff`]). `None` (the default):
+    /// synchronous rounds.
+    fn buffered(&self) -> Option<Buffered> {
         None
     }
 
@@ -407,6 +432,27 @@ pub trait RoundAggregate: Send {
         num_samples: u64,
         report: &Report,
     ) -> Result<()>;
+
+    /// Folds in an update trained from the global model of an earlier round `base`
+    /// (asynchronous strategies, [`Strategy::buffered`]). The default refuses it.
+    ///
+    /// # Errors
+    /// As [`RoundAggregate::add`], and [`Error::Stale`].
+    fn add_stale(
+        &mut self,
+        base: u64,
+        client: &str,
+        update: &ParamsView<'_>,
+        num_samples: u64,
+        report: &Report,
+    ) -> Result<()> {
+        let _ = (update, num_samples, report);
+        Err(Error::Stale {
+            client: client.to_string(),
+            base,
+            current: base + 1,
+        })
+    }
 
     /// Number of updates folded in so far.
     fn count(&self) -> usize;
