@@ -131,6 +131,11 @@ pub struct RoundBenchConfig {
     /// normalize by steps (FedNova, SCAFFOLD) then move the model by amounts
     /// [`server_shift`] computes.
     pub client_steps: Vec<u64>,
+    /// How long each no-op client "trains", by rank (cycled; empty: no delay): slow clients.
+    pub client_delays: Vec<Duration>,
+    /// The strategy's own hyper-parameters (FedBuff's buffer and staleness bound, the
+    /// server optimizers' β and τ, ...).
+    pub strategy_args: crate::config::FedmqArgs,
 }
 
 impl Default for RoundBenchConfig {
@@ -148,6 +153,8 @@ impl Default for RoundBenchConfig {
             clients_per_process: 1,
             strategy: "FedAvg".into(),
             client_steps: Vec::new(),
+            client_delays: Vec::new(),
+            strategy_args: crate::config::FedmqArgs::default(),
         }
     }
 }
@@ -159,6 +166,20 @@ impl RoundBenchConfig {
             1
         } else {
             self.client_steps[(rank - 1) % self.client_steps.len()]
+        }
+    }
+
+    /// The no-op trainer of client `rank` (1-based).
+    pub fn trainer_of(&self, rank: usize) -> NoopTrainer {
+        NoopTrainer {
+            num_samples: CLIENT_SAMPLES,
+            delta: self.delta,
+            steps: self.steps_of(rank),
+            delay: if self.client_delays.is_empty() {
+                Duration::ZERO
+            } else {
+                self.client_delays[(rank - 1) % self.client_delays.len()]
+            },
         }
     }
 }
@@ -230,6 +251,10 @@ pub struct RoundBenchReport {
     /// The strategy's metrics of the last round (`control_norm`, `tau_eff`, ...).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub strategy_metrics: std::collections::BTreeMap<String, f64>,
+    /// The largest value of each strategy metric over the run (FedBuff's `max_staleness`: the
+    /// most versions an applied update lagged).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub strategy_metrics_max: std::collections::BTreeMap<String, f64>,
     /// Clients that reported every round.
     pub clients_ok: usize,
     /// `completed`, or `aborted: <reason>`.
@@ -625,19 +650,25 @@ impl BenchEnv {
     }
 }
 
-/// The strategy `name` (as `train_args.federated_optimizer`) with default hyper-parameters.
+/// The strategy `name` (as `train_args.federated_optimizer`) for `clients` clients a round,
+/// with the hyper-parameters of `args` (`fedmq_args`; FedML's `train_args` keys at their
+/// defaults).
 ///
 /// # Errors
 /// An unknown name, listing the valid ones.
-pub fn strategy_named(name: &str) -> Result<Box<dyn crate::strategy::Strategy>> {
+pub fn strategy_named(
+    name: &str,
+    clients: usize,
+    args: &crate::config::FedmqArgs,
+) -> Result<Box<dyn crate::strategy::Strategy>> {
     let t = crate::config::TrainArgs {
         federated_optimizer: name.to_string(),
+        client_num_per_round: clients,
         // The benchmark's train commands ask for SGD (`bench_server_options`).
         client_optimizer: "sgd".into(),
         ..Default::default()
     };
-    crate::strategy::from_config(&t, &crate::config::FedmqArgs::default())
-        .map_err(|e| anyhow::anyhow!("--strategy: {}", e.reason))
+    crate::strategy::from_config(&t, args).map_err(|e| anyhow::anyhow!("--strategy: {}", e.reason))
 }
 
 /// A fresh run id (`bench-<hex>`).
@@ -829,7 +860,7 @@ pub async fn run_bench_server(
         };
         marks.push((Instant::now(), mark));
     };
-    let strategy = strategy_named(&cfg.strategy)?;
+    let strategy = strategy_named(&cfg.strategy, cfg.clients, &cfg.strategy_args)?;
     let report = server::run_server(
         opts,
         env.session(server::SERVER_ID),
@@ -878,15 +909,14 @@ pub async fn run_bench_server(
     })
 }
 
-/// Runs benchmark client `rank` (1-based) with [`NoopTrainer`] until the server finishes.
+/// Runs benchmark client `rank` (1-based) with `trainer` until the server finishes.
 ///
 /// # Errors
 /// Bad store options, the broker not reached at start.
 pub async fn run_bench_client(
     rank: usize,
     env: &BenchEnv,
-    delta: f32,
-    steps: u64,
+    trainer: NoopTrainer,
     cancel: CancellationToken,
 ) -> Result<ClientReport> {
     let id = client::client_id(rank);
@@ -902,12 +932,14 @@ pub async fn run_bench_client(
         keyring: sec.keyring,
         crypto: sec.crypto,
     };
-    let trainer = std::sync::Arc::new(NoopTrainer {
-        num_samples: CLIENT_SAMPLES,
-        delta,
-        steps,
-    });
-    Ok(client::run_client(opts, env.session(&id), store, trainer, cancel).await?)
+    Ok(client::run_client(
+        opts,
+        env.session(&id),
+        store,
+        std::sync::Arc::new(trainer),
+        cancel,
+    )
+    .await?)
 }
 
 impl RoundBenchReport {
@@ -966,6 +998,16 @@ impl RoundBenchReport {
                 .last()
                 .map(|r| r.strategy.clone().into_iter().collect())
                 .unwrap_or_default(),
+            strategy_metrics_max: server.report.records.iter().fold(
+                std::collections::BTreeMap::new(),
+                |mut max, r| {
+                    for (k, &v) in &r.strategy {
+                        let m = max.entry(k.clone()).or_insert(v);
+                        *m = f64::max(*m, v);
+                    }
+                    max
+                },
+            ),
             clients_ok,
             outcome,
             wall_s: round6(wall_s),
@@ -1238,8 +1280,8 @@ pub async fn bench_round_in_process(cfg: &RoundBenchConfig) -> Result<RoundBench
         .map(|rank| {
             let env = env.clone();
             let cancel = client_cancel.clone();
-            let (delta, steps) = (cfg.delta, cfg.steps_of(rank));
-            tokio::spawn(async move { run_bench_client(rank, &env, delta, steps, cancel).await })
+            let trainer = cfg.trainer_of(rank);
+            tokio::spawn(async move { run_bench_client(rank, &env, trainer, cancel).await })
         })
         .collect();
 

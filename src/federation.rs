@@ -16,6 +16,7 @@ use crate::server::{
 };
 use crate::store::access::StoreCredential;
 use crate::store::{BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions};
+use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
 use crate::train::{self, Model, ModelKind};
 use crate::transport::{BrokerOptions, EmbeddedBroker, SessionOptions};
@@ -453,10 +454,20 @@ pub async fn run_server_from_config(
     let store = BlobStore::connect(&store_options(cfg, server::SERVER_ID)?)?;
     let mqtt = session_options(cfg, server::SERVER_ID, None);
     let sec = Security::from_config(cfg, server::SERVER_ID)?;
+    let strategy = strategy_from_config(cfg)?;
     serve(
-        cfg, &split, store, mqtt, sec, output_dir, resume, progress, cancel,
+        cfg, &split, store, mqtt, sec, strategy, output_dir, resume, progress, cancel,
     )
     .await
+}
+
+/// The strategy `train_args.federated_optimizer` names.
+///
+/// # Errors
+/// An unknown strategy or a bad hyper-parameter, naming the key.
+pub fn strategy_from_config(cfg: &Config) -> Result<Box<dyn Strategy>> {
+    crate::strategy::from_config(&cfg.train_args, &cfg.fedmq_args)
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.reason))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -466,6 +477,7 @@ async fn serve(
     store: BlobStore,
     mqtt: SessionOptions,
     sec: Security,
+    strategy: Box<dyn Strategy>,
     output_dir: Option<PathBuf>,
     resume: bool,
     progress: impl FnMut(&Progress) + Send,
@@ -499,8 +511,6 @@ async fn serve(
     let (device, _) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
     let evaluator: Arc<dyn Evaluator> =
         Arc::new(ModelEvaluator::new(kind, split.test.clone(), device));
-    let strategy = crate::strategy::from_config(&cfg.train_args, &cfg.fedmq_args)
-        .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.reason))?;
     Ok(server::run_server(
         opts,
         mqtt,
@@ -563,10 +573,28 @@ pub struct LocalReport {
 /// share of the cores.
 ///
 /// # Errors
-/// Start-up problems (data, broker, store). Round-level problems end in the report's outcome.
+/// Start-up problems (data, broker, store, the strategy's settings). Round-level problems end
+/// in the report's outcome.
 pub async fn run_local(
     cfg: &Config,
     opts: &LocalOptions,
+    progress: impl FnMut(&Progress) + Send,
+    cancel: CancellationToken,
+) -> Result<LocalReport> {
+    let strategy = strategy_from_config(cfg)?;
+    run_local_with(cfg, opts, strategy, progress, cancel).await
+}
+
+/// [`run_local`] with a strategy of the caller's instead of the one the config names: how a
+/// strategy written outside fedmq runs (`examples/custom_strategy.rs`). The clients follow
+/// whatever instructions it sends (`Strategy::instruction`).
+///
+/// # Errors
+/// As [`run_local`].
+pub async fn run_local_with(
+    cfg: &Config,
+    opts: &LocalOptions,
+    strategy: Box<dyn Strategy>,
     progress: impl FnMut(&Progress) + Send,
     cancel: CancellationToken,
 ) -> Result<LocalReport> {
@@ -707,6 +735,7 @@ pub async fn run_local(
         store,
         mqtt,
         server_sec,
+        strategy,
         Some(opts.output_dir.clone()),
         false,
         progress,

@@ -2,7 +2,8 @@
 //! separate processes — a broker (`fedmq broker` or Debian's Mosquitto), `fedmq store`,
 //! `fedmq server` and 10 `fedmq client`s training `lr` on MNIST — and breaks one of them with
 //! SIGKILL (SIGSTOP / SIGCONT to hold it still): clients killed mid-round, the server killed and
-//! resumed, the broker killed and restarted, the store down for 30 s, two runs sharing one
+//! resumed (also under FedAdam, whose optimizer state must come back from the checkpoint), the
+//! broker killed and restarted, the store down for 30 s, two runs sharing one
 //! broker, and an update corrupted in the store. Each scenario runs against both brokers.
 //!
 //! An `lr` round lasts a fraction of a second, so to land a fault *inside* a round the test
@@ -285,6 +286,8 @@ struct Fed {
     stopped: BTreeSet<usize>,
     /// More logs for the diagnostics (name, path): the broker's.
     extra_logs: Vec<(String, PathBuf)>,
+    /// `train_args.federated_optimizer` of every config written.
+    optimizer: String,
 }
 
 /// A small, fast federation: `lr` on homo MNIST, every client every round.
@@ -353,6 +356,7 @@ impl Fed {
             killed: BTreeSet::new(),
             stopped: BTreeSet::new(),
             extra_logs: Vec::new(),
+            optimizer: "FedAvg".into(),
         };
         fed.start_store();
         fed
@@ -370,15 +374,30 @@ impl Fed {
 
     /// A config like the store's naming 127.0.0.1:`port` as S3 endpoint, written as `file`.
     fn config_through(&self, port: u16, file: &str) -> PathBuf {
-        let cfg = config(
+        let mut cfg = config(
             &self.run,
             self.clients,
             self.broker_port,
             &format!("http://127.0.0.1:{port}"),
         );
+        cfg.train_args.federated_optimizer = self.optimizer.clone();
         let p = self.cfg_path.with_file_name(file);
         std::fs::write(&p, serde_yaml_ng::to_string(&cfg).unwrap()).unwrap();
         p
+    }
+
+    /// Every participant started from now on runs the strategy `name`.
+    fn use_optimizer(&mut self, name: &str) {
+        self.optimizer = name.into();
+        let file = self
+            .cfg_path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        self.cfg_path = self.config_through(self.store_port, &file);
+        self.server_cfg_path = self.cfg_path.clone();
+        self.client_cfg_path = self.cfg_path.clone();
     }
 
     /// The server (not the clients) reaches the store through the proxy on `port`.
@@ -1004,9 +1023,11 @@ fn start_gated(
     kind: BrokerKind,
     dir: &Path,
     name: &str,
+    optimizer: &str,
     hold: impl Fn(&str, &str) -> bool + Send + Sync + 'static,
 ) -> Option<(Broker, Fed, S3Proxy, Arc<Gate>)> {
     let (broker, mut fed) = start(kind, dir, name, 10)?;
+    fed.use_optimizer(optimizer);
     let gate = Arc::new(Gate::default());
     let g = gate.clone();
     let proxy = S3Proxy::start(
@@ -1040,13 +1061,16 @@ impl Fed {
 // ---------------------------------------------------------------------------------------------
 // 2. The server SIGKILLed in round 2 and restarted with --resume.
 
-fn server_resumed(kind: BrokerKind) {
+/// With a stateful `optimizer` (FedAdam), the resumed server must go on from the checkpointed
+/// optimizer state: its step count (`server_steps` in metrics.jsonl) continues, not restarts.
+fn server_resumed(kind: BrokerKind, optimizer: &str) {
     let _serial = serial();
-    let dir = test_dir("resume");
-    let keys = BlobKeys::new(KEY_PREFIX, &format!("resume-{}", tag(kind)));
+    let name = format!("resume{}", optimizer.to_ascii_lowercase());
+    let dir = test_dir(&name);
+    let keys = BlobKeys::new(KEY_PREFIX, &format!("{name}-{}", tag(kind)));
     let want = keys.global(2);
     let Some((_broker, mut fed, _proxy, gate)) =
-        start_gated(kind, dir.path(), "resume", move |m, k| {
+        start_gated(kind, dir.path(), &name, optimizer, move |m, k| {
             m == "GET" && k == want
         })
     else {
@@ -1099,6 +1123,16 @@ fn server_resumed(kind: BrokerKind) {
     );
     for r in &records {
         fed.check_round(r, &none_failed());
+        if optimizer != "FedAvg" {
+            fed.check(
+                r.strategy.get("server_steps") == Some(&(r.round as f64)),
+                format_args!(
+                    "round {}: {optimizer} at server step {} after the resume; its state was not \
+                     restored ({:?})",
+                    r.round, r.round, r.strategy
+                ),
+            );
+        }
     }
     fed.check(
         recovery < 30.0,
@@ -1108,12 +1142,17 @@ fn server_resumed(kind: BrokerKind) {
 
 #[test]
 fn a_server_killed_mid_round_resumes_and_loses_no_round_embedded_broker() {
-    server_resumed(BrokerKind::Embedded);
+    server_resumed(BrokerKind::Embedded, "FedAvg");
 }
 
 #[test]
 fn a_server_killed_mid_round_resumes_and_loses_no_round_mosquitto() {
-    server_resumed(BrokerKind::Mosquitto);
+    server_resumed(BrokerKind::Mosquitto, "FedAvg");
+}
+
+#[test]
+fn a_fedadam_server_killed_mid_round_resumes_with_its_optimizer_state() {
+    server_resumed(BrokerKind::Embedded, "FedAdam");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1125,7 +1164,7 @@ fn broker_restarted(kind: BrokerKind) {
     let keys = BlobKeys::new(KEY_PREFIX, &format!("broker-{}", tag(kind)));
     let want = keys.global(2);
     let Some((mut broker, mut fed, _proxy, gate)) =
-        start_gated(kind, dir.path(), "broker", move |m, k| {
+        start_gated(kind, dir.path(), "broker", "FedAvg", move |m, k| {
             m == "GET" && k == want
         })
     else {
@@ -1188,7 +1227,7 @@ fn store_outage(kind: BrokerKind) {
     let keys = BlobKeys::new(KEY_PREFIX, &format!("store-{}", tag(kind)));
     let updates = format!("{}updates/", keys.round_prefix(2));
     let Some((_broker, mut fed, _proxy, gate)) =
-        start_gated(kind, dir.path(), "store", move |m, k| {
+        start_gated(kind, dir.path(), "store", "FedAvg", move |m, k| {
             m == "PUT" && k.starts_with(&updates)
         })
     else {

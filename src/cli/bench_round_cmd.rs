@@ -11,8 +11,9 @@ use anyhow::{bail, Context, Result};
 use fedmq::bench_round::{
     self, kib_to_mib, proc_cpu_s, proc_status_kib, random_run_id, random_secret, round2,
     run_bench_client, run_bench_server, BenchEnv, BrokerKind, CpuSeconds, Mode, MosquittoBroker,
-    RoundBenchConfig, RoundBenchReport, ScratchDir, ACCESS_KEY,
+    RoundBenchConfig, RoundBenchReport, ScratchDir, ACCESS_KEY, CLIENT_SAMPLES,
 };
+use fedmq::client::NoopTrainer;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::process::Stdio;
@@ -181,11 +182,15 @@ pub fn run(a: RoundArgs) -> Result<()> {
             secure,
             clients_per_process: a.clients_per_process,
             strategy,
-            client_steps: Vec::new(),
+            ..RoundBenchConfig::default()
         })
         .collect();
     for s in &a.strategy {
-        fedmq::bench_round::strategy_named(s)?;
+        fedmq::bench_round::strategy_named(
+            s,
+            a.clients.first().copied().unwrap_or(10),
+            &Default::default(),
+        )?;
     }
     if let [cfg] = configs.as_slice() {
         let report = run_one(cfg, a.processes)?;
@@ -585,7 +590,15 @@ pub fn run_client(a: ClientArgs) -> Result<()> {
     let reports = rt.block_on(async {
         let runs = ranks.map(|r| {
             let (env, cancel) = (&env, cancel.clone());
-            async move { run_bench_client(r, env, a.delta, 1, cancel).await }
+            async move {
+                let trainer = NoopTrainer {
+                    num_samples: CLIENT_SAMPLES,
+                    delta: a.delta,
+                    steps: 1,
+                    delay: Duration::ZERO,
+                };
+                run_bench_client(r, env, trainer, cancel).await
+            }
         });
         futures::future::join_all(runs).await
     });

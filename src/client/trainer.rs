@@ -7,9 +7,9 @@ use crate::proto::{TrainConfig, TrainMetrics};
 use crate::tensor::ParamSet;
 use crate::train::{self, Engine, Model, ModelKind, OptimizerKind, TrainOptions, TrainOutcome};
 use candle_core::Device;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Local training, run in a blocking thread.
 pub trait LocalTrainer: Send + Sync + 'static {
@@ -150,8 +150,10 @@ impl LocalTrainer for DataTrainer {
 }
 
 /// No training: the update is the received model plus `delta` in every parameter, reported
-/// as `steps` local steps. Used by `fedmq bench round` to measure everything but training, and
-/// by tests of strategies whose server step depends on the clients' step counts.
+/// as `steps` local steps after `delay`. Used by `fedmq bench round` to measure everything but
+/// training, and by tests of strategies whose server step depends on the clients' step counts
+/// or speed.
+#[derive(Debug, Clone)]
 pub struct NoopTrainer {
     /// FedAvg weight reported.
     pub num_samples: u64,
@@ -159,6 +161,8 @@ pub struct NoopTrainer {
     pub delta: f32,
     /// Local steps reported (at least 1).
     pub steps: u64,
+    /// How long "training" takes (a slow device); an interrupt ends the wait.
+    pub delay: Duration,
 }
 
 impl LocalTrainer for NoopTrainer {
@@ -171,9 +175,15 @@ impl LocalTrainer for NoopTrainer {
         mut global: ParamSet,
         _config: &TrainConfig,
         _hooks: &LocalHooks,
-        _interrupt: &AtomicBool,
+        interrupt: &AtomicBool,
     ) -> Result<Trained, String> {
         let t = Instant::now();
+        while t.elapsed() < self.delay {
+            if interrupt.load(Ordering::Relaxed) {
+                return Err("interrupted".into());
+            }
+            std::thread::sleep((self.delay - t.elapsed()).min(Duration::from_millis(10)));
+        }
         for tensor in global.tensors_mut() {
             for x in tensor.data_mut() {
                 *x += self.delta;

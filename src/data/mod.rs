@@ -2,8 +2,8 @@
 //!
 //! A data set is anything implementing [`Dataset`]: a label per sample (what partitioners need) and a
 //! way to gather normalized features for a batch of sample indices (what the trainer needs). Image
-//! sets (MNIST, Fashion-MNIST, CIFAR-10) are [`ImageDataset`]s; text (Shakespeare) and ratings
-//! (MovieLens) sets implement the same trait with their own storage.
+//! sets (MNIST, Fashion-MNIST, CIFAR-10) are [`ImageDataset`]s, the only kind today; a set of
+//! another kind (text, ratings) implements the same trait with its own storage.
 //!
 //! # Layout
 //! - `error.rs`: [`Error`], the one error type of this module, and [`Result`].

@@ -239,8 +239,12 @@ pub struct RoundSummary {
 
 /// Phase of the run.
 enum Phase {
-    Admitting { since: Instant },
-    Uploading { round: u64 },
+    Admitting {
+        since: Instant,
+    },
+    Uploading {
+        round: u64,
+    },
     Training(Box<RoundState>),
     /// An asynchronous run ([`Strategy::buffered`]): `buffered.rs`.
     Buffered(Box<buffered::BufferState>),

@@ -167,7 +167,12 @@ impl BufferAggregate {
         }
         let staleness = self.version - base;
         let scale = (weight as f64 * staleness_weight(staleness)) as f32;
-        for ((s, x), y) in self.sum.tensors_mut().zip(x.tensors()).zip(update.tensors()) {
+        for ((s, x), y) in self
+            .sum
+            .tensors_mut()
+            .zip(x.tensors())
+            .zip(update.tensors())
+        {
             let x = x.data();
             let mut i = 0;
             y.zip_apply(s.data_mut(), |s, y| {
@@ -221,10 +226,7 @@ impl RoundAggregate for BufferAggregate {
             return BTreeMap::new();
         }
         BTreeMap::from([
-            (
-                "max_staleness".to_string(),
-                self.max_staleness_seen as f64,
-            ),
+            ("max_staleness".to_string(), self.max_staleness_seen as f64),
             (
                 "mean_staleness".to_string(),
                 self.staleness_sum as f64 / self.count as f64,

@@ -295,6 +295,7 @@ impl Strategy for FedOpt {
             metrics: BTreeMap::from([
                 ("pseudo_gradient_norm".to_string(), delta),
                 ("server_step_norm".to_string(), step),
+                ("server_steps".to_string(), self.steps as f64),
             ]),
         }
     }

@@ -9,7 +9,7 @@
 //!   the three architectures, calling the `gemm` crate directly, splitting each mini-batch over
 //!   the rayon pool and updating parameters in place. It exists because candle's CPU path
 //!   spends most of a small step in per-op overhead and does not use the second core well
-//!   (measurements in `docs/BENCH-train-notes.md`);
+//!   (measurements in `docs/BENCHMARKS.md`, "Training throughput");
 //! - on other devices (CUDA), candle's autograd with the [`optim`] optimizers written in candle
 //!   tensor ops. [`Engine::Candle`] forces this path on the CPU too (tests compare both).
 //!

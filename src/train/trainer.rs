@@ -93,7 +93,7 @@ impl TrainOptions {
     /// | `cnn` | 0.01 | 32 |
     ///
     /// One epoch of MNIST with these reached 91.6 % (`lr`), 96.7 % (`mlp`) and 98.6 % (`cnn`)
-    /// test accuracy (two seeds each, `docs/BENCH-train-notes.md`).
+    /// test accuracy (two seeds each; the current figures are in `docs/BENCHMARKS.md`, "Central training on MNIST").
     pub fn recommended(kind: ModelKind) -> Self {
         let base = Self::default();
         match kind {

@@ -334,7 +334,7 @@ pub struct SessionOptions {
     pub close_timeout: Duration,
     /// Disable Nagle's algorithm on the socket (default `true`). Control messages are small and
     /// latency-bound: with Nagle on, a QoS 1 exchange can stall on the peer's delayed ACK
-    /// (tens of milliseconds per hop; see `docs/BENCH-mqtt-notes.md`).
+    /// (tens of milliseconds per hop; see `docs/BENCHMARKS.md`, "Control-message round trip").
     pub tcp_nodelay: bool,
 }
 

@@ -6,9 +6,11 @@
 //! clients at work at once. An update is accepted when it answers the client's outstanding
 //! command (same round), under its own key, at most `max_staleness` versions behind; it is folded
 //! at once (an update of an older version with [`RoundAggregate::add_stale`]) and the client is
-//! idle again: it gets the newest model straight away. Every `buffer` updates the round closes
-//! (`RoundClosed`, the strategy's step) and the next version is stored; clients still training
-//! on older versions go on, and their updates count, weighted down by the strategy.
+//! idle again: it gets the newest model as soon as there is one it has not trained (an update key
+//! names one round and one client, so a client trains each version at most once). Every `buffer`
+//! updates the round closes (`RoundClosed`, the strategy's step) and the next version is stored;
+//! clients still training on older versions go on, and their updates count, weighted down by the
+//! strategy.
 //!
 //! A client whose command timed out, that failed or whose update was refused waits for the next
 //! version (no hot loop on a client that always fails). The run aborts when no update at all was
@@ -37,11 +39,12 @@ pub(super) struct BufferState {
     /// Updates being fetched: client → (version, what it claimed).
     fetching: BTreeMap<String, (u64, Pending)>,
     aggregate: Box<dyn RoundAggregate>,
-    /// Updates folded into this round's buffer: (client, samples, loss); a fast client can
-    /// appear twice.
+    /// Updates folded into this round's buffer: (client, samples, loss); a client can appear
+    /// twice (a stale update and one of the current version).
     reported: Vec<(String, u64, f64)>,
     failed: BTreeMap<String, FailureReason>,
-    /// Clients not to be sent the current version again (timed out, failed, refused).
+    /// Clients not to be sent the current version (again): those sent it already, and those
+    /// that timed out, failed or were refused on an older one. They wait for the next version.
     cooldown: BTreeSet<String>,
     started: Instant,
     commands: usize,
@@ -271,6 +274,7 @@ impl RoundMachine {
         let b = self.buffer_mut();
         for p in plans {
             b.outstanding.insert(p.client.clone(), (version, deadline));
+            b.cooldown.insert(p.client.clone());
             b.failed.remove(&p.client);
             b.commands += 1;
             out.push(Action::SendTrain {
@@ -359,8 +363,7 @@ impl RoundMachine {
             });
         match added {
             Ok(()) => {
-                b.reported
-                    .push((client, p.samples, p.metrics.train_loss));
+                b.reported.push((client, p.samples, p.metrics.train_loss));
                 b.last_progress = now;
             }
             Err(e) => {

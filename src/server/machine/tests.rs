@@ -609,3 +609,139 @@ fn a_second_update_of_a_client_is_logged_at_warn_once_per_round() {
         "{logs}"
     );
 }
+
+// Asynchronous runs (FedBuff): no round barrier.
+
+fn buffered(rounds: u64, per_round: usize, buffer: usize, max_staleness: u64) -> Harness {
+    let now = Instant::now();
+    let strategy = crate::strategy::FedBuff::new(buffer, max_staleness, 1.0).unwrap();
+    Harness {
+        m: RoundMachine::new(cfg(rounds, per_round), Box::new(strategy), params(0.0), now),
+        now,
+    }
+}
+
+fn strategy_metric(s: &RoundSummary, name: &str) -> f64 {
+    s.strategy_metrics[name]
+}
+
+#[test]
+fn a_buffered_run_steps_every_k_updates_while_a_slow_client_trains_on() {
+    let mut h = buffered(3, 3, 2, 10);
+    assert_eq!(
+        h.online(&["a", "b", "c"]),
+        vec![Action::UploadGlobal { round: 1 }]
+    );
+    assert_eq!(h.upload(1), vec!["a", "b", "c"]);
+    assert!(closed(&h.report("a", 1, 1.0, 10)).is_none());
+    // a waits: it trained version 1 and there is no newer one.
+    let acts = h.report("b", 1, 1.0, 10);
+    let s = closed(&acts).expect("two updates close version 1; c is not waited for");
+    assert_eq!(s.participants, vec!["a", "b"]);
+    assert!(s.failures.is_empty());
+    assert_eq!(strategy_metric(s, "max_staleness"), 0.0);
+    assert!(acts.contains(&Action::UploadGlobal { round: 2 }));
+    assert_eq!(h.m.global().get("w").unwrap().data(), &[1.0, 2.0]);
+    assert_eq!(h.m.oldest_round_in_use(), 1, "c still trains version 1");
+
+    // Version 2 goes to the idle clients only; c still trains version 1.
+    assert_eq!(h.upload(2), vec!["a", "b"]);
+    // c's update of version 1 counts, one version stale, and c gets version 2 at once.
+    let acts = h.report("c", 1, 3.0, 10);
+    assert!(closed(&acts).is_none());
+    assert_eq!(trains(&acts), vec!["c"]);
+    let acts = h.report("a", 2, 2.0, 10);
+    let s = closed(&acts).expect("version 2 closes");
+    assert_eq!(s.participants, vec!["a", "c"]);
+    assert_eq!(strategy_metric(s, "max_staleness"), 1.0);
+    assert_eq!(strategy_metric(s, "mean_staleness"), 0.5);
+    // x₃ = x₂ + (Δ_c/√2 + Δ_a)/2, Δ_c = [3, 6] − x₁ = [3, 6], Δ_a = [2, 4] − x₂ = [1, 2].
+    let r = std::f32::consts::FRAC_1_SQRT_2;
+    let want = [1.0 + (3.0 * r + 1.0) / 2.0, 2.0 + (6.0 * r + 2.0) / 2.0];
+    let got = h.m.global().get("w").unwrap().data().to_vec();
+    assert!(
+        got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6),
+        "{got:?} vs {want:?}"
+    );
+
+    h.upload(3);
+    h.report("b", 2, 2.0, 10);
+    let acts = h.report("a", 3, 2.0, 10);
+    assert!(closed(&acts).is_some());
+    assert_eq!(acts.last(), Some(&Action::Finish(Outcome::Completed)));
+}
+
+#[test]
+fn a_buffered_run_sends_each_version_to_a_client_once() {
+    let mut h = buffered(1, 2, 3, 10);
+    h.online(&["a", "b"]);
+    assert_eq!(h.upload(1), vec!["a", "b"]);
+    let acts = h.report("a", 1, 1.0, 10);
+    assert!(trains(&acts).is_empty(), "a already trained version 1");
+    // A second notice of the same update answers no command: ignored, not counted twice.
+    assert!(notice(&mut h, "a", 1, "p/run/r000001/updates/a", 10).is_empty());
+    assert!(
+        closed(&h.report("b", 1, 1.0, 10)).is_none(),
+        "2 of 3 buffered"
+    );
+}
+
+#[test]
+fn a_buffered_run_refuses_updates_beyond_the_staleness_bound() {
+    let mut h = buffered(3, 3, 2, 0);
+    h.online(&["a", "b", "c"]);
+    h.upload(1);
+    h.report("a", 1, 1.0, 10);
+    h.report("b", 1, 1.0, 10);
+    h.upload(2);
+    let acts = h.report("c", 1, 1.0, 10);
+    assert!(!acts.iter().any(|a| matches!(a, Action::FetchUpdate { .. })));
+    h.report("a", 2, 1.0, 10);
+    let acts = h.report("b", 2, 1.0, 10);
+    let s = closed(&acts).expect("version 2 closes");
+    match failure_of(s, "c") {
+        Some(FailureReason::BadUpdate(why)) => {
+            assert!(
+                why.contains("1 versions behind") && why.contains("max_staleness"),
+                "{why}"
+            )
+        }
+        other => panic!("c: {other:?}"),
+    }
+}
+
+#[test]
+fn a_buffered_run_times_out_silent_clients_and_aborts_when_nothing_arrives() {
+    let mut h = buffered(2, 2, 1, 10);
+    h.online(&["a", "b"]);
+    h.upload(1);
+    // round_timeout 10 s: both commands expire; the clients wait for a next version.
+    assert!(h.advance(11 * SEC).is_empty());
+    assert_eq!(h.m.next_deadline(), Some(h.now + 9 * SEC));
+    // round_timeout × (max_retries + 1) = 20 s without one update: abort with the causes.
+    let acts = h.advance(10 * SEC);
+    match acts.last() {
+        Some(Action::Finish(Outcome::Aborted(why))) => {
+            assert!(
+                why.contains("no update arrived") && why.contains("a: "),
+                "{why}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_buffered_update_under_another_key_is_refused() {
+    let mut h = buffered(1, 2, 1, 10);
+    h.online(&["a", "b"]);
+    h.upload(1);
+    let acts = notice(&mut h, "a", 1, "p/run/r000001/updates/b", 10);
+    assert!(!acts.iter().any(|a| matches!(a, Action::FetchUpdate { .. })));
+    let acts = h.report("b", 1, 1.0, 10);
+    let s = closed(&acts).unwrap();
+    assert!(matches!(
+        failure_of(s, "a"),
+        Some(FailureReason::BadUpdate(_))
+    ));
+}

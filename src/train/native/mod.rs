@@ -4,7 +4,7 @@
 //! # Why
 //! candle's CPU path costs a heap allocation, a graph node and (for element-wise ops) a thread
 //! barrier per op, which dominates a 32-sample step of a small model, and its matmul does not
-//! get much from a second thread on small matrices (see `docs/BENCH-train-notes.md`). This
+//! get much from a second thread on small matrices (see `docs/BENCHMARKS.md`, "Why candle's CPU path is slow here"). This
 //! engine computes the same function (tests compare its loss and gradients with candle's
 //! autograd) with two parallel phases per step and no allocation after the first step.
 //!
@@ -20,7 +20,7 @@
 //!
 //! Convolutions are im2col + gemm per sample; activations after the first convolution are
 //! channels-last, and some parameters are stored in an engine layout converted at the boundary
-//! (see `conv`). Measurements: `docs/BENCH-train-notes.md`.
+//! (see `conv`). Measurements: `docs/BENCHMARKS.md`, "Training throughput".
 
 mod conv;
 mod gemm;
