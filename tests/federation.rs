@@ -10,7 +10,7 @@ mod common;
 use common::{free_port, mosquitto_bin};
 
 use fedmq::client::{
-    self, ClientOptions, ClientReport, DataTrainer, LocalHooks, LocalTrainer, Trained,
+    self, ClientOptions, ClientReport, DataTrainer, LocalHooks, LocalTrainer, TrainError, Trained,
 };
 use fedmq::config::Config;
 use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
@@ -380,14 +380,14 @@ impl LocalTrainer for Stalling {
         config: &TrainConfig,
         hooks: &LocalHooks,
         interrupt: &AtomicBool,
-    ) -> Result<Trained, String> {
+    ) -> Result<Trained, TrainError> {
         // The per-round seed is `random_seed * 1_000_003 + round`; with random_seed 0 it is the
         // round.
         if config.seed >= self.stall_from {
             while !interrupt.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            return Err("interrupted".into());
+            return Err(TrainError::Interrupted);
         }
         self.inner.train(global, config, hooks, interrupt)
     }
@@ -487,7 +487,7 @@ impl LocalTrainer for Slow {
         _config: &TrainConfig,
         _hooks: &LocalHooks,
         _interrupt: &AtomicBool,
-    ) -> Result<Trained, String> {
+    ) -> Result<Trained, TrainError> {
         std::thread::sleep(self.0);
         Ok(Trained {
             params: global,

@@ -17,6 +17,7 @@
 //! client process; it starts at zero, as in the paper, and a client that restarts starts again
 //! from zero (the server's `c` then over-counts that client's old `cᵢ` until it is refreshed).
 
+use super::error::HookError;
 use super::trainer::Trained;
 use crate::proto::{StrategyInstruction, TrainConfig, STRATEGY_INSTRUCTION_VERSION};
 use crate::strategy::scaffold::{CONTROL, DELTA_CONTROL};
@@ -48,45 +49,43 @@ impl LocalHooks {
     /// failed instead of training differently than the strategy assumes.
     ///
     /// # Errors
-    /// A message naming the strategy and what is not understood.
-    pub fn from_instruction(i: Option<&StrategyInstruction>) -> Result<Self, String> {
+    /// [`HookError`] naming the strategy and what is not understood.
+    pub fn from_instruction(i: Option<&StrategyInstruction>) -> Result<Self, HookError> {
         let mut hooks = Self::default();
         let Some(i) = i else {
             return Ok(hooks);
         };
         if i.version != STRATEGY_INSTRUCTION_VERSION {
-            return Err(format!(
-                "strategy {} sent instruction version {}; this client reads version {}",
-                i.name, i.version, STRATEGY_INSTRUCTION_VERSION
-            ));
+            return Err(HookError::Version {
+                strategy: i.name.clone(),
+                version: i.version,
+            });
         }
-        let switch = |name: &str, value: f64| -> Result<bool, String> {
+        let bad = |name: &str, value: f64, expected: &'static str| HookError::Value {
+            strategy: i.name.clone(),
+            name: name.to_string(),
+            value,
+            expected,
+        };
+        let switch = |name: &str, value: f64| -> Result<bool, HookError> {
             match value {
                 1.0 => Ok(true),
                 0.0 => Ok(false),
-                v => Err(format!(
-                    "strategy {}: {name} {v} is neither 0 nor 1",
-                    i.name
-                )),
+                v => Err(bad(name, v, "neither 0 nor 1")),
             }
         };
         for (name, &value) in &i.params {
             match name.as_str() {
                 "proximal_mu" if value.is_finite() && value >= 0.0 => hooks.proximal_mu = value,
-                "proximal_mu" => {
-                    return Err(format!(
-                        "strategy {}: proximal_mu {value} is not ≥ 0",
-                        i.name
-                    ))
-                }
+                "proximal_mu" => return Err(bad(name, value, "not ≥ 0")),
                 "control_variate" => hooks.control_variate = switch(name, value)?,
                 "normalized_steps" => hooks.normalized_steps = switch(name, value)?,
                 other => {
-                    return Err(format!(
-                        "strategy {} asks for {other:?}, which this client does not implement \
-                         (known: {KNOWN})",
-                        i.name
-                    ))
+                    return Err(HookError::Unknown {
+                        strategy: i.name.clone(),
+                        name: other.to_string(),
+                        known: KNOWN,
+                    })
                 }
             }
         }
@@ -133,19 +132,22 @@ pub struct Finished {
 /// prefix removed) and sets what training needs in `hooks`.
 ///
 /// # Errors
-/// A message for the server: tensors the instruction needs are missing or do not fit the model.
+/// [`HookError::Tensors`]: tensors the instruction needs are missing or do not fit the model.
 pub fn prepare(
     hooks: &mut LocalHooks,
     global: &ParamSet,
     mut extra: ParamSet,
     memory: &ClientMemory,
-) -> Result<Prepared, String> {
+) -> Result<Prepared, HookError> {
     let mut prepared = Prepared { scaffold: None };
     if hooks.control_variate {
         let c = extra.split_prefix(CONTROL);
-        c.check_same_layout(global).map_err(|e| {
-            format!("SCAFFOLD: the server's control variate (strategy/{CONTROL}*) does not fit the model: {e}")
-        })?;
+        c.check_same_layout(global)
+            .map_err(|source| HookError::Tensors {
+                strategy: "SCAFFOLD",
+                what: "control variate (strategy/control/*)",
+                source,
+            })?;
         let ci = memory
             .control()
             .filter(|ci| ci.check_same_layout(global).is_ok())
@@ -165,14 +167,15 @@ pub fn prepare(
 /// Turns a finished training run into what the update carries for the strategy.
 ///
 /// # Errors
-/// A message for the server (SCAFFOLD without a step or learning rate to divide by).
+/// [`HookError::Unusable`]: SCAFFOLD without a step or learning rate to divide by, or with
+/// another optimizer than SGD.
 pub fn finish(
     hooks: &LocalHooks,
     prepared: Prepared,
     trained: &Trained,
     config: &TrainConfig,
     memory: &ClientMemory,
-) -> Result<Finished, String> {
+) -> Result<Finished, HookError> {
     let mut out = Finished::default();
     if hooks.normalized_steps {
         let momentum = if config.optimizer.eq_ignore_ascii_case("sgd") {
@@ -189,17 +192,21 @@ pub fn finish(
     }
     if let Some((x, c)) = prepared.scaffold {
         let (k, lr) = (trained.steps, config.learning_rate);
+        let unusable = |detail: String| HookError::Unusable {
+            strategy: "SCAFFOLD",
+            detail,
+        };
         if k == 0 || lr.is_nan() || lr <= 0.0 {
-            return Err(format!(
-                "SCAFFOLD needs at least one local step and a learning rate > 0 (steps {k}, \
-                 learning rate {lr})"
-            ));
+            return Err(unusable(format!(
+                "needs at least one local step and a learning rate > 0 (steps {k}, learning \
+                 rate {lr})"
+            )));
         }
         if !config.optimizer.eq_ignore_ascii_case("sgd") {
-            return Err(format!(
-                "SCAFFOLD's control variates assume SGD local steps; the server asks for {}",
+            return Err(unusable(format!(
+                "its control variates assume SGD local steps; the server asks for {}",
                 config.optimizer
-            ));
+            )));
         }
         // Δcᵢ = (x − yᵢ)/(K·η) − c ;  cᵢ⁺ = cᵢ + Δcᵢ (option II). With momentum ρ the K
         // gradients enter the model with total weight a = Σₖ(1 − ρᵏ)/(1 − ρ) instead of K
@@ -234,8 +241,11 @@ pub fn finish(
             delta.push(named(DELTA_CONTROL, d));
             next.push(named("", n));
         }
-        out.tensors = Some(ParamSet::new(delta).map_err(|e| e.to_string())?);
-        out.control = Some(ParamSet::new(next).map_err(|e| e.to_string())?);
+        let set = |tensors| {
+            ParamSet::new(tensors).map_err(|e| unusable(format!("its control variate: {e}")))
+        };
+        out.tensors = Some(set(delta)?);
+        out.control = Some(set(next)?);
     }
     Ok(out)
 }
@@ -263,8 +273,8 @@ mod tests {
     #[test]
     fn instructions_are_read_or_refused_never_ignored() {
         assert_eq!(
-            LocalHooks::from_instruction(None),
-            Ok(LocalHooks::default())
+            LocalHooks::from_instruction(None).unwrap(),
+            LocalHooks::default()
         );
         let ok = instruction(STRATEGY_INSTRUCTION_VERSION, &[("proximal_mu", 0.5)]);
         assert_eq!(
@@ -278,17 +288,30 @@ mod tests {
         let h = LocalHooks::from_instruction(Some(&both)).unwrap();
         assert!(h.control_variate && h.normalized_steps);
         let newer = instruction(STRATEGY_INSTRUCTION_VERSION + 1, &[]);
-        assert!(LocalHooks::from_instruction(Some(&newer))
-            .unwrap_err()
-            .contains("version"));
+        let e = LocalHooks::from_instruction(Some(&newer)).unwrap_err();
+        assert!(
+            matches!(e, HookError::Version { version, .. } if version == STRATEGY_INSTRUCTION_VERSION + 1)
+        );
+        assert!(e.to_string().contains("version"), "{e}");
         let unknown = instruction(STRATEGY_INSTRUCTION_VERSION, &[("clip_norm", 1.0)]);
-        assert!(LocalHooks::from_instruction(Some(&unknown))
-            .unwrap_err()
-            .contains("clip_norm"));
+        let e = LocalHooks::from_instruction(Some(&unknown)).unwrap_err();
+        assert!(matches!(&e, HookError::Unknown { name, .. } if name == "clip_norm"));
+        assert!(
+            e.to_string().contains("clip_norm") && e.to_string().contains(KNOWN),
+            "{e}"
+        );
         let negative = instruction(STRATEGY_INSTRUCTION_VERSION, &[("proximal_mu", -1.0)]);
-        assert!(LocalHooks::from_instruction(Some(&negative)).is_err());
+        let e = LocalHooks::from_instruction(Some(&negative)).unwrap_err();
+        assert!(
+            matches!(&e, HookError::Value { name, .. } if name == "proximal_mu"),
+            "{e}"
+        );
         let half = instruction(STRATEGY_INSTRUCTION_VERSION, &[("control_variate", 0.5)]);
-        assert!(LocalHooks::from_instruction(Some(&half)).is_err());
+        let e = LocalHooks::from_instruction(Some(&half)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "strategy FedProx: control_variate 0.5 is neither 0 nor 1"
+        );
     }
 
     fn set(prefix: &str, w: &[f32]) -> ParamSet {
@@ -374,7 +397,8 @@ mod tests {
         };
         let x = set("", &[1.0, 2.0]);
         let e = prepare(&mut hooks, &x, ParamSet::default(), &memory).unwrap_err();
-        assert!(e.contains("control variate"), "{e}");
+        assert!(matches!(e, HookError::Tensors { .. }), "{e}");
+        assert!(e.to_string().contains("control variate"), "{e}");
         let p = prepare(&mut hooks, &x, set(CONTROL, &[0.0, 0.0]), &memory).unwrap();
         let e = finish(
             &hooks,
@@ -384,7 +408,7 @@ mod tests {
             &memory,
         )
         .unwrap_err();
-        assert!(e.contains("at least one local step"), "{e}");
+        assert!(e.to_string().contains("at least one local step"), "{e}");
         let p = prepare(&mut hooks, &x, set(CONTROL, &[0.0, 0.0]), &memory).unwrap();
         let e = finish(
             &hooks,
@@ -394,7 +418,7 @@ mod tests {
             &memory,
         )
         .unwrap_err();
-        assert!(e.contains("SGD"), "{e}");
+        assert!(e.to_string().contains("SGD"), "{e}");
     }
 
     #[test]

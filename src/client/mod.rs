@@ -16,10 +16,12 @@
 //! store errors until the round's deadline ([`crate::store::retry::until`]): a store that
 //! restarts mid-round delays the round, it does not fail it.
 
+mod error;
 pub mod hooks;
 pub mod machine;
 mod trainer;
 
+pub use error::{HookError, TrainError};
 pub use hooks::{ClientMemory, LocalHooks};
 pub use machine::ClientMachine;
 
@@ -362,15 +364,20 @@ impl JobCtx {
         }
         let trainer = self.trainer.clone();
         let config = train.config.clone();
-        let mut hooks = LocalHooks::from_instruction(train.strategy.as_ref())?;
+        let mut hooks =
+            LocalHooks::from_instruction(train.strategy.as_ref()).map_err(|e| e.to_string())?;
         let flag = interrupt.clone();
         let memory = self.memory.clone();
         let (trained, mut finished) = tokio::task::spawn_blocking(move || {
             let mut global = global;
             let extra = global.split_prefix(proto::STRATEGY_TENSOR_PREFIX);
-            let prepared = hooks::prepare(&mut hooks, &global, extra, &memory)?;
-            let trained = trainer.train(global, &config, &hooks, &flag)?;
-            let finished = hooks::finish(&hooks, prepared, &trained, &config, &memory)?;
+            let prepared =
+                hooks::prepare(&mut hooks, &global, extra, &memory).map_err(|e| e.to_string())?;
+            let trained = trainer
+                .train(global, &config, &hooks, &flag)
+                .map_err(|e| e.to_string())?;
+            let finished = hooks::finish(&hooks, prepared, &trained, &config, &memory)
+                .map_err(|e| e.to_string())?;
             Ok::<_, String>((trained, finished))
         })
         .await

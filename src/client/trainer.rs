@@ -1,6 +1,7 @@
 //! What a client does with a global model: train it on local data ([`DataTrainer`]), or, for
 //! benchmarks of the system around training, return it shifted by a constant ([`NoopTrainer`]).
 
+use super::error::TrainError;
 use super::hooks::LocalHooks;
 use crate::data::Dataset;
 use crate::proto::{TrainConfig, TrainMetrics};
@@ -20,14 +21,16 @@ pub trait LocalTrainer: Send + Sync + 'static {
     /// command's strategy instruction); checks `interrupt` between batches.
     ///
     /// # Errors
-    /// A message for the server (sent as the round's `failure`).
+    /// [`TrainError`]; its text is sent to the server as the round's `failure`
+    /// ([`TrainError::Other`] for a trainer's own errors), [`TrainError::Interrupted`] when
+    /// `interrupt` stopped it.
     fn train(
         &self,
         global: ParamSet,
         config: &TrainConfig,
         hooks: &LocalHooks,
         interrupt: &AtomicBool,
-    ) -> Result<Trained, String>;
+    ) -> Result<Trained, TrainError>;
 }
 
 /// What local training produced.
@@ -88,16 +91,14 @@ impl LocalTrainer for DataTrainer {
         config: &TrainConfig,
         hooks: &LocalHooks,
         interrupt: &AtomicBool,
-    ) -> Result<Trained, String> {
+    ) -> Result<Trained, TrainError> {
         if config.model != self.kind.name() {
-            return Err(format!(
-                "the server trains model {:?}, this client is set up for {:?}; use the same \
-                 model_args.model on both",
-                config.model,
-                self.kind.name()
-            ));
+            return Err(TrainError::ModelMismatch {
+                server: config.model.clone(),
+                client: self.kind.name().to_string(),
+            });
         }
-        let optimizer: OptimizerKind = config.optimizer.parse().map_err(|e| format!("{e}"))?;
+        let optimizer: OptimizerKind = config.optimizer.parse().map_err(TrainError::Settings)?;
         let opts = TrainOptions {
             epochs: config.epochs as usize,
             batch_size: config.batch_size as usize,
@@ -119,7 +120,7 @@ impl LocalTrainer for DataTrainer {
             &global,
             &self.device,
         )
-        .map_err(|e| format!("the global model does not fit this client's model: {e}"))?;
+        .map_err(TrainError::Layout)?;
         drop(global);
         let report = train::train_local(
             &model,
@@ -131,13 +132,11 @@ impl LocalTrainer for DataTrainer {
             interrupt,
             |_| {},
         )
-        .map_err(|e| format!("local training failed: {e}"))?;
+        .map_err(TrainError::Failed)?;
         if report.outcome == TrainOutcome::Interrupted {
-            return Err("interrupted".into());
+            return Err(TrainError::Interrupted);
         }
-        let params = model
-            .param_set()
-            .map_err(|e| format!("reading the trained model: {e}"))?;
+        let params = model.param_set().map_err(TrainError::ReadBack)?;
         Ok(Trained {
             params,
             metrics: TrainMetrics {
@@ -176,11 +175,11 @@ impl LocalTrainer for NoopTrainer {
         _config: &TrainConfig,
         _hooks: &LocalHooks,
         interrupt: &AtomicBool,
-    ) -> Result<Trained, String> {
+    ) -> Result<Trained, TrainError> {
         let t = Instant::now();
         while t.elapsed() < self.delay {
             if interrupt.load(Ordering::Relaxed) {
-                return Err("interrupted".into());
+                return Err(TrainError::Interrupted);
             }
             std::thread::sleep((self.delay - t.elapsed()).min(Duration::from_millis(10)));
         }
