@@ -3,9 +3,11 @@
 //! in `tests/fedml_corpus/`: each loads, with one warning per FedML key fedmq does not use; the
 //! broker and store files named by `comm_args.mqtt_config_path` / `s3_config_path` are read; and
 //! the configs in `tests/fedml_corpus/errors/` (typos, switched-on features fedmq lacks, unknown
-//! names) fail with messages that point at the fix.
+//! names) fail with messages that point at the fix. FedML's own MQTT_S3 MNIST + `lr` cross-silo
+//! configs (`tests/fedml_corpus/fedml/`, copied from FedML's repository) load for a local run as
+//! they are, with warnings that name the keys fedmq does not use.
 
-use fedmq::config::{Config, ConfigError};
+use fedmq::config::{Config, ConfigError, LoadMode, MASK};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -365,8 +367,32 @@ const ERRORS: &[(&str, Expect)] = &[
         Expect::UnknownKey {
             key: "BROKER_PROT",
             file: Some("companion/mqtt_config.yaml"),
-            hint: "unknown key `BROKER_PROT`",
+            hint: "did you mean `BROKER_PORT`? (valid keys: BROKER_HOST, BROKER_PORT, MQTT_USER",
         },
+    ),
+    (
+        "unknown_key_in_s3_config_file.yaml",
+        Expect::UnknownKey {
+            key: "BUCKET",
+            file: Some("companion/s3_config.yaml"),
+            hint: "valid keys here: BUCKET_NAME, CN_S3_AKI, CN_S3_SAK, CN_REGION_NAME",
+        },
+    ),
+    (
+        "dp_switch_misspelled.yaml",
+        Expect::UnknownKey {
+            key: "enable_dpp",
+            file: None,
+            hint: "in section `dp_args`; did you mean `enable_dp`?",
+        },
+    ),
+    (
+        "async_without_fedbuff.yaml",
+        Expect::Invalid(&[
+            "train_args.is_async: true",
+            "\"FedAvg\"",
+            "set `federated_optimizer: FedBuff`",
+        ]),
     ),
     (
         "dp_enabled.yaml",
@@ -522,4 +548,217 @@ fn config_check_binary_warns_on_stderr() {
         .unwrap();
     let at = format!("{}:{line}:3: unknown key `learning_rat`", bad.display());
     assert!(stderr.contains(&at), "{stderr}");
+}
+
+fn fedml_dir() -> PathBuf {
+    corpus_dir().join("fedml")
+}
+
+/// FedML's own MQTT_S3 MNIST + `lr` cross-silo configs (`tests/fedml_corpus/fedml/README.md`
+/// says where each comes from) load as `fedmq run` loads them: the values fedmq uses come
+/// through, `~` is the home directory, every FedML key fedmq does not use is one warning, and the
+/// broker and store files they name (which FedML does not ship beside them) are one warning each,
+/// naming the key. The wandb key they carry is masked in the printed configuration.
+#[test]
+fn fedml_mqtt_s3_mnist_lr_examples_load_for_a_local_run() {
+    let files = yaml_files(&fedml_dir());
+    assert_eq!(files.len(), 4, "{files:?}");
+    let home = dirs::home_dir().unwrap();
+    for path in &files {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let cfg = Config::load_for(path, LoadMode::Local).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let t = &cfg.train_args;
+        assert_eq!(cfg.data_args.dataset, "mnist", "{name}");
+        assert_eq!(cfg.model_args.model, "lr", "{name}");
+        assert_eq!(t.federated_optimizer, "FedAvg", "{name}");
+        assert_eq!(t.client_optimizer, "sgd", "{name}");
+        assert_eq!(t.client_num_per_round, 2, "{name}");
+        assert_eq!(
+            Path::new(&cfg.data_args.data_cache_dir),
+            home.join(".cache/fedml_data"),
+            "{name}"
+        );
+        // FedML keys fedmq does not use: one warning each, naming the key.
+        let expected: &[&str] = match name.as_str() {
+            "mqtt_s3_fedavg_mnist_lr_one_line.yaml" => {
+                &["comm_args.grpc_ipconfig_path", "tracking_args.wandb_name"]
+            }
+            "mqtt_s3_fedavg_horizontal_mnist_lr_one_line.yaml" => &[
+                "comm_args.trpc_master_config_path",
+                "tracking_args.local_log_output_path",
+                "tracking_args.wandb_name",
+            ],
+            _ => &["tracking_args.wandb_name"],
+        };
+        for k in expected {
+            warning(&cfg, &name, k);
+        }
+        assert_eq!(
+            cfg.ignored_keys.len(),
+            expected.len(),
+            "{name}: {:#?}",
+            cfg.ignored_keys
+        );
+        // The broker and store files: named (not empty) only in two of them.
+        let named = name.contains("step_by_step") || name.contains("custom_data");
+        let text = std::fs::read_to_string(path).unwrap();
+        let line_of = |k: &str| {
+            1 + text
+                .lines()
+                .position(|l| l.trim_start().starts_with(k))
+                .unwrap()
+        };
+        if named {
+            assert_eq!(
+                cfg.unused_locally.len(),
+                2,
+                "{name}: {:#?}",
+                cfg.unused_locally
+            );
+            for (w, key, file) in [
+                (
+                    &cfg.unused_locally[0],
+                    "mqtt_config_path",
+                    "config/mqtt_config.yaml",
+                ),
+                (
+                    &cfg.unused_locally[1],
+                    "s3_config_path",
+                    "config/s3_config.yaml",
+                ),
+            ] {
+                let at = format!(
+                    "{}:{}: comm_args.{key} is ignored for a local run",
+                    path.display(),
+                    line_of(key)
+                );
+                assert!(w.starts_with(&at), "{name}: expected {at}: {w}");
+                assert!(w.contains(file) && w.contains("(not found)"), "{name}: {w}");
+            }
+        } else {
+            assert!(
+                cfg.unused_locally.is_empty(),
+                "{name}: {:#?}",
+                cfg.unused_locally
+            );
+        }
+        assert_eq!(
+            cfg.warnings().count(),
+            cfg.ignored_keys.len() + cfg.unused_locally.len(),
+            "{name}"
+        );
+        // The (placeholder) wandb key is a secret.
+        let shown = cfg.to_yaml_masked();
+        assert!(!shown.contains("your-wandb-api-key"), "{name}: {shown}");
+        assert!(shown.contains(MASK), "{name}");
+        // A distributed load reads the broker and store files: without them, an error naming
+        // the key; the others load as they are.
+        match Config::load(path) {
+            Ok(_) => assert!(!named, "{name} loaded without its broker file"),
+            Err(e) => {
+                assert!(named, "{name}: {e}");
+                assert!(
+                    matches!(
+                        e,
+                        ConfigError::Referenced {
+                            key: "comm_args.mqtt_config_path",
+                            ..
+                        }
+                    ),
+                    "{name}: {e}"
+                );
+            }
+        }
+    }
+}
+
+/// FedML's step-by-step example with the broker and store files FedML ships (in its TRPC example,
+/// pointing at FedML's public broker) placed where the example expects them: a distributed load
+/// reads them (and masks the password), a local run still uses its embedded broker.
+#[test]
+fn fedml_example_with_fedml_companion_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    let main = dir.path().join("fedml_config.yaml");
+    std::fs::copy(
+        fedml_dir().join("mqtt_s3_fedavg_mnist_lr_step_by_step.yaml"),
+        &main,
+    )
+    .unwrap();
+    for f in COMPANIONS {
+        std::fs::copy(
+            fedml_dir().join("trpc_companion").join(f),
+            dir.path().join("config").join(f),
+        )
+        .unwrap();
+    }
+    let cfg = Config::load(&main).unwrap();
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    assert_eq!(
+        (m.broker_host.as_str(), m.broker_port, m.mqtt_user.as_str()),
+        ("mqtt.fedml.ai", 1883, "admin")
+    );
+    assert_eq!(
+        cfg.comm_args.customized_training_s3_config.cn_region_name,
+        "us-west-1"
+    );
+    let shown = cfg.to_yaml_masked();
+    assert!(!shown.contains("your-mqtt-password"), "{shown}");
+
+    let cfg = Config::load_for(&main, LoadMode::Local).unwrap();
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    assert_eq!((m.broker_host.as_str(), m.broker_port), ("127.0.0.1", 0));
+    assert_eq!(cfg.unused_locally.len(), 2);
+    assert!(
+        cfg.unused_locally
+            .iter()
+            .all(|w| !w.contains("(not found)")),
+        "{:#?}",
+        cfg.unused_locally
+    );
+}
+
+fn fedmq_config_check_args(args: &[&str], path: &Path) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_fedmq"));
+    cmd.args(["config", "check"]).args(args).arg(path);
+    for (k, _) in fedmq::config::ENV_OVERRIDES {
+        cmd.env_remove(k);
+    }
+    cmd.env_remove("RUST_LOG");
+    cmd.output().expect("running fedmq")
+}
+
+/// `fedmq config check --local` accepts FedML's step-by-step example as `fedmq run` would (one
+/// warning per unread file, the wandb key masked); without `--local`, the missing broker file is
+/// an error naming the key.
+#[test]
+fn config_check_local_flag() {
+    let path = fedml_dir().join("mqtt_s3_fedavg_mnist_lr_step_by_step.yaml");
+    let out = fedmq_config_check_args(&["--local"], &path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stderr}", out.status);
+    for key in ["comm_args.mqtt_config_path", "comm_args.s3_config_path"] {
+        let n = stderr
+            .lines()
+            .filter(|l| {
+                l.starts_with("warning: ")
+                    && l.contains(&format!("{key} is ignored for a local run"))
+            })
+            .count();
+        assert_eq!(n, 1, "{key}: {stderr}");
+    }
+    assert!(stderr.contains("ok (for a local run)"), "{stderr}");
+    assert!(
+        stdout.contains("wandb_key:") && !stdout.contains("your-wandb-api-key"),
+        "{stdout}"
+    );
+
+    let out = fedmq_config_check_args(&[], &path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("comm_args.mqtt_config_path") && stderr.contains("config/mqtt_config.yaml"),
+        "{stderr}"
+    );
 }

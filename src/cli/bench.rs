@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::Subcommand;
+use fedmq::config::LoadMode;
 use fedmq::train::{bench_train, BenchOptions, Engine, ModelKind};
 
 #[derive(Debug, Subcommand)]
@@ -74,7 +75,7 @@ fn parse_partition(s: &str) -> Result<fedmq::bench::strategies::Partition, Strin
 }
 
 fn run_strategies(a: StrategiesArgs) -> Result<()> {
-    let base = super::load_config_args(&a.config)?;
+    let base = super::load_config_args(&a.config, LoadMode::Local)?;
     let bench = fedmq::bench::strategies::StrategyBench {
         base,
         strategies: a.strategies,

@@ -3,6 +3,7 @@
 use super::{load_config, load_config_args, ConfigArg};
 use anyhow::{Context, Result};
 use clap::Subcommand;
+use fedmq::config::LoadMode;
 use fedmq::data::{self, DatasetKind, FetchOptions, PartitionMethod};
 use std::path::PathBuf;
 
@@ -60,7 +61,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             let kind: DatasetKind = dataset.parse()?;
             let cache = match cache_dir {
                 Some(c) => c,
-                None => load_config(&config.config)?.data_cache_dir(),
+                None => load_config(&config.config, LoadMode::Local)?.data_cache_dir(),
             };
             let dir = data::fetch(kind, &cache, &FetchOptions { progress: !quiet })?;
             println!("{}", dir.display());
@@ -75,7 +76,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             dataset,
             json,
         } => {
-            let mut cfg = load_config_args(&config)?;
+            let mut cfg = load_config_args(&config, LoadMode::Local)?;
             if let Some(v) = clients {
                 cfg.train_args.client_num_in_total = v;
                 cfg.train_args.client_num_per_round = v;

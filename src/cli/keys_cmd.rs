@@ -4,6 +4,7 @@
 //! policy that confines it on MinIO or AWS (`<id>.s3-policy.json`).
 
 use anyhow::{bail, Context, Result};
+use fedmq::config::LoadMode;
 use fedmq::identity::Identity;
 use fedmq::store::access::{iam_policy, StoreCredential};
 use std::path::PathBuf;
@@ -89,7 +90,7 @@ pub fn run(mut a: KeysArgs) -> Result<()> {
 
 /// The store secret, bucket and run prefix of the config at `path` (env overrides applied).
 fn store_of(path: &std::path::Path) -> Result<(String, String, String)> {
-    let cfg = super::load_config(path)?;
+    let cfg = super::load_config(path, LoadMode::Distributed)?;
     let s3 = &cfg.comm_args.customized_training_s3_config;
     if s3.cn_s3_sak.is_empty() {
         bail!(

@@ -13,7 +13,7 @@ mod train_cmd;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use fedmq::config::Config;
+use fedmq::config::{Config, LoadMode};
 use std::path::{Path, PathBuf};
 
 /// Federated learning over MQTT (control) and S3 (model blobs), training with candle.
@@ -149,10 +149,11 @@ pub fn init_tracing(verbose: u8, quiet: bool) {
 /// The config file used when `-c` is not given.
 pub const DEFAULT_CONFIG: &str = "config/fedml_config.yaml";
 
-/// Loads a config file (or the defaults when `path` is the default and does not exist), then
-/// applies environment overrides, then `--rank` / `--run-id`, and validates the result.
-pub fn load_config_args(a: &ConfigArg) -> Result<Config> {
-    let mut cfg = load_config(&a.config)?;
+/// Loads a config file for `mode` (or the defaults when `path` is the default and does not
+/// exist), then applies environment overrides, then `--rank` / `--run-id`, and validates the
+/// result.
+pub fn load_config_args(a: &ConfigArg, mode: LoadMode) -> Result<Config> {
+    let mut cfg = load_config(&a.config, mode)?;
     if let Some(r) = a.rank {
         cfg.fedmq_args.rank = r;
     }
@@ -163,17 +164,20 @@ pub fn load_config_args(a: &ConfigArg) -> Result<Config> {
     Ok(cfg)
 }
 
-/// Loads a config file (or the defaults when `path` is the default and does not exist), then
-/// applies environment overrides.
-pub fn load_config(path: &Path) -> Result<Config> {
+/// Loads a config file for `mode` (or the defaults when `path` is the default and does not
+/// exist), prints its warnings, then applies environment overrides. `fedmq run`, `data`, `train`
+/// and `bench` load with [`LoadMode::Local`]; the commands of a distributed federation with
+/// [`LoadMode::Distributed`].
+pub fn load_config(path: &Path, mode: LoadMode) -> Result<Config> {
     let mut cfg = if path == Path::new(DEFAULT_CONFIG) && !path.exists() {
         tracing::info!("{DEFAULT_CONFIG} not found; using built-in defaults");
         Config::default()
     } else {
-        Config::load(path).with_context(|| format!("loading {}", path.display()))?
+        Config::load_for(path, mode).with_context(|| format!("loading {}", path.display()))?
     };
-    // One line per FedML key fedmq does not use (stderr: `config check` prints YAML on stdout).
-    for w in &cfg.ignored_keys {
+    // One line per FedML key fedmq does not use or reads under its own name, and per setting a
+    // local run leaves unused (stderr: `config check` prints YAML on stdout).
+    for w in cfg.warnings() {
         eprintln!("warning: {w}");
     }
     cfg.apply_env();

@@ -3,7 +3,7 @@
 
 use super::{load_config_args, ConfigArg};
 use anyhow::{bail, Context, Result};
-use fedmq::config::Config;
+use fedmq::config::{Config, LoadMode};
 use fedmq::federation::{self, LocalOptions};
 use fedmq::metrics::summary_table;
 use fedmq::server::{Outcome, Progress, ServerReport};
@@ -76,7 +76,7 @@ fn cancel_on_ctrl_c(token: CancellationToken) {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let mut cfg = load_config_args(&a.config)?;
+    let mut cfg = load_config_args(&a.config, LoadMode::Local)?;
     if let Some(r) = a.rounds {
         cfg.train_args.comm_round = r;
     }
@@ -136,7 +136,7 @@ pub fn run(a: RunArgs) -> Result<()> {
 }
 
 pub fn server(a: ServerArgs) -> Result<()> {
-    let cfg = load_config_args(&a.config)?;
+    let cfg = load_config_args(&a.config, LoadMode::Distributed)?;
     let out = output_dir(&cfg, a.output);
     let rt = runtime()?;
     let report = rt.block_on(async {
@@ -150,7 +150,7 @@ pub fn server(a: ServerArgs) -> Result<()> {
 }
 
 pub fn client(a: ClientArgs) -> Result<()> {
-    let cfg = load_config_args(&a.config)?;
+    let cfg = load_config_args(&a.config, LoadMode::Distributed)?;
     let rt = runtime()?;
     let report = rt.block_on(async {
         let cancel = CancellationToken::new();

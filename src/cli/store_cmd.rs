@@ -3,6 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use fedmq::config::LoadMode;
 use fedmq::store::{self, BlobStore, EmbeddedStore, S3Options, StoreOptions, MIB};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,7 +50,7 @@ pub struct StoreArgs {
 pub fn run(a: StoreArgs) -> Result<()> {
     let (mut access_key, mut secret_key) = (a.access_key, a.secret_key);
     if let Some(path) = &a.config {
-        let cfg = super::load_config(path)?;
+        let cfg = super::load_config(path, LoadMode::Distributed)?;
         let s3 = &cfg.comm_args.customized_training_s3_config;
         access_key = access_key.or_else(|| Some(s3.cn_s3_aki.clone()));
         secret_key = secret_key.or_else(|| Some(s3.cn_s3_sak.clone()));

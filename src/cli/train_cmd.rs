@@ -2,6 +2,7 @@
 
 use super::{load_config_args, ConfigArg};
 use anyhow::{Context, Result};
+use fedmq::config::LoadMode;
 use fedmq::data::{self, DatasetKind, FetchOptions};
 use fedmq::train::{self, Engine, ModelKind, OptimizerKind, TrainOptions};
 
@@ -45,7 +46,7 @@ pub struct TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let mut cfg = load_config_args(&a.config)?;
+    let mut cfg = load_config_args(&a.config, LoadMode::Local)?;
     let t = &mut cfg.train_args;
     if let Some(v) = a.model {
         cfg.model_args.model = v;

@@ -76,14 +76,20 @@ pub struct UnknownKey {
     pub belongs_in: Option<String>,
     /// Valid keys of the section (for the message when there is no suggestion).
     pub valid: Vec<String>,
+    /// The config key that named `path` when it is FedML's separate broker or store file
+    /// (`comm_args.mqtt_config_path`, `s3_config_path`); `None` for the config file itself.
+    pub named_by: Option<String>,
 }
 
 impl fmt::Display for UnknownKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let where_ = if self.section.is_empty() {
-            "at the top level".to_string()
-        } else {
-            format!("in section `{}`", self.section)
+        let where_ = match (&self.named_by, self.section.is_empty()) {
+            (Some(by), _) => format!(
+                "in the file {by} names (its keys are those of `{}`)",
+                self.section
+            ),
+            (None, true) => "at the top level".to_string(),
+            (None, false) => format!("in section `{}`", self.section),
         };
         write!(
             f,
@@ -101,6 +107,10 @@ impl fmt::Display for UnknownKey {
             )?;
         } else if let Some(s) = &self.suggestion {
             write!(f, "; did you mean `{s}`?")?;
+            // A separate file has few keys and no neighbouring sections to look at: list them.
+            if self.named_by.is_some() {
+                write!(f, " (valid keys: {})", self.valid.join(", "))?;
+            }
         } else {
             write!(f, "; valid keys here: {}", self.valid.join(", "))?;
         }
@@ -110,6 +120,17 @@ impl fmt::Display for UnknownKey {
 
 /// Converts a serde_yaml_ng error into a [`ConfigError`], recognizing unknown keys.
 pub(super) fn from_yaml(e: serde_yaml_ng::Error, path: &Path) -> ConfigError {
+    from_yaml_in(e, path, "", None)
+}
+
+/// As [`from_yaml`] for a file whose top level is section `base` of the configuration (FedML's
+/// separate broker and store files, named by config key `named_by`).
+pub(super) fn from_yaml_in(
+    e: serde_yaml_ng::Error,
+    path: &Path,
+    base: &str,
+    named_by: Option<&str>,
+) -> ConfigError {
     let msg = e.to_string();
     let (line, column) = e
         .location()
@@ -118,13 +139,22 @@ pub(super) fn from_yaml(e: serde_yaml_ng::Error, path: &Path) -> ConfigError {
     if let Some(key) = between(&msg, "unknown field `", "`") {
         // The message starts with the dotted section path when the key is nested:
         // "train_args: unknown field `x`, expected ...".
-        let section = match msg.split_once(": unknown field") {
-            Some((s, _)) if !s.contains(' ') => s.to_string(),
-            _ => String::new(),
+        let inner = match msg.split_once(": unknown field") {
+            Some((s, _)) if !s.contains(' ') => s,
+            _ => "",
+        };
+        let section = match (base, inner) {
+            ("", s) | (s, "") => s.to_string(),
+            (b, s) => format!("{b}.{s}"),
         };
         let tree = reference_tree();
         let valid = keys_at(&tree, &section);
-        let suggestion = closest(&key, &valid);
+        // At the top level, FedML's sections count too (`dp_arg` is a typo of `dp_args`).
+        let mut candidates = valid.clone();
+        if section.is_empty() {
+            candidates.extend(super::fedml::SECTIONS.iter().map(|s| s.to_string()));
+        }
+        let suggestion = closest(&key, &candidates);
         let belongs_in = find_key(&tree, &key, "").filter(|p| *p != section);
         return ConfigError::UnknownKey(Box::new(UnknownKey {
             path: path.to_path_buf(),
@@ -135,6 +165,7 @@ pub(super) fn from_yaml(e: serde_yaml_ng::Error, path: &Path) -> ConfigError {
             suggestion,
             belongs_in,
             valid,
+            named_by: named_by.map(String::from),
         }));
     }
     // serde_yaml_ng appends " at line L column C"; we print the location in front instead.

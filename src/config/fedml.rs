@@ -1,7 +1,15 @@
 //! FedML keys that fedmq does not use: recognized, reported once each, and left out, so that a
 //! FedML user's `fedml_config.yaml` loads. A key that is neither fedmq's nor FedML's is still an
 //! error (with file:line and the closest valid key), and a FedML switch that asks for something
-//! fedmq cannot do yet (`enable_dp: true`, ...) is an error that says so.
+//! fedmq cannot do yet (`enable_dp: true`, ...) is an error that says so; so is a misspelled
+//! switch (`enable_dpp`) in a section fedmq otherwise skips whole, which would silently leave the
+//! feature off. FedML's asynchronous-training keys of `train_args` (`is_async`, `buffer_size`,
+//! `max_acceptable_staleness`) are read under fedmq's names (FedBuff's), one warning each.
+
+use super::error::{closest, UnknownKey};
+use super::Config;
+use serde_yaml_ng::Value;
+use std::path::Path;
 
 /// Why a FedML key is ignored, by theme.
 const TRACKING: &str = "experiment tracking services (wandb, MLOps) are not used: fedmq writes \
@@ -68,6 +76,10 @@ const UNSUPPORTED_SWITCHES: &[(&str, &str, &str)] = &[
     ("fhe_args", "enable_fhe", "homomorphic encryption"),
 ];
 
+/// `enable_*` keys of FedML's configs, besides the switch, in the sections of
+/// [`UNSUPPORTED_SWITCHES`].
+const OTHER_ENABLE_KEYS: &[(&str, &str)] = &[("dp_args", "enable_rdp_accountant")];
+
 /// Sections FedML's configs have and fedmq's does not.
 pub(super) const SECTIONS: &[&str] = &[
     "environment_args",
@@ -101,22 +113,241 @@ pub(super) fn why_ignored(section: &str, key: &str) -> Option<&'static str> {
         .map(|(_, _, why)| *why)
 }
 
-/// The FedML switches in `doc` that ask for what fedmq cannot do yet, as messages.
-pub(super) fn unsupported(doc: &serde_yaml_ng::Value) -> Vec<String> {
-    UNSUPPORTED_SWITCHES
-        .iter()
-        .filter(|(s, k, _)| {
-            doc.get(*s)
-                .and_then(|sec| sec.get(*k))
-                .is_some_and(|v| v.as_bool() == Some(true) || v.as_i64() == Some(1))
-        })
-        .map(|(s, k, what)| {
-            format!(
+/// A FedML switch's value as PyYAML (which FedML uses) reads it: YAML 1.1 booleans (`yes`,
+/// `on`, ...), 0/1, or empty (off).
+fn switch_value(v: &Value) -> std::result::Result<bool, String> {
+    let bad = || {
+        format!(
+            "expected true or false, got {}",
+            serde_yaml_ng::to_string(v).map_or_else(|_| "?".into(), |s| s.trim().to_string())
+        )
+    };
+    match v {
+        Value::Null => Ok(false),
+        Value::Bool(b) => Ok(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(0) => Ok(false),
+            Some(1) => Ok(true),
+            _ => Err(bad()),
+        },
+        Value::String(s) => match s.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "on" => Ok(true),
+            "false" | "no" | "off" => Ok(false),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
+/// The FedML switches in `doc` that ask for what fedmq cannot do yet (or whose value is no
+/// boolean), as messages.
+pub(super) fn unsupported(doc: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (s, k, what) in UNSUPPORTED_SWITCHES {
+        let Some(v) = doc.get(*s).and_then(|sec| sec.get(*k)) else {
+            continue;
+        };
+        match switch_value(v) {
+            Ok(false) => {}
+            Ok(true) => problems.push(format!(
                 "{s}.{k} asks for {what}, which fedmq does not have yet; set it to false (or \
                  remove the section) to run without it"
+            )),
+            Err(e) => problems.push(format!("{s}.{k}: {e}")),
+        }
+    }
+    problems
+}
+
+/// A key of a section fedmq skips whole ([`UNSUPPORTED_SWITCHES`]) that looks like a misspelled
+/// switch (`enable_dpp`, `enabled`, `enable-dp`): skipped with the section, it would leave the
+/// feature off without a word, so it is an unknown key (with `text`'s line and the switch).
+pub(super) fn misspelled_switch(doc: &Value, text: &str, path: &Path) -> Option<UnknownKey> {
+    for (section, switch, _) in UNSUPPORTED_SWITCHES {
+        let Some(m) = doc.get(*section).and_then(Value::as_mapping) else {
+            continue;
+        };
+        let valid: Vec<String> = std::iter::once(*switch)
+            .chain(
+                OTHER_ENABLE_KEYS
+                    .iter()
+                    .filter(|(s, _)| s == section)
+                    .map(|(_, k)| *k),
             )
-        })
-        .collect()
+            .map(String::from)
+            .collect();
+        for key in m.keys().filter_map(Value::as_str) {
+            if valid.iter().any(|v| v == key) {
+                continue;
+            }
+            let near = closest(key, &valid);
+            if near.is_none() && !key.to_ascii_lowercase().starts_with("enable") {
+                continue;
+            }
+            let (line, column) = key_line(text, section, key).unwrap_or((0, 0));
+            return Some(UnknownKey {
+                path: path.to_path_buf(),
+                line,
+                column,
+                section: section.to_string(),
+                key: key.to_string(),
+                suggestion: near.or_else(|| Some(switch.to_string())),
+                belongs_in: None,
+                valid,
+                named_by: None,
+            });
+        }
+    }
+    None
+}
+
+/// FedML's asynchronous-training keys of `train_args` (FedML's asynchronous example writes
+/// them): left out of the parse and handled by [`map_async`].
+pub(super) const ASYNC_KEYS: &[&str] = &["is_async", "buffer_size", "max_acceptable_staleness"];
+
+/// Reads FedML's asynchronous-training keys of `doc`'s `train_args` (found at the lines `at`
+/// gives) under fedmq's names: `is_async` must agree with `federated_optimizer` (FedBuff, FedML's
+/// `Async_FedAvg`), `buffer_size` and `max_acceptable_staleness` become `fedmq_args.buffer_size`
+/// and `max_staleness` unless those are set. Returns the warnings, and the problems.
+pub(super) fn map_async(
+    doc: &Value,
+    cfg: &mut Config,
+    at: &dyn Fn(&str) -> String,
+) -> (Vec<String>, Vec<String>) {
+    let (mut notes, mut problems) = (Vec::new(), Vec::new());
+    let Some(t) = doc.get("train_args") else {
+        return (notes, problems);
+    };
+    // An empty value (`buffer_size:`) is as good as absent.
+    let given = |k: &str| t.get(k).filter(|v| !v.is_null());
+    let optimizer = cfg.train_args.federated_optimizer.clone();
+    let fedbuff = matches!(
+        optimizer.to_ascii_lowercase().as_str(),
+        "fedbuff" | "async_fedavg"
+    );
+    if let Some(v) = given("is_async") {
+        match switch_value(v) {
+            Err(e) => problems.push(format!("train_args.is_async: {e}")),
+            Ok(true) if !fedbuff => problems.push(format!(
+                "train_args.is_async: true asks for asynchronous training, which fedmq runs as \
+                 FedBuff, but federated_optimizer is {optimizer:?}; set `federated_optimizer: \
+                 FedBuff` (FedML's `Async_FedAvg`) in train_args"
+            )),
+            Ok(false) if fedbuff => problems.push(format!(
+                "train_args.is_async: false, but federated_optimizer {optimizer:?} is \
+                 asynchronous; set is_async to true (or remove it), or choose a synchronous \
+                 optimizer such as FedAvg"
+            )),
+            Ok(_) => notes.push(format!(
+                "{}: train_args.is_async is FedML's switch for asynchronous training: fedmq takes \
+                 it from train_args.federated_optimizer ({optimizer}), which agrees",
+                at("is_async")
+            )),
+        }
+    }
+    let only = if fedbuff {
+        String::new()
+    } else {
+        format!(" (used by FedBuff only; federated_optimizer is {optimizer})")
+    };
+    let own = |k: &str| {
+        doc.get("fedmq_args")
+            .and_then(|f| f.get(k))
+            .is_some_and(|v| !v.is_null())
+    };
+    let count = |k: &str| -> Option<std::result::Result<u64, String>> {
+        let v = given(k)?;
+        Some(v.as_u64().ok_or_else(|| {
+            format!(
+                "train_args.{k}: expected a whole number ≥ 0, got {}",
+                serde_yaml_ng::to_string(v).map_or_else(|_| "?".into(), |s| s.trim().to_string())
+            )
+        }))
+    };
+    match count("buffer_size") {
+        None => {}
+        Some(Err(e)) => problems.push(e),
+        Some(Ok(n)) => {
+            // FedML's example writes 0 for "not set".
+            let value = (n > 0).then_some(n as usize);
+            let ours = cfg.fedmq_args.buffer_size;
+            if own("buffer_size") && ours != value {
+                problems.push(format!(
+                    "train_args.buffer_size: {n} (FedML's name) disagrees with \
+                     fedmq_args.buffer_size: {}; keep one of them",
+                    ours.map_or("unset".into(), |b| b.to_string())
+                ));
+            } else if own("buffer_size") {
+                notes.push(format!(
+                    "{}: train_args.buffer_size is FedML's name for fedmq_args.buffer_size, \
+                     which is set to the same value{only}",
+                    at("buffer_size")
+                ));
+            } else {
+                cfg.fedmq_args.buffer_size = value;
+                notes.push(format!(
+                    "{}: train_args.buffer_size is FedML's name for fedmq_args.buffer_size: read \
+                     as {}{only}",
+                    at("buffer_size"),
+                    value.map_or(
+                        "unset (0: half of client_num_per_round)".into(),
+                        |b| format!("fedmq_args.buffer_size: {b}")
+                    )
+                ));
+            }
+        }
+    }
+    match count("max_acceptable_staleness") {
+        None => {}
+        Some(Err(e)) => problems.push(e),
+        Some(Ok(n)) => {
+            let ours = cfg.fedmq_args.max_staleness;
+            if own("max_staleness") && ours != n {
+                problems.push(format!(
+                    "train_args.max_acceptable_staleness: {n} (FedML's name) disagrees with \
+                     fedmq_args.max_staleness: {ours}; keep one of them"
+                ));
+            } else if own("max_staleness") {
+                notes.push(format!(
+                    "{}: train_args.max_acceptable_staleness is FedML's name for \
+                     fedmq_args.max_staleness, which is set to the same value{only}",
+                    at("max_acceptable_staleness")
+                ));
+            } else {
+                cfg.fedmq_args.max_staleness = n;
+                notes.push(format!(
+                    "{}: train_args.max_acceptable_staleness is FedML's name for \
+                     fedmq_args.max_staleness: read as fedmq_args.max_staleness: {n}{only}",
+                    at("max_acceptable_staleness")
+                ));
+            }
+        }
+    }
+    (notes, problems)
+}
+
+/// 1-based line and column of key `key` in top-level section `section` of `text` (block style),
+/// if it is there.
+pub(super) fn key_line(text: &str, section: &str, key: &str) -> Option<(usize, usize)> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let is_key = |l: &str, k: &str| {
+        l.trim_start()
+            .strip_prefix(k)
+            .is_some_and(|r| r.trim_start().starts_with(':'))
+    };
+    let mut inside = false;
+    for (i, l) in text.lines().enumerate() {
+        let t = l.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        if indent(l) == 0 {
+            inside = is_key(l, section);
+        } else if inside && is_key(l, key) {
+            return Some((i + 1, indent(l) + 1));
+        }
+    }
+    None
 }
 
 /// Blanks line `line` (1-based) of `lines` and the lines below it that belong to its value

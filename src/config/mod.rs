@@ -9,18 +9,28 @@
 //! "fedmq addition" below; everything fedmq-specific without a FedML counterpart lives in the
 //! `fedmq_args` section.
 //!
+//! A leading `~` in a path-valued key is the home directory (`paths.rs` lists those keys). How
+//! the file will be used matters ([`LoadMode`]): a local run (`fedmq run`, `data`, `train`,
+//! `bench`) has its own broker and store, so FedML's broker and store files are not read then,
+//! with one warning each; `fedmq server`, `client`, `store` and `config check` read and check them.
+//!
 //! Secrets can come from the environment instead of the file (see [`Config::apply_env`]); the CLI
-//! applies `--rank`, `--run-id` and a few other overrides on top.
+//! applies `--rank`, `--run-id` and a few other overrides on top. [`Config::to_yaml_masked`]
+//! prints the effective configuration with every secret ([`SECRET_KEYS`]) masked.
 //!
 //! # Layout
-//! - this file: the section structs and their defaults, [`Config::load`], [`Config::validate`].
+//! - this file: the section structs and their defaults, [`Config::load_for`], [`Config::validate`].
 //! - `error.rs`: [`ConfigError`], including the "did you mean" machinery.
-//! - `fedml.rs`: the FedML keys fedmq reads and ignores, and the FedML switches it refuses.
+//! - `fedml.rs`: the FedML keys fedmq reads and ignores, FedML's asynchronous-training keys it
+//!   maps onto its own, and the FedML switches it refuses (or finds misspelled).
+//! - `paths.rs`: the path-valued keys and `~` expansion.
 
 mod error;
 mod fedml;
+mod paths;
 
 pub use error::{ConfigError, UnknownKey};
+pub use paths::path_keys;
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -58,6 +68,30 @@ pub struct Config {
     /// the commands print them as warnings.
     #[serde(skip)]
     pub ignored_keys: Vec<String>,
+    /// FedML keys read under fedmq's own names (FedML's asynchronous-training keys of
+    /// `train_args`), one line each (`file:line: key ...`); printed as warnings.
+    #[serde(skip)]
+    pub mapped_keys: Vec<String>,
+    /// Settings a [`LoadMode::Local`] load left unused (FedML's broker and store files), one line
+    /// each naming the key and why; printed as warnings.
+    #[serde(skip)]
+    pub unused_locally: Vec<String>,
+}
+
+/// How a configuration is going to be used, which decides what happens to the settings only a
+/// distributed federation needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LoadMode {
+    /// `fedmq server`, `client`, `store`, `keys` and `config check`: everything is read and
+    /// checked; a broker or store file the config names must exist and hold only valid keys.
+    #[default]
+    Distributed,
+    /// `fedmq run` (the federation in one process, with its embedded broker and store unless
+    /// `customized_training_mqtt_config` / `customized_training_s3_config` name others inline),
+    /// `data`, `train` and `bench`: FedML's broker and store files (`comm_args.mqtt_config_path`,
+    /// `s3_config_path`, which FedML's examples point at FedML's own servers or at files they do not
+    /// ship) are not read; each one named gives a line in [`Config::unused_locally`].
+    Local,
 }
 
 /// `common_args`.
@@ -511,9 +545,11 @@ fn resolve_beside(p: &str, config: &Path) -> PathBuf {
     }
 }
 
-/// The section read from `file` with the keys of `inline` (from the main file) laid over it.
+/// The section read from `file` (named by config key `key`; its keys are those of `section`) with
+/// the keys of `inline` (from the main file) laid over it.
 fn merge_file<T: serde::de::DeserializeOwned>(
     key: &'static str,
+    section: &'static str,
     file: &Path,
     inline: serde_yaml_ng::Mapping,
     main: &Path,
@@ -523,14 +559,15 @@ fn merge_file<T: serde::de::DeserializeOwned>(
         path: file.to_path_buf(),
         source,
     })?;
+    let in_file = |e| error::from_yaml_in(e, file, section, Some(key));
     // The file alone first, so that its typos are reported with its own lines.
     if !text.trim().is_empty() {
-        serde_yaml_ng::from_str::<T>(&text).map_err(|e| error::from_yaml(e, file))?;
+        serde_yaml_ng::from_str::<T>(&text).map_err(in_file)?;
     }
     let mut merged: serde_yaml_ng::Mapping = if text.trim().is_empty() {
         serde_yaml_ng::Mapping::new()
     } else {
-        serde_yaml_ng::from_str(&text).map_err(|e| error::from_yaml(e, file))?
+        serde_yaml_ng::from_str(&text).map_err(in_file)?
     };
     for (k, v) in inline {
         merged.insert(k, v);
@@ -538,7 +575,7 @@ fn merge_file<T: serde::de::DeserializeOwned>(
     // An empty value (`CN_S3_AKI:`, as FedML's files have) leaves the key at its default.
     merged.retain(|_, v| !v.is_null());
     serde_yaml_ng::from_value(serde_yaml_ng::Value::Mapping(merged))
-        .map_err(|e| error::from_yaml(e, main))
+        .map_err(|e| error::from_yaml_in(e, main, section, None))
 }
 
 /// Environment variables that override secrets and endpoints (name, what it sets).
@@ -567,21 +604,85 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
 ];
 
 impl Config {
-    /// Reads, parses and validates a configuration file.
+    /// Reads, parses and validates a configuration file for a distributed run
+    /// ([`LoadMode::Distributed`]: FedML's broker and store files are read and must exist).
     ///
     /// # Errors
-    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::UnknownKey`] for a typo'd or
-    /// misplaced key (with line and suggestion), [`ConfigError::Parse`] for other YAML or type errors,
-    /// [`ConfigError::Invalid`] when values are inconsistent.
+    /// As [`Config::load_for`].
     pub fn load(path: &Path) -> Result<Config> {
+        Self::load_for(path, LoadMode::Distributed)
+    }
+
+    /// Reads, parses and validates a configuration file: `~` in path keys is expanded, FedML's
+    /// broker and store files are read (or, with [`LoadMode::Local`], left unread with a line in
+    /// [`Config::unused_locally`] each), then [`Config::validate`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read, [`ConfigError::Referenced`] when a
+    /// broker or store file it names cannot be read (distributed only), [`ConfigError::UnknownKey`]
+    /// for a typo'd or misplaced key (with file, line and suggestion; also in the broker and store
+    /// files, and for a misspelled FedML `enable_*` switch), [`ConfigError::Parse`] for other YAML
+    /// or type errors, [`ConfigError::Invalid`] when values are inconsistent.
+    pub fn load_for(path: &Path, mode: LoadMode) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
         let mut cfg = Self::from_yaml_str(&text, path)?;
-        cfg.read_comm_files(&text, path)?;
+        let home = dirs::home_dir();
+        paths::expand_home(&mut cfg, home.as_deref());
+        match mode {
+            LoadMode::Distributed => cfg.read_comm_files(&text, path)?,
+            LoadMode::Local => cfg.skip_comm_files(&text, path),
+        }
+        // Again: the broker and store files may hold paths too (MQTT_CA_PATH, ...).
+        paths::expand_home(&mut cfg, home.as_deref());
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Every warning of the load, one line each: FedML keys ignored, FedML keys read under
+    /// fedmq's names, settings a local run does not use.
+    pub fn warnings(&self) -> impl Iterator<Item = &str> {
+        self.ignored_keys
+            .iter()
+            .chain(&self.mapped_keys)
+            .chain(&self.unused_locally)
+            .map(String::as_str)
+    }
+
+    /// For a local run: notes each broker or store file the config names as not read.
+    fn skip_comm_files(&mut self, text: &str, path: &Path) {
+        let what = [
+            (
+                "mqtt_config_path",
+                self.comm_args.mqtt_config_path.take(),
+                "broker",
+                "customized_training_mqtt_config",
+            ),
+            (
+                "s3_config_path",
+                self.comm_args.s3_config_path.take(),
+                "store",
+                "customized_training_s3_config",
+            ),
+        ];
+        for (key, value, role, inline) in what {
+            let Some(p) = value.filter(|p| !p.trim().is_empty()) else {
+                continue;
+            };
+            let line = fedml::key_line(text, "comm_args", key)
+                .map_or(String::new(), |(l, _)| format!(":{l}"));
+            let file = resolve_beside(p.trim(), path);
+            let missing = if file.exists() { "" } else { " (not found)" };
+            self.unused_locally.push(format!(
+                "{}{line}: comm_args.{key} is ignored for a local run: FedML's {role} file \
+                 {p}{missing} is not read; fedmq run uses its embedded {role} (or one named \
+                 inline in comm_args.{inline}), and data, train and bench use none; fedmq server \
+                 and fedmq client read the file",
+                path.display()
+            ));
+        }
     }
 
     /// Reads FedML's separate broker and store files (`comm_args.mqtt_config_path`,
@@ -593,7 +694,7 @@ impl Config {
     ///
     /// # Errors
     /// [`ConfigError::Referenced`] when a named file cannot be read; an unknown key or bad value
-    /// in it is reported with that file's line.
+    /// in it is reported with that file's line (and, for a key, the valid keys).
     fn read_comm_files(&mut self, text: &str, path: &Path) -> Result<()> {
         let main: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).unwrap_or_default();
         let inline = |section: &str| {
@@ -612,6 +713,7 @@ impl Config {
         if let Some(p) = named(&self.comm_args.mqtt_config_path) {
             self.comm_args.customized_training_mqtt_config = merge_file(
                 "comm_args.mqtt_config_path",
+                "comm_args.customized_training_mqtt_config",
                 &resolve_beside(&p, path),
                 inline("customized_training_mqtt_config"),
                 path,
@@ -620,6 +722,7 @@ impl Config {
         if let Some(p) = named(&self.comm_args.s3_config_path) {
             self.comm_args.customized_training_s3_config = merge_file(
                 "comm_args.s3_config_path",
+                "comm_args.customized_training_s3_config",
                 &resolve_beside(&p, path),
                 inline("customized_training_s3_config"),
                 path,
@@ -639,39 +742,60 @@ impl Config {
         // FedML's own keys that fedmq does not use are left out one by one (their lines
         // blanked, so later errors keep their line numbers) and reported; anything else unknown
         // is an error.
+        // FedML's asynchronous-training keys of train_args are left out the same way, then read
+        // under fedmq's names (`fedml::map_async`).
         let mut lines: Vec<String> = text.lines().map(String::from).collect();
         let mut ignored = Vec::new();
+        let mut async_lines: Vec<(String, usize)> = Vec::new();
         let mut current = text.to_string();
         loop {
             match serde_yaml_ng::from_str::<Config>(&current) {
                 Ok(mut cfg) => {
                     let doc: serde_yaml_ng::Value =
                         serde_yaml_ng::from_str(text).unwrap_or_default();
-                    let asks = fedml::unsupported(&doc);
-                    if !asks.is_empty() {
-                        return Err(ConfigError::Invalid { problems: asks });
+                    if let Some(u) = fedml::misspelled_switch(&doc, text, path) {
+                        return Err(ConfigError::UnknownKey(Box::new(u)));
+                    }
+                    let mut problems = fedml::unsupported(&doc);
+                    let at = |k: &str| {
+                        let line = async_lines.iter().find(|(a, _)| a == k).map(|(_, l)| *l);
+                        format!("{}:{}", path.display(), line.unwrap_or(0))
+                    };
+                    let (mapped, more) = fedml::map_async(&doc, &mut cfg, &at);
+                    problems.extend(more);
+                    if !problems.is_empty() {
+                        return Err(ConfigError::Invalid { problems });
                     }
                     cfg.ignored_keys = ignored;
+                    cfg.mapped_keys = mapped;
                     return Ok(cfg);
                 }
                 Err(e) => match error::from_yaml(e, path) {
                     ConfigError::UnknownKey(u) => {
-                        let Some(why) = fedml::why_ignored(&u.section, &u.key) else {
-                            return Err(ConfigError::UnknownKey(u));
-                        };
-                        if u.line == 0 || u.line > lines.len() || lines[u.line - 1].is_empty() {
+                        let fedml_async =
+                            u.section == "train_args" && fedml::ASYNC_KEYS.contains(&&*u.key);
+                        let why = fedml::why_ignored(&u.section, &u.key);
+                        if (why.is_none() && !fedml_async)
+                            || u.line == 0
+                            || u.line > lines.len()
+                            || lines[u.line - 1].is_empty()
+                        {
                             return Err(ConfigError::UnknownKey(u));
                         }
-                        let dotted = if u.section.is_empty() {
-                            u.key.clone()
+                        if let Some(why) = why {
+                            let dotted = if u.section.is_empty() {
+                                u.key.clone()
+                            } else {
+                                format!("{}.{}", u.section, u.key)
+                            };
+                            ignored.push(format!(
+                                "{}:{}: {dotted} is a FedML key fedmq ignores: {why}",
+                                path.display(),
+                                u.line
+                            ));
                         } else {
-                            format!("{}.{}", u.section, u.key)
-                        };
-                        ignored.push(format!(
-                            "{}:{}: {dotted} is a FedML key fedmq ignores: {why}",
-                            path.display(),
-                            u.line
-                        ));
+                            async_lines.push((u.key.clone(), u.line));
+                        }
                         fedml::blank_key(&mut lines, u.line);
                         current = lines.join("\n");
                     }
@@ -938,19 +1062,47 @@ impl Config {
         }
     }
 
-    /// The effective configuration as YAML, with secrets masked.
+    /// The effective configuration as YAML, with every secret of [`SECRET_KEYS`] that is set
+    /// replaced by `********` (whether it came from the file, FedML's broker or store file, or the
+    /// environment).
     pub fn to_yaml_masked(&self) -> String {
         let mut c = self.clone();
-        for s in [
-            &mut c.comm_args.customized_training_mqtt_config.mqtt_pwd,
-            &mut c.comm_args.customized_training_s3_config.cn_s3_sak,
-        ] {
-            if !s.is_empty() {
-                *s = "********".into();
+        for (_, secret) in secrets(&mut c) {
+            if !secret.is_empty() {
+                *secret = MASK.into();
             }
         }
         serde_yaml_ng::to_string(&c).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
+}
+
+/// What [`Config::to_yaml_masked`] prints instead of a secret.
+pub const MASK: &str = "********";
+
+/// The keys that hold secrets (passwords, secret keys, API keys), masked by
+/// [`Config::to_yaml_masked`]. Access key ids and user names are not secret.
+pub const SECRET_KEYS: &[&str] = &[
+    "comm_args.customized_training_mqtt_config.MQTT_PWD",
+    "comm_args.customized_training_s3_config.CN_S3_SAK",
+    "tracking_args.wandb_key",
+];
+
+/// The fields of [`SECRET_KEYS`] that are present, with their keys.
+fn secrets(c: &mut Config) -> Vec<(&'static str, &mut String)> {
+    let mut v = vec![
+        (
+            SECRET_KEYS[0],
+            &mut c.comm_args.customized_training_mqtt_config.mqtt_pwd,
+        ),
+        (
+            SECRET_KEYS[1],
+            &mut c.comm_args.customized_training_s3_config.cn_s3_sak,
+        ),
+    ];
+    if let Some(k) = c.tracking_args.wandb_key.as_mut() {
+        v.push((SECRET_KEYS[2], k));
+    }
+    v
 }
 
 #[cfg(test)]

@@ -550,3 +550,334 @@ dp_args:
         "{e}"
     );
 }
+
+/// A main config `fedml_config.yaml` in a fresh directory, naming `config/mqtt_config.yaml`
+/// and `config/s3_config.yaml` (which are not written) below `extra` lines of comm_args.
+fn with_companions(extra: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let main = dir.path().join("fedml_config.yaml");
+    std::fs::write(
+        &main,
+        format!(
+            "data_args:\n  dataset: mnist\n  data_cache_dir: ~/.cache/fedml_data\ncomm_args:\n  \
+             backend: MQTT_S3\n  mqtt_config_path: config/mqtt_config.yaml\n  \
+             s3_config_path: config/s3_config.yaml\n{extra}"
+        ),
+    )
+    .unwrap();
+    (dir, main)
+}
+
+/// `~` in path keys is the home directory, in the main file and in the broker file it names.
+#[test]
+fn tilde_paths_are_expanded_on_load() {
+    let home = dirs::home_dir().expect("a home directory");
+    let (dir, main) = with_companions("");
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::write(dir.path().join("config/s3_config.yaml"), "BUCKET_NAME: b\n").unwrap();
+    std::fs::write(
+        dir.path().join("config/mqtt_config.yaml"),
+        "BROKER_HOST: h\nBROKER_PORT: 8883\nMQTT_TLS: true\n\
+         MQTT_CA_PATH: ~/fedmq-no-such-dir/ca.pem\n",
+    )
+    .unwrap();
+    let e = Config::load(&main).unwrap_err().to_string();
+    let ca = home.join("fedmq-no-such-dir/ca.pem");
+    assert!(
+        e.contains("MQTT_CA_PATH: cannot read") && e.contains(&ca.display().to_string()),
+        "{e}"
+    );
+    let cfg = Config::load_for(&main, LoadMode::Local).unwrap();
+    assert_eq!(
+        Path::new(&cfg.data_args.data_cache_dir),
+        home.join(".cache/fedml_data")
+    );
+    assert_eq!(cfg.data_cache_dir(), home.join(".cache/fedml_data"));
+    assert!(path_keys().contains(&"data_args.data_cache_dir"));
+}
+
+/// A local run does not read FedML's broker and store files: one warning each, with the key,
+/// its line and why, also when the files are missing; a distributed load needs them.
+#[test]
+fn local_load_leaves_companion_files_unread_with_a_warning_each() {
+    let (dir, main) =
+        with_companions("  customized_training_s3_config:\n    BUCKET_NAME: inline-bucket\n");
+    // Distributed: the missing file is an error naming the key.
+    let e = Config::load(&main).unwrap_err();
+    assert!(matches!(
+        e,
+        ConfigError::Referenced {
+            key: "comm_args.mqtt_config_path",
+            ..
+        }
+    ));
+    // Local: loads; the files are neither needed nor read.
+    let cfg = Config::load_for(&main, LoadMode::Local).unwrap();
+    let w = &cfg.unused_locally;
+    assert_eq!(w.len(), 2, "{w:#?}");
+    let at = format!("{}:", main.display());
+    assert!(
+        w[0].starts_with(&format!(
+            "{at}6: comm_args.mqtt_config_path is ignored for a local run"
+        )) && w[0].contains("config/mqtt_config.yaml")
+            && w[0].contains("(not found)")
+            && w[0].contains("fedmq server"),
+        "{}",
+        w[0]
+    );
+    assert!(
+        w[1].starts_with(&format!(
+            "{at}7: comm_args.s3_config_path is ignored for a local run"
+        )),
+        "{}",
+        w[1]
+    );
+    assert_eq!(cfg.warnings().count(), 2);
+    // The broker stays fedmq run's embedded one; inline keys are still read.
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    assert_eq!((m.broker_host.as_str(), m.broker_port), ("127.0.0.1", 0));
+    assert_eq!(
+        cfg.comm_args.customized_training_s3_config.bucket_name,
+        "inline-bucket"
+    );
+    assert_eq!(cfg.comm_args.mqtt_config_path, None);
+
+    // With the files present (FedML's public broker in them), a local run still does not read
+    // them, and does not say they are missing; a distributed load reads them.
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::write(
+        dir.path().join("config/mqtt_config.yaml"),
+        "BROKER_HOST: 'mqtt.fedml.ai'\nBROKER_PORT: 1883\nMQTT_USER: \"admin\"\nMQTT_PWD: \"pw\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("config/s3_config.yaml"),
+        "BUCKET_NAME: fedml\n",
+    )
+    .unwrap();
+    let cfg = Config::load_for(&main, LoadMode::Local).unwrap();
+    assert_eq!(cfg.unused_locally.len(), 2);
+    assert!(!cfg.unused_locally[0].contains("(not found)"));
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    assert_eq!((m.broker_host.as_str(), m.broker_port), ("127.0.0.1", 0));
+    let cfg = Config::load(&main).unwrap();
+    assert!(cfg.unused_locally.is_empty());
+    let m = &cfg.comm_args.customized_training_mqtt_config;
+    assert_eq!(
+        (m.broker_host.as_str(), m.broker_port),
+        ("mqtt.fedml.ai", 1883)
+    );
+    // The broker file's password is masked in the printed configuration.
+    let shown = cfg.to_yaml_masked();
+    let pwd = shown.lines().find(|l| l.contains("MQTT_PWD:")).unwrap();
+    assert!(pwd.contains(MASK) && !pwd.contains("pw"), "{shown}");
+}
+
+/// A typo in the broker or store file: that file's line, the closest key and the valid keys.
+#[test]
+fn companion_file_typo_lists_the_valid_keys() {
+    let (dir, main) = with_companions("");
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::write(
+        dir.path().join("config/mqtt_config.yaml"),
+        "BROKER_HOST: h\n",
+    )
+    .unwrap();
+    let s3 = dir.path().join("config/s3_config.yaml");
+    std::fs::write(&s3, "BUCKET_NAME: b\nCN_REGON_NAME: us-east-1\n").unwrap();
+    let e = Config::load(&main).unwrap_err();
+    let ConfigError::UnknownKey(u) = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!((u.line, u.key.as_str()), (2, "CN_REGON_NAME"));
+    assert_eq!(u.section, "comm_args.customized_training_s3_config");
+    assert_eq!(u.named_by.as_deref(), Some("comm_args.s3_config_path"));
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with(&format!(
+            "{}:2:1: unknown key `CN_REGON_NAME`",
+            s3.display()
+        )),
+        "{msg}"
+    );
+    assert!(msg.contains("did you mean `CN_REGION_NAME`?"), "{msg}");
+    assert!(
+        msg.contains("valid keys: BUCKET_NAME, CN_S3_AKI, CN_S3_SAK, CN_REGION_NAME"),
+        "{msg}"
+    );
+    // Far from every key: the valid keys alone.
+    std::fs::write(&s3, "zzzzzzzz: 1\n").unwrap();
+    let msg = Config::load(&main).unwrap_err().to_string();
+    assert!(
+        msg.contains("valid keys here: BUCKET_NAME, CN_S3_AKI"),
+        "{msg}"
+    );
+}
+
+/// A misspelled FedML switch in a section fedmq skips whole is an error (it would leave the
+/// feature off without a word); FedML's other `enable_*` keys there are not; a switch's value
+/// is read as PyYAML reads it.
+#[test]
+fn misspelled_or_odd_fedml_switches_are_errors() {
+    let text = "train_args:\n  epochs: 1\ndp_args:\n  epsilon: 0.5\n  enable_dpp: true\n";
+    let e = parse(text).unwrap_err();
+    let ConfigError::UnknownKey(u) = &e else {
+        panic!("{e:?}")
+    };
+    assert_eq!((u.line, u.column), (5, 3));
+    assert_eq!(u.suggestion.as_deref(), Some("enable_dp"));
+    let msg = e.to_string();
+    assert!(
+        msg.starts_with("fedml_config.yaml:5:3: unknown key `enable_dpp` in section `dp_args`"),
+        "{msg}"
+    );
+    for (section, key, switch) in [
+        ("attack_args", "enabled", "enable_attack"),
+        ("defense_args", "enable-defense", "enable_defense"),
+        ("secure_aggregation_args", "Enable_SA", "enable_sa"),
+        ("fhe_args", "enable_he", "enable_fhe"),
+        ("dp_args", "enable_rdp_acountant", "enable_rdp_accountant"),
+    ] {
+        let msg = parse(&format!("{section}:\n  {key}: false\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(&format!("unknown key `{key}` in section `{section}`"))
+                && msg.contains(&format!("did you mean `{switch}`?")),
+            "{msg}"
+        );
+    }
+    // FedML's own keys of those sections load (with a warning for the section).
+    let cfg = parse(
+        "dp_args:\n  enable_dp: false\n  enable_rdp_accountant: False\n  dp_solution_type: cdp\n  \
+         epsilon: 0.5\n  delta: 0.1\nattack_args:\n  enable_attack: no\n  attack_type: byzantine\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.ignored_keys.len(), 2, "{:#?}", cfg.ignored_keys);
+    // PyYAML reads `yes` and `on` as true: the feature is asked for.
+    for on in ["yes", "On", "1", "True"] {
+        let msg = parse(&format!("dp_args:\n  enable_dp: {on}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("dp_args.enable_dp asks for differential privacy"),
+            "{on}: {msg}"
+        );
+    }
+    let msg = parse("fhe_args:\n  enable_fhe: maybe\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("fhe_args.enable_fhe: expected true or false, got maybe"),
+        "{msg}"
+    );
+    // A misspelled FedML section is suggested too.
+    let msg = parse("dp_arg:\n  enable_dp: true\n")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("did you mean `dp_args`?"), "{msg}");
+}
+
+/// FedML's asynchronous-training keys are read under FedBuff's names, one warning each; a
+/// contradiction is an error saying what to set.
+#[test]
+fn fedml_async_keys_map_onto_fedbuff() {
+    let text = "train_args:\n  federated_optimizer: Async_FedAvg\n  is_async: true\n  \
+                buffer_size: 5\n  max_acceptable_staleness: 3\n  client_num_in_total: 10\n  \
+                client_num_per_round: 10\n";
+    let cfg = parse(text).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.fedmq_args.buffer_size, Some(5));
+    assert_eq!(cfg.fedmq_args.max_staleness, 3);
+    assert!(cfg.ignored_keys.is_empty(), "{:#?}", cfg.ignored_keys);
+    let w = &cfg.mapped_keys;
+    assert_eq!(w.len(), 3, "{w:#?}");
+    assert!(w[0].starts_with("fedml_config.yaml:3: train_args.is_async is FedML's switch"));
+    assert!(
+        w[1].starts_with(
+            "fedml_config.yaml:4: train_args.buffer_size is FedML's name for \
+                          fedmq_args.buffer_size: read as fedmq_args.buffer_size: 5"
+        ),
+        "{}",
+        w[1]
+    );
+    assert!(
+        w[2].starts_with(
+            "fedml_config.yaml:5: train_args.max_acceptable_staleness is FedML's \
+                          name for fedmq_args.max_staleness: read as fedmq_args.max_staleness: 3"
+        ),
+        "{}",
+        w[2]
+    );
+
+    // is_async with a synchronous optimizer: set federated_optimizer: FedBuff.
+    let e = parse(&text.replace("Async_FedAvg", "FedAvg")).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, ConfigError::Invalid { .. }), "{msg}");
+    assert!(
+        msg.contains("train_args.is_async: true") && msg.contains("`federated_optimizer: FedBuff`"),
+        "{msg}"
+    );
+    let msg = parse(&text.replace("is_async: true", "is_async: false"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("train_args.is_async: false, but federated_optimizer"),
+        "{msg}"
+    );
+    // fedmq's own keys win only when they agree.
+    let both = format!("{text}fedmq_args:\n  buffer_size: 4\n  max_staleness: 3\n");
+    let msg = parse(&both).unwrap_err().to_string();
+    assert!(
+        msg.contains(
+            "train_args.buffer_size: 5 (FedML's name) disagrees with fedmq_args.buffer_size: 4"
+        ) && !msg.contains("max_acceptable_staleness"),
+        "{msg}"
+    );
+    let cfg = parse(&both.replace("buffer_size: 4", "buffer_size: 5")).unwrap();
+    assert!(cfg.mapped_keys[1].contains("which is set to the same value"));
+    // FedML's 0 leaves the buffer at fedmq's default; with FedAvg the keys are noted as unused.
+    let cfg = parse(
+        "train_args:\n  federated_optimizer: FedAvg\n  is_async: false\n  buffer_size: 0\n  \
+         max_acceptable_staleness: 0\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.fedmq_args.buffer_size, None);
+    assert_eq!(cfg.fedmq_args.max_staleness, 0);
+    assert!(cfg.mapped_keys[1].contains("unset") && cfg.mapped_keys[1].contains("FedBuff only"));
+    let msg = parse("train_args:\n  buffer_size: -1\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.contains("train_args.buffer_size: expected a whole number"),
+        "{msg}"
+    );
+}
+
+/// Every secret is masked in the printed configuration, whatever its source; nothing else is.
+#[test]
+fn every_secret_is_masked() {
+    let mut cfg = Config::default();
+    assert!(
+        !cfg.to_yaml_masked().contains(MASK),
+        "nothing set, nothing masked"
+    );
+    let mut values = Vec::new();
+    for (i, (key, slot)) in secrets(&mut cfg).into_iter().enumerate() {
+        *slot = format!("secret-{i}-{key}");
+        values.push(slot.clone());
+    }
+    // wandb_key is unset by default: secrets() skips it until it is set.
+    cfg.tracking_args.wandb_key = Some("secret-wandb".into());
+    values.push("secret-wandb".into());
+    assert_eq!(secrets(&mut cfg).len(), SECRET_KEYS.len());
+    cfg.apply_env_from(|k| (k == "FEDMQ_S3_SAK").then(|| "secret-from-env".into()));
+    values.push("secret-from-env".into());
+    let shown = cfg.to_yaml_masked();
+    for v in &values {
+        assert!(!shown.contains(v.as_str()), "{v} shown:\n{shown}");
+    }
+    assert_eq!(shown.matches(MASK).count(), SECRET_KEYS.len(), "{shown}");
+    // The user name and access key id are not secret.
+    assert!(shown.contains("CN_S3_AKI: fedmq"), "{shown}");
+}
