@@ -171,6 +171,16 @@ pub fn initial_model(cfg: &Config, data: &dyn Dataset) -> Result<ParamSet> {
     )?)
 }
 
+/// The device `device_args` asks for and its description; a warning when `using_gpu` is set
+/// but training falls back to the CPU (no CUDA in this build, or the GPU cannot be opened).
+pub fn training_device(cfg: &Config) -> (Device, String) {
+    let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
+    if cfg.device_args.using_gpu && device.is_cpu() {
+        tracing::warn!("device_args.using_gpu: {desc}");
+    }
+    (device, desc)
+}
+
 /// What a client of this process announces (`device_desc` from [`train::select_device`]).
 pub fn capabilities(device_desc: &str, samples: u64) -> Capabilities {
     Capabilities {
@@ -393,7 +403,7 @@ pub async fn run_client_from_config(
         tracing::warn!("{w}");
     }
     let (split, part) = tokio::task::block_in_place(|| load_data(cfg, true))?;
-    let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
+    let (device, desc) = training_device(cfg);
     let kind: ModelKind = cfg.model_args.model.parse()?;
     let indices = part.into_clients().swap_remove(rank - 1);
     let trainer = Arc::new(DataTrainer::new(
@@ -508,7 +518,7 @@ async fn serve(
         None
     };
     let initial = initial_model(cfg, split.train.as_ref())?;
-    let (device, _) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
+    let (device, _) = training_device(cfg);
     let evaluator: Arc<dyn Evaluator> =
         Arc::new(ModelEvaluator::new(kind, split.test.clone(), device));
     Ok(server::run_server(
@@ -677,6 +687,7 @@ pub async fn run_local_with(
     let threads = (cores / concurrent).max(1);
     let slots = Arc::new(Semaphore::new(concurrent));
     let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
+    // `serve` below warns when using_gpu falls back to the CPU.
     let client_cancel = cancel.child_token();
     let mut clients = Vec::with_capacity(n);
     for (i, indices) in part.into_clients().into_iter().enumerate() {
