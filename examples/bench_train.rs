@@ -6,7 +6,8 @@
 //! ```
 
 use anyhow::Result;
-use fedmq::train::{bench_train, BenchOptions, Engine, ModelKind};
+use fedmq::bench::train::{bench_train, BenchOptions};
+use fedmq::train::{Engine, ModelKind};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();

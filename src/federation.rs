@@ -554,6 +554,9 @@ fn require_external(cfg: &Config, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// How long clients of a local federation get to exit on their own after the server finished.
+pub const CLIENT_GRACE: Duration = Duration::from_secs(10);
+
 /// Options of [`run_local`].
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
@@ -688,8 +691,7 @@ pub async fn run_local_with(
     let slots = Arc::new(Semaphore::new(concurrent));
     let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
     // `serve` below warns when using_gpu falls back to the CPU.
-    let client_cancel = cancel.child_token();
-    let mut clients = Vec::with_capacity(n);
+    let mut clients = LocalClients::new(cancel.child_token());
     for (i, indices) in part.into_clients().into_iter().enumerate() {
         let id = client::client_id(i + 1);
         let trainer = Arc::new(DataTrainer::new(
@@ -713,25 +715,15 @@ pub async fn run_local_with(
         // Each client signs with its own credential: the embedded store derives it from its
         // secret; an external one needs fedmq_args.store_credentials (or shares the run's).
         let client_s3 = if embedded_store {
-            let own = StoreCredential::for_participant(&s3_opts.secret_key, &id);
-            S3Options {
-                access_key: own.access_key,
-                secret_key: own.secret_key,
-                ..s3_opts.clone()
-            }
+            participant_store_options(&s3_opts, &id)
         } else {
             store_options(&cfg, &id)?
         };
         let store = BlobStore::connect(&client_s3)?;
         let mut mqtt = session_options(&cfg, &id, mqtt_port);
         mqtt.signer = sec.signer;
-        clients.push(tokio::spawn(client::run_client(
-            copts,
-            mqtt,
-            store,
-            trainer,
-            client_cancel.clone(),
-        )));
+        let client = client::run_client(copts, mqtt, store, trainer, clients.cancel_token());
+        clients.spawn(async move { Ok(client.await?) });
     }
 
     let store = BlobStore::connect(&if embedded_store {
@@ -753,25 +745,7 @@ pub async fn run_local_with(
         cancel.clone(),
     )
     .await;
-    // Clients exit on the finish message; give them a moment, then stop the stragglers.
-    let all = futures::future::join_all(clients);
-    tokio::pin!(all);
-    let joined = match tokio::time::timeout(Duration::from_secs(10), &mut all).await {
-        Ok(r) => r,
-        Err(_) => {
-            client_cancel.cancel();
-            all.await
-        }
-    };
-    let results = joined
-        .into_iter()
-        .map(|r| match r {
-            Ok(Ok(rep)) => Ok(rep),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(format!("client task failed: {e}")),
-        })
-        .collect();
-    client_cancel.cancel();
+    let results = clients.join(CLIENT_GRACE).await;
     if let Some(st) = store_server {
         st.shutdown().await;
     }
@@ -783,11 +757,85 @@ pub async fn run_local_with(
     })
 }
 
-fn random_secret() -> String {
+/// A fresh secret for an embedded store that lives as long as this process (48 hex digits).
+pub fn random_secret() -> String {
     use rand::RngCore;
     let mut b = [0u8; 24];
     rand::rng().fill_bytes(&mut b);
     hex::encode(b)
+}
+
+/// Participant `id`'s options for the embedded store whose root credential is in `root`: its
+/// own credential, derived from the root secret ([`StoreCredential::for_participant`]), so the
+/// store knows who sends each request and applies that participant's policy.
+pub fn participant_store_options(root: &S3Options, id: &str) -> S3Options {
+    let own = StoreCredential::for_participant(&root.secret_key, id);
+    S3Options {
+        access_key: own.access_key,
+        secret_key: own.secret_key,
+        ..root.clone()
+    }
+}
+
+/// The clients of a federation run in this process, one task each: how `fedmq run` and the
+/// round benchmark start them and wait for them.
+pub struct LocalClients<T> {
+    tasks: Vec<tokio::task::JoinHandle<Result<T>>>,
+    cancel: CancellationToken,
+}
+
+impl<T: Send + 'static> LocalClients<T> {
+    /// No clients yet; `cancel` stops them all.
+    pub fn new(cancel: CancellationToken) -> Self {
+        Self {
+            tasks: Vec::new(),
+            cancel,
+        }
+    }
+
+    /// The token a client must stop on.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Starts the next client (rank `len() + 1`).
+    pub fn spawn(&mut self, client: impl std::future::Future<Output = Result<T>> + Send + 'static) {
+        self.tasks.push(tokio::spawn(client));
+    }
+
+    /// Clients started.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// True before the first [`LocalClients::spawn`].
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Waits for the clients after the server has finished: they exit on its finish message;
+    /// those still running after `grace` are cancelled. Each client's result by rank, a failure
+    /// as its message (with causes).
+    pub async fn join(self, grace: Duration) -> Vec<std::result::Result<T, String>> {
+        let all = futures::future::join_all(self.tasks);
+        tokio::pin!(all);
+        let joined = match tokio::time::timeout(grace, &mut all).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.cancel.cancel();
+                all.await
+            }
+        };
+        self.cancel.cancel();
+        joined
+            .into_iter()
+            .map(|r| match r {
+                Ok(Ok(report)) => Ok(report),
+                Ok(Err(e)) => Err(format!("{e:#}")),
+                Err(e) => Err(format!("client task failed: {e}")),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -19,8 +19,8 @@
 //! - [`metrics`]: `metrics.jsonl`/`metrics.csv`, the summary table and SVG plots.
 //! - [`identity`]: Ed25519 identities, key rings and message signatures.
 //! - [`seal`]: sealed blobs (AEAD content keys wrapped per recipient).
-//! - [`bench_round`], [`bench`]: benchmark harnesses (`fedmq bench round`, `fedmq bench
-//!   strategies`).
+//! - [`bench`]: the benchmark harnesses behind `fedmq bench` (train, blob, mqtt, round,
+//!   strategies), beside the product: nothing else depends on them.
 //! - [`transport`]: the MQTT session (one event-loop task, cloneable handle, retained presence,
 //!   reconnect/resubscribe) and the embedded rumqttd broker.
 //! - [`tls`]: rustls configurations (ring) from PEM files, handshake-failure explanations, and the
@@ -30,7 +30,6 @@
 #![warn(missing_docs)]
 
 pub mod bench;
-pub mod bench_round;
 pub mod client;
 pub mod config;
 pub mod data;

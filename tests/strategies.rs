@@ -6,7 +6,7 @@
 //! the initial one shifted by a scalar that `bench_round::server_shift` computes in f64 from the
 //! papers' rules (independently of `strategy::FedOpt`'s f32 tensor code).
 
-use fedmq::bench_round::{bench_round_in_process, fednova_shift, server_shift, RoundBenchConfig};
+use fedmq::bench::round::{bench_round_in_process, fednova_shift, server_shift, RoundBenchConfig};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,9 @@
 
 use anyhow::Result;
 use clap::Subcommand;
+use fedmq::bench::train::{bench_train, BenchOptions};
 use fedmq::config::LoadMode;
-use fedmq::train::{bench_train, BenchOptions, Engine, ModelKind};
+use fedmq::train::{Engine, ModelKind};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -52,7 +53,7 @@ pub struct StrategiesArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "FedAvg,FedAvgM,FedProx,FedAdam,FedYogi,FedAdagrad,SCAFFOLD,FedNova"
+        default_value = "FedAvg,FedAvgM,FedProx,FedAdam,FedYogi,FedAdagrad,SCAFFOLD,FedNova,FedBuff"
     )]
     strategies: Vec<String>,
     /// Partitions: homo, pathological or hetero:<alpha>, comma-separated.

@@ -1,17 +1,17 @@
 //! `fedmq bench round`: whole federated rounds with a no-op trainer, one JSON line per
 //! configuration; and the hidden `fedmq bench-round-client`, one client of the process mode.
 //!
-//! The in-process mode is [`fedmq::bench_round::bench_round_in_process`]. The process mode lives
+//! The in-process mode is [`fedmq::bench::round::bench_round_in_process`]. The process mode lives
 //! here because it starts this binary: `fedmq broker` (or Mosquitto), `fedmq store`, and one
 //! `fedmq bench-round-client` per client; this process is only the server. With several
 //! configurations (comma lists), each one runs in a fresh `fedmq bench round` child, so that every
 //! line's peak resident sets are its own (a process's peak never decreases).
 
 use anyhow::{bail, Context, Result};
-use fedmq::bench_round::{
-    self, kib_to_mib, proc_cpu_s, proc_status_kib, random_run_id, random_secret, round2,
-    run_bench_client, run_bench_server, BenchEnv, BrokerKind, CpuSeconds, Mode, MosquittoBroker,
-    RoundBenchConfig, RoundBenchReport, ScratchDir, ACCESS_KEY, CLIENT_SAMPLES,
+use fedmq::bench::round::{
+    self as bench_round, kib_to_mib, proc_cpu_s, proc_status_kib, random_run_id, random_secret,
+    round2, run_bench_client, run_bench_server, BenchEnv, BrokerKind, CpuSeconds, Mode,
+    MosquittoBroker, RoundBenchConfig, RoundBenchReport, ScratchDir, ACCESS_KEY, CLIENT_SAMPLES,
 };
 use fedmq::client::NoopTrainer;
 use serde::{Deserialize, Serialize};
@@ -186,7 +186,7 @@ pub fn run(a: RoundArgs) -> Result<()> {
         })
         .collect();
     for s in &a.strategy {
-        fedmq::bench_round::strategy_named(
+        fedmq::bench::round::strategy_named(
             s,
             a.clients.first().copied().unwrap_or(10),
             &Default::default(),

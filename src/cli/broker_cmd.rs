@@ -2,7 +2,7 @@
 //! round-trip latency). Thin: the work is in `fedmq::transport`.
 
 use anyhow::{bail, Context, Result};
-use fedmq::transport::bench::{mqtt_rtt, RttOptions};
+use fedmq::bench::mqtt::{mqtt_rtt, RttOptions};
 use fedmq::transport::{BrokerOptions, BrokerTls, EmbeddedBroker};
 use std::collections::HashMap;
 use std::net::SocketAddr;

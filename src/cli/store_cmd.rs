@@ -186,7 +186,7 @@ async fn bench_blob(a: BenchBlobArgs) -> Result<()> {
         }
     };
     let blobs = BlobStore::connect(&opts).context("S3 options")?;
-    let result = store::bench::bench_blob(
+    let result = fedmq::bench::blob::bench_blob(
         &blobs,
         &label,
         &format!("bench/{tag}"),

@@ -24,7 +24,6 @@
 #![allow(clippy::result_large_err)]
 
 pub mod access;
-pub mod bench;
 mod blob;
 mod error;
 mod objects;

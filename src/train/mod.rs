@@ -18,17 +18,15 @@
 //! - [`optim`]: SGD (momentum, Nesterov, L2 weight decay) and Adam with PyTorch's update
 //!   rules, as host kernels and as a candle-tensor optimizer.
 //! - [`trainer`]: [`train_local`], [`evaluate`], [`train_central`], [`select_device`].
-//! - [`bench`]: [`bench_train`], the fwd+bwd+SGD throughput benchmark.
 //! - `native`: the CPU engine.
 
-pub mod bench;
 pub mod model;
 mod native;
 pub mod optim;
 pub mod trainer;
 
-pub use bench::{bench_train, BenchOptions, BenchReport};
 pub use model::{init_params, Model, ModelKind, ParamSpec};
+pub(crate) use native::NativeNet;
 pub use optim::{OptimizerConfig, OptimizerKind, TensorOptimizer};
 pub use trainer::{
     evaluate, select_device, train_central, train_local, CentralEpoch, CentralReport, Engine,

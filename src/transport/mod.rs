@@ -25,7 +25,6 @@
 //! [`MqttError::Timeout`]. `broker/mosquitto-tls.conf` is the reference Mosquitto setup for
 //! TLS and mutual TLS; the embedded broker does mutual TLS through its gateway
 //! ([`BrokerOptions::client_ca`]).
-//! - `bench.rs`: [`bench::mqtt_rtt`], control-message round-trip latency through any broker.
 //!
 //! # Limits
 //! One number ties the layers together: [`DEFAULT_MAX_PACKET_SIZE`] (256 KiB). The embedded broker
@@ -34,7 +33,6 @@
 //! Control messages are capped far below, at [`crate::proto::MAX_MESSAGE_BYTES`] (64 KiB), by
 //! [`MqttHandle::publish`], so a fedmq message can never exceed a limit anywhere on its path.
 
-pub mod bench;
 mod broker;
 mod gateway;
 mod mqtt;

@@ -5,8 +5,7 @@
 //! [`BlobRef`](crate::proto::BlobRef); `get` includes checking length and SHA-256. Creating the
 //! random data and deleting the blob after each run are not timed.
 
-use super::blob::{BlobStore, MIB};
-use super::error::Result;
+use crate::store::{BlobStore, Result, MIB};
 use bytes::Bytes;
 use rand::RngCore;
 use serde::Serialize;

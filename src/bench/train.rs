@@ -2,17 +2,16 @@
 //! batches, as the PyTorch reference measures it.
 //!
 //! ```no_run
-//! use fedmq::train::{bench_train, BenchOptions, ModelKind};
+//! use fedmq::bench::train::{bench_train, BenchOptions};
+//! use fedmq::train::ModelKind;
 //! let report = bench_train(ModelKind::Cnn, 32, BenchOptions::default())?;
 //! println!("{}", serde_json::to_string(&report).unwrap());
 //! # Ok::<(), fedmq::train::Error>(())
 //! ```
 
-use super::model::{init_params, Model, ModelKind};
-use super::native::NativeNet;
-use super::optim::{OptimizerConfig, TensorOptimizer};
-use super::trainer::{arch_for, Engine};
-use super::{Error, Result};
+use crate::train::trainer::{arch_for, Engine};
+use crate::train::TensorOptimizer;
+use crate::train::{init_params, Error, Model, ModelKind, NativeNet, OptimizerConfig, Result};
 use candle_core::{Device, Module, Tensor};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;

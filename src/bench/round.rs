@@ -24,11 +24,12 @@
 //! a fresh process when several are asked for.
 
 use crate::client::{self, ClientOptions, ClientReport, NoopTrainer};
-use crate::federation::{capabilities, Security, KEY_PREFIX};
+use crate::federation::{
+    capabilities, participant_store_options, LocalClients, Security, CLIENT_GRACE, KEY_PREFIX,
+};
 use crate::metrics::RoundRecord;
 use crate::proto::{BlobKeys, TrainConfig};
 use crate::server::{self, Outcome, Progress, RoundConfig, ServerOptions, ServerReport, Weighting};
-use crate::store::access::StoreCredential;
 use crate::store::{
     BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions, StoreTls, MIB,
 };
@@ -622,12 +623,7 @@ impl BenchEnv {
 
     /// Client `id`'s store options: its own credential, derived from the store's secret.
     fn client_s3(&self, id: &str) -> S3Options {
-        let own = StoreCredential::for_participant(&self.s3.secret_key, id);
-        S3Options {
-            access_key: own.access_key,
-            secret_key: own.secret_key,
-            ..self.s3.clone()
-        }
+        participant_store_options(&self.s3, id)
     }
 
     fn session(&self, id: &str) -> SessionOptions {
@@ -676,10 +672,7 @@ pub fn random_run_id() -> String {
     format!("bench-{:08x}", rand::random::<u32>())
 }
 
-/// A fresh store secret.
-pub fn random_secret() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
+pub use crate::federation::random_secret;
 
 /// The server options of a benchmark: every client selected every round, full quorum, no
 /// retries, no evaluation, the last two rounds' blobs kept, nothing written to disk.
@@ -1231,7 +1224,7 @@ pub async fn bench_round_in_process(cfg: &RoundBenchConfig) -> Result<RoundBench
             let acl = match &certs {
                 Some(c) => {
                     let path = c.join("fedmq.acl");
-                    std::fs::write(&path, include_str!("../broker/fedmq.acl"))
+                    std::fs::write(&path, include_str!("../../broker/fedmq.acl"))
                         .context("writing the benchmark's ACL")?;
                     Some(path)
                 }
@@ -1275,38 +1268,22 @@ pub async fn bench_round_in_process(cfg: &RoundBenchConfig) -> Result<RoundBench
         security,
     };
 
-    let client_cancel = CancellationToken::new();
-    let clients: Vec<_> = (1..=cfg.clients)
-        .map(|rank| {
-            let env = env.clone();
-            let cancel = client_cancel.clone();
-            let trainer = cfg.trainer_of(rank);
-            tokio::spawn(async move { run_bench_client(rank, &env, trainer, cancel).await })
-        })
-        .collect();
+    let mut clients = LocalClients::new(CancellationToken::new());
+    for rank in 1..=cfg.clients {
+        let (env, cancel, trainer) = (env.clone(), clients.cancel_token(), cfg.trainer_of(rank));
+        clients.spawn(async move { run_bench_client(rank, &env, trainer, cancel).await });
+    }
 
     let server = run_bench_server(cfg, &env, CancellationToken::new()).await;
 
-    // Clients exit on the finish message; stop the stragglers after a while.
-    let all = futures::future::join_all(clients);
-    tokio::pin!(all);
-    let joined = match tokio::time::timeout(Duration::from_secs(10), &mut all).await {
-        Ok(r) => r,
-        Err(_) => {
-            client_cancel.cancel();
-            all.await
-        }
-    };
-    client_cancel.cancel();
+    let joined = clients.join(CLIENT_GRACE).await;
     let clients_ok = joined
         .iter()
-        .filter(|r| matches!(r, Ok(Ok(c)) if c.rounds_reported == cfg.rounds))
+        .filter(|r| matches!(r, Ok(c) if c.rounds_reported == cfg.rounds))
         .count();
     for (i, r) in joined.iter().enumerate() {
-        match r {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(rank = i + 1, "client failed: {e:#}"),
-            Err(e) => tracing::warn!(rank = i + 1, "client task failed: {e}"),
+        if let Err(e) = r {
+            tracing::warn!(rank = i + 1, "client failed: {e}");
         }
     }
     let server = server?;

@@ -10,12 +10,12 @@
 //! The bench sessions use clean sessions and a random run id so that repeated runs against a
 //! long-lived broker leave neither persistent sessions nor retained commands behind.
 
-use super::{
-    BrokerError, ConnState, Incoming, MqttError, MqttHandle, MqttSession, PresenceMessages,
-    SessionOptions,
-};
 use crate::proto::{
     BlobRef, Body, Envelope, Role, TopicKind, Topics, Train, TrainConfig, TrainMetrics, Update,
+};
+use crate::transport::{
+    BrokerError, ConnState, Incoming, MqttError, MqttHandle, MqttSession, PresenceMessages,
+    SessionOptions,
 };
 use serde::Serialize;
 use std::time::{Duration, Instant};
