@@ -5,12 +5,12 @@
 
 use crate::client::{self, ClientOptions, ClientReport, DataTrainer, LocalTrainer};
 use crate::config::Config;
+use crate::crypto::identity::{Identity, Keyring};
+use crate::crypto::seal::BlobCrypto;
 use crate::data::{
     self, DataSplit, Dataset, DatasetKind, FetchOptions, Partition, PartitionMethod,
 };
-use crate::identity::{Identity, Keyring};
 use crate::proto::{BlobKeys, Capabilities, TrainConfig};
-use crate::seal::BlobCrypto;
 use crate::server::{
     self, Checkpoint, Evaluation, Evaluator, Progress, RoundConfig, ServerOptions, ServerReport,
 };

@@ -17,14 +17,14 @@
 //! - [`client`]: the client runtime, its trainers and the client-side strategy hooks.
 //! - [`federation`]: a whole federation in one process (`fedmq run`).
 //! - [`metrics`]: `metrics.jsonl`/`metrics.csv`, the summary table and SVG plots.
-//! - [`identity`]: Ed25519 identities, key rings and message signatures.
-//! - [`seal`]: sealed blobs (AEAD content keys wrapped per recipient).
 //! - [`bench_round`], [`bench`]: benchmark harnesses (`fedmq bench round`, `fedmq bench
 //!   strategies`).
 //! - [`transport`]: the MQTT session (one event-loop task, cloneable handle, retained presence,
 //!   reconnect/resubscribe) and the embedded rumqttd broker.
-//! - [`tls`]: rustls configurations (ring) from PEM files, handshake-failure explanations, and the
-//!   local CA of `fedmq certs`.
+//! - [`crypto`]: the crypto layer: [`crypto::identity`] (Ed25519 identities, key rings and
+//!   message signatures), [`crypto::seal`] (sealed blobs: AEAD content keys wrapped per
+//!   recipient), [`crypto::tls`] (rustls configurations (ring) from PEM files, handshake-failure
+//!   explanations, and the local CA of `fedmq certs`).
 //! - [`tensor`]: model parameters ↔ safetensors bytes in memory, with SHA-256 digests.
 //! - `cli` (binary only): the `fedmq` command line.
 #![warn(missing_docs)]
@@ -33,16 +33,14 @@ pub mod bench;
 pub mod bench_round;
 pub mod client;
 pub mod config;
+pub mod crypto;
 pub mod data;
 pub mod federation;
-pub mod identity;
 pub mod metrics;
 pub mod proto;
-pub mod seal;
 pub mod server;
 pub mod store;
 pub mod strategy;
 pub mod tensor;
-pub mod tls;
 pub mod train;
 pub mod transport;

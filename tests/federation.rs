@@ -13,11 +13,11 @@ use fedmq::client::{
     self, ClientOptions, ClientReport, DataTrainer, LocalHooks, LocalTrainer, Trained,
 };
 use fedmq::config::Config;
+use fedmq::crypto::identity::{Identity, Keyring};
+use fedmq::crypto::seal::BlobCrypto;
 use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
-use fedmq::identity::{Identity, Keyring};
 use fedmq::metrics::{read_jsonl, RoundRecord};
 use fedmq::proto::{BlobKeys, Body, Envelope, TopicKind, Topics, TrainConfig, TrainMetrics};
-use fedmq::seal::BlobCrypto;
 use fedmq::server::{self, Evaluator, Outcome, Progress, ServerReport};
 use fedmq::store::{BlobStore, EmbeddedStore, S3Options, StoreOptions};
 use fedmq::strategy::FedAvg;
@@ -71,7 +71,10 @@ fn config(run: &str, model: &str, clients: usize, rounds: usize, partition: &str
 /// `raw` (the stored bytes of `key`) is a sealed blob: the sealed header, and neither a
 /// safetensors model, nor a tensor name, nor a JSON field anywhere in it.
 fn assert_only_ciphertext(key: &str, raw: &[u8]) {
-    assert!(fedmq::seal::looks_sealed(raw), "{key} is not sealed");
+    assert!(
+        fedmq::crypto::seal::looks_sealed(raw),
+        "{key} is not sealed"
+    );
     assert!(
         ParamSet::from_safetensors_bytes(raw).is_err(),
         "{key} parses as a model"
@@ -1176,9 +1179,9 @@ async fn a_federation_over_mutual_tls_with_signatures_and_sealed_blobs_learns_li
     let ids: Vec<String> = std::iter::once("server".to_string())
         .chain((1..=N).map(client::client_id))
         .collect();
-    let mut plan = fedmq::tls::CertsPlan::new(d.join("certs"), ids.clone());
+    let mut plan = fedmq::crypto::tls::CertsPlan::new(d.join("certs"), ids.clone());
     plan.hosts = vec!["127.0.0.1".into()];
-    fedmq::tls::generate_certs(&plan).unwrap();
+    fedmq::crypto::tls::generate_certs(&plan).unwrap();
     let (trust_server, trust_clients) = (d.join("trust-server"), d.join("trust-clients"));
     for id in &ids {
         let (_, public) = Identity::generate(id).save(&d.join("keys")).unwrap();
@@ -1322,9 +1325,9 @@ async fn a_federation_completes_through_the_secure_broker_while_its_address_floo
         .map(str::to_string)
         .chain((1..=N).map(client::client_id))
         .collect();
-    let mut plan = fedmq::tls::CertsPlan::new(d.join("certs"), ids);
+    let mut plan = fedmq::crypto::tls::CertsPlan::new(d.join("certs"), ids);
     plan.hosts = vec!["127.0.0.1".into()];
-    fedmq::tls::generate_certs(&plan).unwrap();
+    fedmq::crypto::tls::generate_certs(&plan).unwrap();
     let certs = d.join("certs");
     let port = free_port();
     // FEDMQ_TEST_FLOOD_BROKER=mosquitto: the same scenario against Mosquitto with the same
@@ -1403,7 +1406,7 @@ async fn a_federation_completes_through_the_secure_broker_while_its_address_floo
         let mut o = SessionOptions::new("127.0.0.1", port, "probe");
         o.tls = Some(fedmq::transport::MqttTls {
             ca: certs.join("ca.pem"),
-            identity: Some(fedmq::tls::Identity {
+            identity: Some(fedmq::crypto::tls::Identity {
                 cert: certs.join("probe.pem"),
                 key: certs.join("probe.key"),
             }),

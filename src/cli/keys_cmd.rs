@@ -4,7 +4,7 @@
 //! policy that confines it on MinIO or AWS (`<id>.s3-policy.json`).
 
 use anyhow::{bail, Context, Result};
-use fedmq::identity::Identity;
+use fedmq::crypto::identity::Identity;
 use fedmq::store::access::{iam_policy, StoreCredential};
 use std::path::PathBuf;
 

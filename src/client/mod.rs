@@ -26,11 +26,11 @@ pub use machine::ClientMachine;
 use machine::{Action, Event, JobOutcome};
 pub use trainer::{DataTrainer, LocalTrainer, NoopTrainer, Trained};
 
+use crate::crypto::seal::BlobCrypto;
 use crate::proto::SERVER_ID;
 use crate::proto::{
     self, BlobKeys, BlobRef, Body, Capabilities, Envelope, Failure, Role, Topics, Train, Update,
 };
-use crate::seal::BlobCrypto;
 use crate::store::{self, BlobStore};
 use crate::tensor::ParamSet;
 use crate::transport::{Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
@@ -64,8 +64,8 @@ pub struct ClientOptions {
     /// How long to wait for the broker on start.
     pub connect_timeout: Duration,
     /// When set, only commands signed by the server's key in this ring are followed.
-    pub keyring: Option<Arc<crate::identity::Keyring>>,
-    /// When set, blobs are sealed ([`crate::seal`]): the global model must arrive sealed for this
+    pub keyring: Option<Arc<crate::crypto::identity::Keyring>>,
+    /// When set, blobs are sealed ([`crate::crypto::seal`]): the global model must arrive sealed for this
     /// client, and updates are sealed for the server.
     pub crypto: Option<Arc<BlobCrypto>>,
 }
@@ -246,7 +246,7 @@ pub async fn run_client(
 fn authenticate(
     m: &Incoming,
     topics: &Topics,
-    keyring: Option<&crate::identity::Keyring>,
+    keyring: Option<&crate::crypto::identity::Keyring>,
 ) -> Option<Event> {
     let (kind, env) = match m.decode(topics) {
         Ok(x) => x,

@@ -21,12 +21,12 @@
 
 use super::budget::{SenderBudget, Verdict};
 use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
-use crate::identity::Keyring;
+use crate::crypto::identity::Keyring;
+use crate::crypto::seal::{self, BlobCrypto, ContentKey};
 use crate::metrics::{MetricsWriter, RoundRecord};
 use crate::proto::{
     self, BlobKeys, BlobRef, Body, Envelope, Finish, Presence, Role, TopicKind, Topics, Train,
 };
-use crate::seal::{self, BlobCrypto, ContentKey};
 use crate::store::{self, BlobStore, RetentionPolicy};
 use crate::strategy::{Strategy, StrategyState};
 use crate::tensor::ParamSet;
@@ -102,7 +102,7 @@ pub struct ServerOptions {
     /// When set, only messages signed by a key in this ring are accepted (clients' keys);
     /// unsigned, unknown, revoked, forged and stale ones are dropped with a logged reason.
     pub keyring: Option<Arc<Keyring>>,
-    /// When set, every blob is sealed ([`crate::seal`]): the global and final models for each
+    /// When set, every blob is sealed ([`crate::crypto::seal`]): the global and final models for each
     /// client they are sent to, checkpoints for the server itself; updates must arrive sealed for
     /// the server.
     pub crypto: Option<Arc<BlobCrypto>>,

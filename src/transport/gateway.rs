@@ -1840,10 +1840,11 @@ mod tests {
     #[test]
     fn common_name_of_generated_certificates() {
         let dir = tempfile::tempdir().unwrap();
-        let plan = crate::tls::CertsPlan::new(dir.path(), vec!["client-1".into()]);
-        crate::tls::generate_certs(&plan).unwrap();
+        let plan = crate::crypto::tls::CertsPlan::new(dir.path(), vec!["client-1".into()]);
+        crate::crypto::tls::generate_certs(&plan).unwrap();
         for id in ["client-1", "broker"] {
-            let cert = crate::tls::load_certs(&dir.path().join(format!("{id}.pem")), "c").unwrap();
+            let cert =
+                crate::crypto::tls::load_certs(&dir.path().join(format!("{id}.pem")), "c").unwrap();
             assert_eq!(common_name(cert[0].as_ref()).as_deref(), Some(id));
         }
         assert_eq!(common_name(b"\x30\x03\x30\x01"), None);
