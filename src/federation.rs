@@ -15,7 +15,9 @@ use crate::server::{
     self, Checkpoint, Evaluation, Evaluator, Progress, RoundConfig, ServerOptions, ServerReport,
 };
 use crate::store::access::StoreCredential;
-use crate::store::{BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions};
+use crate::store::{
+    BlobStore, EmbeddedStore, RetentionPolicy, S3Options, SealedStore, StoreOptions,
+};
 use crate::tensor::ParamSet;
 use crate::train::{self, Model, ModelKind};
 use crate::transport::{BrokerOptions, EmbeddedBroker, SessionOptions};
@@ -479,7 +481,8 @@ async fn serve(
     mqtt.signer = sec.signer;
     let resume_from: Option<Checkpoint> = if resume {
         store.ensure_bucket().await?;
-        let cp = server::latest_checkpoint(&store, &opts.keys, opts.crypto.as_deref()).await?;
+        let sealed = SealedStore::new(store.clone(), opts.crypto.clone());
+        let cp = server::latest_checkpoint(&sealed, &opts.keys).await?;
         match &cp {
             Some(c) => tracing::info!(round = c.round, "resuming after round {}", c.round),
             None => bail!(

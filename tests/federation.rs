@@ -19,7 +19,7 @@ use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
 use fedmq::metrics::{read_jsonl, RoundRecord};
 use fedmq::proto::{BlobKeys, Body, Envelope, TopicKind, Topics, TrainConfig, TrainMetrics};
 use fedmq::server::{self, Evaluator, Outcome, Progress, ServerReport};
-use fedmq::store::{BlobStore, EmbeddedStore, S3Options, StoreOptions};
+use fedmq::store::{BlobStore, EmbeddedStore, S3Options, SealedStore, StoreOptions};
 use fedmq::strategy::FedAvg;
 use fedmq::tensor::ParamSet;
 use fedmq::train::ModelKind;
@@ -193,7 +193,7 @@ async fn local_federation_learns_and_writes_its_outputs() {
         assert_only_ciphertext(key, &raw);
     }
     // Without the server's key the checkpoint cannot even be read.
-    let e = server::latest_checkpoint(&blobs, &keys, None)
+    let e = server::latest_checkpoint(&SealedStore::new(blobs.clone(), None), &keys)
         .await
         .expect_err("a sealed checkpoint needs the server's key");
     assert!(e.to_string().contains("is sealed"), "{e}");
@@ -1271,19 +1271,17 @@ async fn a_federation_over_mutual_tls_with_signatures_and_sealed_blobs_learns_li
     }
     // The server's key (and only it) reopens the last checkpoint and its model.
     let sec = federation::Security::from_config(&server_cfg, server::SERVER_ID).unwrap();
-    let crypto = sec.crypto.expect("sealing on");
-    let cp = server::latest_checkpoint(&blobs, &keys, Some(&crypto))
+    let sealed = SealedStore::new(blobs.clone(), Some(sec.crypto.expect("sealing on")));
+    let cp = server::latest_checkpoint(&sealed, &keys)
         .await
         .unwrap()
         .expect("a checkpoint");
     assert_eq!(cp.round, 3);
-    let model = server::load_checkpoint_model(&blobs, &cp, Some(&crypto))
-        .await
-        .unwrap();
+    let model = server::load_checkpoint_model(&sealed, &cp).await.unwrap();
     assert_eq!(model, secure.final_params);
     let client_sec = federation::Security::from_config(&clients[0], "client-1").unwrap();
     assert!(
-        server::latest_checkpoint(&blobs, &keys, client_sec.crypto.as_deref())
+        server::latest_checkpoint(&SealedStore::new(blobs.clone(), client_sec.crypto), &keys)
             .await
             .is_err(),
         "a client's key does not open the server's checkpoint"
@@ -1518,7 +1516,7 @@ async fn fedadam_moments_are_checkpointed_beside_the_checkpoint_and_restore() {
     }
     let store = fx.s3();
     let keys = BlobKeys::new(KEY_PREFIX, &fx.cfg.common_args.run_id);
-    let cp = server::latest_checkpoint(&store, &keys, None)
+    let cp = server::latest_checkpoint(&SealedStore::new(store.clone(), None), &keys)
         .await
         .unwrap()
         .expect("a checkpoint");

@@ -31,10 +31,9 @@ use crate::proto::SERVER_ID;
 use crate::proto::{
     self, BlobKeys, BlobRef, Body, Capabilities, Envelope, Failure, Role, Topics, Train, Update,
 };
-use crate::store::{self, BlobStore};
+use crate::store::{self, BlobStore, SealedError, SealedStore};
 use crate::tensor::ParamSet;
 use crate::transport::{Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
-use bytes::Bytes;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -65,8 +64,9 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// When set, only commands signed by the server's key in this ring are followed.
     pub keyring: Option<Arc<crate::crypto::identity::Keyring>>,
-    /// When set, blobs are sealed ([`crate::crypto::seal`]): the global model must arrive sealed for this
-    /// client, and updates are sealed for the server.
+    /// When set, blobs are sealed ([`crate::crypto::seal`]): the global model must arrive sealed
+    /// for this client, and updates are sealed for the server. The client stores and fetches
+    /// through a [`SealedStore`] built from it.
     pub crypto: Option<Arc<BlobCrypto>>,
 }
 
@@ -149,6 +149,7 @@ pub async fn run_client(
         Some(opts.capabilities.clone()),
     ));
     check_store(&store, &opts.keys).await?;
+    let store = SealedStore::new(store, opts.crypto.clone());
     let endpoint = format!("{}:{}", mqtt.host, mqtt.port);
     let session_cancel = CancellationToken::new();
     let (handle, mut incoming) = MqttSession::connect(mqtt, session_cancel.clone())?;
@@ -190,7 +191,6 @@ pub async fn run_client(
                         handle: handle.clone(),
                         trainer: trainer.clone(),
                         slots: opts.train_slots.clone(),
-                        crypto: opts.crypto.clone(),
                         memory: memory.clone(),
                     };
                     let tx = done_tx.clone();
@@ -280,11 +280,11 @@ struct JobCtx {
     id: String,
     up_topic: String,
     keys: BlobKeys,
-    store: BlobStore,
+    /// Opens the global model and seals the update (plaintext when not sealing).
+    store: SealedStore,
     handle: MqttHandle,
     trainer: Arc<dyn LocalTrainer>,
     slots: Option<Arc<Semaphore>>,
-    crypto: Option<Arc<BlobCrypto>>,
     memory: Arc<ClientMemory>,
 }
 
@@ -329,20 +329,16 @@ impl JobCtx {
         let bytes = store::retry::until(&what, deadline, || self.store.get(&train.global))
             .await
             .map_err(|e| format!("fetching the global model: {e}"))?;
-        let crypto = self.crypto.clone();
+        let store = self.store.clone();
         let blob = train.global.clone();
         let global = tokio::task::spawn_blocking(move || {
-            let bytes = match (&crypto, &blob.wrapped_key) {
-                (Some(c), _) => c.open(&blob, bytes).map_err(|e| e.to_string())?,
-                (None, None) => bytes,
-                (None, Some(_)) => {
-                    return Err(format!(
-                        "{}: the server sealed the global model, but this client has no \
-                         encryption keys (set fedmq_args.signing_key and trusted_keys)",
-                        blob.key
-                    ))
-                }
-            };
+            let bytes = store.open(&blob, bytes).map_err(|e| match e {
+                SealedError::NoKeys { key } => format!(
+                    "{key}: the server sealed the global model, but this client has no \
+                     encryption keys (set fedmq_args.signing_key and trusted_keys)"
+                ),
+                e => e.to_string(),
+            })?;
             ParamSet::from_safetensors_bytes(&bytes)
                 .map_err(|e| format!("the global model does not decode: {e}"))
         })
@@ -386,34 +382,26 @@ impl JobCtx {
             ));
         }
         let key = self.keys.update(round, &self.id);
-        let crypto = self.crypto.clone();
-        let sealed_key = key.clone();
+        let sealing = self.store.clone();
         let extra = finished.tensors.take();
-        let (bytes, content_key) = tokio::task::spawn_blocking(move || {
+        let sealed = tokio::task::spawn_blocking(move || {
             let plain = match &extra {
                 Some(t) => params.to_safetensors_bytes_with(proto::STRATEGY_TENSOR_PREFIX, t),
                 None => params.to_safetensors_bytes(),
             };
-            match &crypto {
-                Some(c) => {
-                    let (sealed, ck) = c.seal(&sealed_key, &plain);
-                    (sealed, Some(ck))
-                }
-                None => (plain, None),
-            }
+            sealing.seal(&key, plain)
         })
         .await
         .map_err(|e| format!("encoding task failed: {e}"))?;
-        let bytes = Bytes::from(bytes);
         let what = format!("{}: storing the update of round {round}", self.id);
-        let mut blob = store::retry::until(&what, deadline, || self.store.put(&key, bytes.clone()))
+        let written = store::retry::until(&what, deadline, || self.store.put(&sealed))
             .await
             .map_err(|e| format!("storing the update: {e}"))?;
-        if let (Some(c), Some(ck)) = (&self.crypto, &content_key) {
-            blob = c
-                .wrapped_ref(&blob, ck, SERVER_ID)
-                .map_err(|e| format!("sealing the update for the server: {e}"))?;
-        }
+        // The update's content key goes to the server alone.
+        let blob = self
+            .store
+            .reference_for(&written, SERVER_ID)
+            .map_err(|e| format!("sealing the update for the server: {e}"))?;
         hooks::commit(&mut finished, &self.memory);
         Ok(Update {
             update: blob,

@@ -22,12 +22,12 @@
 use super::budget::{SenderBudget, Verdict};
 use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
 use crate::crypto::identity::Keyring;
-use crate::crypto::seal::{self, BlobCrypto, ContentKey};
+use crate::crypto::seal::BlobCrypto;
 use crate::metrics::{MetricsWriter, RoundRecord};
 use crate::proto::{
     self, BlobKeys, BlobRef, Body, Envelope, Finish, Presence, Role, TopicKind, Topics, Train,
 };
-use crate::store::{self, BlobStore, RetentionPolicy};
+use crate::store::{self, BlobStore, RetentionPolicy, SealedError, SealedStore, Written};
 use crate::strategy::{Strategy, StrategyState};
 use crate::tensor::ParamSet;
 use crate::transport::{Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
@@ -102,9 +102,9 @@ pub struct ServerOptions {
     /// When set, only messages signed by a key in this ring are accepted (clients' keys);
     /// unsigned, unknown, revoked, forged and stale ones are dropped with a logged reason.
     pub keyring: Option<Arc<Keyring>>,
-    /// When set, every blob is sealed ([`crate::crypto::seal`]): the global and final models for each
-    /// client they are sent to, checkpoints for the server itself; updates must arrive sealed for
-    /// the server.
+    /// When set, every blob is sealed ([`crate::crypto::seal`]): the global and final models for
+    /// each client they are sent to, checkpoints for the server itself; updates must arrive sealed
+    /// for the server. The driver stores and fetches through a [`SealedStore`] built from it.
     pub crypto: Option<Arc<BlobCrypto>>,
 }
 
@@ -199,36 +199,28 @@ pub struct Checkpoint {
 /// [`ServerError::Store`] when listing or reading fails, [`ServerError::Checkpoint`] when the
 /// document is unreadable.
 pub async fn latest_checkpoint(
-    store: &BlobStore,
+    store: &SealedStore,
     keys: &BlobKeys,
-    crypto: Option<&BlobCrypto>,
 ) -> Result<Option<Checkpoint>, ServerError> {
     let prefix = keys.checkpoint_prefix();
-    let mut objects = store.list(&prefix).await?;
+    let mut objects = store.inner().list(&prefix).await?;
     objects.sort_by(|a, b| a.key.cmp(&b.key));
     let Some(last) = objects.last() else {
         return Ok(None);
     };
     let bytes = store.get_unverified(&last.key).await?;
-    let bytes = match (crypto, seal::looks_sealed(&bytes)) {
-        (Some(c), true) => c
-            .open_own(&last.key, bytes)
-            .map_err(|e| ServerError::Checkpoint(e.to_string()))?,
-        (None, false) => bytes,
-        (Some(_), false) => {
-            return Err(ServerError::Checkpoint(format!(
-                "{} is not sealed, but this server seals its blobs: refusing a checkpoint \
-                 anyone with store credentials could have written",
-                last.key
-            )))
-        }
-        (None, true) => {
-            return Err(ServerError::Checkpoint(format!(
-                "{} is sealed: resume with the server's signing_key and trusted_keys set",
-                last.key
-            )))
-        }
-    };
+    let bytes = store.open_own(&last.key, bytes).map_err(|e| {
+        ServerError::Checkpoint(match e {
+            SealedError::Unsealed { key } => format!(
+                "{key} is not sealed, but this server seals its blobs: refusing a checkpoint \
+                 anyone with store credentials could have written"
+            ),
+            SealedError::NoKeys { key } => format!(
+                "{key} is sealed: resume with the server's signing_key and trusted_keys set"
+            ),
+            e => e.to_string(),
+        })
+    })?;
     let cp: Checkpoint = serde_json::from_slice(&bytes)
         .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", last.key)))?;
     Ok(Some(cp))
@@ -239,12 +231,13 @@ pub async fn latest_checkpoint(
 /// # Errors
 /// As [`latest_checkpoint`], plus a decoding error naming the key.
 pub async fn load_checkpoint_model(
-    store: &BlobStore,
+    store: &SealedStore,
     cp: &Checkpoint,
-    crypto: Option<&BlobCrypto>,
 ) -> Result<ParamSet, ServerError> {
     let bytes = store.get(&cp.model).await?;
-    let bytes = open_blob(crypto, &cp.model, bytes).map_err(ServerError::Checkpoint)?;
+    let bytes = store
+        .open(&cp.model, bytes)
+        .map_err(|e| ServerError::Checkpoint(open_failed(e)))?;
     let mut model = ParamSet::from_safetensors_bytes(&bytes)
         .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", cp.model.key)))?;
     // The round's strategy tensors travel in the same blob; the strategy restores its own
@@ -258,33 +251,23 @@ pub async fn load_checkpoint_model(
 ///
 /// # Errors
 /// The blob is missing, altered or undecodable.
-async fn load_checkpoint_state(
-    store: &BlobStore,
-    r: &BlobRef,
-    crypto: Option<&BlobCrypto>,
-) -> Result<ParamSet, ServerError> {
+async fn load_checkpoint_state(store: &SealedStore, r: &BlobRef) -> Result<ParamSet, ServerError> {
     let bytes = store.get(r).await?;
-    let bytes = match crypto {
-        Some(c) => c
-            .open_own(&r.key, bytes)
-            .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", r.key)))?,
-        None => bytes,
-    };
+    let bytes = store
+        .open_own(&r.key, bytes)
+        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", r.key)))?;
     ParamSet::from_safetensors_bytes(&bytes)
         .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", r.key)))
 }
 
-/// The plaintext of a fetched blob: opened when `crypto` is set (which requires it sealed),
-/// as is otherwise (which requires it plain).
-fn open_blob(crypto: Option<&BlobCrypto>, blob: &BlobRef, bytes: Bytes) -> Result<Bytes, String> {
-    match (crypto, &blob.wrapped_key) {
-        (Some(c), _) => c.open(blob, bytes).map_err(|e| e.to_string()),
-        (None, None) => Ok(bytes),
-        (None, Some(_)) => Err(format!(
-            "{}: the blob is sealed, but this server has no encryption keys (set \
-             fedmq_args.signing_key and trusted_keys)",
-            blob.key
-        )),
+/// Why a fetched blob (an update, a checkpoint's model) does not open, in the server's words.
+fn open_failed(e: SealedError) -> String {
+    match e {
+        SealedError::NoKeys { key } => format!(
+            "{key}: the blob is sealed, but this server has no encryption keys (set \
+             fedmq_args.signing_key and trusted_keys)"
+        ),
+        e => e.to_string(),
     }
 }
 
@@ -292,7 +275,7 @@ fn open_blob(crypto: Option<&BlobCrypto>, blob: &BlobRef, bytes: Bytes) -> Resul
 enum TaskDone {
     Stored {
         round: u64,
-        blob: BlobRef,
+        written: Written,
     },
     StoreFailed {
         round: u64,
@@ -360,6 +343,7 @@ pub async fn run_server(
     );
     let endpoint = format!("{}:{}", mqtt.host, mqtt.port);
     store.ensure_bucket().await?;
+    let store = SealedStore::new(store, opts.crypto.clone());
     // The session has its own token: after `cancel` the server still tells the clients that the
     // run is over, then shuts the session down itself.
     let (handle, mut incoming) = MqttSession::connect(mqtt, CancellationToken::new())?;
@@ -375,7 +359,7 @@ pub async fn run_server(
     let mut machine = RoundMachine::new(opts.round.clone(), strategy, initial, Instant::now());
     if let Some(cp) = &resume_from {
         let tensors = match &cp.state_blob {
-            Some(r) => Some(load_checkpoint_state(&store, r, opts.crypto.as_deref()).await?),
+            Some(r) => Some(load_checkpoint_state(&store, r).await?),
             None => None,
         };
         machine
@@ -402,7 +386,7 @@ pub async fn run_server(
         held_permit: None,
         checkpoint_task: None,
         cleanup_task: None,
-        global_key: None,
+        global: None,
         budget: SenderBudget::new(SENDER_BURST, SENDER_RATE),
         elapsed_before: 0.0,
     };
@@ -425,8 +409,7 @@ pub async fn run_server(
     driver.fetch_slots = Arc::new(Semaphore::new(fetch_concurrency));
     if let Some(cp) = resume_from {
         info!(round = cp.round, "resuming from checkpoint");
-        let model =
-            load_checkpoint_model(&driver.store, &cp, driver.opts.crypto.as_deref()).await?;
+        let model = load_checkpoint_model(&driver.store, &cp).await?;
         machine.resume(cp.round, model);
     }
     let clients_needed = driver.opts.round.min_clients;
@@ -570,7 +553,8 @@ pub async fn run_server(
 struct Driver {
     topics: Topics,
     handle: MqttHandle,
-    store: BlobStore,
+    /// Seals what the server stores and opens what it fetches (plaintext when not sealing).
+    store: SealedStore,
     opts: ServerOptions,
     evaluator: Option<Arc<dyn Evaluator>>,
     dedup: Dedup,
@@ -594,8 +578,9 @@ struct Driver {
     checkpoint_task: Option<tokio::task::JoinHandle<()>>,
     /// The latest deletion of old rounds' blobs (awaited before the run returns).
     cleanup_task: Option<tokio::task::JoinHandle<()>>,
-    /// Content key of the latest global model upload (sealed federations), by round.
-    global_key: Option<(u64, Arc<ContentKey>)>,
+    /// The latest global model stored, by round: each client's train command refers to it with
+    /// its content key wrapped to that client.
+    global: Option<(u64, Written)>,
     /// Message budgets per sender.
     budget: SenderBudget,
     /// Seconds the run had taken before this server resumed it (from its metrics).
@@ -680,16 +665,13 @@ impl Driver {
 
     async fn on_task(&mut self, done: TaskDone) -> Option<Event> {
         match done {
-            TaskDone::Stored { round, blob } => {
+            TaskDone::Stored { round, written } => {
+                let blob = written.blob().clone();
                 if let Some(b) = &mut self.round_bytes {
                     b.global_len = blob.len;
                 }
-                let key = self
-                    .global_key
-                    .as_ref()
-                    .filter(|(r, _)| *r == round)
-                    .map(|(_, k)| k.clone());
-                self.write_checkpoint(&blob, key.as_deref()).await;
+                self.write_checkpoint(&written).await;
+                self.global = Some((round, written));
                 Some(Event::GlobalUploaded { round, blob })
             }
             TaskDone::StoreFailed { round, reason } => {
@@ -718,21 +700,18 @@ impl Driver {
         }
     }
 
-    /// Writes the checkpoint of the round that produced `model` (sealed with `key`), if one is
-    /// pending.
-    async fn write_checkpoint(&mut self, model: &BlobRef, key: Option<&ContentKey>) {
+    /// Writes the checkpoint of the round that produced `model`, if one is pending; it refers to
+    /// the model as the server itself reads it back (its content key wrapped to the server).
+    async fn write_checkpoint(&mut self, model: &Written) {
         let Some((round, strategy, state)) = self.pending_checkpoint.take() else {
             return;
         };
-        let model = match (&self.opts.crypto, key) {
-            (Some(c), Some(k)) => match c.wrapped_ref(model, k, SERVER_ID) {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!("checkpoint of round {round} not written: {e}");
-                    return;
-                }
-            },
-            _ => model.clone(),
+        let model = match self.store.reference_for(model, SERVER_ID) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!("checkpoint of round {round} not written: {e}");
+                return;
+            }
         };
         let cp = Checkpoint {
             v: 1,
@@ -760,7 +739,6 @@ impl Driver {
             )
         });
         let store = self.store.clone();
-        let crypto = self.opts.crypto.clone();
         // One checkpoint in flight at a time, in round order.
         let previous = self.checkpoint_task.take();
         let task = tokio::spawn(async move {
@@ -768,18 +746,12 @@ impl Driver {
                 let _ = p.await;
             }
             let round = cp.round;
-            let (doc_key, state_key2) = (key.clone(), state_key.clone());
-            let crypto2 = crypto.clone();
+            let sealing = store.clone();
             let encoded = tokio::task::spawn_blocking(move || {
                 let (json, tensors) = state.encode();
                 cp.state = json;
-                let tensors = tensors.map(|t| {
-                    let bytes = t.to_safetensors_bytes();
-                    match &crypto2 {
-                        Some(c) => c.seal_own(&state_key2, &bytes),
-                        None => bytes,
-                    }
-                });
+                let tensors =
+                    tensors.map(|t| sealing.seal_own(&state_key, t.to_safetensors_bytes()));
                 (cp, tensors)
             })
             .await;
@@ -790,9 +762,9 @@ impl Driver {
                     return;
                 }
             };
-            if let Some(bytes) = tensors {
-                match store.put(&state_key, Bytes::from(bytes)).await {
-                    Ok(r) => cp.state_blob = Some(r),
+            if let Some(blob) = tensors {
+                match store.put(&blob).await {
+                    Ok(w) => cp.state_blob = Some(w.blob().clone()),
                     Err(e) => {
                         warn!("checkpoint of round {round} not written (its strategy state: {e}); the run goes on without it");
                         return;
@@ -800,21 +772,18 @@ impl Driver {
                 }
             }
             let body = match serde_json::to_vec_pretty(&cp) {
-                Ok(b) => match &crypto {
-                    Some(c) => c.seal_own(&doc_key, &b),
-                    None => b,
-                },
+                Ok(b) => store.seal_own(&key, b),
                 Err(e) => {
                     warn!("checkpoint of round {round} not written: {e}");
                     return;
                 }
             };
-            match store.put(&key, Bytes::from(body)).await {
+            match store.put(&body).await {
                 Ok(_) => {
                     debug!(round, %key, "checkpoint written");
                     if let Some((old, old_state)) = old {
-                        let _ = store.delete(&old).await;
-                        let _ = store.delete(&old_state).await;
+                        let _ = store.inner().delete(&old).await;
+                        let _ = store.inner().delete(&old_state).await;
                     }
                 }
                 Err(e) => warn!(
@@ -846,35 +815,25 @@ impl Driver {
                 let key = self.opts.keys.global(round);
                 let store = self.store.clone();
                 let tx = self.tasks.0.clone();
-                let crypto = self.opts.crypto.clone();
-                let content_key = crypto.as_ref().map(|_| Arc::new(ContentKey::generate()));
-                self.global_key = content_key.clone().map(|k| (round, k));
                 // A store outage delays the round by up to a round's timeout before it aborts it.
                 let retry_deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
                 tokio::spawn(async move {
-                    let bytes = match (crypto, content_key) {
-                        (Some(c), Some(k)) => {
-                            let key = key.clone();
-                            tokio::task::spawn_blocking(move || c.seal_with_key(&k, &key, &plain))
-                                .await
-                                .map_err(|e| format!("sealing task failed: {e}"))
-                        }
-                        _ => Ok(plain),
-                    };
-                    let stored = match bytes {
-                        Ok(b) => {
-                            let b = Bytes::from(b);
+                    // Sealed once, under a fresh content key; a retry stores the same bytes.
+                    let sealing = store.clone();
+                    let sealed = tokio::task::spawn_blocking(move || sealing.seal(&key, plain))
+                        .await
+                        .map_err(|e| format!("sealing task failed: {e}"));
+                    let stored = match sealed {
+                        Ok(blob) => {
                             let what = format!("storing the global model of round {round}");
-                            store::retry::until(&what, retry_deadline, || {
-                                store.put(&key, b.clone())
-                            })
-                            .await
-                            .map_err(|e| e.to_string())
+                            store::retry::until(&what, retry_deadline, || store.put(&blob))
+                                .await
+                                .map_err(|e| e.to_string())
                         }
                         Err(e) => Err(e),
                     };
                     let done = match stored {
-                        Ok(blob) => TaskDone::Stored { round, blob },
+                        Ok(written) => TaskDone::Stored { round, written },
                         Err(reason) => TaskDone::StoreFailed { round, reason },
                     };
                     let _ = tx.send(done);
@@ -883,7 +842,7 @@ impl Driver {
             Action::SendTrain {
                 client,
                 round,
-                global,
+                global: _,
                 config,
                 instruction,
                 deadline,
@@ -891,21 +850,20 @@ impl Driver {
                 if let Some(b) = &mut self.round_bytes {
                     b.commands += 1;
                 }
-                let global = match (&self.opts.crypto, &self.global_key) {
-                    (Some(c), Some((r, k))) if *r == round => {
-                        match c.wrapped_ref(&global, k, &client) {
-                            Ok(g) => g,
-                            Err(e) => {
-                                warn!(%client, round, "train command not sent: {e}");
-                                return None;
-                            }
-                        }
-                    }
-                    (Some(_), _) => {
-                        warn!(%client, round, "train command not sent: no content key for the global model");
+                // The command's `global` is the blob stored for this round (`GlobalUploaded`):
+                // the machine sends a round's commands after it is stored and before the next
+                // one is, so `self.global` holds it with its content key.
+                let stored = self.global.as_ref().filter(|(r, _)| *r == round);
+                let Some((_, written)) = stored else {
+                    warn!(%client, round, "train command not sent: no content key for the global model");
+                    return None;
+                };
+                let global = match self.store.reference_for(written, &client) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        warn!(%client, round, "train command not sent: {e}");
                         return None;
                     }
-                    (None, _) => global,
                 };
                 let left = deadline.saturating_duration_since(Instant::now());
                 let msg = Envelope::new(
@@ -938,26 +896,19 @@ impl Driver {
                 let store = self.store.clone();
                 let tx = self.tasks.0.clone();
                 let slots = self.fetch_slots.clone();
-                let crypto = self.opts.crypto.clone();
                 let retry_deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
                 tokio::spawn(async move {
                     let permit = slots.acquire_owned().await.ok();
                     // A sealed update's key is wrapped to the server alone: its AEAD tags
                     // authenticate every byte, so the SHA-256 pass is skipped (docs/PROTOCOL.md,
                     // "What is verified").
-                    let sealed = crypto.is_some() && blob.wrapped_key.is_some();
                     let what = format!("fetching the update of {client} for round {round}");
-                    let fetched = store::retry::until(&what, retry_deadline, || async {
-                        if sealed {
-                            store.get_length_checked(&blob).await
-                        } else {
-                            store.get(&blob).await
-                        }
-                    })
-                    .await;
+                    let fetched =
+                        store::retry::until(&what, retry_deadline, || store.get_private(&blob))
+                            .await;
                     let result = match fetched {
                         Ok(bytes) => tokio::task::spawn_blocking(move || {
-                            open_blob(crypto.as_deref(), &blob, bytes)
+                            store.open(&blob, bytes).map_err(open_failed)
                         })
                         .await
                         .unwrap_or_else(|e| Err(format!("opening task failed: {e}"))),
@@ -996,7 +947,7 @@ impl Driver {
                     .keep_from_round(summary.round)
                     .min(machine.oldest_round_in_use());
                 if keep > 0 {
-                    let store = self.store.clone();
+                    let store = self.store.inner().clone();
                     let keys = self.opts.keys.clone();
                     // After the previous cleanup (it is awaited before the run returns).
                     let previous = self.cleanup_task.take();
@@ -1072,8 +1023,7 @@ impl Driver {
 
     /// Stores the final model, tells every known client, writes the final model to disk.
     async fn finish(&mut self, outcome: Outcome, machine: &RoundMachine) -> ServerReport {
-        let mut final_model = None;
-        let mut final_key = None;
+        let mut final_model: Option<Written> = None;
         let mut final_path = None;
         if outcome == Outcome::Completed || machine.completed_rounds() > 0 {
             let plain = machine.global().to_safetensors_bytes();
@@ -1084,25 +1034,16 @@ impl Driver {
                     Err(e) => warn!("final model not written to {}: {e}", path.display()),
                 }
             }
-            let key = self.opts.keys.final_model();
-            let (bytes, content_key) = match &self.opts.crypto {
-                Some(c) => {
-                    let k = ContentKey::generate();
-                    (c.seal_with_key(&k, &key, &plain), Some(k))
-                }
-                None => (plain, None),
-            };
-            let bytes = Bytes::from(bytes);
+            let blob = self.store.seal(&self.opts.keys.final_model(), plain);
             let deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
             let stored = store::retry::until("storing the final model", deadline, || {
-                self.store.put(&key, bytes.clone())
+                self.store.put(&blob)
             })
             .await;
             match stored {
-                Ok(blob) => {
-                    self.write_checkpoint(&blob, content_key.as_ref()).await;
-                    final_model = Some(blob);
-                    final_key = content_key;
+                Ok(written) => {
+                    self.write_checkpoint(&written).await;
+                    final_model = Some(written);
                 }
                 Err(e) => warn!("final model not stored: {e}"),
             }
@@ -1116,15 +1057,15 @@ impl Driver {
         let mut clients = self.known_clients.clone();
         clients.extend(self.opts.expected_clients.iter().cloned());
         for c in &clients {
-            let for_client = match (&self.opts.crypto, &final_model, &final_key) {
-                (Some(cr), Some(m), Some(k)) => match cr.wrapped_ref(m, k, c) {
+            let for_client = match &final_model {
+                Some(m) => match self.store.reference_for(m, c) {
                     Ok(m) => Some(m),
                     Err(e) => {
                         warn!(client = %c, "final model not offered: {e}");
                         None
                     }
                 },
-                _ => final_model.clone(),
+                None => None,
             };
             let msg = Envelope::new(
                 &self.opts.run,
@@ -1167,7 +1108,7 @@ impl Driver {
         ServerReport {
             outcome,
             records: std::mem::take(&mut self.records),
-            final_model,
+            final_model: final_model.map(|w| w.blob().clone()),
             final_path,
             final_params: machine.global().clone(),
             wall_s: 0.0,
