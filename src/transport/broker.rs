@@ -28,7 +28,7 @@
 //! certificate on every TLS listener and turn the certificate's organization into a topic
 //! prefix). With [`BrokerOptions::acl_file`], [`BrokerOptions::password_file`] or
 //! [`BrokerOptions::client_ca`], rumqttd listens on 127.0.0.1 on a free port behind an
-//! authorizing gateway (`gateway.rs`) that serves [`BrokerOptions::listen`]: Mosquitto's ACL and
+//! authorizing gateway (`gateway/`) that serves [`BrokerOptions::listen`]: Mosquitto's ACL and
 //! password file formats (so `broker/fedmq.acl` and one `mosquitto_passwd` file serve both
 //! brokers), mutual TLS with the certificate's Common Name as user name, and guards against idle and
 //! hostile connections (the oldest connection still waiting for its CONNECT is shed at the
