@@ -3,8 +3,8 @@
 //!
 //! One task owns the machine. It waits on four sources, turns each into an [`Event`], and
 //! carries out the [`Action`]s the machine returns:
-//! - MQTT publishes (`status/+`, `up/+`), decoded and checked by [`Incoming::decode`], duplicates
-//!   dropped by [`Dedup`];
+//! - MQTT publishes (`status/+`, `up/+`), admitted by `Admission` (decoded, per-sender
+//!   budgets, signatures, duplicates; `admission.rs`);
 //! - results of transfer tasks (the global upload, update fetches), sent back over a channel;
 //! - the machine's next deadline ([`RoundMachine::next_deadline`]);
 //! - cancellation (Ctrl-C): the run ends as aborted, clients are told, the last checkpoint stays.
@@ -13,26 +13,22 @@
 //! into the streaming aggregate as soon as it arrives, so the server holds the global model, the
 //! running aggregate and the updates in flight — never one model per client.
 //!
-//! # Checkpoints
-//! After round `r` closes, its model is the global model of round `r + 1` (or the final model).
-//! Once that blob is stored, the driver writes `checkpoint/r<r>`: a small JSON document naming the
-//! model blob (key, length, SHA-256), the round, the strategy and its state. The model is stored
-//! once, not twice per round; the checkpoint's blob reference is verified on resume like any other.
+//! Checkpoints are written by a `Checkpointer` and read back on resume (`checkpoint.rs`).
 
-use super::budget::{SenderBudget, Verdict};
+use super::admission::Admission;
+use super::checkpoint::{
+    load_checkpoint_model, load_checkpoint_state, open_failed, Checkpoint, Checkpointer,
+};
 use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
 use crate::crypto::identity::Keyring;
 use crate::crypto::seal::BlobCrypto;
 use crate::metrics::{MetricsWriter, RoundRecord};
-use crate::proto::{
-    self, BlobKeys, BlobRef, Body, Envelope, Finish, Presence, Role, TopicKind, Topics, Train,
-};
-use crate::store::{self, BlobStore, RetentionPolicy, SealedError, SealedStore, Written};
-use crate::strategy::{Strategy, StrategyState};
+use crate::proto::{self, BlobKeys, BlobRef, Body, Envelope, Finish, Role, Topics, Train};
+use crate::store::{self, BlobStore, RetentionPolicy, SealedStore, Written};
+use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
-use crate::transport::{Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
+use crate::transport::{MqttHandle, MqttSession, PresenceMessages, SessionOptions};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,12 +36,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-/// Messages a sender may send at once: a client sends about two a round (presence, then an
-/// update or a failure), re-sends included.
-const SENDER_BURST: u32 = 50;
-/// Messages a second a sender's budget refills.
-const SENDER_RATE: f64 = 5.0;
 
 /// How long clients may take to announce themselves again when the server (re)connects: 2 ms
 /// per expected client, at least 1 s and at most 10 s, so that a fleet's re-announcements are
@@ -169,108 +159,6 @@ pub enum ServerError {
     Checkpoint(String),
 }
 
-/// A checkpoint: everything needed to resume after `round`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Format version (1).
-    pub v: u32,
-    /// Run id.
-    pub run: String,
-    /// Last completed round.
-    pub round: u64,
-    /// Strategy name.
-    pub strategy: String,
-    /// Strategy state ([`Strategy::state`]), its JSON part.
-    pub state: serde_json::Value,
-    /// Its tensors (server-optimizer moments), a safetensors blob at
-    /// `BlobKeys::checkpoint_state` (sealed with the server's own key when blobs are sealed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state_blob: Option<BlobRef>,
-    /// The model after `round`. In a sealed federation its `wrapped_key` is wrapped to the
-    /// server itself, and the whole document is sealed with the server's own key.
-    pub model: BlobRef,
-    /// Milliseconds since the Unix epoch when written.
-    pub ts_ms: u64,
-}
-
-/// Finds the newest checkpoint of the run in the store, if any.
-///
-/// # Errors
-/// [`ServerError::Store`] when listing or reading fails, [`ServerError::Checkpoint`] when the
-/// document is unreadable.
-pub async fn latest_checkpoint(
-    store: &SealedStore,
-    keys: &BlobKeys,
-) -> Result<Option<Checkpoint>, ServerError> {
-    let prefix = keys.checkpoint_prefix();
-    let mut objects = store.inner().list(&prefix).await?;
-    objects.sort_by(|a, b| a.key.cmp(&b.key));
-    let Some(last) = objects.last() else {
-        return Ok(None);
-    };
-    let bytes = store.get_unverified(&last.key).await?;
-    let bytes = store.open_own(&last.key, bytes).map_err(|e| {
-        ServerError::Checkpoint(match e {
-            SealedError::Unsealed { key } => format!(
-                "{key} is not sealed, but this server seals its blobs: refusing a checkpoint \
-                 anyone with store credentials could have written"
-            ),
-            SealedError::NoKeys { key } => format!(
-                "{key} is sealed: resume with the server's signing_key and trusted_keys set"
-            ),
-            e => e.to_string(),
-        })
-    })?;
-    let cp: Checkpoint = serde_json::from_slice(&bytes)
-        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", last.key)))?;
-    Ok(Some(cp))
-}
-
-/// Loads the model a checkpoint names (verified against its SHA-256).
-///
-/// # Errors
-/// As [`latest_checkpoint`], plus a decoding error naming the key.
-pub async fn load_checkpoint_model(
-    store: &SealedStore,
-    cp: &Checkpoint,
-) -> Result<ParamSet, ServerError> {
-    let bytes = store.get(&cp.model).await?;
-    let bytes = store
-        .open(&cp.model, bytes)
-        .map_err(|e| ServerError::Checkpoint(open_failed(e)))?;
-    let mut model = ParamSet::from_safetensors_bytes(&bytes)
-        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", cp.model.key)))?;
-    // The round's strategy tensors travel in the same blob; the strategy restores its own
-    // state from the checkpoint's state blob.
-    model.split_prefix(proto::STRATEGY_TENSOR_PREFIX);
-    Ok(model)
-}
-
-/// Loads a checkpoint's strategy tensors (verified against their SHA-256, opened with the
-/// server's own key when blobs are sealed).
-///
-/// # Errors
-/// The blob is missing, altered or undecodable.
-async fn load_checkpoint_state(store: &SealedStore, r: &BlobRef) -> Result<ParamSet, ServerError> {
-    let bytes = store.get(r).await?;
-    let bytes = store
-        .open_own(&r.key, bytes)
-        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", r.key)))?;
-    ParamSet::from_safetensors_bytes(&bytes)
-        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", r.key)))
-}
-
-/// Why a fetched blob (an update, a checkpoint's model) does not open, in the server's words.
-fn open_failed(e: SealedError) -> String {
-    match e {
-        SealedError::NoKeys { key } => format!(
-            "{key}: the blob is sealed, but this server has no encryption keys (set \
-             fedmq_args.signing_key and trusted_keys)"
-        ),
-        e => e.to_string(),
-    }
-}
-
 /// Result of a transfer task, back to the driver loop.
 enum TaskDone {
     Stored {
@@ -368,26 +256,24 @@ pub async fn run_server(
             .map_err(|e| ServerError::Checkpoint(e.to_string()))?;
     }
     let mut driver = Driver {
+        admission: Admission::new(opts.keyring.clone()),
+        checkpoints: Checkpointer::new(store.clone(), opts.keys.clone(), opts.run.clone()),
         topics,
         handle,
         store,
         opts,
         evaluator,
-        dedup: Dedup::default(),
         tasks: mpsc::unbounded_channel(),
         fetch_slots: Arc::new(Semaphore::new(1)),
         known_clients: BTreeSet::new(),
         records: Vec::new(),
-        pending_checkpoint: None,
         round_bytes: None,
         started,
         last_admitting: None,
         metrics: None,
         held_permit: None,
-        checkpoint_task: None,
         cleanup_task: None,
         global: None,
-        budget: SenderBudget::new(SENDER_BURST, SENDER_RATE),
         elapsed_before: 0.0,
     };
     if let Some(dir) = &driver.opts.output_dir {
@@ -557,7 +443,10 @@ struct Driver {
     store: SealedStore,
     opts: ServerOptions,
     evaluator: Option<Arc<dyn Evaluator>>,
-    dedup: Dedup,
+    /// Decides which incoming messages reach the machine.
+    admission: Admission,
+    /// Writes each closed round's checkpoint once its model is stored.
+    checkpoints: Checkpointer,
     tasks: (
         mpsc::UnboundedSender<TaskDone>,
         mpsc::UnboundedReceiver<TaskDone>,
@@ -565,8 +454,6 @@ struct Driver {
     fetch_slots: Arc<Semaphore>,
     known_clients: BTreeSet<String>,
     records: Vec<RoundRecord>,
-    /// Round closed, its model not yet stored: checkpoint (round, strategy, state) once it is.
-    pending_checkpoint: Option<(u64, String, StrategyState)>,
     round_bytes: Option<RoundBytes>,
     started: Instant,
     last_admitting: Option<usize>,
@@ -574,93 +461,24 @@ struct Driver {
     metrics: Option<MetricsWriter>,
     /// The fetch slot of the update being folded.
     held_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// The latest checkpoint write (awaited before the run returns).
-    checkpoint_task: Option<tokio::task::JoinHandle<()>>,
     /// The latest deletion of old rounds' blobs (awaited before the run returns).
     cleanup_task: Option<tokio::task::JoinHandle<()>>,
     /// The latest global model stored, by round: each client's train command refers to it with
     /// its content key wrapped to that client.
     global: Option<(u64, Written)>,
-    /// Message budgets per sender.
-    budget: SenderBudget,
     /// Seconds the run had taken before this server resumed it (from its metrics).
     elapsed_before: f64,
 }
 
 impl Driver {
-    /// Decodes one MQTT publish into a machine event, or drops it with a logged reason.
+    /// One MQTT publish as a machine event, when admitted; remembers the clients seen online
+    /// (they are told when the run finishes).
     fn on_message(&mut self, m: crate::transport::Incoming) -> Option<Event> {
-        let (kind, env) = match m.decode(&self.topics) {
-            Ok(x) => x,
-            Err(e) => {
-                warn!("message dropped: {e}");
-                return None;
-            }
-        };
-        let sender = match &kind {
-            TopicKind::Status(id) if id == SERVER_ID => {
-                // Its own presence, echoed by the broker.
-                return None;
-            }
-            TopicKind::Status(id) | TopicKind::Up(id) | TopicKind::Command(id) => id.as_str(),
-        };
-        // Before the signature check: a flood costs a map lookup, not a verification.
-        if let Verdict::Drop { first } = self.budget.admit(sender, Instant::now()) {
-            if first {
-                let (burst, rate) = self.budget.limits();
-                warn!(
-                    %sender,
-                    "messages dropped: over the per-sender budget ({burst} at once, {rate}/s); \
-                     dropping until it slows down"
-                );
-            }
-            return None;
+        let event = self.admission.admit(&m, &self.topics)?;
+        if let Event::ClientOnline { client, .. } = &event {
+            self.known_clients.insert(client.clone());
         }
-        if let Some(ring) = &self.opts.keyring {
-            if let Err(reason) = ring.check_message(&m.payload, m.retained, &env) {
-                warn!(topic = %m.topic, from = %env.from, "message dropped: {reason}");
-                return None;
-            }
-        }
-        if !self.dedup.first_time(&env) {
-            debug!(from = %env.from, id = %env.id, "duplicate dropped");
-            return None;
-        }
-        match (kind, env.body) {
-            (TopicKind::Status(id), Body::Status(s)) => {
-                if id == SERVER_ID || s.role != Role::Client {
-                    return None;
-                }
-                match s.state {
-                    Presence::Online => {
-                        self.known_clients.insert(id.clone());
-                        info!(client = %id, "client online");
-                        Some(Event::ClientOnline {
-                            client: id,
-                            capabilities: s.capabilities,
-                        })
-                    }
-                    Presence::Offline => {
-                        info!(client = %id, "client offline");
-                        Some(Event::ClientOffline { client: id })
-                    }
-                }
-            }
-            (TopicKind::Up(id), Body::Update(u)) => Some(Event::UpdateReady {
-                client: id,
-                round: env.round,
-                blob: u.update,
-                num_samples: u.num_samples,
-                metrics: u.metrics,
-                report: u.report,
-            }),
-            (TopicKind::Up(id), Body::Failure(f)) => Some(Event::ClientFailed {
-                client: id,
-                round: env.round,
-                reason: f.reason,
-            }),
-            _ => None,
-        }
+        Some(event)
     }
 
     async fn on_task(&mut self, done: TaskDone) -> Option<Event> {
@@ -670,7 +488,7 @@ impl Driver {
                 if let Some(b) = &mut self.round_bytes {
                     b.global_len = blob.len;
                 }
-                self.write_checkpoint(&written).await;
+                self.checkpoints.model_stored(&written).await;
                 self.global = Some((round, written));
                 Some(Event::GlobalUploaded { round, blob })
             }
@@ -698,100 +516,6 @@ impl Driver {
                 },
             }),
         }
-    }
-
-    /// Writes the checkpoint of the round that produced `model`, if one is pending; it refers to
-    /// the model as the server itself reads it back (its content key wrapped to the server).
-    async fn write_checkpoint(&mut self, model: &Written) {
-        let Some((round, strategy, state)) = self.pending_checkpoint.take() else {
-            return;
-        };
-        let model = match self.store.reference_for(model, SERVER_ID) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!("checkpoint of round {round} not written: {e}");
-                return;
-            }
-        };
-        let cp = Checkpoint {
-            v: 1,
-            run: self.opts.run.clone(),
-            round,
-            strategy,
-            state: serde_json::Value::Null,
-            state_blob: None,
-            model,
-            ts_ms: proto::now_ms(),
-        };
-        self.put_checkpoint(cp, state).await;
-    }
-
-    /// Stores `cp` with the strategy's `state` in the background (encoded, sealed and stored
-    /// off the round's critical path), then deletes the checkpoint two rounds older (the newest
-    /// two are kept).
-    async fn put_checkpoint(&mut self, mut cp: Checkpoint, state: StrategyState) {
-        let key = self.opts.keys.checkpoint(cp.round);
-        let state_key = self.opts.keys.checkpoint_state(cp.round);
-        let old = (cp.round > 2).then(|| {
-            (
-                self.opts.keys.checkpoint(cp.round - 2),
-                self.opts.keys.checkpoint_state(cp.round - 2),
-            )
-        });
-        let store = self.store.clone();
-        // One checkpoint in flight at a time, in round order.
-        let previous = self.checkpoint_task.take();
-        let task = tokio::spawn(async move {
-            if let Some(p) = previous {
-                let _ = p.await;
-            }
-            let round = cp.round;
-            let sealing = store.clone();
-            let encoded = tokio::task::spawn_blocking(move || {
-                let (json, tensors) = state.encode();
-                cp.state = json;
-                let tensors =
-                    tensors.map(|t| sealing.seal_own(&state_key, t.to_safetensors_bytes()));
-                (cp, tensors)
-            })
-            .await;
-            let (mut cp, tensors) = match encoded {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!("checkpoint of round {round} not written: encoding failed: {e}");
-                    return;
-                }
-            };
-            if let Some(blob) = tensors {
-                match store.put(&blob).await {
-                    Ok(w) => cp.state_blob = Some(w.blob().clone()),
-                    Err(e) => {
-                        warn!("checkpoint of round {round} not written (its strategy state: {e}); the run goes on without it");
-                        return;
-                    }
-                }
-            }
-            let body = match serde_json::to_vec_pretty(&cp) {
-                Ok(b) => store.seal_own(&key, b),
-                Err(e) => {
-                    warn!("checkpoint of round {round} not written: {e}");
-                    return;
-                }
-            };
-            match store.put(&body).await {
-                Ok(_) => {
-                    debug!(round, %key, "checkpoint written");
-                    if let Some((old, old_state)) = old {
-                        let _ = store.inner().delete(&old).await;
-                        let _ = store.inner().delete(&old_state).await;
-                    }
-                }
-                Err(e) => warn!(
-                    "checkpoint of round {round} not written ({e}); the run goes on without it"
-                ),
-            }
-        });
-        self.checkpoint_task = Some(task);
     }
 
     /// Carries out one action; returns the outcome when the run is over.
@@ -934,11 +658,11 @@ impl Driver {
                 }
                 progress(&Progress::RoundClosed(record.clone()));
                 self.records.push(record);
-                self.pending_checkpoint = Some((
+                self.checkpoints.round_closed(
                     summary.round,
                     machine.strategy().name().to_string(),
                     machine.strategy().state(),
-                ));
+                );
                 // Never a round a client still trains on or whose update is being fetched
                 // (asynchronous runs keep older rounds in use).
                 let keep = self
@@ -1042,7 +766,7 @@ impl Driver {
             .await;
             match stored {
                 Ok(written) => {
-                    self.write_checkpoint(&written).await;
+                    self.checkpoints.model_stored(&written).await;
                     final_model = Some(written);
                 }
                 Err(e) => warn!("final model not stored: {e}"),
@@ -1095,9 +819,7 @@ impl Driver {
                 Err(e) => warn!("plot not written: {e}"),
             }
         }
-        if let Some(t) = self.checkpoint_task.take() {
-            let _ = t.await;
-        }
+        self.checkpoints.wait().await;
         if let Some(t) = self.cleanup_task.take() {
             let _ = t.await;
         }
