@@ -5,17 +5,19 @@
 
 use crate::client::{self, ClientOptions, ClientReport, DataTrainer, LocalTrainer};
 use crate::config::Config;
+use crate::crypto::identity::{Identity, Keyring};
+use crate::crypto::seal::BlobCrypto;
 use crate::data::{
     self, DataSplit, Dataset, DatasetKind, FetchOptions, Partition, PartitionMethod,
 };
-use crate::identity::{Identity, Keyring};
 use crate::proto::{BlobKeys, Capabilities, TrainConfig};
-use crate::seal::BlobCrypto;
 use crate::server::{
     self, Checkpoint, Evaluation, Evaluator, Progress, RoundConfig, ServerOptions, ServerReport,
 };
 use crate::store::access::StoreCredential;
-use crate::store::{BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions};
+use crate::store::{
+    BlobStore, EmbeddedStore, RetentionPolicy, S3Options, SealedStore, StoreOptions,
+};
 use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
 use crate::train::{self, Model, ModelKind};
@@ -501,7 +503,8 @@ async fn serve(
     mqtt.signer = sec.signer;
     let resume_from: Option<Checkpoint> = if resume {
         store.ensure_bucket().await?;
-        let cp = server::latest_checkpoint(&store, &opts.keys, opts.crypto.as_deref()).await?;
+        let sealed = SealedStore::new(store.clone(), opts.crypto.clone());
+        let cp = server::latest_checkpoint(&sealed, &opts.keys).await?;
         match &cp {
             Some(c) => tracing::info!(round = c.round, "resuming after round {}", c.round),
             None => bail!(

@@ -10,21 +10,24 @@
 //!   the local trainer, evaluation and the training benchmark.
 //! - [`proto`]: protocol v1: MQTT topics, JSON control messages, blob references, blob keys.
 //! - [`store`]: the blob layer over aws-sdk-s3 (multipart, ranged gets, SHA-256 checks, retries,
-//!   retention) and the embedded S3-compatible server (s3s over fedmq's own object backend).
+//!   retention), the sealing decorator over it ([`store::SealedStore`]) and the embedded
+//!   S3-compatible server (s3s over fedmq's own object backend).
 //! - [`strategy`]: configure/aggregate strategies with streaming aggregation: FedAvg, FedAvgM,
-//!   FedProx, FedAdam/FedYogi/FedAdagrad, SCAFFOLD, FedNova.
-//! - [`server`]: the round engine as a sans-IO state machine, and its async driver.
+//!   FedProx, FedAdam/FedYogi/FedAdagrad, SCAFFOLD, FedNova, and buffered asynchronous FedBuff.
+//! - [`server`]: the round engine as a sans-IO state machine, its async driver, the admission of
+//!   incoming messages, and checkpoints.
 //! - [`client`]: the client runtime, its trainers and the client-side strategy hooks.
 //! - [`federation`]: a whole federation in one process (`fedmq run`).
 //! - [`metrics`]: `metrics.jsonl`/`metrics.csv`, the summary table and SVG plots.
-//! - [`identity`]: Ed25519 identities, key rings and message signatures.
-//! - [`seal`]: sealed blobs (AEAD content keys wrapped per recipient).
 //! - [`bench`]: the benchmark harnesses behind `fedmq bench` (train, blob, mqtt, round,
 //!   strategies), beside the product: nothing else depends on them.
 //! - [`transport`]: the MQTT session (one event-loop task, cloneable handle, retained presence,
-//!   reconnect/resubscribe) and the embedded rumqttd broker.
-//! - [`tls`]: rustls configurations (ring) from PEM files, handshake-failure explanations, and the
-//!   local CA of `fedmq certs`.
+//!   reconnect/resubscribe), the embedded rumqttd broker and its authorizing gateway.
+//! - [`crypto`]: the crypto layer.
+//!   - [`crypto::identity`]: Ed25519 identities, key rings and message signatures.
+//!   - [`crypto::seal`]: sealed blobs (AEAD content keys wrapped per recipient).
+//!   - [`crypto::tls`]: rustls configurations (ring) from PEM files, handshake-failure
+//!     explanations, and the local CA of `fedmq certs`.
 //! - [`tensor`]: model parameters ↔ safetensors bytes in memory, with SHA-256 digests.
 //! - `cli` (binary only): the `fedmq` command line.
 #![warn(missing_docs)]
@@ -32,16 +35,14 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod crypto;
 pub mod data;
 pub mod federation;
-pub mod identity;
 pub mod metrics;
 pub mod proto;
-pub mod seal;
 pub mod server;
 pub mod store;
 pub mod strategy;
 pub mod tensor;
-pub mod tls;
 pub mod train;
 pub mod transport;

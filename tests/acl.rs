@@ -11,8 +11,8 @@
 mod common;
 use common::free_port;
 
+use fedmq::crypto::tls::{generate_certs, CertsPlan, Identity};
 use fedmq::proto::{BlobRef, Body, Envelope, Failure, Role, TopicKind, Topics, Train, TrainConfig};
-use fedmq::tls::{generate_certs, CertsPlan, Identity};
 use fedmq::transport::{
     BrokerOptions, BrokerTls, ConnState, EmbeddedBroker, FailureBudget, Incoming, MqttHandle,
     MqttSession, MqttTls, PresenceMessages, SessionOptions,

@@ -7,10 +7,10 @@
 
 use bytes::Bytes;
 use curve25519_dalek::montgomery::MontgomeryPoint;
+use fedmq::crypto::identity::{self, Identity, IdentityError, Keyring};
+use fedmq::crypto::seal::{self, BlobCrypto, SealError};
 use fedmq::data::DatasetKind;
-use fedmq::identity::{self, Identity, IdentityError, Keyring};
 use fedmq::proto::{self, BlobKeys, BlobRef, Body, DecodeError, Envelope, Topics};
-use fedmq::seal::{self, BlobCrypto, SealError};
 use fedmq::server::Checkpoint;
 use fedmq::tensor::{NamedTensor, ParamSet};
 use fedmq::train::{init_params, ModelKind};
@@ -201,7 +201,7 @@ fn hex32(fields: &BTreeMap<String, String>, name: &str) -> [u8; 32] {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Crypto helpers, written from the page (ring, curve25519-dalek), independent of fedmq::seal
+// Crypto helpers, written from the page (ring, curve25519-dalek), independent of fedmq::crypto::seal
 // ---------------------------------------------------------------------------------------------
 
 fn sha256_hex(bytes: &[u8]) -> String {

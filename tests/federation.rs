@@ -13,13 +13,13 @@ use fedmq::client::{
     self, ClientOptions, ClientReport, DataTrainer, LocalHooks, LocalTrainer, TrainError, Trained,
 };
 use fedmq::config::Config;
+use fedmq::crypto::identity::{Identity, Keyring};
+use fedmq::crypto::seal::BlobCrypto;
 use fedmq::federation::{self, LocalOptions, ModelEvaluator, KEY_PREFIX};
-use fedmq::identity::{Identity, Keyring};
 use fedmq::metrics::{read_jsonl, RoundRecord};
 use fedmq::proto::{BlobKeys, Body, Envelope, TopicKind, Topics, TrainConfig, TrainMetrics};
-use fedmq::seal::BlobCrypto;
 use fedmq::server::{self, Evaluator, Outcome, Progress, ServerReport};
-use fedmq::store::{BlobStore, EmbeddedStore, S3Options, StoreOptions};
+use fedmq::store::{BlobStore, EmbeddedStore, S3Options, SealedStore, StoreOptions};
 use fedmq::strategy::FedAvg;
 use fedmq::tensor::ParamSet;
 use fedmq::train::ModelKind;
@@ -71,7 +71,10 @@ fn config(run: &str, model: &str, clients: usize, rounds: usize, partition: &str
 /// `raw` (the stored bytes of `key`) is a sealed blob: the sealed header, and neither a
 /// safetensors model, nor a tensor name, nor a JSON field anywhere in it.
 fn assert_only_ciphertext(key: &str, raw: &[u8]) {
-    assert!(fedmq::seal::looks_sealed(raw), "{key} is not sealed");
+    assert!(
+        fedmq::crypto::seal::looks_sealed(raw),
+        "{key} is not sealed"
+    );
     assert!(
         ParamSet::from_safetensors_bytes(raw).is_err(),
         "{key} parses as a model"
@@ -190,7 +193,7 @@ async fn local_federation_learns_and_writes_its_outputs() {
         assert_only_ciphertext(key, &raw);
     }
     // Without the server's key the checkpoint cannot even be read.
-    let e = server::latest_checkpoint(&blobs, &keys, None)
+    let e = server::latest_checkpoint(&SealedStore::new(blobs.clone(), None), &keys)
         .await
         .expect_err("a sealed checkpoint needs the server's key");
     assert!(e.to_string().contains("is sealed"), "{e}");
@@ -1176,9 +1179,9 @@ async fn a_federation_over_mutual_tls_with_signatures_and_sealed_blobs_learns_li
     let ids: Vec<String> = std::iter::once("server".to_string())
         .chain((1..=N).map(client::client_id))
         .collect();
-    let mut plan = fedmq::tls::CertsPlan::new(d.join("certs"), ids.clone());
+    let mut plan = fedmq::crypto::tls::CertsPlan::new(d.join("certs"), ids.clone());
     plan.hosts = vec!["127.0.0.1".into()];
-    fedmq::tls::generate_certs(&plan).unwrap();
+    fedmq::crypto::tls::generate_certs(&plan).unwrap();
     let (trust_server, trust_clients) = (d.join("trust-server"), d.join("trust-clients"));
     for id in &ids {
         let (_, public) = Identity::generate(id).save(&d.join("keys")).unwrap();
@@ -1268,19 +1271,17 @@ async fn a_federation_over_mutual_tls_with_signatures_and_sealed_blobs_learns_li
     }
     // The server's key (and only it) reopens the last checkpoint and its model.
     let sec = federation::Security::from_config(&server_cfg, server::SERVER_ID).unwrap();
-    let crypto = sec.crypto.expect("sealing on");
-    let cp = server::latest_checkpoint(&blobs, &keys, Some(&crypto))
+    let sealed = SealedStore::new(blobs.clone(), Some(sec.crypto.expect("sealing on")));
+    let cp = server::latest_checkpoint(&sealed, &keys)
         .await
         .unwrap()
         .expect("a checkpoint");
     assert_eq!(cp.round, 3);
-    let model = server::load_checkpoint_model(&blobs, &cp, Some(&crypto))
-        .await
-        .unwrap();
+    let model = server::load_checkpoint_model(&sealed, &cp).await.unwrap();
     assert_eq!(model, secure.final_params);
     let client_sec = federation::Security::from_config(&clients[0], "client-1").unwrap();
     assert!(
-        server::latest_checkpoint(&blobs, &keys, client_sec.crypto.as_deref())
+        server::latest_checkpoint(&SealedStore::new(blobs.clone(), client_sec.crypto), &keys)
             .await
             .is_err(),
         "a client's key does not open the server's checkpoint"
@@ -1322,9 +1323,9 @@ async fn a_federation_completes_through_the_secure_broker_while_its_address_floo
         .map(str::to_string)
         .chain((1..=N).map(client::client_id))
         .collect();
-    let mut plan = fedmq::tls::CertsPlan::new(d.join("certs"), ids);
+    let mut plan = fedmq::crypto::tls::CertsPlan::new(d.join("certs"), ids);
     plan.hosts = vec!["127.0.0.1".into()];
-    fedmq::tls::generate_certs(&plan).unwrap();
+    fedmq::crypto::tls::generate_certs(&plan).unwrap();
     let certs = d.join("certs");
     let port = free_port();
     // FEDMQ_TEST_FLOOD_BROKER=mosquitto: the same scenario against Mosquitto with the same
@@ -1403,7 +1404,7 @@ async fn a_federation_completes_through_the_secure_broker_while_its_address_floo
         let mut o = SessionOptions::new("127.0.0.1", port, "probe");
         o.tls = Some(fedmq::transport::MqttTls {
             ca: certs.join("ca.pem"),
-            identity: Some(fedmq::tls::Identity {
+            identity: Some(fedmq::crypto::tls::Identity {
                 cert: certs.join("probe.pem"),
                 key: certs.join("probe.key"),
             }),
@@ -1515,7 +1516,7 @@ async fn fedadam_moments_are_checkpointed_beside_the_checkpoint_and_restore() {
     }
     let store = fx.s3();
     let keys = BlobKeys::new(KEY_PREFIX, &fx.cfg.common_args.run_id);
-    let cp = server::latest_checkpoint(&store, &keys, None)
+    let cp = server::latest_checkpoint(&SealedStore::new(store.clone(), None), &keys)
         .await
         .unwrap()
         .expect("a checkpoint");

@@ -8,12 +8,12 @@
 //! `FEDMQ_FUZZ_ITERS=1000000 cargo test --release --test fuzz -- --nocapture`.
 
 use bytes::Bytes;
-use fedmq::identity::{Identity, Keyring};
+use fedmq::crypto::identity::{Identity, Keyring};
+use fedmq::crypto::seal::BlobCrypto;
 use fedmq::proto::{
     self, BlobRef, Body, Capabilities, Envelope, Failure, Finish, Presence, Role, Status, Topics,
     Train, TrainConfig, TrainMetrics, Update,
 };
-use fedmq::seal::BlobCrypto;
 use fedmq::transport::Incoming;
 use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -232,7 +232,7 @@ fn decode_and_verify_never_panic_on_mutated_messages() {
             retained: false,
         };
         let (_, env) = m.decode(&topics).expect("corpus decodes");
-        if fedmq::identity::split_signed(bytes).1.is_some() {
+        if fedmq::crypto::identity::split_signed(bytes).1.is_some() {
             ring.verify(&env.from, bytes).expect("corpus verifies");
         }
     }

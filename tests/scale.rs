@@ -78,9 +78,10 @@ async fn a_thousand_sessions_return_after_a_broker_restart() {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = tempfile::tempdir().unwrap();
-    let mut plan = fedmq::tls::CertsPlan::new(dir.path().join("certs"), vec!["client-1".into()]);
+    let mut plan =
+        fedmq::crypto::tls::CertsPlan::new(dir.path().join("certs"), vec!["client-1".into()]);
     plan.hosts = vec!["127.0.0.1".into()];
-    fedmq::tls::generate_certs(&plan).unwrap();
+    fedmq::crypto::tls::generate_certs(&plan).unwrap();
     let certs = dir.path().join("certs");
     let port = common::free_port();
     let start_broker = || {
@@ -112,7 +113,7 @@ async fn a_thousand_sessions_return_after_a_broker_restart() {
         let mut o = SessionOptions::new("127.0.0.1", port, format!("storm-{i}"));
         o.tls = Some(MqttTls {
             ca: certs.join("ca.pem"),
-            identity: Some(fedmq::tls::Identity {
+            identity: Some(fedmq::crypto::tls::Identity {
                 cert: certs.join("client-1.pem"),
                 key: certs.join("client-1.key"),
             }),

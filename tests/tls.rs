@@ -14,9 +14,9 @@ mod common;
 use common::{free_port, mosquitto_bin};
 
 use bytes::Bytes;
+use fedmq::crypto::tls::{generate_certs, CertsPlan, Identity};
 use fedmq::proto::{Body, Envelope, Finish, TopicKind, Topics};
 use fedmq::store::{BlobStore, EmbeddedStore, S3Options, StoreOptions, StoreTls};
-use fedmq::tls::{generate_certs, CertsPlan, Identity};
 use fedmq::transport::{
     BrokerOptions, BrokerTls, ConnState, EmbeddedBroker, Incoming, MqttError, MqttHandle,
     MqttSession, MqttTls, SessionOptions,
@@ -464,7 +464,8 @@ fn fedmq_certs_writes_a_ca_and_participant_certificates() {
         assert_eq!(mode("client-2.key"), 0o600);
     }
     // The files make working configurations.
-    fedmq::tls::client_config(&out.join("ca.pem"), Some(&identity(&out, "client-2"))).unwrap();
+    fedmq::crypto::tls::client_config(&out.join("ca.pem"), Some(&identity(&out, "client-2")))
+        .unwrap();
     // A second run refuses to overwrite the CA.
     let o = run(&[]);
     assert!(!o.status.success());

@@ -592,9 +592,10 @@ impl BenchSecurity {
         let client_ids: Vec<String> = (1..=clients).map(client::client_id).collect();
         let mut all = vec![server::SERVER_ID.to_string()];
         all.extend(client_ids.iter().cloned());
-        let mut plan = crate::tls::CertsPlan::new(dir, all);
+        let mut plan = crate::crypto::tls::CertsPlan::new(dir, all);
         plan.hosts = vec!["127.0.0.1".into()];
-        crate::tls::generate_certs(&plan).context("creating the benchmark's certificates")?;
+        crate::crypto::tls::generate_certs(&plan)
+            .context("creating the benchmark's certificates")?;
         let (server_sec, client_secs) = Security::ephemeral(&client_ids, Some(true))?;
         let mut ids: BTreeMap<String, Security> = client_ids.into_iter().zip(client_secs).collect();
         ids.insert(server::SERVER_ID.to_string(), server_sec);
@@ -631,7 +632,7 @@ impl BenchEnv {
         if let Some(sec) = &self.security {
             o.tls = Some(MqttTls {
                 ca: sec.certs.join("ca.pem"),
-                identity: Some(crate::tls::Identity {
+                identity: Some(crate::crypto::tls::Identity {
                     cert: sec.certs.join(format!("{id}.pem")),
                     key: sec.certs.join(format!("{id}.key")),
                 }),

@@ -1,8 +1,8 @@
 //! `fedmq certs`: a local CA and one certificate per participant, for TLS and mutual TLS on
-//! the broker and the store. Thin: the work is in [`fedmq::tls::generate_certs`].
+//! the broker and the store. Thin: the work is in [`fedmq::crypto::tls::generate_certs`].
 
 use anyhow::{Context, Result};
-use fedmq::tls::{generate_certs, CertsPlan};
+use fedmq::crypto::tls::{generate_certs, CertsPlan};
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context, Result};
 use fedmq::config::LoadMode;
-use fedmq::identity::Identity;
+use fedmq::crypto::identity::Identity;
 use fedmq::store::access::{iam_policy, StoreCredential};
 use std::path::PathBuf;
 

@@ -98,3 +98,68 @@ pub enum TrainError {
     #[error(transparent)]
     Other(#[from] Box<dyn std::error::Error + Send + Sync>),
 }
+
+/// Why a client's round ended without an update. Its text is the round's `failure` message to
+/// the server. Large causes are boxed: the error travels through every `?` of the round.
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    /// The global model could not be fetched before the round's deadline.
+    #[error("fetching the global model: {0}")]
+    Fetch(#[source] Box<crate::store::Error>),
+    /// The global model is sealed and this client has no keys to open it.
+    #[error(
+        "{key}: the server sealed the global model, but this client has no encryption keys (set \
+         fedmq_args.signing_key and trusted_keys)"
+    )]
+    NoKeys {
+        /// Object key of the global model.
+        key: String,
+    },
+    /// The global model does not open (altered, moved, not sealed for this client).
+    #[error(transparent)]
+    Open(Box<crate::store::SealedError>),
+    /// The global model is not a safetensors file of f32 tensors.
+    #[error("the global model does not decode: {0}")]
+    Decode(#[source] Box<crate::tensor::Error>),
+    /// The strategy instruction cannot be followed.
+    #[error(transparent)]
+    Hooks(Box<HookError>),
+    /// Local training failed.
+    #[error(transparent)]
+    Train(Box<TrainError>),
+    /// Training produced a non-finite loss.
+    #[error("training diverged (train loss {0}); lower train_args.learning_rate")]
+    Diverged(f64),
+    /// The update could not be stored before the round's deadline.
+    #[error("storing the update: {0}")]
+    Store(#[source] Box<crate::store::Error>),
+    /// The update's content key could not be wrapped for the server.
+    #[error("sealing the update for the server: {0}")]
+    Seal(#[source] Box<crate::crypto::seal::SealError>),
+    /// A blocking task (decoding, training, encoding) panicked or was cancelled.
+    #[error("{what} task failed: {source}")]
+    Task {
+        /// Which task.
+        what: &'static str,
+        /// The join error.
+        source: tokio::task::JoinError,
+    },
+    /// The process is shutting down (the training slots are closed).
+    #[error("training slots closed")]
+    SlotsClosed,
+    /// A newer round or the finish interrupted this one.
+    #[error("interrupted")]
+    Interrupted,
+}
+
+impl From<HookError> for RoundError {
+    fn from(e: HookError) -> Self {
+        Self::Hooks(Box::new(e))
+    }
+}
+
+impl From<TrainError> for RoundError {
+    fn from(e: TrainError) -> Self {
+        Self::Train(Box::new(e))
+    }
+}

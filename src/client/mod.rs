@@ -21,22 +21,21 @@ pub mod hooks;
 pub mod machine;
 mod trainer;
 
-pub use error::{HookError, TrainError};
+pub use error::{HookError, RoundError, TrainError};
 pub use hooks::{ClientMemory, LocalHooks};
 pub use machine::ClientMachine;
 
 use machine::{Action, Event, JobOutcome};
 pub use trainer::{DataTrainer, LocalTrainer, NoopTrainer, Trained};
 
+use crate::crypto::seal::BlobCrypto;
 use crate::proto::SERVER_ID;
 use crate::proto::{
     self, BlobKeys, BlobRef, Body, Capabilities, Envelope, Failure, Role, Topics, Train, Update,
 };
-use crate::seal::BlobCrypto;
-use crate::store::{self, BlobStore};
+use crate::store::{self, BlobStore, SealedError, SealedStore};
 use crate::tensor::ParamSet;
 use crate::transport::{Incoming, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
-use bytes::Bytes;
 use rand::Rng;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -66,9 +65,10 @@ pub struct ClientOptions {
     /// How long to wait for the broker on start.
     pub connect_timeout: Duration,
     /// When set, only commands signed by the server's key in this ring are followed.
-    pub keyring: Option<Arc<crate::identity::Keyring>>,
-    /// When set, blobs are sealed ([`crate::seal`]): the global model must arrive sealed for this
-    /// client, and updates are sealed for the server.
+    pub keyring: Option<Arc<crate::crypto::identity::Keyring>>,
+    /// When set, blobs are sealed ([`crate::crypto::seal`]): the global model must arrive sealed
+    /// for this client, and updates are sealed for the server. The client stores and fetches
+    /// through a [`SealedStore`] built from it.
     pub crypto: Option<Arc<BlobCrypto>>,
 }
 
@@ -151,6 +151,7 @@ pub async fn run_client(
         Some(opts.capabilities.clone()),
     ));
     check_store(&store, &opts.keys).await?;
+    let store = SealedStore::new(store, opts.crypto.clone());
     let endpoint = format!("{}:{}", mqtt.host, mqtt.port);
     let session_cancel = CancellationToken::new();
     let (handle, mut incoming) = MqttSession::connect(mqtt, session_cancel.clone())?;
@@ -192,7 +193,6 @@ pub async fn run_client(
                         handle: handle.clone(),
                         trainer: trainer.clone(),
                         slots: opts.train_slots.clone(),
-                        crypto: opts.crypto.clone(),
                         memory: memory.clone(),
                     };
                     let tx = done_tx.clone();
@@ -248,7 +248,7 @@ pub async fn run_client(
 fn authenticate(
     m: &Incoming,
     topics: &Topics,
-    keyring: Option<&crate::identity::Keyring>,
+    keyring: Option<&crate::crypto::identity::Keyring>,
 ) -> Option<Event> {
     let (kind, env) = match m.decode(topics) {
         Ok(x) => x,
@@ -282,11 +282,11 @@ struct JobCtx {
     id: String,
     up_topic: String,
     keys: BlobKeys,
-    store: BlobStore,
+    /// Opens the global model and seals the update (plaintext when not sealing).
+    store: SealedStore,
     handle: MqttHandle,
     trainer: Arc<dyn LocalTrainer>,
     slots: Option<Arc<Semaphore>>,
-    crypto: Option<Arc<BlobCrypto>>,
     memory: Arc<ClientMemory>,
 }
 
@@ -309,7 +309,7 @@ impl JobCtx {
                     round,
                     &self.id,
                     Body::Failure(Failure {
-                        reason: proto::clip_text(&reason),
+                        reason: proto::clip_text(&reason.to_string()),
                     }),
                 );
                 publish(&self.handle, &self.up_topic, &env).await;
@@ -323,104 +323,81 @@ impl JobCtx {
         round: u64,
         train: &Train,
         interrupt: &Arc<AtomicBool>,
-    ) -> Result<Update, String> {
+    ) -> Result<Update, RoundError> {
+        let task = |what| move |source| RoundError::Task { what, source };
         // Store operations are retried across an outage until the round's deadline.
         let left = train.deadline_ms.saturating_sub(proto::now_ms());
         let deadline = tokio::time::Instant::now() + Duration::from_millis(left);
         let what = format!("{}: fetching the global model of round {round}", self.id);
         let bytes = store::retry::until(&what, deadline, || self.store.get(&train.global))
             .await
-            .map_err(|e| format!("fetching the global model: {e}"))?;
-        let crypto = self.crypto.clone();
+            .map_err(|e| RoundError::Fetch(Box::new(e)))?;
+        let store = self.store.clone();
         let blob = train.global.clone();
         let global = tokio::task::spawn_blocking(move || {
-            let bytes = match (&crypto, &blob.wrapped_key) {
-                (Some(c), _) => c.open(&blob, bytes).map_err(|e| e.to_string())?,
-                (None, None) => bytes,
-                (None, Some(_)) => {
-                    return Err(format!(
-                        "{}: the server sealed the global model, but this client has no \
-                         encryption keys (set fedmq_args.signing_key and trusted_keys)",
-                        blob.key
-                    ))
-                }
-            };
-            ParamSet::from_safetensors_bytes(&bytes)
-                .map_err(|e| format!("the global model does not decode: {e}"))
+            let bytes = store.open(&blob, bytes).map_err(|e| match e {
+                SealedError::NoKeys { key } => RoundError::NoKeys { key },
+                e => RoundError::Open(Box::new(e)),
+            })?;
+            ParamSet::from_safetensors_bytes(&bytes).map_err(|e| RoundError::Decode(Box::new(e)))
         })
         .await
-        .map_err(|e| format!("decoding task failed: {e}"))??;
+        .map_err(task("decoding"))??;
         let _permit = match &self.slots {
             Some(s) => Some(
                 s.clone()
                     .acquire_owned()
                     .await
-                    .map_err(|_| "training slots closed".to_string())?,
+                    .map_err(|_| RoundError::SlotsClosed)?,
             ),
             None => None,
         };
         if interrupt.load(Ordering::Relaxed) {
-            return Err("interrupted".into());
+            return Err(RoundError::Interrupted);
         }
         let trainer = self.trainer.clone();
         let config = train.config.clone();
-        let mut hooks =
-            LocalHooks::from_instruction(train.strategy.as_ref()).map_err(|e| e.to_string())?;
+        let mut hooks = LocalHooks::from_instruction(train.strategy.as_ref())?;
         let flag = interrupt.clone();
         let memory = self.memory.clone();
         let (trained, mut finished) = tokio::task::spawn_blocking(move || {
             let mut global = global;
             let extra = global.split_prefix(proto::STRATEGY_TENSOR_PREFIX);
-            let prepared =
-                hooks::prepare(&mut hooks, &global, extra, &memory).map_err(|e| e.to_string())?;
-            let trained = trainer
-                .train(global, &config, &hooks, &flag)
-                .map_err(|e| e.to_string())?;
-            let finished = hooks::finish(&hooks, prepared, &trained, &config, &memory)
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((trained, finished))
+            let prepared = hooks::prepare(&mut hooks, &global, extra, &memory)?;
+            let trained = trainer.train(global, &config, &hooks, &flag)?;
+            let finished = hooks::finish(&hooks, prepared, &trained, &config, &memory)?;
+            Ok::<_, RoundError>((trained, finished))
         })
         .await
-        .map_err(|e| format!("training task failed: {e}"))??;
+        .map_err(task("training"))??;
         drop(_permit);
         let Trained {
             params, metrics, ..
         } = trained;
         if !metrics.train_loss.is_finite() {
-            return Err(format!(
-                "training diverged (train loss {}); lower train_args.learning_rate",
-                metrics.train_loss
-            ));
+            return Err(RoundError::Diverged(metrics.train_loss));
         }
         let key = self.keys.update(round, &self.id);
-        let crypto = self.crypto.clone();
-        let sealed_key = key.clone();
+        let sealing = self.store.clone();
         let extra = finished.tensors.take();
-        let (bytes, content_key) = tokio::task::spawn_blocking(move || {
+        let sealed = tokio::task::spawn_blocking(move || {
             let plain = match &extra {
                 Some(t) => params.to_safetensors_bytes_with(proto::STRATEGY_TENSOR_PREFIX, t),
                 None => params.to_safetensors_bytes(),
             };
-            match &crypto {
-                Some(c) => {
-                    let (sealed, ck) = c.seal(&sealed_key, &plain);
-                    (sealed, Some(ck))
-                }
-                None => (plain, None),
-            }
+            sealing.seal(&key, plain)
         })
         .await
-        .map_err(|e| format!("encoding task failed: {e}"))?;
-        let bytes = Bytes::from(bytes);
+        .map_err(task("encoding"))?;
         let what = format!("{}: storing the update of round {round}", self.id);
-        let mut blob = store::retry::until(&what, deadline, || self.store.put(&key, bytes.clone()))
+        let written = store::retry::until(&what, deadline, || self.store.put(&sealed))
             .await
-            .map_err(|e| format!("storing the update: {e}"))?;
-        if let (Some(c), Some(ck)) = (&self.crypto, &content_key) {
-            blob = c
-                .wrapped_ref(&blob, ck, SERVER_ID)
-                .map_err(|e| format!("sealing the update for the server: {e}"))?;
-        }
+            .map_err(|e| RoundError::Store(Box::new(e)))?;
+        // The update's content key goes to the server alone.
+        let blob = self
+            .store
+            .reference_for(&written, SERVER_ID)
+            .map_err(|e| RoundError::Seal(Box::new(e)))?;
         hooks::commit(&mut finished, &self.memory);
         Ok(Update {
             update: blob,

@@ -983,14 +983,15 @@ impl Config {
         const MQTT: &str = "comm_args.customized_training_mqtt_config";
         const S3: &str = "comm_args.customized_training_s3_config";
         let m = &self.comm_args.customized_training_mqtt_config;
-        let mut file = |key: String, path: &str, load: &dyn Fn(&Path) -> crate::tls::Result<()>| {
-            if let Err(e) = load(Path::new(path)) {
-                problems.push(format!("{key}: {e}"));
-            }
-        };
-        let ca = |p: &Path| crate::tls::load_roots(p).map(drop);
-        let cert = |p: &Path| crate::tls::load_certs(p, "certificate").map(drop);
-        let key = |p: &Path| crate::tls::load_key(p).map(drop);
+        let mut file =
+            |key: String, path: &str, load: &dyn Fn(&Path) -> crate::crypto::tls::Result<()>| {
+                if let Err(e) = load(Path::new(path)) {
+                    problems.push(format!("{key}: {e}"));
+                }
+            };
+        let ca = |p: &Path| crate::crypto::tls::load_roots(p).map(drop);
+        let cert = |p: &Path| crate::crypto::tls::load_certs(p, "certificate").map(drop);
+        let key = |p: &Path| crate::crypto::tls::load_key(p).map(drop);
         let mut local = Vec::new();
         if m.mqtt_tls {
             if m.broker_port == 0 {

@@ -215,8 +215,8 @@ mod tls {
 
     fn with_certs() -> (tempfile::TempDir, String, String, String) {
         let dir = tempfile::tempdir().unwrap();
-        let plan = crate::tls::CertsPlan::new(dir.path(), vec!["client-1".into()]);
-        crate::tls::generate_certs(&plan).unwrap();
+        let plan = crate::crypto::tls::CertsPlan::new(dir.path(), vec!["client-1".into()]);
+        crate::crypto::tls::generate_certs(&plan).unwrap();
         let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
         let (ca, cert, key) = (p("ca.pem"), p("client-1.pem"), p("client-1.key"));
         (dir, ca, cert, key)

@@ -3,8 +3,8 @@
 //!
 //! One task owns the machine. It waits on four sources, turns each into an [`Event`], and
 //! carries out the [`Action`]s the machine returns:
-//! - MQTT publishes (`status/+`, `up/+`), decoded and checked by [`Incoming::decode`], duplicates
-//!   dropped by [`Dedup`];
+//! - MQTT publishes (`status/+`, `up/+`), admitted by `Admission` (decoded, per-sender
+//!   budgets, signatures, duplicates; `admission.rs`);
 //! - results of transfer tasks (the global upload, update fetches), sent back over a channel;
 //! - the machine's next deadline ([`RoundMachine::next_deadline`]);
 //! - cancellation (Ctrl-C): the run ends as aborted, clients are told, the last checkpoint stays.
@@ -13,26 +13,22 @@
 //! into the streaming aggregate as soon as it arrives, so the server holds the global model, the
 //! running aggregate and the updates in flight — never one model per client.
 //!
-//! # Checkpoints
-//! After round `r` closes, its model is the global model of round `r + 1` (or the final model).
-//! Once that blob is stored, the driver writes `checkpoint/r<r>`: a small JSON document naming the
-//! model blob (key, length, SHA-256), the round, the strategy and its state. The model is stored
-//! once, not twice per round; the checkpoint's blob reference is verified on resume like any other.
+//! Checkpoints are written by a `Checkpointer` and read back on resume (`checkpoint.rs`).
 
-use super::budget::{SenderBudget, Verdict};
-use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
-use crate::identity::Keyring;
-use crate::metrics::{MetricsWriter, RoundRecord};
-use crate::proto::{
-    self, BlobKeys, BlobRef, Body, Envelope, Finish, Presence, Role, TopicKind, Topics, Train,
+use super::admission::Admission;
+use super::checkpoint::{
+    load_checkpoint_model, load_checkpoint_state, open_failed, Checkpoint, Checkpointer,
 };
-use crate::seal::{self, BlobCrypto, ContentKey};
-use crate::store::{self, BlobStore, RetentionPolicy};
-use crate::strategy::{Strategy, StrategyState};
+use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
+use crate::crypto::identity::Keyring;
+use crate::crypto::seal::BlobCrypto;
+use crate::metrics::{MetricsWriter, RoundRecord};
+use crate::proto::{self, BlobKeys, BlobRef, Body, Envelope, Finish, Role, Topics, Train};
+use crate::store::{self, BlobStore, RetentionPolicy, SealedStore, Written};
+use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
-use crate::transport::{Dedup, MqttHandle, MqttSession, PresenceMessages, SessionOptions};
+use crate::transport::{MqttHandle, MqttSession, PresenceMessages, SessionOptions};
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -40,12 +36,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-/// Messages a sender may send at once: a client sends about two a round (presence, then an
-/// update or a failure), re-sends included.
-const SENDER_BURST: u32 = 50;
-/// Messages a second a sender's budget refills.
-const SENDER_RATE: f64 = 5.0;
 
 /// How long clients may take to announce themselves again when the server (re)connects: 2 ms
 /// per expected client, at least 1 s and at most 10 s, so that a fleet's re-announcements are
@@ -102,9 +92,9 @@ pub struct ServerOptions {
     /// When set, only messages signed by a key in this ring are accepted (clients' keys);
     /// unsigned, unknown, revoked, forged and stale ones are dropped with a logged reason.
     pub keyring: Option<Arc<Keyring>>,
-    /// When set, every blob is sealed ([`crate::seal`]): the global and final models for each
-    /// client they are sent to, checkpoints for the server itself; updates must arrive sealed for
-    /// the server.
+    /// When set, every blob is sealed ([`crate::crypto::seal`]): the global and final models for
+    /// each client they are sent to, checkpoints for the server itself; updates must arrive sealed
+    /// for the server. The driver stores and fetches through a [`SealedStore`] built from it.
     pub crypto: Option<Arc<BlobCrypto>>,
 }
 
@@ -169,130 +159,11 @@ pub enum ServerError {
     Checkpoint(String),
 }
 
-/// A checkpoint: everything needed to resume after `round`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Checkpoint {
-    /// Format version (1).
-    pub v: u32,
-    /// Run id.
-    pub run: String,
-    /// Last completed round.
-    pub round: u64,
-    /// Strategy name.
-    pub strategy: String,
-    /// Strategy state ([`Strategy::state`]), its JSON part.
-    pub state: serde_json::Value,
-    /// Its tensors (server-optimizer moments), a safetensors blob at
-    /// `BlobKeys::checkpoint_state` (sealed with the server's own key when blobs are sealed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub state_blob: Option<BlobRef>,
-    /// The model after `round`. In a sealed federation its `wrapped_key` is wrapped to the
-    /// server itself, and the whole document is sealed with the server's own key.
-    pub model: BlobRef,
-    /// Milliseconds since the Unix epoch when written.
-    pub ts_ms: u64,
-}
-
-/// Finds the newest checkpoint of the run in the store, if any.
-///
-/// # Errors
-/// [`ServerError::Store`] when listing or reading fails, [`ServerError::Checkpoint`] when the
-/// document is unreadable.
-pub async fn latest_checkpoint(
-    store: &BlobStore,
-    keys: &BlobKeys,
-    crypto: Option<&BlobCrypto>,
-) -> Result<Option<Checkpoint>, ServerError> {
-    let prefix = keys.checkpoint_prefix();
-    let mut objects = store.list(&prefix).await?;
-    objects.sort_by(|a, b| a.key.cmp(&b.key));
-    let Some(last) = objects.last() else {
-        return Ok(None);
-    };
-    let bytes = store.get_unverified(&last.key).await?;
-    let bytes = match (crypto, seal::looks_sealed(&bytes)) {
-        (Some(c), true) => c
-            .open_own(&last.key, bytes)
-            .map_err(|e| ServerError::Checkpoint(e.to_string()))?,
-        (None, false) => bytes,
-        (Some(_), false) => {
-            return Err(ServerError::Checkpoint(format!(
-                "{} is not sealed, but this server seals its blobs: refusing a checkpoint \
-                 anyone with store credentials could have written",
-                last.key
-            )))
-        }
-        (None, true) => {
-            return Err(ServerError::Checkpoint(format!(
-                "{} is sealed: resume with the server's signing_key and trusted_keys set",
-                last.key
-            )))
-        }
-    };
-    let cp: Checkpoint = serde_json::from_slice(&bytes)
-        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", last.key)))?;
-    Ok(Some(cp))
-}
-
-/// Loads the model a checkpoint names (verified against its SHA-256).
-///
-/// # Errors
-/// As [`latest_checkpoint`], plus a decoding error naming the key.
-pub async fn load_checkpoint_model(
-    store: &BlobStore,
-    cp: &Checkpoint,
-    crypto: Option<&BlobCrypto>,
-) -> Result<ParamSet, ServerError> {
-    let bytes = store.get(&cp.model).await?;
-    let bytes = open_blob(crypto, &cp.model, bytes).map_err(ServerError::Checkpoint)?;
-    let mut model = ParamSet::from_safetensors_bytes(&bytes)
-        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", cp.model.key)))?;
-    // The round's strategy tensors travel in the same blob; the strategy restores its own
-    // state from the checkpoint's state blob.
-    model.split_prefix(proto::STRATEGY_TENSOR_PREFIX);
-    Ok(model)
-}
-
-/// Loads a checkpoint's strategy tensors (verified against their SHA-256, opened with the
-/// server's own key when blobs are sealed).
-///
-/// # Errors
-/// The blob is missing, altered or undecodable.
-async fn load_checkpoint_state(
-    store: &BlobStore,
-    r: &BlobRef,
-    crypto: Option<&BlobCrypto>,
-) -> Result<ParamSet, ServerError> {
-    let bytes = store.get(r).await?;
-    let bytes = match crypto {
-        Some(c) => c
-            .open_own(&r.key, bytes)
-            .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", r.key)))?,
-        None => bytes,
-    };
-    ParamSet::from_safetensors_bytes(&bytes)
-        .map_err(|e| ServerError::Checkpoint(format!("{}: {e}", r.key)))
-}
-
-/// The plaintext of a fetched blob: opened when `crypto` is set (which requires it sealed),
-/// as is otherwise (which requires it plain).
-fn open_blob(crypto: Option<&BlobCrypto>, blob: &BlobRef, bytes: Bytes) -> Result<Bytes, String> {
-    match (crypto, &blob.wrapped_key) {
-        (Some(c), _) => c.open(blob, bytes).map_err(|e| e.to_string()),
-        (None, None) => Ok(bytes),
-        (None, Some(_)) => Err(format!(
-            "{}: the blob is sealed, but this server has no encryption keys (set \
-             fedmq_args.signing_key and trusted_keys)",
-            blob.key
-        )),
-    }
-}
-
 /// Result of a transfer task, back to the driver loop.
 enum TaskDone {
     Stored {
         round: u64,
-        blob: BlobRef,
+        written: Written,
     },
     StoreFailed {
         round: u64,
@@ -360,6 +231,7 @@ pub async fn run_server(
     );
     let endpoint = format!("{}:{}", mqtt.host, mqtt.port);
     store.ensure_bucket().await?;
+    let store = SealedStore::new(store, opts.crypto.clone());
     // The session has its own token: after `cancel` the server still tells the clients that the
     // run is over, then shuts the session down itself.
     let (handle, mut incoming) = MqttSession::connect(mqtt, CancellationToken::new())?;
@@ -375,7 +247,7 @@ pub async fn run_server(
     let mut machine = RoundMachine::new(opts.round.clone(), strategy, initial, Instant::now());
     if let Some(cp) = &resume_from {
         let tensors = match &cp.state_blob {
-            Some(r) => Some(load_checkpoint_state(&store, r, opts.crypto.as_deref()).await?),
+            Some(r) => Some(load_checkpoint_state(&store, r).await?),
             None => None,
         };
         machine
@@ -384,26 +256,24 @@ pub async fn run_server(
             .map_err(|e| ServerError::Checkpoint(e.to_string()))?;
     }
     let mut driver = Driver {
+        admission: Admission::new(opts.keyring.clone()),
+        checkpoints: Checkpointer::new(store.clone(), opts.keys.clone(), opts.run.clone()),
         topics,
         handle,
         store,
         opts,
         evaluator,
-        dedup: Dedup::default(),
         tasks: mpsc::unbounded_channel(),
         fetch_slots: Arc::new(Semaphore::new(1)),
         known_clients: BTreeSet::new(),
         records: Vec::new(),
-        pending_checkpoint: None,
         round_bytes: None,
         started,
         last_admitting: None,
         metrics: None,
         held_permit: None,
-        checkpoint_task: None,
         cleanup_task: None,
-        global_key: None,
-        budget: SenderBudget::new(SENDER_BURST, SENDER_RATE),
+        global: None,
         elapsed_before: 0.0,
     };
     if let Some(dir) = &driver.opts.output_dir {
@@ -425,8 +295,7 @@ pub async fn run_server(
     driver.fetch_slots = Arc::new(Semaphore::new(fetch_concurrency));
     if let Some(cp) = resume_from {
         info!(round = cp.round, "resuming from checkpoint");
-        let model =
-            load_checkpoint_model(&driver.store, &cp, driver.opts.crypto.as_deref()).await?;
+        let model = load_checkpoint_model(&driver.store, &cp).await?;
         machine.resume(cp.round, model);
     }
     let clients_needed = driver.opts.round.min_clients;
@@ -570,10 +439,14 @@ pub async fn run_server(
 struct Driver {
     topics: Topics,
     handle: MqttHandle,
-    store: BlobStore,
+    /// Seals what the server stores and opens what it fetches (plaintext when not sealing).
+    store: SealedStore,
     opts: ServerOptions,
     evaluator: Option<Arc<dyn Evaluator>>,
-    dedup: Dedup,
+    /// Decides which incoming messages reach the machine.
+    admission: Admission,
+    /// Writes each closed round's checkpoint once its model is stored.
+    checkpoints: Checkpointer,
     tasks: (
         mpsc::UnboundedSender<TaskDone>,
         mpsc::UnboundedReceiver<TaskDone>,
@@ -581,8 +454,6 @@ struct Driver {
     fetch_slots: Arc<Semaphore>,
     known_clients: BTreeSet<String>,
     records: Vec<RoundRecord>,
-    /// Round closed, its model not yet stored: checkpoint (round, strategy, state) once it is.
-    pending_checkpoint: Option<(u64, String, StrategyState)>,
     round_bytes: Option<RoundBytes>,
     started: Instant,
     last_admitting: Option<usize>,
@@ -590,106 +461,35 @@ struct Driver {
     metrics: Option<MetricsWriter>,
     /// The fetch slot of the update being folded.
     held_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// The latest checkpoint write (awaited before the run returns).
-    checkpoint_task: Option<tokio::task::JoinHandle<()>>,
     /// The latest deletion of old rounds' blobs (awaited before the run returns).
     cleanup_task: Option<tokio::task::JoinHandle<()>>,
-    /// Content key of the latest global model upload (sealed federations), by round.
-    global_key: Option<(u64, Arc<ContentKey>)>,
-    /// Message budgets per sender.
-    budget: SenderBudget,
+    /// The latest global model stored, by round: each client's train command refers to it with
+    /// its content key wrapped to that client.
+    global: Option<(u64, Written)>,
     /// Seconds the run had taken before this server resumed it (from its metrics).
     elapsed_before: f64,
 }
 
 impl Driver {
-    /// Decodes one MQTT publish into a machine event, or drops it with a logged reason.
+    /// One MQTT publish as a machine event, when admitted; remembers the clients seen online
+    /// (they are told when the run finishes).
     fn on_message(&mut self, m: crate::transport::Incoming) -> Option<Event> {
-        let (kind, env) = match m.decode(&self.topics) {
-            Ok(x) => x,
-            Err(e) => {
-                warn!("message dropped: {e}");
-                return None;
-            }
-        };
-        let sender = match &kind {
-            TopicKind::Status(id) if id == SERVER_ID => {
-                // Its own presence, echoed by the broker.
-                return None;
-            }
-            TopicKind::Status(id) | TopicKind::Up(id) | TopicKind::Command(id) => id.as_str(),
-        };
-        // Before the signature check: a flood costs a map lookup, not a verification.
-        if let Verdict::Drop { first } = self.budget.admit(sender, Instant::now()) {
-            if first {
-                let (burst, rate) = self.budget.limits();
-                warn!(
-                    %sender,
-                    "messages dropped: over the per-sender budget ({burst} at once, {rate}/s); \
-                     dropping until it slows down"
-                );
-            }
-            return None;
+        let event = self.admission.admit(&m, &self.topics)?;
+        if let Event::ClientOnline { client, .. } = &event {
+            self.known_clients.insert(client.clone());
         }
-        if let Some(ring) = &self.opts.keyring {
-            if let Err(reason) = ring.check_message(&m.payload, m.retained, &env) {
-                warn!(topic = %m.topic, from = %env.from, "message dropped: {reason}");
-                return None;
-            }
-        }
-        if !self.dedup.first_time(&env) {
-            debug!(from = %env.from, id = %env.id, "duplicate dropped");
-            return None;
-        }
-        match (kind, env.body) {
-            (TopicKind::Status(id), Body::Status(s)) => {
-                if id == SERVER_ID || s.role != Role::Client {
-                    return None;
-                }
-                match s.state {
-                    Presence::Online => {
-                        self.known_clients.insert(id.clone());
-                        info!(client = %id, "client online");
-                        Some(Event::ClientOnline {
-                            client: id,
-                            capabilities: s.capabilities,
-                        })
-                    }
-                    Presence::Offline => {
-                        info!(client = %id, "client offline");
-                        Some(Event::ClientOffline { client: id })
-                    }
-                }
-            }
-            (TopicKind::Up(id), Body::Update(u)) => Some(Event::UpdateReady {
-                client: id,
-                round: env.round,
-                blob: u.update,
-                num_samples: u.num_samples,
-                metrics: u.metrics,
-                report: u.report,
-            }),
-            (TopicKind::Up(id), Body::Failure(f)) => Some(Event::ClientFailed {
-                client: id,
-                round: env.round,
-                reason: f.reason,
-            }),
-            _ => None,
-        }
+        Some(event)
     }
 
     async fn on_task(&mut self, done: TaskDone) -> Option<Event> {
         match done {
-            TaskDone::Stored { round, blob } => {
+            TaskDone::Stored { round, written } => {
+                let blob = written.blob().clone();
                 if let Some(b) = &mut self.round_bytes {
                     b.global_len = blob.len;
                 }
-                let key = self
-                    .global_key
-                    .as_ref()
-                    .filter(|(r, _)| *r == round)
-                    .map(|(_, k)| k.clone());
-                self.write_checkpoint(&blob, key.as_deref()).await;
+                self.checkpoints.model_stored(&written).await;
+                self.global = Some((round, written));
                 Some(Event::GlobalUploaded { round, blob })
             }
             TaskDone::StoreFailed { round, reason } => {
@@ -718,113 +518,6 @@ impl Driver {
         }
     }
 
-    /// Writes the checkpoint of the round that produced `model` (sealed with `key`), if one is
-    /// pending.
-    async fn write_checkpoint(&mut self, model: &BlobRef, key: Option<&ContentKey>) {
-        let Some((round, strategy, state)) = self.pending_checkpoint.take() else {
-            return;
-        };
-        let model = match (&self.opts.crypto, key) {
-            (Some(c), Some(k)) => match c.wrapped_ref(model, k, SERVER_ID) {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!("checkpoint of round {round} not written: {e}");
-                    return;
-                }
-            },
-            _ => model.clone(),
-        };
-        let cp = Checkpoint {
-            v: 1,
-            run: self.opts.run.clone(),
-            round,
-            strategy,
-            state: serde_json::Value::Null,
-            state_blob: None,
-            model,
-            ts_ms: proto::now_ms(),
-        };
-        self.put_checkpoint(cp, state).await;
-    }
-
-    /// Stores `cp` with the strategy's `state` in the background (encoded, sealed and stored
-    /// off the round's critical path), then deletes the checkpoint two rounds older (the newest
-    /// two are kept).
-    async fn put_checkpoint(&mut self, mut cp: Checkpoint, state: StrategyState) {
-        let key = self.opts.keys.checkpoint(cp.round);
-        let state_key = self.opts.keys.checkpoint_state(cp.round);
-        let old = (cp.round > 2).then(|| {
-            (
-                self.opts.keys.checkpoint(cp.round - 2),
-                self.opts.keys.checkpoint_state(cp.round - 2),
-            )
-        });
-        let store = self.store.clone();
-        let crypto = self.opts.crypto.clone();
-        // One checkpoint in flight at a time, in round order.
-        let previous = self.checkpoint_task.take();
-        let task = tokio::spawn(async move {
-            if let Some(p) = previous {
-                let _ = p.await;
-            }
-            let round = cp.round;
-            let (doc_key, state_key2) = (key.clone(), state_key.clone());
-            let crypto2 = crypto.clone();
-            let encoded = tokio::task::spawn_blocking(move || {
-                let (json, tensors) = state.encode();
-                cp.state = json;
-                let tensors = tensors.map(|t| {
-                    let bytes = t.to_safetensors_bytes();
-                    match &crypto2 {
-                        Some(c) => c.seal_own(&state_key2, &bytes),
-                        None => bytes,
-                    }
-                });
-                (cp, tensors)
-            })
-            .await;
-            let (mut cp, tensors) = match encoded {
-                Ok(e) => e,
-                Err(e) => {
-                    warn!("checkpoint of round {round} not written: encoding failed: {e}");
-                    return;
-                }
-            };
-            if let Some(bytes) = tensors {
-                match store.put(&state_key, Bytes::from(bytes)).await {
-                    Ok(r) => cp.state_blob = Some(r),
-                    Err(e) => {
-                        warn!("checkpoint of round {round} not written (its strategy state: {e}); the run goes on without it");
-                        return;
-                    }
-                }
-            }
-            let body = match serde_json::to_vec_pretty(&cp) {
-                Ok(b) => match &crypto {
-                    Some(c) => c.seal_own(&doc_key, &b),
-                    None => b,
-                },
-                Err(e) => {
-                    warn!("checkpoint of round {round} not written: {e}");
-                    return;
-                }
-            };
-            match store.put(&key, Bytes::from(body)).await {
-                Ok(_) => {
-                    debug!(round, %key, "checkpoint written");
-                    if let Some((old, old_state)) = old {
-                        let _ = store.delete(&old).await;
-                        let _ = store.delete(&old_state).await;
-                    }
-                }
-                Err(e) => warn!(
-                    "checkpoint of round {round} not written ({e}); the run goes on without it"
-                ),
-            }
-        });
-        self.checkpoint_task = Some(task);
-    }
-
     /// Carries out one action; returns the outcome when the run is over.
     async fn act(
         &mut self,
@@ -846,35 +539,25 @@ impl Driver {
                 let key = self.opts.keys.global(round);
                 let store = self.store.clone();
                 let tx = self.tasks.0.clone();
-                let crypto = self.opts.crypto.clone();
-                let content_key = crypto.as_ref().map(|_| Arc::new(ContentKey::generate()));
-                self.global_key = content_key.clone().map(|k| (round, k));
                 // A store outage delays the round by up to a round's timeout before it aborts it.
                 let retry_deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
                 tokio::spawn(async move {
-                    let bytes = match (crypto, content_key) {
-                        (Some(c), Some(k)) => {
-                            let key = key.clone();
-                            tokio::task::spawn_blocking(move || c.seal_with_key(&k, &key, &plain))
-                                .await
-                                .map_err(|e| format!("sealing task failed: {e}"))
-                        }
-                        _ => Ok(plain),
-                    };
-                    let stored = match bytes {
-                        Ok(b) => {
-                            let b = Bytes::from(b);
+                    // Sealed once, under a fresh content key; a retry stores the same bytes.
+                    let sealing = store.clone();
+                    let sealed = tokio::task::spawn_blocking(move || sealing.seal(&key, plain))
+                        .await
+                        .map_err(|e| format!("sealing task failed: {e}"));
+                    let stored = match sealed {
+                        Ok(blob) => {
                             let what = format!("storing the global model of round {round}");
-                            store::retry::until(&what, retry_deadline, || {
-                                store.put(&key, b.clone())
-                            })
-                            .await
-                            .map_err(|e| e.to_string())
+                            store::retry::until(&what, retry_deadline, || store.put(&blob))
+                                .await
+                                .map_err(|e| e.to_string())
                         }
                         Err(e) => Err(e),
                     };
                     let done = match stored {
-                        Ok(blob) => TaskDone::Stored { round, blob },
+                        Ok(written) => TaskDone::Stored { round, written },
                         Err(reason) => TaskDone::StoreFailed { round, reason },
                     };
                     let _ = tx.send(done);
@@ -883,7 +566,7 @@ impl Driver {
             Action::SendTrain {
                 client,
                 round,
-                global,
+                global: _,
                 config,
                 instruction,
                 deadline,
@@ -891,21 +574,20 @@ impl Driver {
                 if let Some(b) = &mut self.round_bytes {
                     b.commands += 1;
                 }
-                let global = match (&self.opts.crypto, &self.global_key) {
-                    (Some(c), Some((r, k))) if *r == round => {
-                        match c.wrapped_ref(&global, k, &client) {
-                            Ok(g) => g,
-                            Err(e) => {
-                                warn!(%client, round, "train command not sent: {e}");
-                                return None;
-                            }
-                        }
-                    }
-                    (Some(_), _) => {
-                        warn!(%client, round, "train command not sent: no content key for the global model");
+                // The command's `global` is the blob stored for this round (`GlobalUploaded`):
+                // the machine sends a round's commands after it is stored and before the next
+                // one is, so `self.global` holds it with its content key.
+                let stored = self.global.as_ref().filter(|(r, _)| *r == round);
+                let Some((_, written)) = stored else {
+                    warn!(%client, round, "train command not sent: no content key for the global model");
+                    return None;
+                };
+                let global = match self.store.reference_for(written, &client) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        warn!(%client, round, "train command not sent: {e}");
                         return None;
                     }
-                    (None, _) => global,
                 };
                 let left = deadline.saturating_duration_since(Instant::now());
                 let msg = Envelope::new(
@@ -938,26 +620,19 @@ impl Driver {
                 let store = self.store.clone();
                 let tx = self.tasks.0.clone();
                 let slots = self.fetch_slots.clone();
-                let crypto = self.opts.crypto.clone();
                 let retry_deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
                 tokio::spawn(async move {
                     let permit = slots.acquire_owned().await.ok();
                     // A sealed update's key is wrapped to the server alone: its AEAD tags
                     // authenticate every byte, so the SHA-256 pass is skipped (docs/PROTOCOL.md,
                     // "What is verified").
-                    let sealed = crypto.is_some() && blob.wrapped_key.is_some();
                     let what = format!("fetching the update of {client} for round {round}");
-                    let fetched = store::retry::until(&what, retry_deadline, || async {
-                        if sealed {
-                            store.get_length_checked(&blob).await
-                        } else {
-                            store.get(&blob).await
-                        }
-                    })
-                    .await;
+                    let fetched =
+                        store::retry::until(&what, retry_deadline, || store.get_private(&blob))
+                            .await;
                     let result = match fetched {
                         Ok(bytes) => tokio::task::spawn_blocking(move || {
-                            open_blob(crypto.as_deref(), &blob, bytes)
+                            store.open(&blob, bytes).map_err(open_failed)
                         })
                         .await
                         .unwrap_or_else(|e| Err(format!("opening task failed: {e}"))),
@@ -983,11 +658,11 @@ impl Driver {
                 }
                 progress(&Progress::RoundClosed(record.clone()));
                 self.records.push(record);
-                self.pending_checkpoint = Some((
+                self.checkpoints.round_closed(
                     summary.round,
                     machine.strategy().name().to_string(),
                     machine.strategy().state(),
-                ));
+                );
                 // Never a round a client still trains on or whose update is being fetched
                 // (asynchronous runs keep older rounds in use).
                 let keep = self
@@ -996,7 +671,7 @@ impl Driver {
                     .keep_from_round(summary.round)
                     .min(machine.oldest_round_in_use());
                 if keep > 0 {
-                    let store = self.store.clone();
+                    let store = self.store.inner().clone();
                     let keys = self.opts.keys.clone();
                     // After the previous cleanup (it is awaited before the run returns).
                     let previous = self.cleanup_task.take();
@@ -1072,8 +747,7 @@ impl Driver {
 
     /// Stores the final model, tells every known client, writes the final model to disk.
     async fn finish(&mut self, outcome: Outcome, machine: &RoundMachine) -> ServerReport {
-        let mut final_model = None;
-        let mut final_key = None;
+        let mut final_model: Option<Written> = None;
         let mut final_path = None;
         if outcome == Outcome::Completed || machine.completed_rounds() > 0 {
             let plain = machine.global().to_safetensors_bytes();
@@ -1084,25 +758,16 @@ impl Driver {
                     Err(e) => warn!("final model not written to {}: {e}", path.display()),
                 }
             }
-            let key = self.opts.keys.final_model();
-            let (bytes, content_key) = match &self.opts.crypto {
-                Some(c) => {
-                    let k = ContentKey::generate();
-                    (c.seal_with_key(&k, &key, &plain), Some(k))
-                }
-                None => (plain, None),
-            };
-            let bytes = Bytes::from(bytes);
+            let blob = self.store.seal(&self.opts.keys.final_model(), plain);
             let deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
             let stored = store::retry::until("storing the final model", deadline, || {
-                self.store.put(&key, bytes.clone())
+                self.store.put(&blob)
             })
             .await;
             match stored {
-                Ok(blob) => {
-                    self.write_checkpoint(&blob, content_key.as_ref()).await;
-                    final_model = Some(blob);
-                    final_key = content_key;
+                Ok(written) => {
+                    self.checkpoints.model_stored(&written).await;
+                    final_model = Some(written);
                 }
                 Err(e) => warn!("final model not stored: {e}"),
             }
@@ -1116,15 +781,15 @@ impl Driver {
         let mut clients = self.known_clients.clone();
         clients.extend(self.opts.expected_clients.iter().cloned());
         for c in &clients {
-            let for_client = match (&self.opts.crypto, &final_model, &final_key) {
-                (Some(cr), Some(m), Some(k)) => match cr.wrapped_ref(m, k, c) {
+            let for_client = match &final_model {
+                Some(m) => match self.store.reference_for(m, c) {
                     Ok(m) => Some(m),
                     Err(e) => {
                         warn!(client = %c, "final model not offered: {e}");
                         None
                     }
                 },
-                _ => final_model.clone(),
+                None => None,
             };
             let msg = Envelope::new(
                 &self.opts.run,
@@ -1154,9 +819,7 @@ impl Driver {
                 Err(e) => warn!("plot not written: {e}"),
             }
         }
-        if let Some(t) = self.checkpoint_task.take() {
-            let _ = t.await;
-        }
+        self.checkpoints.wait().await;
         if let Some(t) = self.cleanup_task.take() {
             let _ = t.await;
         }
@@ -1167,7 +830,7 @@ impl Driver {
         ServerReport {
             outcome,
             records: std::mem::take(&mut self.records),
-            final_model,
+            final_model: final_model.map(|w| w.blob().clone()),
             final_path,
             final_params: machine.global().clone(),
             wall_s: 0.0,

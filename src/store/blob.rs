@@ -304,7 +304,7 @@ impl BlobStore {
         ));
         if let Some(ca) = &opts.ca_path {
             // Checked here: the SDK parses the bundle lazily and panics on a bad one.
-            crate::tls::load_roots(ca).map_err(|e| Error::InvalidOptions {
+            crate::crypto::tls::load_roots(ca).map_err(|e| Error::InvalidOptions {
                 reason: format!("{e} (CN_S3_CA_PATH in customized_training_s3_config)"),
             })?;
             let pem = std::fs::read(ca).map_err(|source| Error::Io {
@@ -402,7 +402,7 @@ impl BlobStore {
                 PathBuf::from("the system trust store (CN_S3_CA_PATH is not set)")
             });
             let peer = format!("the S3 endpoint {}", opts.endpoint);
-            if let Some(reason) = crate::tls::explain_handshake(&err, &peer, host, &ca) {
+            if let Some(reason) = crate::crypto::tls::explain_handshake(&err, &peer, host, &ca) {
                 return Error::Unreachable {
                     endpoint: ctx.endpoint.to_string(),
                     reason,
@@ -669,7 +669,7 @@ impl BlobStore {
 
     /// Downloads the blob `r` refers to, checking its length but not its SHA-256: only for blobs
     /// whose reader authenticates every byte itself, i.e. sealed blobs whose content key was
-    /// wrapped to this reader alone ([`crate::seal`]: a changed byte fails the AEAD tag). Saves
+    /// wrapped to this reader alone ([`crate::crypto::seal`]: a changed byte fails the AEAD tag). Saves
     /// one hash pass over every update on the server.
     ///
     /// # Errors

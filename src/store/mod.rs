@@ -15,6 +15,8 @@
 //! - `access.rs`: per-participant credentials ([`access::StoreCredential`]) and what each may do
 //!   (enforced by the embedded store; [`access::iam_policy`] for MinIO and AWS).
 //! - `retry.rs`: [`retry::until`], a whole operation retried across a store outage.
+//! - `sealed.rs`: [`SealedStore`], the decorator that seals a participant's blobs on the way in
+//!   and opens them on the way out ([`crate::crypto::seal`]), or passes plaintext through.
 //! - `bench.rs`: the put/get throughput measurement behind `fedmq bench blob`.
 //! - `error.rs`: [`Error`], with the mapping of S3 error responses to it.
 
@@ -28,6 +30,7 @@ mod blob;
 mod error;
 mod objects;
 pub mod retry;
+mod sealed;
 mod server;
 
 pub use blob::{
@@ -35,6 +38,7 @@ pub use blob::{
 };
 pub use error::{Error, Result, AUTH_HINT, UNREACHABLE_HINT};
 pub use objects::{ObjectStore, BLOCK, CACHE_MAX_OBJECT, DEFAULT_CACHE_BYTES, MAX_KEY_BYTES};
+pub use sealed::{Outgoing, SealedError, SealedStore, Written};
 pub use server::{
     default_listen, run_blocking, run_blocking_with_tls, serve, serve_tls, EmbeddedStore,
     StoreOptions, StoreTls, SHUTDOWN_GRACE, TLS_HANDSHAKE_TIMEOUT,

@@ -61,11 +61,11 @@ impl StoreTls {
     /// # Errors
     /// [`Error::InvalidOptions`] naming the file that is missing or invalid.
     pub fn acceptor(&self) -> Result<TlsAcceptor> {
-        let identity = crate::tls::Identity {
+        let identity = crate::crypto::tls::Identity {
             cert: self.cert.clone(),
             key: self.key.clone(),
         };
-        let config = crate::tls::server_config(&identity, &[b"http/1.1"]).map_err(|e| {
+        let config = crate::crypto::tls::server_config(&identity, &[b"http/1.1"]).map_err(|e| {
             Error::InvalidOptions {
                 reason: format!("embedded store HTTPS: {e}"),
             }

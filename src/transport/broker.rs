@@ -28,7 +28,7 @@
 //! certificate on every TLS listener and turn the certificate's organization into a topic
 //! prefix). With [`BrokerOptions::acl_file`], [`BrokerOptions::password_file`] or
 //! [`BrokerOptions::client_ca`], rumqttd listens on 127.0.0.1 on a free port behind an
-//! authorizing gateway (`gateway.rs`) that serves [`BrokerOptions::listen`]: Mosquitto's ACL and
+//! authorizing gateway (`gateway/`) that serves [`BrokerOptions::listen`]: Mosquitto's ACL and
 //! password file formats (so `broker/fedmq.acl` and one `mosquitto_passwd` file serve both
 //! brokers), mutual TLS with the certificate's Common Name as user name, and guards against idle and
 //! hostile connections (the oldest connection still waiting for its CONNECT is shed at the
@@ -183,12 +183,13 @@ pub struct BrokerTls {
 impl BrokerTls {
     /// Loads both files: the leaf certificate (for the readiness probe), checking the key too.
     fn load(&self) -> Result<rustls::pki_types::CertificateDer<'static>, BrokerError> {
-        let bad = |e: crate::tls::TlsError| BrokerError::InvalidOption {
+        let bad = |e: crate::crypto::tls::TlsError| BrokerError::InvalidOption {
             field: "tls",
             reason: e.to_string(),
         };
-        let mut certs = crate::tls::load_certs(&self.cert, "broker certificate").map_err(bad)?;
-        crate::tls::load_key(&self.key).map_err(bad)?;
+        let mut certs =
+            crate::crypto::tls::load_certs(&self.cert, "broker certificate").map_err(bad)?;
+        crate::crypto::tls::load_key(&self.key).map_err(bad)?;
         Ok(certs.swap_remove(0))
     }
 
@@ -589,17 +590,18 @@ fn gateway_tls(
     client_ca: Option<&Path>,
 ) -> Result<Arc<rustls::ServerConfig>, BrokerError> {
     let bad = |field, reason: String| BrokerError::InvalidOption { field, reason };
-    let certs = crate::tls::load_certs(&tls.cert, "broker certificate")
+    let certs = crate::crypto::tls::load_certs(&tls.cert, "broker certificate")
         .map_err(|e| bad("tls", e.to_string()))?;
-    let key = crate::tls::load_key(&tls.key).map_err(|e| bad("tls", e.to_string()))?;
-    let provider = crate::tls::crypto_provider();
+    let key = crate::crypto::tls::load_key(&tls.key).map_err(|e| bad("tls", e.to_string()))?;
+    let provider = crate::crypto::tls::crypto_provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| bad("tls", e.to_string()))?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let roots = crate::tls::load_roots(ca).map_err(|e| bad("client_ca", e.to_string()))?;
+            let roots =
+                crate::crypto::tls::load_roots(ca).map_err(|e| bad("client_ca", e.to_string()))?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
@@ -891,7 +893,7 @@ fn mqtt_probe<S: Read + Write>(
 /// (signatures still checked), so it proves that *our* broker answers, whatever names or CA
 /// that certificate has.
 fn probe_tls_config(cert: rustls::pki_types::CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
-    let provider = crate::tls::crypto_provider();
+    let provider = crate::crypto::tls::crypto_provider();
     let verifier = Arc::new(PinnedCert {
         cert,
         provider: provider.clone(),
@@ -1040,8 +1042,8 @@ mod tests {
     #[test]
     fn tls_listeners_parse_and_capath_needs_the_gateway() {
         let dir = tempfile::tempdir().unwrap();
-        let plan = crate::tls::CertsPlan::new(dir.path(), vec!["server".into()]);
-        crate::tls::generate_certs(&plan).unwrap();
+        let plan = crate::crypto::tls::CertsPlan::new(dir.path(), vec!["server".into()]);
+        crate::crypto::tls::generate_certs(&plan).unwrap();
         let p = |f: &str| dir.path().join(f).to_string_lossy().into_owned();
         let base = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/rumqttd.toml"),

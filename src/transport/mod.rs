@@ -11,11 +11,14 @@
 //! - `broker.rs`: [`EmbeddedBroker`], rumqttd on a dedicated thread bound to 127.0.0.1, configured
 //!   from [`BrokerOptions`] (programmatic defaults or the shape of `broker/rumqttd.toml`), with
 //!   TLS from [`BrokerTls`].
-//! - `gateway.rs`: the authorizing MQTT 3.1.1 gateway the embedded broker puts in front of
+//! - `gateway/`: the authorizing MQTT 3.1.1 gateway the embedded broker puts in front of
 //!   rumqttd when asked for an ACL, a password file or client certificates: Mosquitto's ACL and
 //!   password file formats (one `broker/fedmq.acl` for both brokers), mutual TLS with the
 //!   certificate's Common Name as user name, connection rate limits. rumqttd itself then listens
-//!   on loopback and accepts only the gateway's internal credential.
+//!   on loopback and accepts only the gateway's internal credential. `mod.rs` is its I/O driver;
+//!   `framing.rs` (MQTT packet framing and parsing), `acl.rs`, `passwords.rs` and `cert_name.rs`
+//!   (client certificate names) hold its pure parts.
+//! - `bench.rs`: [`bench::mqtt_rtt`], control-message round-trip latency through any broker.
 //!
 //! # TLS
 //! [`SessionOptions::tls`] ([`MqttTls`]; `MQTT_TLS` and `MQTT_*_PATH` in the config) connects

@@ -59,11 +59,11 @@
 
 use super::{DEFAULT_MAX_PACKET_SIZE, MIN_PACKET_SIZE};
 use crate::config::MqttConfig;
+use crate::crypto::tls;
 use crate::proto::{
     self, Body, Capabilities, Envelope, Presence, Role, Status, TopicKind, Topics,
     MAX_MESSAGE_BYTES,
 };
-use crate::tls;
 use bytes::Bytes;
 use rand::Rng;
 use rumqttc::{
@@ -317,8 +317,8 @@ pub struct SessionOptions {
     /// TLS (`None`: plain TCP). See [`MqttTls`].
     pub tls: Option<MqttTls>,
     /// Signs every message this session publishes (presence and last will included) with this
-    /// participant's key (`crate::identity`); `None`: unsigned.
-    pub signer: Option<Arc<crate::identity::Identity>>,
+    /// participant's key (`crate::crypto::identity`); `None`: unsigned.
+    pub signer: Option<Arc<crate::crypto::identity::Identity>>,
     /// Topic filters subscribed (QoS 1) on every connection.
     pub subscriptions: Vec<String>,
     /// Retained presence and last will, if this participant announces itself.
@@ -759,7 +759,7 @@ pub struct MqttHandle {
     /// The driver's last connection error (cleared on CONNACK).
     last_error: Arc<Mutex<Option<String>>>,
     /// Signs published messages.
-    signer: Option<Arc<crate::identity::Identity>>,
+    signer: Option<Arc<crate::crypto::identity::Identity>>,
     /// The participant's presence, re-announced on request.
     presence: Option<Arc<PresenceMessages>>,
 }
@@ -962,7 +962,7 @@ fn fresh(msg: &Envelope) -> Envelope {
 }
 
 /// The wire bytes of `msg`: its JSON, signed when the session has a signer.
-fn seal(signer: &Option<Arc<crate::identity::Identity>>, msg: &Envelope) -> Vec<u8> {
+fn seal(signer: &Option<Arc<crate::crypto::identity::Identity>>, msg: &Envelope) -> Vec<u8> {
     let json = proto::encode(msg);
     match signer {
         Some(id) => id.seal(json),
@@ -970,7 +970,10 @@ fn seal(signer: &Option<Arc<crate::identity::Identity>>, msg: &Envelope) -> Vec<
     }
 }
 
-fn last_will(p: &PresenceMessages, signer: &Option<Arc<crate::identity::Identity>>) -> LastWill {
+fn last_will(
+    p: &PresenceMessages,
+    signer: &Option<Arc<crate::crypto::identity::Identity>>,
+) -> LastWill {
     LastWill::new(
         p.topic.clone(),
         seal(signer, &fresh(&p.offline)),
@@ -1041,7 +1044,7 @@ struct Driver {
     cancel: CancellationToken,
     backoff: Backoff,
     /// Signs presence messages and the last will.
-    signer: Option<Arc<crate::identity::Identity>>,
+    signer: Option<Arc<crate::crypto::identity::Identity>>,
     close_timeout: Duration,
     /// After a CONNACK: `Some(None)` until our SUBSCRIBE is sent, then `Some(Some(pkid))` until
     /// its SUBACK arrives.

@@ -118,13 +118,13 @@ impl Identity {
         hex::encode(self.key.verifying_key().to_bytes())
     }
 
-    /// The secret seed: key material for blobs only this participant opens ([`crate::seal`]).
+    /// The secret seed: key material for blobs only this participant opens ([`crate::crypto::seal`]).
     pub(crate) fn secret_seed(&self) -> [u8; 32] {
         self.key.to_bytes()
     }
 
     /// The X25519 secret scalar of this key (Ed25519's expanded scalar, used clamped), for
-    /// unwrapping blob keys ([`crate::seal`]).
+    /// unwrapping blob keys ([`crate::crypto::seal`]).
     pub(crate) fn x25519_secret(&self) -> [u8; 32] {
         self.key.to_scalar_bytes()
     }

@@ -36,7 +36,7 @@
 //! big-endian) and the header as associated data: chunks cannot be reordered, dropped or
 //! appended. Chunks are independent, so large blobs seal and open in parallel.
 
-use crate::identity::{Identity, Keyring};
+use crate::crypto::identity::{Identity, Keyring};
 use crate::proto::BlobRef;
 use bytes::{Bytes, BytesMut};
 use rayon::prelude::*;
