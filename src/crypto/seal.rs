@@ -482,10 +482,11 @@ fn kek(shared: &[u8; 32], eph_pub: &[u8; 32], recipient: &[u8; 32], key: &str) -
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn pair() -> (BlobCrypto, BlobCrypto) {
+    /// A server's and a client's blob crypto, each trusting the other.
+    pub(crate) fn pair() -> (BlobCrypto, BlobCrypto) {
         let server = Arc::new(Identity::generate("server"));
         let client = Arc::new(Identity::generate("client-1"));
         let mut ring_s = Keyring::default();

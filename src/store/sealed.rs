@@ -262,7 +262,6 @@ impl SealedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::identity::{Identity, Keyring};
     use crate::store::S3Options;
 
     /// A store these tests never send a request to.
@@ -278,21 +277,10 @@ mod tests {
 
     /// The server's and a client's sealed stores, each trusting the other.
     fn pair() -> (SealedStore, SealedStore) {
-        let server = Arc::new(Identity::generate("server"));
-        let client = Arc::new(Identity::generate("client-1"));
-        let mut ring_s = Keyring::default();
-        ring_s.trust(&client);
-        let mut ring_c = Keyring::default();
-        ring_c.trust(&server);
+        let (server, client) = crate::crypto::seal::tests::pair();
         (
-            SealedStore::new(
-                inner(),
-                Some(Arc::new(BlobCrypto::new(server, Arc::new(ring_s)))),
-            ),
-            SealedStore::new(
-                inner(),
-                Some(Arc::new(BlobCrypto::new(client, Arc::new(ring_c)))),
-            ),
+            SealedStore::new(inner(), Some(Arc::new(server))),
+            SealedStore::new(inner(), Some(Arc::new(client))),
         )
     }
 
