@@ -14,6 +14,8 @@
 //!   S3-compatible server (s3s over fedmq's own object backend).
 //! - [`strategy`]: configure/aggregate strategies with streaming aggregation: FedAvg, FedAvgM,
 //!   FedProx, FedAdam/FedYogi/FedAdagrad, SCAFFOLD, FedNova, and buffered asynchronous FedBuff.
+//! - [`secagg`]: secure aggregation's arithmetic (quantization into `Z_{2^32}`, ChaCha20
+//!   masks); the protocol stages follow (issue 12).
 //! - [`server`]: the round engine as a sans-IO state machine, its async driver, the admission of
 //!   incoming messages, and checkpoints.
 //! - [`client`]: the client runtime, its trainers and the client-side strategy hooks.
@@ -40,6 +42,7 @@ pub mod data;
 pub mod federation;
 pub mod metrics;
 pub mod proto;
+pub mod secagg;
 pub mod server;
 pub mod store;
 pub mod strategy;
