@@ -15,7 +15,7 @@
 //! - [`strategy`]: configure/aggregate strategies with streaming aggregation: FedAvg, FedAvgM,
 //!   FedProx, FedAdam/FedYogi/FedAdagrad, SCAFFOLD, FedNova, and buffered asynchronous FedBuff.
 //! - [`secagg`]: secure aggregation's arithmetic (quantization into `Z_{2^32}`, ChaCha20
-//!   masks); the protocol stages follow (issue 12).
+//!   masks, Shamir shares of seeds over `GF(2^61 − 1)`); the protocol stages follow (issue 12).
 //! - [`server`]: the round engine as a sans-IO state machine, its async driver, the admission of
 //!   incoming messages, and checkpoints.
 //! - [`client`]: the client runtime, its trainers and the client-side strategy hooks.
