@@ -273,7 +273,8 @@ impl hkdf::KeyType for Len {
     }
 }
 
-fn hkdf32(ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> [u8; 32] {
+/// HKDF-SHA256 (RFC 5869) of `ikm` with `salt`, expanded to 32 bytes with `info` (concatenated).
+pub(crate) fn hkdf32(ikm: &[u8], salt: &[u8], info: &[&[u8]]) -> [u8; 32] {
     let mut out = [0u8; 32];
     hkdf::Salt::new(hkdf::HKDF_SHA256, salt)
         .extract(ikm)

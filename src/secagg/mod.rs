@@ -7,10 +7,12 @@
 //!   error bound of the round trip.
 //! - [`mask`]: the pseudo-random masks: ChaCha20 keystream words from a 32-byte seed, added or
 //!   removed with wrapping arithmetic.
+//! - [`agree`]: per-round X25519 key pairs and the pairwise seeds two clients derive (HKDF).
 //! - [`field`]: `GF(2^61 − 1)`, the field seeds are shared in.
 //! - [`shamir`]: Shamir shares of 32-byte seeds (`t` of `n` recover; fewer reveal nothing),
 //!   with a consistency check and a 66-byte wire form.
 
+pub mod agree;
 pub mod field;
 pub mod mask;
 pub mod quantize;
