@@ -12,7 +12,8 @@ use crate::data::{
 };
 use crate::proto::{BlobKeys, Capabilities, TrainConfig};
 use crate::server::{
-    self, Checkpoint, Evaluation, Evaluator, Progress, RoundConfig, ServerOptions, ServerReport,
+    self, Checkpoint, Evaluation, Evaluator, OnFailure, Progress, RoundConfig, SecureConfig,
+    ServerOptions, ServerReport,
 };
 use crate::store::access::StoreCredential;
 use crate::store::{
@@ -66,6 +67,18 @@ pub fn round_config(cfg: &Config) -> RoundConfig {
         keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
         // Validated by Config::validate; the default otherwise.
         weighting: f.weighting.parse().unwrap_or_default(),
+        secure: cfg.secure_aggregation().then(|| SecureConfig {
+            clip: f.secagg_clip,
+            // FedML's `secagg` is the original protocol: every client neighbours every other.
+            degree: if cfg.secure_aggregation_args.sa_method.eq_ignore_ascii_case("secagg") {
+                usize::MAX
+            } else {
+                f.secagg_degree
+            },
+            threshold: f.secagg_threshold,
+            stage_timeout: Duration::from_secs_f64(f.secagg_stage_timeout_s),
+            on_failure: f.secagg_on_failure.parse().unwrap_or(OnFailure::Abort),
+        }),
     }
 }
 

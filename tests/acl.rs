@@ -175,6 +175,7 @@ fn train(round: u64) -> Envelope {
             },
             strategy: None,
             deadline_ms: fedmq::proto::now_ms() + 60_000,
+            secagg: None,
         }),
     )
 }

@@ -72,6 +72,7 @@ fn corpus(server: &Identity, client: &Identity) -> Vec<(String, Vec<u8>)> {
                     },
                     strategy: None,
                     deadline_ms: 1_763_712_000_000,
+                    secagg: None,
                 }),
             ),
         ),

@@ -227,6 +227,7 @@ fn train(run: &str, round: u64) -> Envelope {
             },
             strategy: None,
             deadline_ms: fedmq::proto::now_ms() + 60_000,
+            secagg: None,
         }),
     )
 }

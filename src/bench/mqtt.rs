@@ -242,6 +242,7 @@ fn train_command(run: &str, round: u64) -> Envelope {
                 seed: round,
             },
             deadline_ms: crate::proto::now_ms() + 60_000,
+            secagg: None,
         }),
     )
 }

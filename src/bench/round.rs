@@ -29,7 +29,10 @@ use crate::federation::{
 };
 use crate::metrics::RoundRecord;
 use crate::proto::{BlobKeys, TrainConfig};
-use crate::server::{self, Outcome, Progress, RoundConfig, ServerOptions, ServerReport, Weighting};
+use crate::server::{
+    self, OnFailure, Outcome, Progress, RoundConfig, SecureConfig, ServerOptions, ServerReport,
+    Weighting,
+};
 use crate::store::{
     BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions, StoreTls, MIB,
 };
@@ -54,6 +57,9 @@ pub const ACCESS_KEY: &str = "fedmq-bench";
 pub const BUCKET: &str = "fedmq-bench";
 
 /// Rounds whose blobs the benchmark's server keeps in the store.
+/// The clipping bound of secure-aggregation benchmarks (`fedmq_args.secagg_clip`'s default).
+pub const SECAGG_CLIP: f64 = 1.0;
+
 const KEEP_ROUNDS: NonZeroU64 = NonZeroU64::MIN.saturating_add(1);
 
 /// Which MQTT broker carries the control messages.
@@ -137,6 +143,17 @@ pub struct RoundBenchConfig {
     /// The strategy's own hyper-parameters (FedBuff's buffer and staleness bound, the
     /// server optimizers' β and τ, ...).
     pub strategy_args: crate::config::FedmqArgs,
+    /// Secure aggregation (SecAgg+) on every round.
+    pub secure_aggregation: bool,
+    /// Fraction of the clients that drop out of every round: the last `round(dropout · clients)`
+    /// ranks fail after `dropout_after`, while the others go on.
+    pub dropout: f64,
+    /// When a dropping client fails (with secure aggregation: after it shared its keys, if the
+    /// stages are faster than this).
+    pub dropout_after: Duration,
+    /// What each client adds to every parameter, by rank (cycled; empty: `delta` for all): with
+    /// distinct values, the final model tells which clients' updates it holds.
+    pub client_deltas: Vec<f32>,
 }
 
 impl Default for RoundBenchConfig {
@@ -156,6 +173,10 @@ impl Default for RoundBenchConfig {
             client_steps: Vec::new(),
             client_delays: Vec::new(),
             strategy_args: crate::config::FedmqArgs::default(),
+            secure_aggregation: false,
+            dropout: 0.0,
+            dropout_after: Duration::from_millis(50),
+            client_deltas: Vec::new(),
         }
     }
 }
@@ -170,18 +191,48 @@ impl RoundBenchConfig {
         }
     }
 
+    /// What client `rank` (1-based) adds to every parameter.
+    pub fn delta_of(&self, rank: usize) -> f32 {
+        if self.client_deltas.is_empty() {
+            self.delta
+        } else {
+            self.client_deltas[(rank - 1) % self.client_deltas.len()]
+        }
+    }
+
+    /// Clients that drop out of every round.
+    pub fn dropped(&self) -> usize {
+        ((self.dropout * self.clients as f64).round() as usize).min(self.clients)
+    }
+
+    /// Whether client `rank` drops out of every round (the last [`Self::dropped`] ranks).
+    pub fn drops(&self, rank: usize) -> bool {
+        rank > self.clients - self.dropped()
+    }
+
     /// The no-op trainer of client `rank` (1-based).
     pub fn trainer_of(&self, rank: usize) -> NoopTrainer {
+        let fail = self.drops(rank);
         NoopTrainer {
             num_samples: CLIENT_SAMPLES,
-            delta: self.delta,
+            delta: self.delta_of(rank),
             steps: self.steps_of(rank),
-            delay: if self.client_delays.is_empty() {
+            delay: if fail {
+                self.dropout_after
+            } else if self.client_delays.is_empty() {
                 Duration::ZERO
             } else {
                 self.client_delays[(rank - 1) % self.client_delays.len()]
             },
+            fail,
         }
+    }
+
+    /// The mean of the surviving clients' deltas (equal weights): what a round adds to every
+    /// parameter under FedAvg.
+    pub fn survivors_mean_delta(&self) -> f64 {
+        let ranks: Vec<usize> = (1..=self.clients).filter(|&r| !self.drops(r)).collect();
+        ranks.iter().map(|&r| f64::from(self.delta_of(r))).sum::<f64>() / ranks.len().max(1) as f64
     }
 }
 
@@ -207,6 +258,14 @@ pub struct RoundBenchReport {
     pub security: &'static str,
     /// The server's strategy.
     pub strategy: String,
+    /// Secure aggregation (SecAgg+) on every round.
+    pub secure_aggregation: bool,
+    /// Fraction of the clients that dropped out of every round.
+    pub dropout: f64,
+    /// With secure aggregation: medians (warm-up left out) of when each stage closed, in
+    /// seconds from the round's train commands (`secagg_keys_s`, `secagg_shares_s`,
+    /// `secagg_masked_s`, `secagg_unmask_s`).
+    pub secagg_stage_s_median: BTreeMap<String, f64>,
     /// Median round time in seconds (warm-up rounds left out).
     pub round_s_median: Option<f64>,
     /// 90th percentile (nearest rank) of the round times.
@@ -687,7 +746,8 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
             min_clients: cfg.clients,
             admission_timeout: Some(Duration::from_secs(120)),
             round_timeout: cfg.round_timeout,
-            quorum: 1.0,
+            // Every client that does not drop out.
+            quorum: ((cfg.clients - cfg.dropped()) as f64 / cfg.clients.max(1) as f64).max(1e-9),
             max_retries: 0,
             eval_every: u64::MAX,
             seed: 0,
@@ -704,6 +764,13 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
             },
             keys: BlobKeys::new(KEY_PREFIX, run),
             weighting: Weighting::Samples,
+            secure: cfg.secure_aggregation.then(|| SecureConfig {
+                clip: SECAGG_CLIP,
+                degree: 0,
+                threshold: 0,
+                stage_timeout: Duration::from_secs(30),
+                on_failure: OnFailure::Abort,
+            }),
         },
         expected_clients: (1..=cfg.clients).map(client::client_id).collect(),
         retention: RetentionPolicy::KeepLast(KEEP_ROUNDS),
@@ -888,6 +955,21 @@ pub async fn run_bench_server(
                 let shift = fednova_shift(&steps, rounds_closed, cfg.delta);
                 return check_shift(&report.final_params, shift, 1e-6);
             }
+            if cfg.secure_aggregation || cfg.dropout > 0.0 || !cfg.client_deltas.is_empty() {
+                // The survivors' mean delta per round, within the quantization bound (and f32
+                // rounding of the model) when masked.
+                let shift = rounds_closed as f64 * cfg.survivors_mean_delta();
+                let n = (cfg.clients - cfg.dropped()) as u64;
+                let bound = if cfg.secure_aggregation {
+                    let q = crate::secagg::quantize::Quantizer::new(SECAGG_CLIP as f32, cfg.clients as u64)
+                        .map(|q| q.sum_error_bound(n) / (n as f64 / cfg.clients as f64))
+                        .unwrap_or(f64::INFINITY);
+                    rounds_closed as f64 * q
+                } else {
+                    0.0
+                };
+                return check_shift(&report.final_params, shift, bound + 1e-5);
+            }
             match server_shift(&cfg.strategy, rounds_closed, cfg.delta) {
                 None => check_payload(&report.final_params, rounds_closed, cfg.delta),
                 Some(shift) => check_shift(&report.final_params, shift, 1e-6),
@@ -936,6 +1018,25 @@ pub async fn run_bench_client(
     .await?)
 }
 
+/// Medians of the rounds' `secagg_*_s` metrics, the first `dropped` rounds left out.
+fn stage_medians(records: &[RoundRecord], dropped: usize) -> BTreeMap<String, f64> {
+    let mut by_key: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in records.iter().skip(dropped) {
+        for (k, v) in &r.strategy {
+            if k.starts_with("secagg_") && k.ends_with("_s") {
+                by_key.entry(k.clone()).or_default().push(*v);
+            }
+        }
+    }
+    by_key
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort_by(f64::total_cmp);
+            (k, round6(v[v.len() / 2]))
+        })
+        .collect()
+}
+
 impl RoundBenchReport {
     /// The report of a run from the server's side; the memory figures other than the server's
     /// are left for the caller (they depend on the mode).
@@ -962,6 +1063,12 @@ impl RoundBenchReport {
             fetch_concurrency: cfg.fetch_concurrency,
             security: if cfg.secure { "on" } else { "off" },
             strategy: cfg.strategy.clone(),
+            secure_aggregation: cfg.secure_aggregation,
+            dropout: cfg.dropout,
+            secagg_stage_s_median: stage_medians(
+                &server.report.records,
+                stats.as_ref().map_or(0, |s| s.dropped),
+            ),
             round_s_median: stats.as_ref().map(|s| round6(s.median)),
             round_s_p90: stats.as_ref().map(|s| round6(s.p90)),
             round_s_min: stats.as_ref().map(|s| round6(s.min)),

@@ -78,6 +78,16 @@ pub struct RoundArgs {
     /// with default hyper-parameters: FedAvg, FedAdam, FedProx, ...).
     #[arg(long, value_delimiter = ',', default_value = "FedAvg")]
     pub strategy: Vec<String>,
+    /// Secure aggregation (SecAgg+) on every round; the report adds when each stage closed.
+    #[arg(long)]
+    pub secure_aggregation: bool,
+    /// Fractions of the clients that drop out of every round (they fail `--dropout-after-ms`
+    /// into training), comma-separated, one line each.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub dropout: Vec<f64>,
+    /// When a dropping client fails, in milliseconds after its train command.
+    #[arg(long, default_value_t = 50)]
+    pub dropout_after_ms: u64,
 }
 
 fn parse_security(s: &str) -> std::result::Result<bool, String> {
@@ -152,6 +162,12 @@ pub fn run(a: RoundArgs) -> Result<()> {
              --broker embedded)"
         );
     }
+    if a.dropout.iter().any(|d| !(0.0..1.0).contains(d)) {
+        bail!("--dropout takes fractions in [0, 1)");
+    }
+    if a.processes && a.dropout.iter().any(|d| *d > 0.0) {
+        bail!("--dropout runs in-process only; drop --processes");
+    }
     if a.clients_per_process == 0 {
         bail!("--clients-per-process must be at least 1");
     }
@@ -170,7 +186,8 @@ pub fn run(a: RoundArgs) -> Result<()> {
         .flat_map(|&clients| a.params.iter().map(move |&params| (clients, params)))
         .flat_map(|(clients, params)| a.security.iter().map(move |&sec| (clients, params, sec)))
         .flat_map(|(c, p, sec)| a.strategy.iter().map(move |s| (c, p, sec, s.clone())))
-        .map(|(clients, params, secure, strategy)| RoundBenchConfig {
+        .flat_map(|(c, p, sec, s)| a.dropout.iter().map(move |&d| (c, p, sec, s.clone(), d)))
+        .map(|(clients, params, secure, strategy, dropout)| RoundBenchConfig {
             clients,
             params,
             rounds: a.rounds,
@@ -182,6 +199,9 @@ pub fn run(a: RoundArgs) -> Result<()> {
             secure,
             clients_per_process: a.clients_per_process,
             strategy,
+            secure_aggregation: a.secure_aggregation,
+            dropout,
+            dropout_after: Duration::from_millis(a.dropout_after_ms),
             ..RoundBenchConfig::default()
         })
         .collect();
@@ -596,6 +616,7 @@ pub fn run_client(a: ClientArgs) -> Result<()> {
                     delta: a.delta,
                     steps: 1,
                     delay: Duration::ZERO,
+                    fail: false,
                 };
                 run_bench_client(r, env, trainer, cancel).await
             }

@@ -150,6 +150,10 @@ pub enum RoundError {
     /// A newer round or the finish interrupted this one.
     #[error("interrupted")]
     Interrupted,
+    /// A secure-aggregation stage failed here, or the server asked for what the protocol
+    /// forbids (the reason says which).
+    #[error("secure aggregation: {0}")]
+    SecAgg(String),
 }
 
 impl From<HookError> for RoundError {

@@ -15,6 +15,8 @@
 //!   re-announces its latest update when that is for the latest round it was asked to train and
 //!   no round is in progress, after a random delay within the status' `announce_window_ms`
 //!   (capped at [`MAX_ANNOUNCE_WINDOW_MS`]).
+//! - `sa_roster`, `sa_collect`, `sa_unmask` (secure aggregation's stages): passed to the work of
+//!   the round they name when that round is in progress here; ignored otherwise.
 //! - `finish`: stop. A finish retained by the broker from before this client started (an earlier
 //!   run's) is ignored.
 
@@ -54,6 +56,9 @@ pub enum JobOutcome {
     Reported(Box<Envelope>),
     /// It failed here (the failure was reported to the server).
     Failed,
+    /// A securely aggregated round ended here (masked input and shares sent). Nothing is kept
+    /// to announce again: a re-sent command for the round trains it again, in a new session.
+    SecureDone,
     /// A newer round or the end of the run interrupted it.
     Interrupted,
 }
@@ -68,6 +73,13 @@ pub enum Action {
         round: u64,
         /// The command.
         train: Box<Train>,
+    },
+    /// Pass a secure-aggregation stage message to the work of round `round`.
+    Stage {
+        /// The round.
+        round: u64,
+        /// The message.
+        env: Box<Envelope>,
     },
     /// Interrupt the work of round `round`.
     Interrupt {
@@ -143,9 +155,13 @@ impl ClientMachine {
                 if self.current == Some(round) {
                     self.current = None;
                 }
-                if let JobOutcome::Reported(env) = outcome {
-                    self.rounds_reported += 1;
-                    self.last_update = Some(*env);
+                match outcome {
+                    JobOutcome::Reported(env) => {
+                        self.rounds_reported += 1;
+                        self.last_update = Some(*env);
+                    }
+                    JobOutcome::SecureDone => self.rounds_reported += 1,
+                    JobOutcome::Failed | JobOutcome::Interrupted => {}
                 }
                 Vec::new()
             }
@@ -171,6 +187,24 @@ impl ClientMachine {
         now_ms: u64,
     ) -> Vec<Action> {
         let round = env.round;
+        if matches!(kind, TopicKind::Command(_))
+            && matches!(
+                env.body,
+                Body::SaRoster(_) | Body::SaCollect(_) | Body::SaUnmask(_)
+            )
+        {
+            if self.current != Some(round) {
+                debug!(
+                    client = %self.id, round, kind = env.body.kind(),
+                    "stage message of a round not in progress here ignored"
+                );
+                return Vec::new();
+            }
+            return vec![Action::Stage {
+                round,
+                env: Box::new(env),
+            }];
+        }
         match (kind, env.body) {
             (TopicKind::Status(_), Body::Status(s)) => {
                 info!(state = ?s.state, "server status");

@@ -19,6 +19,7 @@
 mod error;
 pub mod hooks;
 pub mod machine;
+mod secure;
 mod trainer;
 
 pub use error::{HookError, RoundError, TrainError};
@@ -160,8 +161,9 @@ pub async fn run_client(
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, JobOutcome)>();
     let mut machine = ClientMachine::new(&opts.id, started_ms);
-    // The interrupt flag of the round being trained.
-    let mut current: Option<(u64, Arc<AtomicBool>)> = None;
+    // The round being trained: its interrupt flag, and where its stage messages go (secure
+    // aggregation).
+    let mut current: Option<(u64, Arc<AtomicBool>, mpsc::UnboundedSender<Envelope>)> = None;
     // The strategy's state on this client (SCAFFOLD's control variate), kept across rounds.
     let memory = Arc::new(ClientMemory::default());
 
@@ -183,7 +185,8 @@ pub async fn run_client(
             match action {
                 Action::Train { round, train } => {
                     let interrupt = Arc::new(AtomicBool::new(false));
-                    current = Some((round, interrupt.clone()));
+                    let (stage_tx, stage_rx) = mpsc::unbounded_channel();
+                    current = Some((round, interrupt.clone(), stage_tx));
                     let ctx = JobCtx {
                         run: opts.run.clone(),
                         id: opts.id.clone(),
@@ -197,13 +200,20 @@ pub async fn run_client(
                     };
                     let tx = done_tx.clone();
                     tokio::spawn(async move {
-                        let done = ctx.run(round, *train, interrupt).await;
+                        let done = ctx.run(round, *train, interrupt, stage_rx).await;
                         let _ = tx.send((round, done));
                     });
                 }
+                Action::Stage { round, env } => match &current {
+                    Some((r, _, stages)) if *r == round => {
+                        let _ = stages.send(*env);
+                    }
+                    _ => debug!(round, "stage message for a round no longer in progress"),
+                },
                 Action::Interrupt { round } => {
-                    if let Some((r, flag)) = &current {
-                        if *r == round {
+                    if current.as_ref().is_some_and(|(r, _, _)| *r == round) {
+                        // Dropping the stage sender ends a secure round's wait for messages.
+                        if let Some((_, flag, _)) = current.take() {
                             flag.store(true, Ordering::Relaxed);
                         }
                     }
@@ -230,7 +240,7 @@ pub async fn run_client(
             }
         }
     };
-    if let Some((_, flag)) = current.take() {
+    if let Some((_, flag, _)) = current.take() {
         flag.store(true, Ordering::Relaxed);
     }
     let rounds_reported = machine.rounds_reported();
@@ -291,13 +301,27 @@ struct JobCtx {
 }
 
 impl JobCtx {
-    async fn run(self, round: u64, train: Train, interrupt: Arc<AtomicBool>) -> JobOutcome {
-        match self.train_round(round, &train, &interrupt).await {
-            Ok(update) => {
+    async fn run(
+        self,
+        round: u64,
+        train: Train,
+        interrupt: Arc<AtomicBool>,
+        stages: mpsc::UnboundedReceiver<Envelope>,
+    ) -> JobOutcome {
+        let done = match &train.secagg {
+            Some(setup) => self
+                .secure_round(round, &train, setup, &interrupt, stages)
+                .await
+                .map(|()| None),
+            None => self.train_round(round, &train, &interrupt).await.map(Some),
+        };
+        match done {
+            Ok(Some(update)) => {
                 let env = Envelope::new(&self.run, round, &self.id, Body::Update(update));
                 publish(&self.handle, &self.up_topic, &env).await;
                 JobOutcome::Reported(Box::new(env))
             }
+            Ok(None) => JobOutcome::SecureDone,
             Err(_) if interrupt.load(Ordering::Relaxed) => {
                 info!(client = %self.id, round, "round interrupted");
                 JobOutcome::Interrupted
@@ -325,9 +349,63 @@ impl JobCtx {
         interrupt: &Arc<AtomicBool>,
     ) -> Result<Update, RoundError> {
         let task = |what| move |source| RoundError::Task { what, source };
+        let deadline = store_deadline(train);
+        let (_, trained, mut finished) = self.fetch_and_train(round, train, interrupt).await?;
+        let Trained {
+            params, metrics, ..
+        } = trained;
+        let key = self.keys.update(round, &self.id);
+        let sealing = self.store.clone();
+        let extra = finished.tensors.take();
+        let sealed = tokio::task::spawn_blocking(move || {
+            let plain = match &extra {
+                Some(t) => params.to_safetensors_bytes_with(proto::STRATEGY_TENSOR_PREFIX, t),
+                None => params.to_safetensors_bytes(),
+            };
+            sealing.seal(&key, plain)
+        })
+        .await
+        .map_err(task("encoding"))?;
+        let blob = self.store_for_server(round, "update", &sealed, deadline).await?;
+        hooks::commit(&mut finished, &self.memory);
+        Ok(Update {
+            update: blob,
+            num_samples: self.trainer.num_samples(),
+            metrics,
+            report: std::mem::take(&mut finished.report),
+        })
+    }
+
+    /// Stores `sealed` (retried across a store outage until `deadline`) and references it for
+    /// the server: its content key goes to the server alone.
+    async fn store_for_server(
+        &self,
+        round: u64,
+        what: &str,
+        sealed: &store::Outgoing,
+        deadline: tokio::time::Instant,
+    ) -> Result<BlobRef, RoundError> {
+        let what = format!("{}: storing the {what} of round {round}", self.id);
+        let written = store::retry::until(&what, deadline, || self.store.put(sealed))
+            .await
+            .map_err(|e| RoundError::Store(Box::new(e)))?;
+        self.store
+            .reference_for(&written, SERVER_ID)
+            .map_err(|e| RoundError::Seal(Box::new(e)))
+    }
+
+    /// Fetches the round's global model and trains on it: the global model (without the
+    /// strategy's tensors; kept for secure rounds only), the trained model and what the
+    /// strategy's hooks made of it.
+    async fn fetch_and_train(
+        &self,
+        round: u64,
+        train: &Train,
+        interrupt: &Arc<AtomicBool>,
+    ) -> Result<(Option<ParamSet>, Trained, hooks::Finished), RoundError> {
+        let task = |what| move |source| RoundError::Task { what, source };
         // Store operations are retried across an outage until the round's deadline.
-        let left = train.deadline_ms.saturating_sub(proto::now_ms());
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(left);
+        let deadline = store_deadline(train);
         let what = format!("{}: fetching the global model of round {round}", self.id);
         let bytes = store::retry::until(&what, deadline, || self.store.get(&train.global))
             .await
@@ -360,50 +438,29 @@ impl JobCtx {
         let mut hooks = LocalHooks::from_instruction(train.strategy.as_ref())?;
         let flag = interrupt.clone();
         let memory = self.memory.clone();
-        let (trained, mut finished) = tokio::task::spawn_blocking(move || {
+        // A secure round masks the update (trained − global): the global model is kept.
+        let keep = train.secagg.is_some();
+        let (global, trained, finished) = tokio::task::spawn_blocking(move || {
             let mut global = global;
             let extra = global.split_prefix(proto::STRATEGY_TENSOR_PREFIX);
             let prepared = hooks::prepare(&mut hooks, &global, extra, &memory)?;
+            let kept = keep.then(|| global.clone());
             let trained = trainer.train(global, &config, &hooks, &flag)?;
             let finished = hooks::finish(&hooks, prepared, &trained, &config, &memory)?;
-            Ok::<_, RoundError>((trained, finished))
+            Ok::<_, RoundError>((kept, trained, finished))
         })
         .await
         .map_err(task("training"))??;
         drop(_permit);
-        let Trained {
-            params, metrics, ..
-        } = trained;
-        if !metrics.train_loss.is_finite() {
-            return Err(RoundError::Diverged(metrics.train_loss));
+        if !trained.metrics.train_loss.is_finite() {
+            return Err(RoundError::Diverged(trained.metrics.train_loss));
         }
-        let key = self.keys.update(round, &self.id);
-        let sealing = self.store.clone();
-        let extra = finished.tensors.take();
-        let sealed = tokio::task::spawn_blocking(move || {
-            let plain = match &extra {
-                Some(t) => params.to_safetensors_bytes_with(proto::STRATEGY_TENSOR_PREFIX, t),
-                None => params.to_safetensors_bytes(),
-            };
-            sealing.seal(&key, plain)
-        })
-        .await
-        .map_err(task("encoding"))?;
-        let what = format!("{}: storing the update of round {round}", self.id);
-        let written = store::retry::until(&what, deadline, || self.store.put(&sealed))
-            .await
-            .map_err(|e| RoundError::Store(Box::new(e)))?;
-        // The update's content key goes to the server alone.
-        let blob = self
-            .store
-            .reference_for(&written, SERVER_ID)
-            .map_err(|e| RoundError::Seal(Box::new(e)))?;
-        hooks::commit(&mut finished, &self.memory);
-        Ok(Update {
-            update: blob,
-            num_samples: self.trainer.num_samples(),
-            metrics,
-            report: std::mem::take(&mut finished.report),
-        })
+        Ok((global, trained, finished))
     }
+}
+
+/// Until when a round's store operations are retried across an outage: its deadline.
+fn store_deadline(train: &Train) -> tokio::time::Instant {
+    let left = train.deadline_ms.saturating_sub(proto::now_ms());
+    tokio::time::Instant::now() + Duration::from_millis(left)
 }

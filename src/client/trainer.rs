@@ -162,6 +162,8 @@ pub struct NoopTrainer {
     pub steps: u64,
     /// How long "training" takes (a slow device); an interrupt ends the wait.
     pub delay: Duration,
+    /// Fail after the delay instead of training: a client that drops out mid-round.
+    pub fail: bool,
 }
 
 impl LocalTrainer for NoopTrainer {
@@ -182,6 +184,9 @@ impl LocalTrainer for NoopTrainer {
                 return Err(TrainError::Interrupted);
             }
             std::thread::sleep((self.delay - t.elapsed()).min(Duration::from_millis(10)));
+        }
+        if self.fail {
+            return Err(TrainError::Other("this no-op client drops out (bench --dropout)".into()));
         }
         for tensor in global.tensors_mut() {
             for x in tensor.data_mut() {

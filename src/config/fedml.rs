@@ -56,7 +56,6 @@ const IGNORED: &[(&str, &[&str], &str)] = &[
     ("attack_args", &["*"], NOT_YET),
     ("defense_args", &["*"], NOT_YET),
     ("dp_args", &["*"], NOT_YET),
-    ("secure_aggregation_args", &["*"], NOT_YET),
     ("fhe_args", &["*"], NOT_YET),
     ("fednova_args", &["*"], NOT_YET),
     ("fedprox_args", &["*"], FEDPROX),
@@ -72,7 +71,6 @@ const UNSUPPORTED_SWITCHES: &[(&str, &str, &str)] = &[
         "robust aggregation (defenses)",
     ),
     ("dp_args", "enable_dp", "differential privacy"),
-    ("secure_aggregation_args", "enable_sa", "secure aggregation"),
     ("fhe_args", "enable_fhe", "homomorphic encryption"),
 ];
 
@@ -89,7 +87,6 @@ pub(super) const SECTIONS: &[&str] = &[
     "attack_args",
     "defense_args",
     "dp_args",
-    "secure_aggregation_args",
     "fhe_args",
     "fednova_args",
     "fedprox_args",

@@ -62,6 +62,8 @@ pub struct Config {
     pub tracking_args: TrackingArgs,
     /// LightSecAgg parameters (FedML's `lsa_args`; used by secure aggregation).
     pub lsa_args: LsaArgs,
+    /// Secure aggregation (FedML's `secure_aggregation_args`).
+    pub secure_aggregation_args: SecureAggregationArgs,
     /// fedmq additions without a FedML counterpart.
     pub fedmq_args: FedmqArgs,
     /// FedML keys the file set that fedmq does not use, one line each (`file:line: key: why`);
@@ -453,6 +455,38 @@ impl Default for LsaArgs {
     }
 }
 
+/// `secure_aggregation_args` (FedML's keys): the server learns only the weighted mean of each
+/// round's updates. fedmq's own settings are `fedmq_args.secagg_*`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecureAggregationArgs {
+    /// Turns secure aggregation on (also on with `federated_optimizer: SA` or `LSA`).
+    pub enable_sa: bool,
+    /// `secagg` (every client neighbours every other), `secagg_plus` (a sparse random graph
+    /// above 32 clients), or FedML's `lightsecagg` (run as SecAgg+, with a warning, until
+    /// LightSecAgg is built).
+    pub sa_method: String,
+    /// FedML's field prime. fedmq masks in `Z_2^32` and ignores it (with a warning).
+    pub prime_number: Option<u64>,
+    /// FedML's fixed-point bits. fedmq derives its precision from `fedmq_args.secagg_clip` and
+    /// the number of clients and ignores it (with a warning).
+    pub precision_parameter: Option<u32>,
+}
+
+impl Default for SecureAggregationArgs {
+    fn default() -> Self {
+        Self {
+            enable_sa: false,
+            sa_method: "secagg_plus".into(),
+            prime_number: None,
+            precision_parameter: None,
+        }
+    }
+}
+
+/// The secure aggregation methods `secure_aggregation_args.sa_method` takes.
+pub const SA_METHODS: &[&str] = &["secagg", "secagg_plus", "secagg++", "lightsecagg"];
+
 /// `fedmq_args`: fedmq additions without a FedML counterpart.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -505,6 +539,20 @@ pub struct FedmqArgs {
     /// by the `capabilities.samples` each client announced when it joined) or `uniform` (every
     /// update the same).
     pub weighting: String,
+    /// Secure aggregation: each coordinate of a client's weighted update (its update times its
+    /// share of the round's weight) is clipped to `[−secagg_clip, secagg_clip]`.
+    pub secagg_clip: f64,
+    /// Secure aggregation: neighbours per client (0: every other client up to 32 clients, then
+    /// the smallest even number ≥ 4·log2 N).
+    pub secagg_degree: usize,
+    /// Secure aggregation: shares that recover a secret (0: a strict majority of a client and
+    /// its neighbours).
+    pub secagg_threshold: usize,
+    /// Secure aggregation: seconds the keys, shares and unmask stages wait for clients.
+    pub secagg_stage_timeout_s: f64,
+    /// Secure aggregation: what a round that fails (fewer than the threshold left) does:
+    /// `abort` the run, or `skip` the round (model unchanged) and go on.
+    pub secagg_on_failure: String,
 }
 
 impl Default for FedmqArgs {
@@ -528,6 +576,11 @@ impl Default for FedmqArgs {
             buffer_size: None,
             max_staleness: 10,
             weighting: "samples".into(),
+            secagg_clip: 1.0,
+            secagg_degree: 0,
+            secagg_threshold: 0,
+            secagg_stage_timeout_s: 30.0,
+            secagg_on_failure: "abort".into(),
         }
     }
 }
@@ -637,8 +690,43 @@ impl Config {
         }
         // Again: the broker and store files may hold paths too (MQTT_CA_PATH, ...).
         paths::expand_home(&mut cfg, home.as_deref());
+        let notes = cfg.secure_aggregation_notes();
+        cfg.mapped_keys.extend(notes);
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Whether rounds are securely aggregated: `secure_aggregation_args.enable_sa`, or FedML's
+    /// `federated_optimizer: SA` / `LSA`.
+    pub fn secure_aggregation(&self) -> bool {
+        self.secure_aggregation_args.enable_sa
+            || matches!(
+                self.train_args.federated_optimizer.to_ascii_lowercase().as_str(),
+                "sa" | "lsa"
+            )
+    }
+
+    /// What secure aggregation does differently from what FedML's keys ask, one line each.
+    fn secure_aggregation_notes(&self) -> Vec<String> {
+        let sa = &self.secure_aggregation_args;
+        let mut notes = Vec::new();
+        if !self.secure_aggregation() {
+            return notes;
+        }
+        let lsa = self.train_args.federated_optimizer.eq_ignore_ascii_case("lsa");
+        if lsa || sa.sa_method.eq_ignore_ascii_case("lightsecagg") {
+            notes.push(
+                "secure_aggregation_args.sa_method: LightSecAgg is not built yet; this run uses                  SecAgg+ (the same guarantee: the server learns only the sum of the surviving                  clients' updates)"
+                    .to_string(),
+            );
+        }
+        if sa.prime_number.is_some() || sa.precision_parameter.is_some() {
+            notes.push(
+                "secure_aggregation_args.prime_number / precision_parameter: not used; fedmq masks                  in Z_2^32 with 32 - ceil(log2 N) bits per value over [-secagg_clip, secagg_clip]                  (fedmq_args.secagg_clip; docs/PROTOCOL.md, \"Quantization\")"
+                    .to_string(),
+            );
+        }
+        notes
     }
 
     /// Every warning of the load, one line each: FedML keys ignored, FedML keys read under
@@ -888,8 +976,34 @@ impl Config {
         if let Err(e) = t.client_optimizer.parse::<crate::train::OptimizerKind>() {
             check(false, "train_args.client_optimizer", e.to_string());
         }
-        if let Err(e) = crate::strategy::from_config(t, &self.fedmq_args) {
-            check(false, e.key, e.reason);
+        match crate::strategy::from_config(t, &self.fedmq_args) {
+            Err(e) => check(false, e.key, e.reason),
+            Ok(s) if self.secure_aggregation() => {
+                if let Err(why) = s.secure_aggregation() {
+                    check(false, "secure_aggregation_args.enable_sa", why);
+                }
+            }
+            Ok(_) => {}
+        }
+        let sa = &self.secure_aggregation_args;
+        check(
+            SA_METHODS.contains(&sa.sa_method.to_ascii_lowercase().as_str()),
+            "secure_aggregation_args.sa_method",
+            format!("{:?} is not one of {}", sa.sa_method, SA_METHODS.join(", ")),
+        );
+        let f = &self.fedmq_args;
+        check(
+            f.secagg_clip.is_finite() && f.secagg_clip > 0.0 && f.secagg_clip < 1e30,
+            "fedmq_args.secagg_clip",
+            format!("must be a positive number, got {}", f.secagg_clip),
+        );
+        check(
+            f.secagg_stage_timeout_s.is_finite() && f.secagg_stage_timeout_s > 0.0,
+            "fedmq_args.secagg_stage_timeout_s",
+            format!("must be a positive number of seconds, got {}", f.secagg_stage_timeout_s),
+        );
+        if let Err(e) = f.secagg_on_failure.parse::<crate::server::OnFailure>() {
+            check(false, "fedmq_args.secagg_on_failure", e);
         }
         let d = &self.data_args;
         if let Err(e) = d.dataset.parse::<crate::data::DatasetKind>() {

@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! <prefix>/<run>/r<round>/global            global model sent to clients for round <round>
-//! <prefix>/<run>/r<round>/updates/<client>  a client's update for round <round>
+//! <prefix>/<run>/r<round>/updates/<client>  a client's update for round <round> (masked input
+//!                                           when the round is securely aggregated)
+//! <prefix>/<run>/r<round>/shares/<client>   its encrypted share bundle (secure aggregation)
 //! <prefix>/<run>/checkpoint/r<round>        server checkpoint after round <round>
 //! <prefix>/<run>/checkpoint-state/r<round>  its strategy's tensors (server-optimizer moments)
 //! <prefix>/<run>/final                      the final model
@@ -14,6 +16,7 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobKeys {
     base: String,
+    run: String,
 }
 
 impl BlobKeys {
@@ -24,7 +27,15 @@ impl BlobKeys {
         } else {
             format!("{}/{run}", prefix.trim_end_matches('/'))
         };
-        Self { base }
+        Self {
+            base,
+            run: run.to_string(),
+        }
+    }
+
+    /// The run id.
+    pub fn run_id(&self) -> &str {
+        &self.run
     }
 
     /// Everything of the run.
@@ -50,6 +61,12 @@ impl BlobKeys {
     /// A client's update in a round.
     pub fn update(&self, round: u64, client: &str) -> String {
         format!("{}updates/{client}", self.round_prefix(round))
+    }
+
+    /// A client's share bundle in a securely aggregated round (its masked input is its
+    /// [`BlobKeys::update`]).
+    pub fn shares(&self, round: u64, client: &str) -> String {
+        format!("{}shares/{client}", self.round_prefix(round))
     }
 
     /// The server checkpoint written after a round.

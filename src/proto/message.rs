@@ -1,5 +1,6 @@
 //! Control messages: the [`Envelope`] every message shares and the typed [`Body`] it carries.
 
+use super::secagg::{SaCollect, SaKeys, SaMasked, SaReveal, SaRoster, SaShares, SaUnmask, SecAggSetup};
 use super::{valid_id, PROTOCOL_VERSION};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,20 @@ pub enum Body {
     Failure(Failure),
     /// Server → client: the run is over; disconnect.
     Finish(Finish),
+    /// Secure aggregation, client → server: this round's public keys.
+    SaKeys(SaKeys),
+    /// Secure aggregation, server → client: its neighbours' keys and its weight.
+    SaRoster(SaRoster),
+    /// Secure aggregation, client → server: its encrypted share bundle is stored.
+    SaShares(SaShares),
+    /// Secure aggregation, server → client: the neighbours that shared, and their bundles.
+    SaCollect(SaCollect),
+    /// Secure aggregation, client → server: its masked input is stored.
+    SaMasked(SaMasked),
+    /// Secure aggregation, server → client: which neighbours survived and which dropped.
+    SaUnmask(SaUnmask),
+    /// Secure aggregation, client → server: the shares the unmask request asked for.
+    SaReveal(SaReveal),
 }
 
 impl Body {
@@ -49,6 +64,13 @@ impl Body {
             Body::Update(_) => "update",
             Body::Failure(_) => "failure",
             Body::Finish(_) => "finish",
+            Body::SaKeys(_) => "sa_keys",
+            Body::SaRoster(_) => "sa_roster",
+            Body::SaShares(_) => "sa_shares",
+            Body::SaCollect(_) => "sa_collect",
+            Body::SaMasked(_) => "sa_masked",
+            Body::SaUnmask(_) => "sa_unmask",
+            Body::SaReveal(_) => "sa_reveal",
         }
     }
 }
@@ -179,6 +201,10 @@ pub struct Train {
     pub strategy: Option<StrategyInstruction>,
     /// Unix time (ms) by which the update must be reported; later reports are discarded.
     pub deadline_ms: u64,
+    /// Present when the round is securely aggregated: the client masks its update and takes
+    /// part in the stages of `docs/PROTOCOL.md`, "Secure aggregation".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secagg: Option<SecAggSetup>,
 }
 
 /// Metrics of one local training run.
@@ -271,6 +297,9 @@ impl Envelope {
                 if c.epochs == 0 || c.batch_size == 0 {
                     return Err("config.epochs and config.batch_size must be ≥ 1".into());
                 }
+                if let Some(sa) = &t.secagg {
+                    sa.validate()?;
+                }
                 for (n, x) in [
                     ("config.learning_rate", c.learning_rate),
                     ("config.momentum", c.momentum),
@@ -297,6 +326,13 @@ impl Envelope {
                     b.validate("final_model")?;
                 }
             }
+            Body::SaKeys(k) => k.validate()?,
+            Body::SaRoster(r) => r.validate()?,
+            Body::SaShares(s) => s.bundle.validate("bundle")?,
+            Body::SaCollect(c) => c.validate()?,
+            Body::SaMasked(m) => m.validate()?,
+            Body::SaUnmask(u) => u.validate()?,
+            Body::SaReveal(r) => r.validate()?,
         }
         Ok(())
     }

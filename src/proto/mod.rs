@@ -11,15 +11,21 @@
 //! - `message.rs`: [`Envelope`], [`Body`] and the per-type structs.
 //! - `codec.rs`: [`encode`] / [`decode`] with size limits and reasons for every rejection.
 //! - `keys.rs`: [`BlobKeys`], the run- and round-scoped S3 key scheme.
+//! - `secagg.rs`: the bodies of secure aggregation's stages ([`secagg::SecAggSetup`], ...).
 
 mod codec;
 mod keys;
 mod message;
+pub mod secagg;
 mod topics;
 
 pub use codec::{decode, encode, split_signed, DecodeError, MAX_MESSAGE_BYTES};
 pub use keys::BlobKeys;
 pub use message::*;
+pub use secagg::{
+    Neighbour, PeerBundle, RevealedShare, SaCollect, SaKeys, SaMasked, SaReveal, SaRoster, SaShares,
+    SaUnmask, SecAggSetup,
+};
 pub use topics::{TopicKind, Topics};
 
 /// The protocol version this build speaks. Decoders reject any other.

@@ -11,7 +11,7 @@
 
 use super::budget::{SenderBudget, Verdict};
 use super::driver::SERVER_ID;
-use super::machine::Event;
+use super::machine::{Event, SecureMessage};
 use crate::crypto::identity::Keyring;
 use crate::proto::{Body, Presence, Role, TopicKind, Topics};
 use crate::transport::{Dedup, Incoming};
@@ -114,6 +114,20 @@ impl Admission {
                 round: env.round,
                 reason: f.reason,
             }),
+            (TopicKind::Up(id), body @ (Body::SaKeys(_) | Body::SaShares(_) | Body::SaMasked(_) | Body::SaReveal(_))) => {
+                let msg = match body {
+                    Body::SaKeys(k) => SecureMessage::Keys(k),
+                    Body::SaShares(s) => SecureMessage::Shares(s),
+                    Body::SaMasked(m) => SecureMessage::Masked(m),
+                    Body::SaReveal(r) => SecureMessage::Reveal(r),
+                    _ => return None,
+                };
+                Some(Event::Secure {
+                    client: id,
+                    round: env.round,
+                    msg,
+                })
+            }
             _ => None,
         }
     }

@@ -570,6 +570,7 @@ impl Driver {
                 config,
                 instruction,
                 deadline,
+                secagg,
             } => {
                 if let Some(b) = &mut self.round_bytes {
                     b.commands += 1;
@@ -599,6 +600,7 @@ impl Driver {
                         config,
                         strategy: instruction,
                         deadline_ms: proto::now_ms() + left.as_millis() as u64,
+                        secagg,
                     }),
                 );
                 if let Err(e) = self
@@ -607,6 +609,21 @@ impl Driver {
                     .await
                 {
                     warn!(%client, round, "train command not sent: {e}");
+                }
+            }
+            Action::SendSecure {
+                client,
+                round,
+                body,
+            } => {
+                let kind = body.kind();
+                let msg = Envelope::new(&self.opts.run, round, SERVER_ID, *body);
+                if let Err(e) = self
+                    .handle
+                    .publish(&self.topics.command(&client), &msg, true)
+                    .await
+                {
+                    warn!(%client, round, "{kind} not sent: {e}");
                 }
             }
             Action::FetchUpdate {

@@ -18,8 +18,10 @@
 //! run is aborted with a message saying what to check.
 
 use crate::proto::{
-    BlobKeys, BlobRef, Capabilities, StrategyInstruction, TrainConfig, TrainMetrics,
+    BlobKeys, BlobRef, Body, Capabilities, SecAggSetup, StrategyInstruction, TrainConfig,
+    TrainMetrics,
 };
+pub use secure::{OnFailure, SecureConfig, SecureMessage};
 use crate::strategy::{ClientFailure, FailureReason, RoundAggregate, Strategy};
 use crate::tensor::{ParamSet, ParamsView};
 use rand::SeedableRng;
@@ -57,6 +59,9 @@ pub struct RoundConfig {
     pub keys: BlobKeys,
     /// How updates are weighted in the aggregate (`fedmq_args.weighting`).
     pub weighting: Weighting,
+    /// Secure aggregation (`secure_aggregation_args.enable_sa`): each round's updates are
+    /// masked and only their weighted mean is unmasked (`secure.rs`).
+    pub secure: Option<SecureConfig>,
 }
 
 /// How the server weights each update (`fedmq_args.weighting`).
@@ -155,6 +160,15 @@ pub enum Event {
         /// Its reason.
         reason: String,
     },
+    /// A secure-aggregation stage message from a client (`secure.rs`).
+    Secure {
+        /// Client id (checked against the topic by the driver).
+        client: String,
+        /// Round it belongs to.
+        round: u64,
+        /// The message.
+        msg: SecureMessage,
+    },
     /// Time passed (the driver sends this at [`RoundMachine::next_deadline`]).
     Tick,
 }
@@ -182,6 +196,17 @@ pub enum Action {
         instruction: Option<StrategyInstruction>,
         /// When the update is due.
         deadline: Instant,
+        /// The secure aggregation setup, when the round is securely aggregated.
+        secagg: Option<SecAggSetup>,
+    },
+    /// Send a secure-aggregation stage message (roster, collect, unmask) to a client.
+    SendSecure {
+        /// Client id.
+        client: String,
+        /// Round.
+        round: u64,
+        /// The message body.
+        body: Box<Body>,
     },
     /// Fetch, verify and decode an update, then send [`Event::UpdateFetched`] or
     /// [`Event::UpdateRejected`].
@@ -275,6 +300,8 @@ struct RoundState {
     aggregate: Option<Box<dyn RoundAggregate>>,
     /// Deadline passed: no new announcements are accepted.
     closed_for_updates: bool,
+    /// The secure aggregation session, when the round is securely aggregated.
+    secure: Option<Box<secure::SecureRound>>,
 }
 
 /// An update being fetched.
@@ -411,6 +438,7 @@ impl RoundMachine {
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Admitting { since } => self.cfg.admission_timeout.map(|t| *since + t),
+            Phase::Training(r) if r.secure.is_some() => Self::secure_deadline(r),
             Phase::Training(r) if !r.closed_for_updates => Some(r.deadline),
             Phase::Buffered(b) => Some(b.next_deadline(&self.cfg)),
             _ => None,
@@ -450,6 +478,10 @@ impl RoundMachine {
             Event::ClientOffline { client } => {
                 if let Some(c) = self.clients.get_mut(&client) {
                     c.online = false;
+                }
+                if self.is_secure_round() {
+                    self.secure_dropout(&client, FailureReason::Disconnected, now, &mut out);
+                    return out;
                 }
                 if let Phase::Training(r) = &mut self.phase {
                     if r.selected.contains(&client)
@@ -500,6 +532,12 @@ impl RoundMachine {
                 round,
                 blob,
             } => {
+                if self.is_secure_round() {
+                    if self.current_round() == Some(round) {
+                        self.on_masked_fetched(client, &blob, now, &mut out);
+                    }
+                    return out;
+                }
                 if let Phase::Training(r) = &mut self.phase {
                     if r.round == round {
                         if let Some(p) = r.fetching.remove(&client) {
@@ -533,6 +571,16 @@ impl RoundMachine {
                 round,
                 reason,
             } => {
+                if self.is_secure_round() {
+                    if let Phase::Training(r) = &mut self.phase {
+                        if r.round == round && r.fetching.remove(&client).is_some() {
+                            warn!(%client, round, "masked input rejected: {reason}");
+                            let why = FailureReason::BadUpdate(reason);
+                            self.secure_dropout(&client, why, now, &mut out);
+                        }
+                    }
+                    return out;
+                }
                 if let Phase::Training(r) = &mut self.phase {
                     if r.round == round && r.fetching.remove(&client).is_some() {
                         tracing::warn!(%client, round, "update rejected: {reason}");
@@ -546,6 +594,14 @@ impl RoundMachine {
                 round,
                 reason,
             } => {
+                if self.is_secure_round() {
+                    if self.current_round() == Some(round) {
+                        tracing::warn!(%client, round, "client failed: {reason}");
+                        let why = FailureReason::Reported(reason);
+                        self.secure_dropout(&client, why, now, &mut out);
+                    }
+                    return out;
+                }
                 if let Phase::Training(r) = &mut self.phase {
                     if r.round == round
                         && r.selected.contains(&client)
@@ -558,6 +614,10 @@ impl RoundMachine {
                 }
                 self.maybe_close(now, &mut out);
             }
+            Event::Secure { client, round, msg } => {
+                self.on_secure_message(client, round, msg, now, &mut out);
+            }
+            Event::Tick if self.is_secure_round() => self.advance_secure(now, &mut out),
             Event::Tick => match &mut self.phase {
                 Phase::Admitting { since } => {
                     if let Some(t) = self.cfg.admission_timeout {
@@ -636,6 +696,14 @@ impl RoundMachine {
         };
         if round != r.round {
             info!(%client, round, current = r.round, "stale update ignored");
+            return;
+        }
+        if r.secure.is_some() {
+            warn!(
+                %client, round,
+                "a plain update in a securely aggregated round ignored (not fetched): the round \
+                 takes masked inputs only"
+            );
             return;
         }
         if !r.selected.contains(&client) {
@@ -733,6 +801,16 @@ impl RoundMachine {
         );
         let deadline = now + self.cfg.round_timeout;
         let config = self.train_config(round);
+        let ids: Vec<String> = plans.iter().map(|p| p.client.clone()).collect();
+        let secure = match self.secure_session(round, &ids, now) {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("round {round}: secure aggregation cannot start: {e}");
+                self.finish(Outcome::Aborted(msg), out);
+                return;
+            }
+        };
+        let secagg = secure.as_ref().map(|s| s.setup().clone());
         let mut selected = Vec::with_capacity(plans.len());
         for p in plans {
             out.push(Action::SendTrain {
@@ -742,6 +820,7 @@ impl RoundMachine {
                 config: config.clone(),
                 instruction: p.instruction,
                 deadline,
+                secagg: secagg.clone(),
             });
             selected.push(p.client);
         }
@@ -763,7 +842,14 @@ impl RoundMachine {
             earlier: BTreeMap::new(),
             aggregate,
             closed_for_updates: false,
+            secure,
         }));
+        if self.is_secure_round() {
+            // Re-announced plain updates mean nothing to a secure round.
+            self.early.clear();
+            self.advance_secure(now, out);
+            return;
+        }
         // Updates announced for this round before it started (re-announcements reaching a
         // restarted server early): taken as if they arrived now.
         for (client, u) in std::mem::take(&mut self.early) {
@@ -782,6 +868,10 @@ impl RoundMachine {
     /// Closes the round when nothing more can change its outcome, or re-sends / aborts when the
     /// quorum was missed.
     fn maybe_close(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.is_secure_round() {
+            self.advance_secure(now, out);
+            return;
+        }
         let Phase::Training(r) = &self.phase else {
             return;
         };
@@ -876,6 +966,7 @@ impl RoundMachine {
                 config: config.clone(),
                 instruction: self.strategy.instruction(r.round, c),
                 deadline: r.deadline,
+                secagg: None,
             });
         }
         // Clients that are gone stay failed; if nobody could be asked, wait for the deadline.
@@ -902,6 +993,9 @@ impl RoundMachine {
         let aggregate = r.aggregate.take().and_then(|a| a.finish(&failures));
         let mut end = self.strategy.end_round(r.round, &self.global, aggregate);
         end.metrics.extend(agg_metrics);
+        if let Some(s) = &r.secure {
+            end.metrics.extend(s.metrics.clone());
+        }
         let updated = end.global.is_some();
         if let Some(g) = end.global {
             self.global = g;
@@ -928,6 +1022,11 @@ impl RoundMachine {
             strategy_metrics: end.metrics,
         }));
         self.begin_round(r.round + 1, now, out);
+    }
+
+    /// Whether a securely aggregated round is in progress.
+    fn is_secure_round(&self) -> bool {
+        matches!(&self.phase, Phase::Training(r) if r.secure.is_some())
     }
 
     fn finish(&mut self, outcome: Outcome, out: &mut Vec<Action>) {
@@ -995,5 +1094,6 @@ fn describe_failures(
 }
 
 mod buffered;
+mod secure;
 #[cfg(test)]
 mod tests;

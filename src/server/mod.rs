@@ -21,4 +21,7 @@ pub use driver::{
     run_server, Evaluation, Evaluator, Progress, ServerError, ServerOptions, ServerReport,
     SERVER_ID,
 };
-pub use machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary, Weighting};
+pub use machine::{
+    Action, Event, OnFailure, Outcome, RoundConfig, RoundMachine, RoundSummary, SecureConfig,
+    SecureMessage, Weighting,
+};

@@ -143,9 +143,12 @@ pub fn client_may(id: &str, op: &str, key: Option<&str>) -> bool {
             | "AbortMultipartUpload"
             | "ListParts",
             Some(k),
-        ) => is_update_of(k, id),
+        ) => is_update_of(k, id) || is_bundle_of(k, Some(id)),
         ("GetObject" | "HeadObject", Some(k)) => {
-            is_update_of(k, id) || is_round_key(k, "global") || k.ends_with("/final")
+            is_update_of(k, id)
+                || is_round_key(k, "global")
+                || k.ends_with("/final")
+                || is_bundle_of(k, None)
         }
         _ => false,
     }
@@ -156,6 +159,19 @@ fn is_update_of(key: &str, id: &str) -> bool {
     key.strip_suffix(id)
         .and_then(|k| k.strip_suffix("/updates/"))
         .is_some_and(|k| is_round_key(k, ""))
+}
+
+/// `…/r<round>/shares/<id>` (a secure-aggregation share bundle), of `id` or of any client: every
+/// client may read its neighbours' bundles (each share in one is encrypted to its holder).
+fn is_bundle_of(key: &str, id: Option<&str>) -> bool {
+    let Some((rest, owner)) = key.rsplit_once('/') else {
+        return false;
+    };
+    crate::proto::valid_id(owner)
+        && id.is_none_or(|id| id == owner)
+        && rest
+            .strip_suffix("/shares")
+            .is_some_and(|k| is_round_key(k, ""))
 }
 
 /// `…/r<digits>/<name>` (with `name` empty: `…/r<digits>`).
@@ -281,17 +297,19 @@ pub fn iam_policy(bucket: &str, run_prefix: &str, id: &str) -> serde_json::Value
         ])
     } else {
         let own = format!("{run}/r*/updates/{id}");
+        let bundle = format!("{run}/r*/shares/{id}");
         serde_json::json!([
             {
                 "Effect": "Allow",
                 "Action": ["s3:PutObject", "s3:AbortMultipartUpload",
                            "s3:ListMultipartUploadParts"],
-                "Resource": [own]
+                "Resource": [own, bundle]
             },
             {
                 "Effect": "Allow",
                 "Action": ["s3:GetObject"],
-                "Resource": [own, format!("{run}/r*/global"), format!("{run}/final")]
+                "Resource": [own, format!("{run}/r*/global"), format!("{run}/final"),
+                             format!("{run}/r*/shares/*")]
             }
         ])
     };
@@ -373,6 +391,27 @@ mod tests {
         for op in ["DeleteObject", "CopyObject", "UploadPartCopy"] {
             assert!(!client_may(me, op, Some(own)), "{op}");
         }
+    }
+
+    #[test]
+    fn a_client_writes_its_own_share_bundle_and_reads_any() {
+        let me = "client-1";
+        let own = "fedmq/run/r000003/shares/client-1";
+        let other = "fedmq/run/r000003/shares/client-2";
+        assert!(client_may(me, "PutObject", Some(own)));
+        assert!(!client_may(me, "PutObject", Some(other)));
+        assert!(client_may(me, "GetObject", Some(other)));
+        for no in [
+            "fedmq/run/rx/shares/client-2",
+            "fedmq/run/r000003/shares/",
+            "fedmq/run/r000003/shares/a/b",
+            "fedmq/run/r000003/sharesx/client-2",
+        ] {
+            assert!(!client_may(me, "GetObject", Some(no)), "{no}");
+        }
+        let p = iam_policy("fedmq", "fedmq/run-1/", me).to_string();
+        assert!(p.contains("fedmq/run-1/r*/shares/client-1"), "{p}");
+        assert!(p.contains("fedmq/run-1/r*/shares/*"), "{p}");
     }
 
     #[test]

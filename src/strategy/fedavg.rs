@@ -10,6 +10,10 @@ use std::collections::BTreeMap;
 pub struct FedAvg;
 
 impl Strategy for FedAvg {
+    fn secure_aggregation(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     fn name(&self) -> &'static str {
         "FedAvg"
     }

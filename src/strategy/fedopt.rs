@@ -272,6 +272,10 @@ fn adaptive_block(
 }
 
 impl Strategy for FedOpt {
+    fn secure_aggregation(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     fn name(&self) -> &'static str {
         self.name
     }

@@ -17,6 +17,10 @@ pub struct FedProx {
 }
 
 impl Strategy for FedProx {
+    fn secure_aggregation(&self) -> std::result::Result<(), String> {
+        Ok(())
+    }
+
     fn name(&self) -> &'static str {
         "FedProx"
     }

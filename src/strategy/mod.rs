@@ -148,6 +148,8 @@ pub const STRATEGIES: &[&str] = &[
     "FedNova",
     "FedBuff",
     "Async_FedAvg",
+    "SA",
+    "LSA",
 ];
 
 /// A config value [`from_config`] cannot use: the key and why.
@@ -191,7 +193,8 @@ pub fn from_config(
             })
     };
     match name.as_str() {
-        "fedavg" => Ok(Box::new(FedAvg)),
+        // FedML's names for FedAvg with secure aggregation (`Config::secure_aggregation`).
+        "fedavg" | "sa" | "lsa" => Ok(Box::new(FedAvg)),
         "fedprox" => {
             let mu = t.fedprox_mu.unwrap_or(0.01);
             if !(mu.is_finite() && mu >= 0.0) {
@@ -313,6 +316,21 @@ pub trait Strategy: Send {
     /// synchronous rounds.
     fn buffered(&self) -> Option<Buffered> {
         None
+    }
+
+    /// Whether the strategy works with secure aggregation, which gives it only the weighted
+    /// mean of a round's models (one `add` of that mean) and no per-client tensors or reports.
+    /// The default refuses: a strategy says `Ok` only when its aggregate is that mean.
+    ///
+    /// # Errors
+    /// Why not, for the configuration error.
+    fn secure_aggregation(&self) -> std::result::Result<(), String> {
+        Err(format!(
+            "{} needs each client's update (or reports) on their own, but secure aggregation \
+             gives the server only their weighted mean; use FedAvg, FedProx or the FedOpt family \
+             (FedAvgM, FedAdam, FedYogi, FedAdagrad), or turn secure aggregation off",
+            self.name()
+        ))
     }
 
     /// Starts aggregating round `round`, whose clients trained from `global`.

@@ -40,6 +40,7 @@ fn train_env(round: u64, deadline_ms: u64) -> Envelope {
             },
             strategy: None,
             deadline_ms,
+            secagg: None,
         }),
     )
 }

@@ -26,6 +26,7 @@ fn samples() -> Vec<Envelope> {
         },
         strategy: None,
         deadline_ms: 1_700_000_000_000,
+        secagg: None,
     };
     vec![
         Envelope::new(

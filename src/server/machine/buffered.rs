@@ -197,6 +197,9 @@ impl RoundMachine {
                     b.failed.insert(client, FailureReason::Reported(reason));
                 }
             }
+            Event::Secure { client, .. } => {
+                debug!(%client, "secure-aggregation message in an asynchronous run ignored");
+            }
             Event::Tick => {
                 let stall = self.cfg.round_timeout * (self.cfg.max_retries + 1);
                 let b = self.buffer_mut();
@@ -284,6 +287,7 @@ impl RoundMachine {
                 config: config.clone(),
                 instruction: p.instruction,
                 deadline,
+                secagg: None,
             });
         }
     }

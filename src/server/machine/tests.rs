@@ -43,6 +43,7 @@ fn cfg(rounds: u64, per_round: usize) -> RoundConfig {
         },
         keys: BlobKeys::new("p", "run"),
         weighting: Weighting::Samples,
+        secure: None,
     }
 }
 

@@ -1,0 +1,153 @@
+//! The share bundle: the blob in which a client leaves, for each neighbour, its shares of its
+//! self-mask seed and of its mask key, encrypted so that only that neighbour can read them.
+//!
+//! Wire form (JSON):
+//! `{"v": 1, "context": "<run>|<round>", "from": "<owner>", "shares": [{"to": "<holder>",
+//! "ct": "<hex>"}, …]}` with one entry per neighbour, sorted by `to`.
+//!
+//! `ct` is AES-256-GCM (96-bit all-zero nonce: each key seals one message) of the self-mask share
+//! followed by the mask-key share (66 + 66 bytes, `shamir` wire form), with the 16-byte tag
+//! appended. Its key is the X25519 agreement of the owner's and the holder's cipher keys, through
+//! HKDF ([`KeyPair::pairwise_seed`]) with the context `share|<run>|<round>|<owner>|<holder>`; the
+//! same string is the AEAD's associated data. A share sealed for one holder, round or owner does
+//! not open for another.
+
+use super::agree::KeyPair;
+use super::shamir::{Share, SHARE_BYTES};
+use super::SecAggError;
+use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use serde::{Deserialize, Serialize};
+
+/// The bundle format version.
+pub const BUNDLE_VERSION: u32 = 1;
+
+/// Largest bundle accepted, in bytes (4096 neighbours with room to spare).
+pub const MAX_BUNDLE_BYTES: usize = 2 << 20;
+
+/// Bytes of one entry's ciphertext: two shares and the tag.
+pub const CIPHERTEXT_BYTES: usize = 2 * SHARE_BYTES + 16;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Bundle {
+    v: u32,
+    context: String,
+    from: String,
+    shares: Vec<Entry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    to: String,
+    ct: String,
+}
+
+fn share_context(context: &str, from: &str, to: &str) -> String {
+    format!("share|{context}|{from}|{to}")
+}
+
+fn key(
+    own: &KeyPair,
+    peer_public: &[u8; 32],
+    context: &str,
+) -> Result<LessSafeKey, SecAggError> {
+    let k = own
+        .pairwise_seed(peer_public, context.as_bytes())
+        .map_err(|e| SecAggError::Invalid(format!("cipher key: {e}")))?;
+    let unbound = UnboundKey::new(&aead::AES_256_GCM, &k)
+        .map_err(|_| SecAggError::Invalid("AES-256-GCM key".into()))?;
+    Ok(LessSafeKey::new(unbound))
+}
+
+/// The ciphertext of `owner`'s two shares for `holder`.
+pub(super) fn encrypt(
+    own: &KeyPair,
+    holder_public: &[u8; 32],
+    context: &str,
+    owner: &str,
+    holder: &str,
+    self_mask: &Share,
+    mask_key: &Share,
+) -> Result<Vec<u8>, SecAggError> {
+    let ad = share_context(context, owner, holder);
+    let sealing = key(own, holder_public, &ad)?;
+    let mut buf = Vec::with_capacity(CIPHERTEXT_BYTES);
+    buf.extend_from_slice(&self_mask.to_bytes());
+    buf.extend_from_slice(&mask_key.to_bytes());
+    sealing
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key([0u8; 12]),
+            Aad::from(ad.as_bytes()),
+            &mut buf,
+        )
+        .map_err(|_| SecAggError::Invalid("sealing a share".into()))?;
+    Ok(buf)
+}
+
+/// The bundle's wire form.
+pub(super) fn encode(context: &str, owner: &str, sealed: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut shares: Vec<Entry> = sealed
+        .iter()
+        .map(|(to, ct)| Entry {
+            to: to.clone(),
+            ct: hex::encode(ct),
+        })
+        .collect();
+    shares.sort_by(|a, b| a.to.cmp(&b.to));
+    let b = Bundle {
+        v: BUNDLE_VERSION,
+        context: context.to_string(),
+        from: owner.to_string(),
+        shares,
+    };
+    serde_json::to_vec(&b).unwrap_or_default()
+}
+
+/// `holder`'s two shares from `owner`'s bundle `bytes`.
+///
+/// # Errors
+/// [`SecAggError::Invalid`]: not a bundle, another round's or owner's, no entry for `holder`,
+/// or an entry that does not decrypt.
+pub(super) fn open_for(
+    bytes: &[u8],
+    own: &KeyPair,
+    owner_public: &[u8; 32],
+    context: &str,
+    owner: &str,
+    holder: &str,
+) -> Result<(Share, Share), SecAggError> {
+    let bad = |why: &str| SecAggError::Invalid(format!("{owner}'s share bundle: {why}"));
+    if bytes.len() > MAX_BUNDLE_BYTES {
+        return Err(bad("larger than a bundle can be"));
+    }
+    let b: Bundle =
+        serde_json::from_slice(bytes).map_err(|e| bad(&format!("not a bundle ({e})")))?;
+    if b.v != BUNDLE_VERSION {
+        return Err(bad(&format!("unknown version {}", b.v)));
+    }
+    if b.context != context || b.from != owner {
+        return Err(bad("made for another round or by another client"));
+    }
+    let entry = b
+        .shares
+        .iter()
+        .find(|e| e.to == holder)
+        .ok_or_else(|| bad("no share for this client"))?;
+    let mut buf = hex::decode(&entry.ct).map_err(|_| bad("a ciphertext is not hex"))?;
+    if buf.len() != CIPHERTEXT_BYTES {
+        return Err(bad("a ciphertext has the wrong length"));
+    }
+    let ad = share_context(context, owner, holder);
+    let opening = key(own, owner_public, &ad)?;
+    let plain = opening
+        .open_in_place(
+            Nonce::assume_unique_for_key([0u8; 12]),
+            Aad::from(ad.as_bytes()),
+            &mut buf,
+        )
+        .map_err(|_| bad("the share does not decrypt (altered, or sealed for another key)"))?;
+    let s = Share::from_bytes(&plain[..SHARE_BYTES])?;
+    let k = Share::from_bytes(&plain[SHARE_BYTES..2 * SHARE_BYTES])?;
+    Ok((s, k))
+}

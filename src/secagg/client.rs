@@ -1,0 +1,365 @@
+//! A client's side of one securely aggregated round, without I/O: [`ClientSession`] turns the
+//! server's stage messages into what the client sends back (keys, an encrypted share bundle, a
+//! masked input, revealed shares), and refuses what the protocol forbids.
+//!
+//! The driver (`client::secure`) moves the bytes: it publishes the messages, stores and fetches
+//! the blobs, and trains in parallel with the first two stages.
+
+use super::agree::KeyPair;
+use super::graph;
+use super::mask::{self, Seed, Sign};
+use super::quantize::Quantizer;
+use super::shamir::{self, Share};
+use super::{bundle, context, SecAggError};
+use crate::proto::{RevealedShare, SaCollect, SaKeys, SaReveal, SaRoster, SaUnmask, SecAggSetup};
+use crate::tensor::ParamSet;
+use rand::{CryptoRng, Rng};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Where a client's session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Keys advertised; waiting for the roster.
+    Advertised,
+    /// Shares sent; waiting for the list of neighbours that shared.
+    Shared,
+    /// Neighbours' shares in hand; ready to mask.
+    Collected,
+    /// Masked input sent; waiting for the unmask request.
+    Masked,
+}
+
+/// A neighbour's public keys.
+#[derive(Debug, Clone)]
+struct Peer {
+    cipher_pk: [u8; 32],
+    mask_pk: [u8; 32],
+}
+
+/// The shares this client holds of one owner's secrets.
+#[derive(Debug, Clone)]
+struct Held {
+    self_mask: Share,
+    mask_key: Share,
+}
+
+/// One client's state in one securely aggregated round.
+pub struct ClientSession {
+    id: String,
+    context: String,
+    threshold: usize,
+    quantizer: Quantizer,
+    cipher: KeyPair,
+    mask: KeyPair,
+    self_seed: Seed,
+    stage: Stage,
+    peers: BTreeMap<String, Peer>,
+    weight: (u64, u64),
+    /// Neighbours that shared (from the collect message): the ones masked with.
+    sharing: BTreeSet<String>,
+    /// Shares of each owner's secrets this client holds (its own included).
+    held: BTreeMap<String, Held>,
+    /// Owners whose self-mask share was revealed / whose mask-key share was revealed.
+    revealed_self: BTreeSet<String>,
+    revealed_keys: BTreeSet<String>,
+}
+
+impl std::fmt::Debug for ClientSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSession")
+            .field("id", &self.id)
+            .field("context", &self.context)
+            .field("stage", &self.stage)
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_key(field: &str, hex_key: &str) -> Result<[u8; 32], SecAggError> {
+    let mut k = [0u8; 32];
+    hex::decode_to_slice(hex_key, &mut k)
+        .map_err(|_| SecAggError::Invalid(format!("{field} is not 64 hex digits")))?;
+    Ok(k)
+}
+
+impl ClientSession {
+    /// A session of client `id` in round `round` of run `run`, and the keys to advertise.
+    ///
+    /// # Errors
+    /// [`SecAggError::Invalid`]: a setup whose quantizer cannot be built.
+    pub fn new(
+        run: &str,
+        round: u64,
+        id: &str,
+        setup: &SecAggSetup,
+        num_samples: u64,
+    ) -> Result<(Self, SaKeys), SecAggError> {
+        let quantizer =
+            Quantizer::with_bits(setup.clip as f32, setup.bits, u64::from(setup.selected))
+                .map_err(|e| SecAggError::Invalid(format!("secagg setup: {e}")))?;
+        let cipher = KeyPair::generate();
+        let mask = KeyPair::generate();
+        let mut self_seed = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut self_seed);
+        let keys = SaKeys {
+            cipher_pk: hex::encode(cipher.public()),
+            mask_pk: hex::encode(mask.public()),
+            num_samples,
+        };
+        Ok((
+            Self {
+                id: id.to_string(),
+                context: context(run, round),
+                threshold: setup.threshold as usize,
+                quantizer,
+                cipher,
+                mask,
+                self_seed,
+                stage: Stage::Advertised,
+                peers: BTreeMap::new(),
+                weight: (0, 1),
+                sharing: BTreeSet::new(),
+                held: BTreeMap::new(),
+                revealed_self: BTreeSet::new(),
+                revealed_keys: BTreeSet::new(),
+            },
+            keys,
+        ))
+    }
+
+    /// The client id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Stage 1: the roster names the neighbours; the result is the share bundle to store (its
+    /// wire form, `bundle` module): each neighbour's shares of this client's self-mask seed and
+    /// mask key, encrypted to that neighbour.
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`] out of order or when the roster lists this client, too few
+    /// holders for the threshold, or a key that cannot be agreed with.
+    pub fn on_roster<R: Rng + CryptoRng>(
+        &mut self,
+        roster: &SaRoster,
+        rng: &mut R,
+    ) -> Result<Vec<u8>, SecAggError> {
+        if self.stage != Stage::Advertised {
+            return Err(SecAggError::Refused("a second roster in one round".into()));
+        }
+        for n in &roster.neighbours {
+            if n.id == self.id {
+                return Err(SecAggError::Refused(
+                    "the roster lists this client as its own neighbour".into(),
+                ));
+            }
+            let peer = Peer {
+                cipher_pk: parse_key("cipher_pk", &n.cipher_pk)?,
+                mask_pk: parse_key("mask_pk", &n.mask_pk)?,
+            };
+            self.peers.insert(n.id.clone(), peer);
+        }
+        let names: Vec<String> = self.peers.keys().cloned().collect();
+        let holders = graph::holders(&self.id, &names);
+        if holders.len() < self.threshold {
+            return Err(SecAggError::BelowThreshold {
+                what: "holders of this client's secrets".into(),
+                got: holders.len(),
+                needed: self.threshold,
+            });
+        }
+        let self_shares = shamir::split(&self.self_seed, self.threshold, holders.len(), rng)?;
+        let key_shares = shamir::split(self.mask.secret(), self.threshold, holders.len(), rng)?;
+        let mut sealed = Vec::with_capacity(holders.len());
+        for ((holder, s), k) in holders.iter().zip(self_shares).zip(key_shares) {
+            if *holder == self.id {
+                self.held.insert(
+                    self.id.clone(),
+                    Held {
+                        self_mask: s,
+                        mask_key: k,
+                    },
+                );
+                continue;
+            }
+            let peer = &self.peers[*holder];
+            let ct = bundle::encrypt(
+                &self.cipher,
+                &peer.cipher_pk,
+                &self.context,
+                &self.id,
+                holder,
+                &s,
+                &k,
+            )?;
+            sealed.push(((*holder).to_string(), ct));
+        }
+        self.weight = (roster.weight, roster.weight_total);
+        self.stage = Stage::Shared;
+        Ok(bundle::encode(&self.context, &self.id, &sealed))
+    }
+
+    /// Stage 2: the neighbours that shared, with their bundles' bytes (fetched by the driver
+    /// from the blobs `collect` names, in its order). This client's shares are decrypted and
+    /// kept; the masked input will carry pairwise masks with exactly these neighbours.
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`] out of order or for a neighbour not on the roster;
+    /// [`SecAggError::Invalid`] for a bundle that does not hold a share for this client that
+    /// decrypts.
+    pub fn on_collect(
+        &mut self,
+        collect: &SaCollect,
+        bundles: &[Vec<u8>],
+    ) -> Result<(), SecAggError> {
+        if self.stage != Stage::Shared {
+            return Err(SecAggError::Refused(
+                "a collect message before this client shared, or a second one".into(),
+            ));
+        }
+        if bundles.len() != collect.bundles.len() {
+            return Err(SecAggError::Invalid("one bundle per listed neighbour".into()));
+        }
+        for (entry, bytes) in collect.bundles.iter().zip(bundles) {
+            let Some(peer) = self.peers.get(&entry.id) else {
+                return Err(SecAggError::Refused(format!(
+                    "{} shared but is not this client's neighbour",
+                    entry.id
+                )));
+            };
+            let (s, k) = bundle::open_for(
+                bytes,
+                &self.cipher,
+                &peer.cipher_pk,
+                &self.context,
+                &entry.id,
+                &self.id,
+            )?;
+            self.held.insert(
+                entry.id.clone(),
+                Held {
+                    self_mask: s,
+                    mask_key: k,
+                },
+            );
+            self.sharing.insert(entry.id.clone());
+        }
+        self.stage = Stage::Collected;
+        Ok(())
+    }
+
+    /// Stage 2: the masked input of the update `trained − global`, scaled by this client's
+    /// weight share, clipped, quantized, with its self-mask and its pairwise masks added.
+    /// Flattened in the global model's tensor order.
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`] before the neighbours' shares arrived;
+    /// [`SecAggError::Invalid`] when the two models differ in layout.
+    pub fn masked_input(
+        &mut self,
+        global: &ParamSet,
+        trained: &ParamSet,
+    ) -> Result<Vec<u32>, SecAggError> {
+        if self.stage != Stage::Collected {
+            return Err(SecAggError::Refused(
+                "masking before the neighbours' shares arrived".into(),
+            ));
+        }
+        global
+            .check_same_layout(trained)
+            .map_err(|e| SecAggError::Invalid(format!("trained model: {e}")))?;
+        let scale = self.weight.0 as f64 / self.weight.1 as f64;
+        let mut out = Vec::with_capacity(global.num_params());
+        for (g, t) in global.iter().zip(trained.iter()) {
+            out.extend(
+                g.data()
+                    .iter()
+                    .zip(t.data())
+                    .map(|(g, t)| self.quantizer.quantize(((t - g) as f64 * scale) as f32)),
+            );
+        }
+        mask::apply(&self.self_seed, Sign::Add, &mut out);
+        let ctx = super::mask_context(&self.context);
+        for peer_id in &self.sharing {
+            let seed = self
+                .mask
+                .pairwise_seed(&self.peers[peer_id].mask_pk, ctx.as_bytes())
+                .map_err(|e| SecAggError::Invalid(format!("{peer_id}'s mask key: {e}")))?;
+            mask::apply(&seed, super::pair_sign(&self.id, peer_id), &mut out);
+        }
+        self.stage = Stage::Masked;
+        Ok(out)
+    }
+
+    /// Stage 3: the shares the server asks for: self-mask shares of the survivors (this
+    /// client among them), mask-key shares of the dropped. Never both for one neighbour, in one
+    /// request or across requests: the server would then hold what unmasks that neighbour's
+    /// individual update.
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`] before this client sent its masked input, for a client named in
+    /// both lists or in a list other than an earlier request's, for this client listed as
+    /// dropped, or for a client that is not a neighbour that shared.
+    pub fn on_unmask(&mut self, req: &SaUnmask) -> Result<SaReveal, SecAggError> {
+        if self.stage != Stage::Masked {
+            return Err(SecAggError::Refused(
+                "an unmask request before this client sent its masked input".into(),
+            ));
+        }
+        let survivors: BTreeSet<&String> = req.survivors.iter().collect();
+        for d in &req.dropped {
+            if survivors.contains(d) {
+                return Err(SecAggError::Refused(format!(
+                    "{d} is listed both as a survivor and as dropped: revealing both of its \
+                     shares would unmask its update"
+                )));
+            }
+            if *d == self.id {
+                return Err(SecAggError::Refused(
+                    "this client is listed as dropped, yet it sent its masked input".into(),
+                ));
+            }
+            if self.revealed_self.contains(d) {
+                return Err(SecAggError::Refused(format!(
+                    "{d}'s self-mask share was revealed already; its mask-key share is refused"
+                )));
+            }
+        }
+        for s in &req.survivors {
+            if self.revealed_keys.contains(s) {
+                return Err(SecAggError::Refused(format!(
+                    "{s}'s mask-key share was revealed already; its self-mask share is refused"
+                )));
+            }
+        }
+        for who in req.survivors.iter().chain(&req.dropped) {
+            if *who != self.id && !self.sharing.contains(who) {
+                return Err(SecAggError::Refused(format!(
+                    "{who} is not a neighbour that shared with this client"
+                )));
+            }
+        }
+        let reveal = |who: &String, key: bool| {
+            let h = &self.held[who];
+            RevealedShare {
+                of: who.clone(),
+                share: hex::encode(if key { &h.mask_key } else { &h.self_mask }.to_bytes()),
+            }
+        };
+        let mut self_masks: Vec<RevealedShare> = req
+            .survivors
+            .iter()
+            .filter(|s| **s != self.id)
+            .map(|s| reveal(s, false))
+            .collect();
+        self_masks.push(reveal(&self.id, false));
+        self_masks.sort_by(|a, b| a.of.cmp(&b.of));
+        let mask_keys: Vec<RevealedShare> = req.dropped.iter().map(|d| reveal(d, true)).collect();
+        self.revealed_self
+            .extend(self_masks.iter().map(|s| s.of.clone()));
+        self.revealed_keys.extend(req.dropped.iter().cloned());
+        Ok(SaReveal {
+            self_masks,
+            mask_keys,
+        })
+    }
+}

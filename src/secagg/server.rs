@@ -1,0 +1,595 @@
+//! The server's side of one securely aggregated round, without I/O: [`ServerSession`] collects
+//! each stage's messages, decides who survived it, tells each client what its neighbours did,
+//! sums the masked inputs as they arrive and, at the end, removes the masks from the sum.
+//!
+//! Sets, as in the papers: `U0` advertised keys, `U1 ⊆ U0` shared them, `U2 ⊆ U1` sent a masked
+//! input. Each stage closes when everyone still expected has answered, or at its deadline (the
+//! round machine decides when); a stage that ends with fewer than `t` clients fails the round,
+//! and nothing is unmasked.
+
+use super::agree::KeyPair;
+use super::graph::{self, Params};
+use super::mask::{self, Sign};
+use super::quantize::Quantizer;
+use super::shamir::{self, Share};
+use super::{context, mask_context, pair_sign, SecAggError};
+use crate::proto::secagg::SECAGG_PLUS;
+use crate::proto::{
+    BlobRef, Neighbour, PeerBundle, SaCollect, SaKeys, SaReveal, SaRoster, SaUnmask,
+    SecAggSetup,
+};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The stage a session is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Collecting public keys.
+    Keys,
+    /// Collecting share bundles.
+    Shares,
+    /// Collecting masked inputs.
+    Masked,
+    /// Collecting revealed shares.
+    Unmask,
+    /// Unmasked, or failed.
+    Done,
+}
+
+impl Stage {
+    /// The stage's name in messages and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Keys => "advertise keys",
+            Stage::Shares => "share keys",
+            Stage::Masked => "masked input",
+            Stage::Unmask => "unmask",
+            Stage::Done => "done",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Advertised {
+    cipher_pk: String,
+    mask_pk: [u8; 32],
+    weight: u64,
+}
+
+/// What one holder revealed.
+#[derive(Debug, Default)]
+struct Revealed {
+    self_masks: BTreeMap<String, Share>,
+    mask_keys: BTreeMap<String, Share>,
+}
+
+/// The unmasked result of a round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unmasked {
+    /// The weighted mean of the survivors' updates (`trained − global`), flattened in the
+    /// global model's tensor order.
+    pub mean_update: Vec<f32>,
+    /// The clients whose inputs are in it.
+    pub survivors: Vec<String>,
+    /// The per-coordinate bound on the quantization error of `mean_update`.
+    pub error_bound: f64,
+}
+
+/// The server's state in one securely aggregated round.
+#[derive(Debug)]
+pub struct ServerSession {
+    context: String,
+    setup: SecAggSetup,
+    params: Params,
+    quantizer: Quantizer,
+    graph_seed: u64,
+    len: usize,
+    stage: Stage,
+    selected: BTreeSet<String>,
+    keys: BTreeMap<String, Advertised>,
+    weight_total: u64,
+    graph: BTreeMap<String, Vec<String>>,
+    shared: BTreeMap<String, BlobRef>,
+    masked: BTreeSet<String>,
+    sum: Vec<u32>,
+    reveals: BTreeMap<String, Revealed>,
+}
+
+impl ServerSession {
+    /// A session for `selected` clients in round `round` of run `run`, on models of `len`
+    /// parameters. `clip` bounds each coordinate of a weighted update; `params` and
+    /// `graph_seed` fix the neighbour graph; `stage_timeout_ms` is what clients wait per stage.
+    ///
+    /// # Errors
+    /// [`SecAggError::Invalid`]: no client, or no quantizer for this many clients.
+    pub fn new(
+        run: &str,
+        round: u64,
+        selected: &[String],
+        params: Params,
+        clip: f64,
+        graph_seed: u64,
+        len: usize,
+        stage_timeout_ms: u64,
+    ) -> Result<Self, SecAggError> {
+        let n = selected.len();
+        let quantizer = Quantizer::new(clip as f32, n as u64)
+            .map_err(|e| SecAggError::Invalid(format!("secure aggregation: {e}")))?;
+        let setup = SecAggSetup {
+            method: SECAGG_PLUS.into(),
+            threshold: params.threshold as u32,
+            degree: params.degree as u32,
+            selected: n as u32,
+            clip,
+            bits: quantizer.bits(),
+            stage_timeout_ms,
+        };
+        Ok(Self {
+            context: context(run, round),
+            setup,
+            params,
+            quantizer,
+            graph_seed,
+            len,
+            stage: Stage::Keys,
+            selected: selected.iter().cloned().collect(),
+            keys: BTreeMap::new(),
+            weight_total: 0,
+            graph: BTreeMap::new(),
+            shared: BTreeMap::new(),
+            masked: BTreeSet::new(),
+            sum: Vec::new(),
+            reveals: BTreeMap::new(),
+        })
+    }
+
+    /// What the train commands carry.
+    pub fn setup(&self) -> &SecAggSetup {
+        &self.setup
+    }
+
+    /// The current stage.
+    pub fn stage(&self) -> Stage {
+        self.stage
+    }
+
+    /// The threshold `t`.
+    pub fn threshold(&self) -> usize {
+        self.params.threshold
+    }
+
+    /// The clients still expected to answer the current stage.
+    pub fn expected(&self) -> BTreeSet<String> {
+        match self.stage {
+            Stage::Keys => self.selected.clone(),
+            Stage::Shares => self.keys.keys().cloned().collect(),
+            Stage::Masked => self.shared.keys().cloned().collect(),
+            Stage::Unmask => self.masked.clone(),
+            Stage::Done => BTreeSet::new(),
+        }
+    }
+
+    /// Clients of the current stage that answered.
+    pub fn answered(&self) -> BTreeSet<String> {
+        match self.stage {
+            Stage::Keys => self.keys.keys().cloned().collect(),
+            Stage::Shares => self.shared.keys().cloned().collect(),
+            Stage::Masked => self.masked.clone(),
+            Stage::Unmask => self.reveals.keys().cloned().collect(),
+            Stage::Done => BTreeSet::new(),
+        }
+    }
+
+    fn expect(&self, stage: Stage, client: &str) -> Result<(), SecAggError> {
+        if self.stage != stage {
+            return Err(SecAggError::Refused(format!(
+                "a {} message during the {} stage",
+                stage.name(),
+                self.stage.name()
+            )));
+        }
+        if !self.expected().contains(client) {
+            return Err(SecAggError::Refused(format!(
+                "{client} is not expected in the {} stage",
+                stage.name()
+            )));
+        }
+        if self.answered().contains(client) {
+            return Err(SecAggError::Refused(format!(
+                "{client} already answered the {} stage",
+                stage.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stage 0: `client`'s keys, with the weight the server gives it.
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`]: out of stage, not selected, a repeat, or keys another client
+    /// advertised already (a replayed advertisement).
+    pub fn add_keys(&mut self, client: &str, keys: &SaKeys, weight: u64) -> Result<(), SecAggError> {
+        self.expect(Stage::Keys, client)?;
+        let mut mask_pk = [0u8; 32];
+        hex::decode_to_slice(&keys.mask_pk, &mut mask_pk)
+            .map_err(|_| SecAggError::Invalid("mask_pk is not hex".into()))?;
+        if self
+            .keys
+            .values()
+            .any(|a| a.mask_pk == mask_pk || a.cipher_pk == keys.cipher_pk)
+        {
+            return Err(SecAggError::Refused(format!(
+                "{client} advertised keys another client uses"
+            )));
+        }
+        self.keys.insert(
+            client.to_string(),
+            Advertised {
+                cipher_pk: keys.cipher_pk.clone(),
+                mask_pk,
+                weight: weight.max(1),
+            },
+        );
+        Ok(())
+    }
+
+    fn need(&self, what: &str, got: usize) -> Result<(), SecAggError> {
+        if got < self.params.threshold {
+            return Err(SecAggError::BelowThreshold {
+                what: what.to_string(),
+                got,
+                needed: self.params.threshold,
+            });
+        }
+        Ok(())
+    }
+
+    fn fail<T>(&mut self, e: SecAggError) -> Result<T, SecAggError> {
+        self.stage = Stage::Done;
+        Err(e)
+    }
+
+    /// Closes stage 0: the roster for each client that advertised keys.
+    ///
+    /// # Errors
+    /// [`SecAggError::BelowThreshold`] when fewer than `t` clients advertised keys.
+    pub fn rosters(&mut self) -> Result<BTreeMap<String, SaRoster>, SecAggError> {
+        if let Err(e) = self.need("clients that advertised keys", self.keys.len()) {
+            return self.fail(e);
+        }
+        let ids: Vec<String> = self.keys.keys().cloned().collect();
+        self.graph = graph::neighbours(&ids, self.params.degree, self.graph_seed);
+        if let Some(small) = self.graph.values().map(Vec::len).min() {
+            if let Err(e) = self.need("holders in the smallest neighbourhood", small + 1) {
+                return self.fail(e);
+            }
+        }
+        self.weight_total = self.keys.values().map(|a| a.weight).sum();
+        self.stage = Stage::Shares;
+        Ok(self
+            .graph
+            .iter()
+            .map(|(c, ns)| {
+                let neighbours = ns
+                    .iter()
+                    .map(|n| {
+                        let a = &self.keys[n];
+                        Neighbour {
+                            id: n.clone(),
+                            cipher_pk: a.cipher_pk.clone(),
+                            mask_pk: hex::encode(a.mask_pk),
+                        }
+                    })
+                    .collect();
+                let roster = SaRoster {
+                    neighbours,
+                    weight: self.keys[c].weight,
+                    weight_total: self.weight_total,
+                };
+                (c.clone(), roster)
+            })
+            .collect())
+    }
+
+    /// Stage 1: `client`'s share bundle is stored at `bundle` (its own bundle key, checked by
+    /// the caller).
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`]: out of stage, not in `U0`, or a repeat.
+    pub fn add_shares(&mut self, client: &str, bundle: BlobRef) -> Result<(), SecAggError> {
+        self.expect(Stage::Shares, client)?;
+        self.shared.insert(client.to_string(), bundle);
+        Ok(())
+    }
+
+    /// Closes stage 1: for each client that shared, its neighbours that shared and their
+    /// bundles.
+    ///
+    /// # Errors
+    /// [`SecAggError::BelowThreshold`] when fewer than `t` clients shared.
+    pub fn collects(&mut self) -> Result<BTreeMap<String, SaCollect>, SecAggError> {
+        if let Err(e) = self.need("clients that shared their keys", self.shared.len()) {
+            return self.fail(e);
+        }
+        self.stage = Stage::Masked;
+        self.sum = vec![0u32; self.len];
+        Ok(self
+            .shared
+            .keys()
+            .map(|c| {
+                let bundles = self.graph[c]
+                    .iter()
+                    .filter_map(|n| {
+                        self.shared.get(n).map(|b| PeerBundle {
+                            id: n.clone(),
+                            bundle: b.clone(),
+                        })
+                    })
+                    .collect();
+                (c.clone(), SaCollect { bundles })
+            })
+            .collect())
+    }
+
+    /// Whether `client` may send a masked input now (before it is fetched).
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`]: out of stage, not in `U1`, or a repeat.
+    pub fn expects_masked(&self, client: &str) -> Result<(), SecAggError> {
+        self.expect(Stage::Masked, client)
+    }
+
+    /// Stage 2: `client`'s masked input, folded into the sum at once.
+    ///
+    /// # Errors
+    /// As [`ServerSession::expects_masked`]; [`SecAggError::Invalid`] for a wrong length.
+    pub fn add_masked(&mut self, client: &str, masked: &[u32]) -> Result<(), SecAggError> {
+        self.expect(Stage::Masked, client)?;
+        if masked.len() != self.len {
+            return Err(SecAggError::Invalid(format!(
+                "{client}'s masked input has {} values, the model {}",
+                masked.len(),
+                self.len
+            )));
+        }
+        for (s, m) in self.sum.iter_mut().zip(masked) {
+            *s = s.wrapping_add(*m);
+        }
+        self.masked.insert(client.to_string());
+        Ok(())
+    }
+
+    /// Closes stage 2: the unmask request for each client whose masked input arrived.
+    ///
+    /// # Errors
+    /// [`SecAggError::BelowThreshold`] when fewer than `t` masked inputs arrived.
+    pub fn unmask_requests(&mut self) -> Result<BTreeMap<String, SaUnmask>, SecAggError> {
+        if let Err(e) = self.need("masked inputs", self.masked.len()) {
+            return self.fail(e);
+        }
+        self.stage = Stage::Unmask;
+        Ok(self
+            .masked
+            .iter()
+            .map(|c| {
+                let (mut survivors, mut dropped) = (Vec::new(), Vec::new());
+                for n in &self.graph[c] {
+                    if self.masked.contains(n) {
+                        survivors.push(n.clone());
+                    } else if self.shared.contains_key(n) {
+                        dropped.push(n.clone());
+                    }
+                }
+                (c.clone(), SaUnmask { survivors, dropped })
+            })
+            .collect())
+    }
+
+    /// Stage 3: what `client` revealed. Each share must be of a neighbour in the category the
+    /// request named (self-mask shares of survivors, mask-key shares of the dropped) and at the
+    /// client's own evaluation point.
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`] out of stage or for a share the client was not asked for;
+    /// [`SecAggError::Invalid`] for a malformed share.
+    pub fn add_reveal(&mut self, client: &str, reveal: &SaReveal) -> Result<(), SecAggError> {
+        self.expect(Stage::Unmask, client)?;
+        let mut got = Revealed::default();
+        for (list, is_key) in [(&reveal.self_masks, false), (&reveal.mask_keys, true)] {
+            for r in list {
+                let owner = &r.of;
+                let related = owner == client || self.graph[client].contains(owner);
+                let in_category = if is_key {
+                    self.shared.contains_key(owner) && !self.masked.contains(owner)
+                } else {
+                    self.masked.contains(owner)
+                };
+                if !related || !in_category {
+                    return Err(SecAggError::Refused(format!(
+                        "{client} revealed a {} share of {owner} that was not asked for",
+                        if is_key { "mask-key" } else { "self-mask" }
+                    )));
+                }
+                let bytes = hex::decode(&r.share)
+                    .map_err(|_| SecAggError::Invalid("a share is not hex".into()))?;
+                let share = Share::from_bytes(&bytes)?;
+                let holders = graph::holders(owner, &self.graph[owner]);
+                let position = holders.iter().position(|h| *h == client);
+                if position.map(|p| p + 1) != Some(usize::from(share.x)) {
+                    return Err(SecAggError::Refused(format!(
+                        "{client} revealed a share of {owner} at another holder's point"
+                    )));
+                }
+                if is_key {
+                    got.mask_keys.insert(owner.clone(), share);
+                } else {
+                    got.self_masks.insert(owner.clone(), share);
+                }
+            }
+        }
+        self.reveals.insert(client.to_string(), got);
+        Ok(())
+    }
+
+    /// The secrets the server must recover: survivors' self-mask seeds, and the mask keys of
+    /// dropped clients with a surviving neighbour.
+    fn needed(&self) -> (Vec<&String>, Vec<&String>) {
+        let survivors: Vec<&String> = self.masked.iter().collect();
+        let dropped: Vec<&String> = self
+            .shared
+            .keys()
+            .filter(|d| !self.masked.contains(*d))
+            .filter(|d| self.graph[*d].iter().any(|n| self.masked.contains(n)))
+            .collect();
+        (survivors, dropped)
+    }
+
+    fn shares_of(&self, owner: &str, key: bool) -> Vec<Share> {
+        self.reveals
+            .values()
+            .filter_map(|r| {
+                if key {
+                    r.mask_keys.get(owner)
+                } else {
+                    r.self_masks.get(owner)
+                }
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Whether every needed secret has `t` shares (the unmask stage may close early).
+    pub fn ready(&self) -> bool {
+        let (survivors, dropped) = self.needed();
+        let t = self.params.threshold;
+        survivors
+            .iter()
+            .all(|s| self.shares_of(s, false).len() >= t)
+            && dropped.iter().all(|d| self.shares_of(d, true).len() >= t)
+    }
+
+    fn recover(&self, owner: &str, key: bool) -> Result<[u8; 32], SecAggError> {
+        let shares = self.shares_of(owner, key);
+        let t = self.params.threshold;
+        let what = if key { "mask key" } else { "self-mask seed" };
+        if shares.len() < t {
+            return Err(SecAggError::BelowThreshold {
+                what: format!("shares of {owner}'s {what}"),
+                got: shares.len(),
+                needed: t,
+            });
+        }
+        // A share altered in transit or by its holder makes the interpolation inconsistent;
+        // with spare shares, leaving each one out in turn finds a consistent set.
+        match shamir::recover(&shares, t) {
+            Ok(s) => return Ok(s),
+            Err(e) if shares.len() == t => return Err(e.into()),
+            Err(_) => {}
+        }
+        for skip in 0..shares.len() {
+            let rest: Vec<Share> = shares
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != skip)
+                .map(|(_, s)| s.clone())
+                .collect();
+            if let Ok(s) = shamir::recover(&rest, t) {
+                return Ok(s);
+            }
+        }
+        Err(SecAggError::Invalid(format!(
+            "the shares of {owner}'s {what} are inconsistent"
+        )))
+    }
+
+    /// Closes stage 3: removes the masks and returns the survivors' weighted mean update.
+    ///
+    /// # Errors
+    /// [`SecAggError::BelowThreshold`] when a needed secret has fewer than `t` shares;
+    /// [`SecAggError::Invalid`] when shares do not recover a secret.
+    pub fn finish(&mut self) -> Result<Unmasked, SecAggError> {
+        if self.stage != Stage::Unmask {
+            return Err(SecAggError::Refused(format!(
+                "unmasking during the {} stage",
+                self.stage.name()
+            )));
+        }
+        let (survivors, dropped) = self.needed();
+        let mut seeds = Vec::with_capacity(survivors.len());
+        for s in &survivors {
+            match self.recover(s, false) {
+                Ok(seed) => seeds.push(seed),
+                Err(e) => return self.fail(e),
+            }
+        }
+        let mut pair_masks = Vec::new();
+        let ctx = mask_context(&self.context);
+        for d in &dropped {
+            let secret = match self.recover(d, true) {
+                Ok(s) => s,
+                Err(e) => return self.fail(e),
+            };
+            let keys = KeyPair::from_secret(secret);
+            if keys.public() != self.keys[*d].mask_pk {
+                return self.fail(SecAggError::Invalid(format!(
+                    "the shares of {d}'s mask key recover another key"
+                )));
+            }
+            for u in self.graph[*d].iter().filter(|u| self.masked.contains(*u)) {
+                let seed = match keys.pairwise_seed(&self.keys[u].mask_pk, ctx.as_bytes()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return self.fail(SecAggError::Invalid(format!("{u}'s mask key: {e}")))
+                    }
+                };
+                // `u` added its pairwise mask with `d` under `pair_sign(u, d)`; remove it.
+                let sign = match pair_sign(u, d) {
+                    Sign::Add => Sign::Sub,
+                    Sign::Sub => Sign::Add,
+                };
+                pair_masks.push((seed, sign));
+            }
+        }
+        let mut sum = std::mem::take(&mut self.sum);
+        for seed in &seeds {
+            mask::apply(seed, Sign::Sub, &mut sum);
+        }
+        for (seed, sign) in &pair_masks {
+            mask::apply(seed, *sign, &mut sum);
+        }
+        let n = self.masked.len() as u64;
+        let share: f64 = self
+            .masked
+            .iter()
+            .map(|c| self.keys[c].weight as f64)
+            .sum::<f64>()
+            / self.weight_total as f64;
+        let mean_update = sum
+            .iter()
+            .map(|s| (self.quantizer.dequantize_sum(*s, n) / share) as f32)
+            .collect();
+        self.stage = Stage::Done;
+        Ok(Unmasked {
+            mean_update,
+            survivors: self.masked.iter().cloned().collect(),
+            error_bound: self.quantizer.sum_error_bound(n) / share,
+        })
+    }
+
+    /// Clients whose revealed shares were taken.
+    pub fn revealed(&self) -> usize {
+        self.reveals.len()
+    }
+
+    /// The clients that advertised keys, with the weights given them.
+    pub fn weights(&self) -> BTreeMap<String, u64> {
+        self.keys.iter().map(|(c, a)| (c.clone(), a.weight)).collect()
+    }
+
+    /// Whether everyone expected in the current stage answered (or dropped out).
+    pub fn stage_complete(&self, dropped: &BTreeSet<String>) -> bool {
+        let answered = self.answered();
+        self.expected()
+            .iter()
+            .all(|c| answered.contains(c) || dropped.contains(c))
+    }
+}

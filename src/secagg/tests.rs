@@ -1,0 +1,403 @@
+//! The whole protocol in memory: clients and a server session exchanging the stage messages,
+//! with dropouts at each stage, and the requests a client must refuse.
+
+use super::*;
+use crate::proto::{SaCollect, SaUnmask};
+use crate::tensor::{NamedTensor, ParamSet};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use std::collections::{BTreeMap, BTreeSet};
+
+const P: usize = 1000;
+
+fn model(values: Vec<f32>) -> ParamSet {
+    let half = values.len() / 2;
+    ParamSet::new(vec![
+        NamedTensor::new("a", vec![half], values[..half].to_vec()).unwrap(),
+        NamedTensor::new("b", vec![values.len() - half], values[half..].to_vec()).unwrap(),
+    ])
+    .unwrap()
+}
+
+struct Run {
+    ids: Vec<String>,
+    server: ServerSession,
+    clients: BTreeMap<String, ClientSession>,
+    global: ParamSet,
+    trained: BTreeMap<String, ParamSet>,
+    samples: BTreeMap<String, u64>,
+}
+
+impl Run {
+    fn new(n: usize, seed: u64) -> Self {
+        let ids: Vec<String> = (1..=n).map(|i| format!("client-{i:02}")).collect();
+        let params = Params::for_clients(n);
+        let server =
+            ServerSession::new("run", 3, &ids, params, 1.0, seed, P, 1000).unwrap();
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let global = model((0..P).map(|_| rng.random_range(-1.0..1.0)).collect());
+        let mut trained = BTreeMap::new();
+        let mut samples = BTreeMap::new();
+        for id in &ids {
+            let t: Vec<f32> = global
+                .iter()
+                .flat_map(|t| t.data().to_vec())
+                .map(|g| g + rng.random_range(-0.5f32..0.5))
+                .collect();
+            trained.insert(id.clone(), model(t));
+            samples.insert(id.clone(), rng.random_range(10..1000));
+        }
+        Self {
+            ids,
+            server,
+            clients: BTreeMap::new(),
+            global,
+            trained,
+            samples,
+        }
+    }
+
+    /// Runs the stages; clients in `drop[s]` fall silent before stage `s` (0: keys, 1: shares,
+    /// 2: masked input, 3: unmask).
+    fn run(&mut self, drop: [&[&str]; 4]) -> Result<Unmasked, SecAggError> {
+        let gone = |s: usize, id: &str| drop[..=s].iter().any(|d| d.contains(&id));
+        let setup = self.server.setup().clone();
+        for id in self.ids.clone() {
+            if gone(0, &id) {
+                continue;
+            }
+            let (c, keys) = ClientSession::new("run", 3, &id, &setup, self.samples[&id]).unwrap();
+            self.server.add_keys(&id, &keys, self.samples[&id]).unwrap();
+            self.clients.insert(id, c);
+        }
+        let rosters = self.server.rosters()?;
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        let mut bundles = BTreeMap::new();
+        for (id, roster) in &rosters {
+            if gone(1, id) {
+                continue;
+            }
+            let b = self.clients.get_mut(id).unwrap().on_roster(roster, &mut rng)?;
+            self.server.add_shares(id, blob_ref(id)).unwrap();
+            bundles.insert(id.clone(), b);
+        }
+        let collects = self.server.collects()?;
+        for (id, collect) in &collects {
+            if gone(2, id) {
+                continue;
+            }
+            let bytes: Vec<Vec<u8>> = collect
+                .bundles
+                .iter()
+                .map(|b| bundles[&b.id].clone())
+                .collect();
+            let c = self.clients.get_mut(id).unwrap();
+            c.on_collect(collect, &bytes)?;
+            let y = c.masked_input(&self.global, &self.trained[id])?;
+            self.server.add_masked(id, &y).unwrap();
+        }
+        let requests = self.server.unmask_requests()?;
+        for (id, req) in &requests {
+            if gone(3, id) {
+                continue;
+            }
+            let reveal = self.clients.get_mut(id).unwrap().on_unmask(req)?;
+            self.server.add_reveal(id, &reveal).unwrap();
+        }
+        self.server.finish()
+    }
+
+    /// The plain weighted mean update of `survivors`.
+    fn expected(&self, survivors: &[String]) -> Vec<f64> {
+        let g: Vec<f32> = self.global.iter().flat_map(|t| t.data().to_vec()).collect();
+        let total: f64 = survivors.iter().map(|s| self.samples[s] as f64).sum();
+        let mut out = vec![0f64; P];
+        for s in survivors {
+            let w = self.samples[s] as f64 / total;
+            let t: Vec<f32> = self.trained[s].iter().flat_map(|t| t.data().to_vec()).collect();
+            for (o, (t, g)) in out.iter_mut().zip(t.iter().zip(&g)) {
+                *o += w * f64::from(t - g);
+            }
+        }
+        out
+    }
+}
+
+fn blob_ref(id: &str) -> crate::proto::BlobRef {
+    crate::proto::BlobRef {
+        key: format!("run/r000003/shares/{id}"),
+        len: 1,
+        sha256: "0".repeat(64),
+        wrapped_key: None,
+    }
+}
+
+fn check(run: &Run, u: &Unmasked, survivors: &[&str]) {
+    let want: Vec<String> = survivors.iter().map(|s| s.to_string()).collect();
+    assert_eq!(u.survivors, want);
+    let exp = run.expected(&want);
+    // f32 rounding of the scaled update adds a little to the quantization bound.
+    let tol = u.error_bound + 1e-6;
+    for (i, (a, b)) in u.mean_update.iter().zip(&exp).enumerate() {
+        assert!(
+            (f64::from(*a) - b).abs() <= tol,
+            "coordinate {i}: {a} vs {b} (bound {tol})"
+        );
+    }
+}
+
+fn all(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("client-{i:02}")).collect()
+}
+
+fn except(n: usize, gone: &[&str]) -> Vec<String> {
+    all(n).into_iter().filter(|c| !gone.contains(&c.as_str())).collect()
+}
+
+#[test]
+fn without_dropouts_the_server_gets_the_weighted_mean() {
+    let mut run = Run::new(10, 1);
+    let u = run.run([&[], &[], &[], &[]]).unwrap();
+    let ids = all(10);
+    check(&run, &u, &ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(u.error_bound < 1e-7, "{}", u.error_bound);
+}
+
+#[test]
+fn dropouts_at_every_stage_leave_exactly_the_survivors_sum() {
+    // Two never advertise, one drops after its keys, two after sharing (their pairwise masks
+    // must be removed), one after its masked input (still in the sum).
+    let dropped = [
+        &["client-01", "client-02"][..],
+        &["client-03"][..],
+        &["client-04", "client-05"][..],
+        &["client-06"][..],
+    ];
+    let mut run = Run::new(14, 2);
+    let u = run.run(dropped).unwrap();
+    let survivors = except(14, &["client-01", "client-02", "client-03", "client-04", "client-05"]);
+    check(&run, &u, &survivors.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_sparse_graph_unmasks_with_thirty_percent_dropout() {
+    let mut run = Run::new(60, 3);
+    let p = Params::for_clients(60);
+    assert!(p.degree < 59, "{p:?}");
+    let late: Vec<String> = (1..=18).map(|i| format!("client-{:02}", i * 3)).collect();
+    let late_refs: Vec<&str> = late.iter().map(String::as_str).collect();
+    let u = run.run([&[], &[], &late_refs, &[]]).unwrap();
+    let survivors = except(60, &late_refs);
+    check(&run, &u, &survivors.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn below_the_threshold_nothing_is_unmasked() {
+    // t = 6 of 10: seven dropping before the masked input leave 3.
+    let seven = [
+        "client-01", "client-02", "client-03", "client-04", "client-05", "client-06", "client-07",
+    ];
+    let mut run = Run::new(10, 4);
+    let e = run.run([&[], &[], &seven, &[]]).unwrap_err();
+    assert!(
+        matches!(e, SecAggError::BelowThreshold { got: 3, needed: 6, .. }),
+        "{e}"
+    );
+    assert_eq!(run.server.stage(), Stage::Done);
+    // Seven leaving after their masked inputs: the survivors' self-mask shares are too few.
+    let mut run = Run::new(10, 5);
+    let e = run.run([&[], &[], &[], &seven]).unwrap_err();
+    assert!(matches!(e, SecAggError::BelowThreshold { got: 3, .. }), "{e}");
+}
+
+/// A client that has sent its masked input, with the request the server would send it.
+fn masked_client() -> (Run, String, SaUnmask) {
+    let mut run = Run::new(5, 6);
+    let setup = run.server.setup().clone();
+    let mut keys = BTreeMap::new();
+    for id in &run.ids.clone() {
+        let (c, k) = ClientSession::new("run", 3, id, &setup, 10).unwrap();
+        run.server.add_keys(id, &k, 10).unwrap();
+        run.clients.insert(id.clone(), c);
+        keys.insert(id.clone(), k);
+    }
+    let rosters = run.server.rosters().unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let mut bundles = BTreeMap::new();
+    for (id, r) in &rosters {
+        bundles.insert(id.clone(), run.clients.get_mut(id).unwrap().on_roster(r, &mut rng).unwrap());
+        run.server.add_shares(id, blob_ref(id)).unwrap();
+    }
+    let collects = run.server.collects().unwrap();
+    let me = "client-01".to_string();
+    let collect: &SaCollect = &collects[&me];
+    let bytes: Vec<Vec<u8>> = collect.bundles.iter().map(|b| bundles[&b.id].clone()).collect();
+    let c = run.clients.get_mut(&me).unwrap();
+    c.on_collect(collect, &bytes).unwrap();
+    c.masked_input(&run.global, &run.trained[&me]).unwrap();
+    let req = SaUnmask {
+        survivors: vec!["client-02".into(), "client-03".into()],
+        dropped: vec!["client-04".into()],
+    };
+    (run, me, req)
+}
+
+#[test]
+fn a_client_never_reveals_both_shares_of_one_neighbour() {
+    let (mut run, me, req) = masked_client();
+    let c = run.clients.get_mut(&me).unwrap();
+    // Named in both lists at once.
+    let both = SaUnmask {
+        survivors: vec!["client-02".into()],
+        dropped: vec!["client-02".into()],
+    };
+    assert!(matches!(c.on_unmask(&both), Err(SecAggError::Refused(_))));
+    let reveal = c.on_unmask(&req).unwrap();
+    assert_eq!(reveal.mask_keys.len(), 1);
+    assert_eq!(reveal.self_masks.len(), 3, "two survivors and itself");
+    // A second request that flips a survivor to dropped: refused.
+    let flipped = SaUnmask {
+        survivors: vec![],
+        dropped: vec!["client-02".into()],
+    };
+    let e = c.on_unmask(&flipped).unwrap_err();
+    assert!(e.to_string().contains("client-02"), "{e}");
+    // And the other way round.
+    let flipped = SaUnmask {
+        survivors: vec!["client-04".into()],
+        dropped: vec![],
+    };
+    assert!(c.on_unmask(&flipped).is_err());
+    // Itself as dropped, or a stranger.
+    let (mut run, me, _) = masked_client();
+    let c = run.clients.get_mut(&me).unwrap();
+    for bad in [
+        SaUnmask {
+            survivors: vec![],
+            dropped: vec![me.clone()],
+        },
+        SaUnmask {
+            survivors: vec!["client-99".into()],
+            dropped: vec![],
+        },
+    ] {
+        assert!(matches!(c.on_unmask(&bad), Err(SecAggError::Refused(_))), "{bad:?}");
+    }
+}
+
+#[test]
+fn a_share_sealed_for_one_neighbour_opens_for_no_other() {
+    let mut run = Run::new(4, 8);
+    let setup = run.server.setup().clone();
+    for id in &run.ids.clone() {
+        let (c, k) = ClientSession::new("run", 3, id, &setup, 10).unwrap();
+        run.server.add_keys(id, &k, 10).unwrap();
+        run.clients.insert(id.clone(), c);
+    }
+    let rosters = run.server.rosters().unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let mut bundles = BTreeMap::new();
+    for (id, r) in &rosters {
+        bundles.insert(id.clone(), run.clients.get_mut(id).unwrap().on_roster(r, &mut rng).unwrap());
+        run.server.add_shares(id, blob_ref(id)).unwrap();
+    }
+    let collects = run.server.collects().unwrap();
+    let me = "client-01";
+    let collect = &collects[me];
+    // client-02's bundle handed over as client-03's: it was made by another owner.
+    let mut swapped: Vec<Vec<u8>> =
+        collect.bundles.iter().map(|b| bundles[&b.id].clone()).collect();
+    swapped.swap(0, 1);
+    let c = run.clients.get_mut(me).unwrap();
+    let e = c.on_collect(collect, &swapped).unwrap_err();
+    assert!(e.to_string().contains("another client"), "{e}");
+    // One flipped ciphertext digit: the tag fails.
+    let mut bytes: Vec<Vec<u8>> = collect.bundles.iter().map(|b| bundles[&b.id].clone()).collect();
+    let text = String::from_utf8(bytes[0].clone()).unwrap();
+    let at = text.find("\"ct\":\"").unwrap() + 6;
+    let mut chars: Vec<char> = text.chars().collect();
+    chars[at] = if chars[at] == '0' { '1' } else { '0' };
+    bytes[0] = chars.into_iter().collect::<String>().into_bytes();
+    let e = c.on_collect(collect, &bytes).unwrap_err();
+    assert!(e.to_string().contains("does not decrypt"), "{e}");
+}
+
+#[test]
+fn the_server_refuses_replays_strangers_and_out_of_stage_messages() {
+    let mut run = Run::new(4, 10);
+    let setup = run.server.setup().clone();
+    let (_, k1) = ClientSession::new("run", 3, "client-01", &setup, 10).unwrap();
+    run.server.add_keys("client-01", &k1, 10).unwrap();
+    // The same keys again, from itself or replayed under another id.
+    assert!(run.server.add_keys("client-01", &k1, 10).is_err());
+    assert!(run.server.add_keys("client-02", &k1, 10).is_err());
+    let (_, k9) = ClientSession::new("run", 3, "client-09", &setup, 10).unwrap();
+    assert!(run.server.add_keys("client-09", &k9, 10).is_err(), "not selected");
+    assert!(run.server.add_shares("client-01", blob_ref("client-01")).is_err());
+    assert!(run.server.add_masked("client-01", &[0; P]).is_err());
+}
+
+#[test]
+fn what_the_server_holds_of_one_client_looks_uniform_and_unrelated_to_its_update() {
+    let mut run = Run::new(10, 11);
+    let setup = run.server.setup().clone();
+    let mut clients = BTreeMap::new();
+    for id in &run.ids.clone() {
+        let (c, k) = ClientSession::new("run", 3, id, &setup, 10).unwrap();
+        run.server.add_keys(id, &k, 10).unwrap();
+        clients.insert(id.clone(), c);
+    }
+    let rosters = run.server.rosters().unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    let mut bundles = BTreeMap::new();
+    for (id, r) in &rosters {
+        bundles.insert(id.clone(), clients.get_mut(id).unwrap().on_roster(r, &mut rng).unwrap());
+        run.server.add_shares(id, blob_ref(id)).unwrap();
+    }
+    let collects = run.server.collects().unwrap();
+    let me = "client-01";
+    let bytes: Vec<Vec<u8>> = collects[me].bundles.iter().map(|b| bundles[&b.id].clone()).collect();
+    let c = clients.get_mut(me).unwrap();
+    c.on_collect(&collects[me], &bytes).unwrap();
+    // An update with a strong structure: a ramp.
+    let ramp = model((0..P).map(|i| i as f32 / P as f32).collect());
+    let zero = model(vec![0.0; P]);
+    let y = c.masked_input(&zero, &ramp).unwrap();
+    let plain: Vec<f64> = (0..P).map(|i| i as f64).collect();
+    let masked: Vec<f64> = y.iter().map(|v| f64::from(*v)).collect();
+    // Uniform on [0, 2^32): mean 2^31, and each of 16 buckets near P/16.
+    let mean = masked.iter().sum::<f64>() / P as f64;
+    assert!((mean / 2f64.powi(31) - 1.0).abs() < 0.1, "mean {mean}");
+    let mut buckets = [0usize; 16];
+    for v in &y {
+        buckets[(*v >> 28) as usize] += 1;
+    }
+    let chi2: f64 = buckets
+        .iter()
+        .map(|&b| (b as f64 - P as f64 / 16.0).powi(2) / (P as f64 / 16.0))
+        .sum();
+    // 15 degrees of freedom: p = 0.001 at 37.7.
+    assert!(chi2 < 37.7, "chi-square {chi2}, buckets {buckets:?}");
+    let corr = correlation(&plain, &masked);
+    assert!(corr.abs() < 0.15, "correlation with the update {corr}");
+    let set: BTreeSet<u32> = y.iter().copied().collect();
+    assert!(set.len() > P - 5, "masked values repeat");
+}
+
+fn correlation(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len() as f64;
+    let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+    let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+    cov / (va * vb).sqrt()
+}
+
+#[test]
+fn masked_blobs_round_trip_and_others_are_refused() {
+    let v: Vec<u32> = (0..100).map(|i| i * 7919).collect();
+    assert_eq!(decode_masked(&encode_masked(&v)).unwrap(), v);
+    let model = model(vec![1.0; 10]).to_safetensors_bytes();
+    assert!(decode_masked(&model).is_err());
+    assert!(decode_masked(b"garbage").is_err());
+}
