@@ -10,7 +10,18 @@ use curve25519_dalek::montgomery::MontgomeryPoint;
 use fedmq::crypto::identity::{self, Identity, IdentityError, Keyring};
 use fedmq::crypto::seal::{self, BlobCrypto, SealError};
 use fedmq::data::DatasetKind;
-use fedmq::proto::{self, BlobKeys, BlobRef, Body, DecodeError, Envelope, Topics};
+use fedmq::proto::{
+    self, BlobKeys, BlobRef, Body, DecodeError, Envelope, RevealedShare, SaKeys, SaReveal, Topics,
+};
+use fedmq::secagg::{
+    self,
+    agree::KeyPair,
+    field::Fp,
+    mask::{self, Sign},
+    quantize::Quantizer,
+    shamir::{self, ShamirError, Share},
+    Params, ServerSession,
+};
 use fedmq::server::Checkpoint;
 use fedmq::tensor::{NamedTensor, ParamSet};
 use fedmq::train::{init_params, ModelKind};
@@ -305,8 +316,17 @@ fn crypto(keys: &Keys, me: &Arc<Identity>) -> BlobCrypto {
 fn topic_of(env: &Envelope, topics: &Topics) -> String {
     match env.body {
         Body::Status(_) => topics.status(&env.from),
-        Body::Train(_) | Body::Finish(_) => topics.command(CLIENT),
-        Body::Update(_) | Body::Failure(_) => topics.up(&env.from),
+        Body::Train(_)
+        | Body::Finish(_)
+        | Body::SaRoster(_)
+        | Body::SaCollect(_)
+        | Body::SaUnmask(_) => topics.command(CLIENT),
+        Body::Update(_)
+        | Body::Failure(_)
+        | Body::SaKeys(_)
+        | Body::SaShares(_)
+        | Body::SaMasked(_)
+        | Body::SaReveal(_) => topics.up(&env.from),
     }
 }
 
@@ -375,7 +395,23 @@ fn every_json_example_decodes_with_the_rust_decoder() {
                         assert_eq!(m.key, keys.final_model(), "{at}");
                     }
                 }
-                Body::Status(_) | Body::Failure(_) => {}
+                Body::SaShares(sh) => {
+                    assert_eq!(sh.bundle.key, keys.shares(env.round, &env.from), "{at}")
+                }
+                Body::SaMasked(m) => {
+                    assert_eq!(m.masked.key, keys.update(env.round, &env.from), "{at}")
+                }
+                Body::SaCollect(c) => {
+                    for b in &c.bundles {
+                        assert_eq!(b.bundle.key, keys.shares(env.round, &b.id), "{at}");
+                    }
+                }
+                Body::Status(_)
+                | Body::Failure(_)
+                | Body::SaKeys(_)
+                | Body::SaRoster(_)
+                | Body::SaUnmask(_)
+                | Body::SaReveal(_) => {}
             }
         } else if value.get("strategy").is_some() {
             let cp: Checkpoint = serde_json::from_str(&b.body)
@@ -504,6 +540,7 @@ fn key_table_matches_blob_keys() {
     let want: BTreeSet<String> = [
         keys.global(ROUND),
         keys.update(ROUND, CLIENT),
+        keys.shares(ROUND, CLIENT),
         keys.checkpoint(ROUND),
         keys.checkpoint_state(ROUND),
         keys.final_model(),
@@ -901,4 +938,514 @@ fn vector_d_opens_across_two_chunks() {
         &hex_field(&f, "wrapped key")[..32],
         &MontgomeryPoint::mul_base_clamped(eph).to_bytes()[..]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secure aggregation vectors (F to J)
+// ---------------------------------------------------------------------------------------------
+
+/// The clients of the secure-aggregation vectors.
+const SA_CLIENTS: [&str; 3] = ["client-1", "client-2", "client-3"];
+
+fn num<T: std::str::FromStr>(fields: &BTreeMap<String, String>, name: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    field(fields, name)
+        .parse()
+        .unwrap_or_else(|e| panic!("field {name:?}: {e:?}"))
+}
+
+/// A field holding a comma-separated list of numbers.
+fn list<T: std::str::FromStr>(fields: &BTreeMap<String, String>, name: &str) -> Vec<T>
+where
+    T::Err: std::fmt::Debug,
+{
+    field(fields, name)
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("field {name:?}, {v:?}: {e:?}"))
+        })
+        .collect()
+}
+
+fn share_field(fields: &BTreeMap<String, String>, name: &str) -> Share {
+    let bytes = hex_field(fields, name);
+    let share = Share::from_bytes(&bytes).unwrap_or_else(|e| panic!("field {name:?}: {e}"));
+    assert_eq!(
+        share.to_bytes().to_vec(),
+        bytes,
+        "{name}: re-encodes identically"
+    );
+    share
+}
+
+/// The pairwise mask context of the vectors' round.
+fn mask_ctx() -> String {
+    format!("mask|{}", secagg::context(RUN, ROUND))
+}
+
+/// `|got − want|` within a couple of `f32` roundings (the page does not fix the order of the
+/// `f64` operations of unmasking, only that the result is an `f32`).
+fn assert_f32_close(got: f32, want: f32, what: &str) {
+    let tol = 2.0 * f32::EPSILON * want.abs().max(1.0);
+    assert!((got - want).abs() <= tol, "{what}: {got} != {want}");
+}
+
+#[test]
+fn vector_f_pairwise_mask_seed_agrees_from_both_sides() {
+    let f = vector_fields("#### F. A pairwise mask seed");
+    let (sk1, sk2) = (
+        hex32(&f, "client-1 mask secret"),
+        hex32(&f, "client-2 mask secret"),
+    );
+    let (a, b) = (KeyPair::from_secret(sk1), KeyPair::from_secret(sk2));
+    assert_eq!(a.secret(), &sk1, "kept unclamped, as generated");
+    assert_eq!(a.public(), hex32(&f, "client-1 mask public"));
+    assert_eq!(b.public(), hex32(&f, "client-2 mask public"));
+    let ctx = mask_ctx();
+    assert_eq!(ctx, field(&f, "context"));
+    let seed = a.pairwise_seed(&b.public(), ctx.as_bytes()).expect("agree");
+    assert_eq!(seed, hex32(&f, "seed"));
+    assert_eq!(
+        b.pairwise_seed(&a.public(), ctx.as_bytes()).expect("agree"),
+        seed,
+        "both ends derive the same seed"
+    );
+    // The page's construction, recomputed with curve25519-dalek and ring.
+    let shared = MontgomeryPoint(b.public()).mul_clamped(sk1).to_bytes();
+    assert_eq!(shared, hex32(&f, "shared secret"));
+    assert_eq!(
+        MontgomeryPoint(a.public()).mul_clamped(sk2).to_bytes(),
+        shared
+    );
+    let (lo, hi) = if a.public() <= b.public() {
+        (a.public(), b.public())
+    } else {
+        (b.public(), a.public())
+    };
+    let salt = [lo, hi].concat();
+    assert_eq!(
+        hkdf32(
+            &shared,
+            &salt,
+            &[b"fedmq/v1 secagg pairwise", ctx.as_bytes()]
+        ),
+        seed
+    );
+    let words: Vec<u32> = field(&f, "first mask words")
+        .split_whitespace()
+        .map(|w| u32::from_str_radix(w, 16).expect("hex word"))
+        .collect();
+    assert_eq!(words.len(), 8);
+    assert_eq!(mask::expand(&seed, 8), words);
+    assert_ne!(
+        a.pairwise_seed(&b.public(), b"mask|local|5")
+            .expect("agree"),
+        seed,
+        "another round, another seed"
+    );
+}
+
+#[test]
+fn vector_g_share_key_derives_and_the_ciphertext_opens() {
+    let g = vector_fields("#### G. A share encrypted to its holder");
+    let h = vector_fields("#### H. Shamir shares");
+    let (sk1, sk2) = (
+        hex32(&g, "client-1 cipher secret"),
+        hex32(&g, "client-2 cipher secret"),
+    );
+    let (owner, holder) = (KeyPair::from_secret(sk1), KeyPair::from_secret(sk2));
+    assert_eq!(owner.public(), hex32(&g, "client-1 cipher public"));
+    assert_eq!(holder.public(), hex32(&g, "client-2 cipher public"));
+    let ctx = format!("share|{}|client-1|client-2", secagg::context(RUN, ROUND));
+    assert_eq!(ctx, field(&g, "context"));
+    assert_eq!(
+        MontgomeryPoint(holder.public()).mul_clamped(sk1).to_bytes(),
+        hex32(&g, "shared secret")
+    );
+    let key = owner
+        .pairwise_seed(&holder.public(), ctx.as_bytes())
+        .expect("agree");
+    assert_eq!(key, hex32(&g, "key"));
+    assert_eq!(
+        holder
+            .pairwise_seed(&owner.public(), ctx.as_bytes())
+            .expect("agree"),
+        key,
+        "the holder derives the owner's key"
+    );
+
+    // The plaintext: vector H's shares at x = 2, self-mask first.
+    let plain = hex_field(&g, "plaintext");
+    assert_eq!(plain.len(), 2 * shamir::SHARE_BYTES);
+    let (s, k) = plain.split_at(shamir::SHARE_BYTES);
+    assert_eq!(s, &hex_field(&h, "self-mask share 2")[..]);
+    assert_eq!(k, &hex_field(&h, "mask key share 2")[..]);
+    for part in [s, k] {
+        let share = Share::from_bytes(part).expect("a share");
+        assert_eq!(share.x, 2, "client-2 is the second holder");
+        assert_eq!(&share.to_bytes()[..], part);
+    }
+
+    // AES-256-GCM, zero nonce, the context as associated data (what `secagg::bundle` does; its
+    // functions are private to the module, and a ClientSession draws its own keys).
+    let ct = hex_field(&g, "ciphertext");
+    assert_eq!(ct.len(), secagg::bundle::CIPHERTEXT_BYTES);
+    assert_eq!(ct.len() * 2, 296, "the bundle's ct is 296 hex digits");
+    let aes = LessSafeKey::new(UnboundKey::new(&aead::AES_256_GCM, &key).expect("AES-256 key"));
+    let mut buf = ct.clone();
+    let opened = aes
+        .open_in_place(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(ctx.as_bytes()),
+            &mut buf,
+        )
+        .expect("the share opens with the derived key");
+    assert_eq!(opened, &plain[..]);
+    let mut sealed = plain.clone();
+    aes.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key([0; 12]),
+        Aad::from(ctx.as_bytes()),
+        &mut sealed,
+    )
+    .expect("seal");
+    assert_eq!(sealed, ct, "the same ciphertext and tag");
+    // Bound to the owner and holder: the context of the reverse direction does not open it.
+    let mut buf = ct.clone();
+    assert!(aes
+        .open_in_place(
+            Nonce::assume_unique_for_key([0; 12]),
+            Aad::from(b"share|local|4|client-2|client-1".as_slice()),
+            &mut buf,
+        )
+        .is_err());
+}
+
+#[test]
+fn vector_h_shamir_shares_recover_and_reencode() {
+    let h = vector_fields("#### H. Shamir shares");
+    let f = vector_fields("#### F. A pairwise mask seed");
+    let t: usize = num(&h, "threshold");
+    assert_eq!(t, 3);
+    let mut all = BTreeMap::new();
+    for (name, secret_field) in [("self-mask", "self-mask seed"), ("mask key", "mask key")] {
+        let secret = hex32(&h, secret_field);
+        let shares: Vec<Share> = (1..=5u16)
+            .map(|x| {
+                let s = share_field(&h, &format!("{name} share {x}"));
+                assert_eq!(s.x, x);
+                s
+            })
+            .collect();
+        // The shares are f(x) = s + a1·x + a2·x², limb by limb, in GF(2^61 − 1).
+        let limbs = |label: &str| -> Vec<Fp> {
+            hex_field(&h, label)
+                .chunks_exact(8)
+                .map(|c| {
+                    Fp::canonical(u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                        .expect("a coefficient below p")
+                })
+                .collect()
+        };
+        let (a1, a2) = (limbs(&format!("{name} a1")), limbs(&format!("{name} a2")));
+        for s in &shares {
+            let bytes = s.to_bytes();
+            let x = Fp::new(u64::from(s.x));
+            for l in 0..8 {
+                let limb = u32::from_le_bytes(secret[4 * l..4 * l + 4].try_into().expect("4"));
+                let y = Fp::new(u64::from(limb)) + a1[l] * x + a2[l] * x * x;
+                let got = u64::from_le_bytes(bytes[2 + 8 * l..10 + 8 * l].try_into().expect("8"));
+                assert_eq!(got, y.value(), "{name} share {}, limb {l}", s.x);
+            }
+        }
+        // Any three recover the secret, in any order.
+        assert_eq!(
+            shamir::recover(&shares[..3], t),
+            Ok(secret),
+            "{name} x = 1, 2, 3"
+        );
+        let other = [shares[4].clone(), shares[1].clone(), shares[3].clone()];
+        assert_eq!(shamir::recover(&other, t), Ok(secret), "{name} x = 5, 2, 4");
+        for i in 0..5 {
+            for j in i + 1..5 {
+                for k in j + 1..5 {
+                    let subset = [shares[i].clone(), shares[j].clone(), shares[k].clone()];
+                    assert_eq!(shamir::recover(&subset, t), Ok(secret));
+                }
+            }
+        }
+        assert_eq!(
+            shamir::recover(&shares[..2], t),
+            Err(ShamirError::TooFew {
+                got: 2,
+                threshold: 3
+            })
+        );
+        all.insert(name, shares);
+    }
+    let mixed = [
+        all["self-mask"][0].clone(),
+        all["self-mask"][1].clone(),
+        all["mask key"][2].clone(),
+    ];
+    assert_eq!(
+        shamir::recover(&mixed, t),
+        Err(ShamirError::Inconsistent),
+        "shares of two secrets do not mix"
+    );
+    // The mask key is vector F's client-1 mask secret: what the server recovers of a dropped
+    // client gives its advertised public key back.
+    let key = shamir::recover(&all["mask key"][2..], t).expect("recover");
+    assert_eq!(key, hex32(&f, "client-1 mask secret"));
+    assert_eq!(
+        KeyPair::from_secret(key).public(),
+        hex32(&f, "client-1 mask public")
+    );
+}
+
+#[test]
+fn vector_i_quantizes_as_stated() {
+    let v = vector_fields("#### I. Quantization");
+    let clip: f32 = num(&v, "clip");
+    let clients: u64 = num(&v, "clients");
+    let bits: u32 = num(&v, "bits");
+    assert_eq!(Quantizer::max_bits(clients), bits, "b = 32 − ⌈log2 N⌉");
+    let q = Quantizer::with_bits(clip, bits, clients).expect("quantizer");
+    assert_eq!(Quantizer::new(clip, clients).expect("quantizer"), q);
+    let inputs: Vec<f32> = list(&v, "inputs");
+    let want: Vec<u32> = list(&v, "q");
+    assert_eq!(inputs.len(), want.len());
+    for (x, w) in inputs.iter().zip(&want) {
+        assert_eq!(q.quantize(*x), *w, "q of {x}");
+    }
+    let mut singles = 0;
+    for (label, value) in &v {
+        if let Some(x) = label.strip_prefix("q of ") {
+            let x: f32 = x.parse().expect("an f32");
+            assert_eq!(
+                q.quantize(x).to_string(),
+                *value,
+                "q of {x} (NaN counts as 0; f64 arithmetic)"
+            );
+            singles += 1;
+        }
+    }
+    assert_eq!(singles, 2);
+    let sum = want
+        .iter()
+        .try_fold(0u32, |s, q| s.checked_add(*q))
+        .expect("N·L < 2^32: no overflow");
+    assert_eq!(sum, num::<u32>(&v, "sum"));
+    let n = inputs.len() as u64;
+    let deq = q.dequantize_sum(sum, n);
+    let want_deq: f64 = num(&v, "dequantized sum");
+    assert!((deq - want_deq).abs() <= 1e-12, "{deq} != {want_deq}");
+    let clipped: f64 = inputs.iter().map(|x| f64::from(x.clamp(-clip, clip))).sum();
+    assert!((clipped - num::<f64>(&v, "clipped sum")).abs() <= 1e-12);
+    let bound = q.sum_error_bound(n);
+    assert!((bound - num::<f64>(&v, "error bound")).abs() <= 1e-20);
+    assert!((deq - clipped).abs() <= bound);
+}
+
+#[test]
+fn vector_j_masks_cancel_and_the_server_unmasks() {
+    let j = vector_fields("#### J. Masked inputs of three clients");
+    let f = vector_fields("#### F. A pairwise mask seed");
+    let g = vector_fields("#### G. A share encrypted to its holder");
+    let clip: f64 = num(&j, "clip");
+    let bits: u32 = num(&j, "bits");
+    let t: usize = num(&j, "threshold");
+    let params = Params::for_clients(SA_CLIENTS.len());
+    assert_eq!(
+        (params.degree, params.threshold),
+        (2, t),
+        "k = 2, t = ⌊3/2⌋ + 1"
+    );
+    let quant = Quantizer::new(clip as f32, SA_CLIENTS.len() as u64).expect("quantizer");
+    assert_eq!(quant.bits(), bits);
+    let at = |c: &str, what: &str| format!("{c} {what}");
+    let weights: BTreeMap<&str, u64> = SA_CLIENTS
+        .iter()
+        .map(|c| (*c, num(&j, &at(c, "weight"))))
+        .collect();
+    let total: u64 = weights.values().sum();
+    let keys: BTreeMap<&str, KeyPair> = SA_CLIENTS
+        .iter()
+        .map(|c| (*c, KeyPair::from_secret(hex32(&j, &at(c, "mask secret")))))
+        .collect();
+    assert_eq!(keys["client-1"].public(), hex32(&f, "client-1 mask public"));
+    assert_eq!(keys["client-2"].public(), hex32(&f, "client-2 mask public"));
+    for c in ["client-1", "client-2"] {
+        assert_eq!(
+            hex32(&j, &at(c, "cipher public")),
+            hex32(&g, &at(c, "cipher public"))
+        );
+    }
+    let ctx = mask_ctx();
+    assert_eq!(
+        keys["client-1"]
+            .pairwise_seed(&keys["client-2"].public(), ctx.as_bytes())
+            .expect("agree"),
+        hex32(&f, "seed")
+    );
+
+    // Each client's masked input, from its update.
+    let mut qs = BTreeMap::new();
+    let mut masked = BTreeMap::new();
+    let mut scaled_all = BTreeMap::new();
+    for c in SA_CLIENTS {
+        let update: Vec<f32> = list(&j, &at(c, "update"));
+        let scaled: Vec<f32> = list(&j, &at(c, "scaled"));
+        let s = weights[c] as f64 / total as f64;
+        let computed: Vec<f32> = update.iter().map(|u| (f64::from(*u) * s) as f32).collect();
+        assert_eq!(computed, scaled, "{c}: scaled by weight / weight_total");
+        let q: Vec<u32> = scaled.iter().map(|v| quant.quantize(*v)).collect();
+        assert_eq!(q, list::<u32>(&j, &at(c, "q")), "{c}");
+        let mut y = q.clone();
+        mask::apply(&hex32(&j, &at(c, "self-mask seed")), Sign::Add, &mut y);
+        for peer in SA_CLIENTS.iter().filter(|p| **p != c) {
+            let seed = keys[c]
+                .pairwise_seed(&keys[peer].public(), ctx.as_bytes())
+                .expect("agree");
+            let sign = if c < *peer { Sign::Add } else { Sign::Sub };
+            mask::apply(&seed, sign, &mut y);
+        }
+        assert_eq!(y, list::<u32>(&j, &at(c, "masked")), "{c}: masked input");
+        assert_eq!(
+            secagg::decode_masked(&secagg::encode_masked(&y)).expect("blob"),
+            y
+        );
+        qs.insert(c, q);
+        masked.insert(c, y);
+        scaled_all.insert(c, scaled);
+    }
+    // The pairwise masks cancel: the sum less the self-masks is the sum of the q.
+    let mut sum = vec![0u32; 4];
+    for c in SA_CLIENTS {
+        for (s, y) in sum.iter_mut().zip(&masked[c]) {
+            *s = s.wrapping_add(*y);
+        }
+        mask::apply(&hex32(&j, &at(c, "self-mask seed")), Sign::Sub, &mut sum);
+    }
+    let q_sum: Vec<u32> = (0..4)
+        .map(|k| SA_CLIENTS.iter().map(|c| qs[c][k]).sum())
+        .collect();
+    assert_eq!(sum, q_sum);
+    // The given shares recover the secrets they are of.
+    for c in SA_CLIENTS {
+        let shares = [1, 2].map(|x| share_field(&j, &format!("{c} self-mask share {x}")));
+        assert_eq!(
+            shamir::recover(&shares, t),
+            Ok(hex32(&j, &at(c, "self-mask seed")))
+        );
+    }
+    let shares = [1, 2].map(|x| share_field(&j, &format!("client-3 mask key share {x}")));
+    assert_eq!(
+        shamir::recover(&shares, t),
+        Ok(hex32(&j, "client-3 mask secret"))
+    );
+
+    // The server unmasks the page's masked inputs, with and without client-3's.
+    for (survivors, mean_field) in [
+        (&SA_CLIENTS[..], "mean"),
+        (&SA_CLIENTS[..2], "mean without client-3"),
+    ] {
+        let selected: Vec<String> = SA_CLIENTS.iter().map(|c| c.to_string()).collect();
+        let mut server =
+            ServerSession::new(RUN, ROUND, &selected, params, clip, 7, 4, 30_000).expect("session");
+        assert_eq!(server.setup().bits, bits);
+        assert_eq!(server.setup().threshold as usize, t);
+        for c in SA_CLIENTS {
+            let advert = SaKeys {
+                cipher_pk: field(&j, &at(c, "cipher public")).to_string(),
+                mask_pk: hex::encode(keys[c].public()),
+                num_samples: weights[c],
+            };
+            server.add_keys(c, &advert, weights[c]).expect("keys");
+        }
+        let rosters = server.rosters().expect("rosters");
+        for c in SA_CLIENTS {
+            let r = &rosters[c];
+            assert_eq!((r.weight, r.weight_total), (weights[c], total));
+            let ns: Vec<&str> = r.neighbours.iter().map(|n| n.id.as_str()).collect();
+            let others: Vec<&str> = SA_CLIENTS.iter().copied().filter(|o| *o != c).collect();
+            assert_eq!(ns, others, "the complete graph");
+        }
+        for c in SA_CLIENTS {
+            let bundle = BlobRef {
+                key: BlobKeys::new(fedmq::federation::KEY_PREFIX, RUN).shares(ROUND, c),
+                len: 1,
+                sha256: "0".repeat(64),
+                wrapped_key: None,
+            };
+            server.add_shares(c, bundle).expect("shares");
+        }
+        server.collects().expect("collects");
+        for c in survivors {
+            server.add_masked(c, &masked[c]).expect("masked");
+        }
+        let dropped: Vec<String> = SA_CLIENTS[survivors.len()..]
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        let requests = server.unmask_requests().expect("unmask requests");
+        for c in survivors {
+            let others: Vec<String> = survivors
+                .iter()
+                .filter(|o| *o != c)
+                .map(|o| o.to_string())
+                .collect();
+            assert_eq!(requests[*c].survivors, others);
+            assert_eq!(requests[*c].dropped, dropped);
+        }
+        // client-1 and client-2 (x = 1 and 2) reveal what they were asked for.
+        for (x, holder) in [(1, "client-1"), (2, "client-2")] {
+            let reveal = SaReveal {
+                self_masks: survivors
+                    .iter()
+                    .map(|owner| RevealedShare {
+                        of: owner.to_string(),
+                        share: field(&j, &format!("{owner} self-mask share {x}")).to_string(),
+                    })
+                    .collect(),
+                mask_keys: dropped
+                    .iter()
+                    .map(|d| RevealedShare {
+                        of: d.clone(),
+                        share: field(&j, &format!("{d} mask key share {x}")).to_string(),
+                    })
+                    .collect(),
+            };
+            server.add_reveal(holder, &reveal).expect("reveal");
+        }
+        assert!(
+            server.ready(),
+            "{mean_field}: t shares of every needed secret"
+        );
+        let out = server
+            .finish()
+            .unwrap_or_else(|e| panic!("{mean_field}: {e}"));
+        assert_eq!(out.survivors, survivors.to_vec());
+        let want: Vec<f32> = list(&j, mean_field);
+        assert_eq!(out.mean_update.len(), want.len());
+        let share = survivors.iter().map(|c| weights[c]).sum::<u64>() as f64 / total as f64;
+        let bound = quant.sum_error_bound(survivors.len() as u64) / share;
+        assert!((out.error_bound - bound).abs() <= 1e-18);
+        for (k, (got, w)) in out.mean_update.iter().zip(&want).enumerate() {
+            assert_f32_close(*got, *w, &format!("{mean_field}, coordinate {k}"));
+            // The weighted mean of the clipped scaled updates, within the error bound.
+            let exact = survivors
+                .iter()
+                .map(|c| f64::from(scaled_all[c][k]).clamp(-clip, clip))
+                .sum::<f64>()
+                / share;
+            assert!(
+                (f64::from(*got) - exact).abs() <= bound + 1e-7,
+                "{mean_field}, coordinate {k}: {got} vs {exact}"
+            );
+        }
+    }
 }

@@ -994,6 +994,8 @@ impl RoundMachine {
         let mut end = self.strategy.end_round(r.round, &self.global, aggregate);
         end.metrics.extend(agg_metrics);
         if let Some(s) = &r.secure {
+            // The aggregate saw one mean, not each client's model: no per-client measures.
+            end.metrics.remove("update_distance");
             end.metrics.extend(s.metrics.clone());
         }
         let updated = end.global.is_some();

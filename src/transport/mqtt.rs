@@ -539,11 +539,26 @@ impl Incoming {
             TopicKind::Status(id) => (id.as_str(), matches!(env.body, Body::Status(_))),
             TopicKind::Command(_) => (
                 "server",
-                matches!(env.body, Body::Train(_) | Body::Finish(_)),
+                matches!(
+                    env.body,
+                    Body::Train(_)
+                        | Body::Finish(_)
+                        | Body::SaRoster(_)
+                        | Body::SaCollect(_)
+                        | Body::SaUnmask(_)
+                ),
             ),
             TopicKind::Up(id) => (
                 id.as_str(),
-                matches!(env.body, Body::Update(_) | Body::Failure(_)),
+                matches!(
+                    env.body,
+                    Body::Update(_)
+                        | Body::Failure(_)
+                        | Body::SaKeys(_)
+                        | Body::SaShares(_)
+                        | Body::SaMasked(_)
+                        | Body::SaReveal(_)
+                ),
             ),
         };
         if env.from != expected {

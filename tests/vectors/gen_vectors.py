@@ -14,10 +14,12 @@ import hmac
 import json
 import os
 import struct
+from fractions import Fraction
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -141,6 +143,111 @@ def model_specs(kind, c, h, w, classes=10):
         ("fc1.weight", [512, flat]), ("fc1.bias", [512]),
         ("fc2.weight", [classes, 512]), ("fc2.bias", [classes]),
     ]
+
+
+# --- secure aggregation -----------------------------------------------------------------------
+
+FP = 2**61 - 1  # the field of Shamir shares
+
+
+def x25519_public(secret: bytes) -> bytes:
+    return raw_public(X25519PrivateKey.from_private_bytes(secret).public_key())
+
+
+def agree(secret: bytes, their_public: bytes, ctx: bytes):
+    """The page's agree(a, B, ctx); also returns the X25519 result."""
+    own = x25519_public(secret)
+    shared = X25519PrivateKey.from_private_bytes(secret).exchange(
+        X25519PublicKey.from_public_bytes(their_public)
+    )
+    assert shared != bytes(32)
+    salt = min(own, their_public) + max(own, their_public)
+    return hkdf32(shared, salt, b"fedmq/v1 secagg pairwise" + ctx), shared
+
+
+def mask_words(seed: bytes, n: int):
+    """The first n u32 words of the ChaCha20 keystream (RFC 8439) of seed, nonce 0, counter 0.
+    `cryptography` takes a 16-byte nonce: the 32-bit little-endian counter, then the 96-bit nonce."""
+    enc = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    return list(struct.unpack("<%dI" % n, enc.update(bytes(4 * n))))
+
+
+def coefficients(label: str, t: int):
+    """Fixed, reproducible polynomial coefficients a_1..a_{t-1} (eight limbs each): SHA-256 of a
+    label, as u64 little-endian, mod p (real clients draw them at random)."""
+    return [
+        [int.from_bytes(hashlib.sha256(f"{label} a{k} limb {l}".encode()).digest()[:8], "little") % FP
+         for l in range(8)]
+        for k in range(1, t)
+    ]
+
+
+def shamir_share(secret: bytes, coeffs, x: int) -> bytes:
+    """The 66-byte share at x: f_l(x) for the eight u32 limbs of secret."""
+    limbs = struct.unpack("<8I", secret)
+    ys = []
+    for l, s in enumerate(limbs):
+        poly = [s] + [a[l] for a in coeffs]
+        ys.append(sum(c * pow(x, k, FP) for k, c in enumerate(poly)) % FP)
+    return struct.pack("<H8Q", x, *ys)
+
+
+def shamir_recover(shares):
+    """Lagrange interpolation at 0; None when a limb is not below 2^32."""
+    pts = [struct.unpack("<H8Q", s) for s in shares]
+    out = b""
+    for l in range(8):
+        acc = 0
+        for i, pi in enumerate(pts):
+            num, den = 1, 1
+            for j, pj in enumerate(pts):
+                if j != i:
+                    num = num * pj[0] % FP
+                    den = den * (pj[0] - pi[0]) % FP
+            acc = (acc + pi[1 + l] * num * pow(den, FP - 2, FP)) % FP
+        if acc >= 2**32:
+            return None
+        out += struct.pack("<I", acc)
+    return out
+
+
+def f32(x: float) -> float:
+    """x rounded to the nearest f32."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def f32_str(x: float) -> str:
+    """The shortest decimal that reads back as the f32 x."""
+    for p in range(1, 10):
+        s = "%.*g" % (p, x)
+        if f32(float(s)) == x:
+            return s
+    raise AssertionError(x)
+
+
+def round_half_away(r: Fraction) -> int:
+    n = int(abs(r) + Fraction(1, 2))  # floor(|r| + 1/2)
+    return n if r >= 0 else -n
+
+
+def quantize(x: float, c: float, bits: int) -> int:
+    """The page's q = round((v + c)·L / 2c): v an f32 (NaN counts as 0), f64 arithmetic, half away
+    from zero."""
+    L = 2**bits - 1
+    v = 0.0 if x != x else min(max(x, -c), c)
+    t = (v + c) * L / (2 * c)  # f64
+    q = round_half_away(Fraction(t))
+    # The exact rational gives the same q unless v + c itself rounds in f64 (tiny |v|).
+    if abs(v) > 2**-40 or v == 0:
+        assert q == round_half_away((Fraction(v) + Fraction(c)) * L / (2 * Fraction(c))), x
+    assert 0 <= q <= L
+    return q
+
+
+def dequantize_sum(s: int, n: int, c: float, bits: int) -> float:
+    """The page's S·2c/L − n·c in f64."""
+    L = 2**bits - 1
+    return s * 2 * c / L - n * c
 
 
 def field(label, value):
@@ -272,6 +379,209 @@ def main():
         ("access key", participant),
         ("secret", hmac.new(store_secret.encode(), label + participant.encode(), hashlib.sha256).hexdigest()[:40]),
     ]))
+
+
+    # --- secure aggregation: run `local`, round 4 -------------------------------------------
+    context = b"local|4"
+    mask_sk = {
+        "client-1": bytes(range(0x10, 0x30)),
+        "client-2": bytes(range(0x30, 0x50)),
+        "client-3": bytes(range(0x50, 0x70)),
+    }
+    cipher_sk = {
+        "client-1": bytes(range(0x70, 0x90)),
+        "client-2": bytes(range(0x90, 0xB0)),
+        "client-3": bytes(range(0xB0, 0xD0)),
+    }
+    self_seed = {
+        "client-1": bytes(range(0xD0, 0xF0)),
+        "client-2": bytes(range(0xFF, 0xDF, -1)),
+        "client-3": bytes((7 * i + 3) % 256 for i in range(32)),
+    }
+    mask_pk = {c: x25519_public(k) for c, k in mask_sk.items()}
+    cipher_pk = {c: x25519_public(k) for c, k in cipher_sk.items()}
+    clients = sorted(mask_sk)
+
+    # Vector F: the pairwise mask seed of client-1 and client-2, and its first mask words.
+    mask_ctx = b"mask|" + context
+    seed_12, shared_12 = agree(mask_sk["client-1"], mask_pk["client-2"], mask_ctx)
+    seed_21, shared_21 = agree(mask_sk["client-2"], mask_pk["client-1"], mask_ctx)
+    assert (seed_12, shared_12) == (seed_21, shared_21)
+    assert mask_words(bytes(32), 4) == [0xADE0B876, 0x903DF1A0, 0xE56A5D40, 0x28BD8653]  # RFC 8439 A.1
+    print("\n#### F. A pairwise mask seed\n")
+    print(block([
+        ("client-1 mask secret", mask_sk["client-1"]),
+        ("client-1 mask public", mask_pk["client-1"]),
+        ("client-2 mask secret", mask_sk["client-2"]),
+        ("client-2 mask public", mask_pk["client-2"]),
+        ("context", mask_ctx.decode()),
+        ("shared secret", shared_12),
+        ("seed", seed_12),
+        ("first mask words", " ".join("%08x" % w for w in mask_words(seed_12, 8))),
+    ]))
+
+    # Vector H (used by G): client-1's two secrets shared among five holders, t = 3.
+    t_h, xs_h = 3, [1, 2, 3, 4, 5]
+    coeff_self = coefficients("fedmq vector H self-mask", t_h)
+    coeff_key = coefficients("fedmq vector H mask key", t_h)
+    shares_self = {x: shamir_share(self_seed["client-1"], coeff_self, x) for x in xs_h}
+    shares_key = {x: shamir_share(mask_sk["client-1"], coeff_key, x) for x in xs_h}
+    for sh, secret in [(shares_self, self_seed["client-1"]), (shares_key, mask_sk["client-1"])]:
+        assert shamir_recover([sh[1], sh[2], sh[3]]) == secret
+        assert shamir_recover([sh[5], sh[2], sh[4]]) == secret
+    # A share of the other secret makes the interpolation inconsistent (a limb ≥ 2^32).
+    assert shamir_recover([shares_self[1], shares_self[2], shares_key[3]]) is None
+
+    # Vector G: client-1's shares for client-2 (x = 2), encrypted to it.
+    share_ctx = b"share|" + context + b"|client-1|client-2"
+    key_g, shared_g = agree(cipher_sk["client-1"], cipher_pk["client-2"], share_ctx)
+    assert agree(cipher_sk["client-2"], cipher_pk["client-1"], share_ctx) == (key_g, shared_g)
+    plain_g = shares_self[2] + shares_key[2]
+    assert len(plain_g) == 132
+    ct_g = AESGCM(key_g).encrypt(bytes(12), plain_g, share_ctx)
+    assert len(ct_g) == 148
+    print("\n#### G. A share encrypted to its holder\n")
+    print(block([
+        ("client-1 cipher secret", cipher_sk["client-1"]),
+        ("client-1 cipher public", cipher_pk["client-1"]),
+        ("client-2 cipher secret", cipher_sk["client-2"]),
+        ("client-2 cipher public", cipher_pk["client-2"]),
+        ("context", share_ctx.decode()),
+        ("shared secret", shared_g),
+        ("key", key_g),
+        ("plaintext", plain_g),
+        ("ciphertext", ct_g),
+    ]))
+
+    def limbs_hex(coeffs):
+        return b"".join(struct.pack("<8Q", *a) for a in coeffs)
+
+    print("\n#### H. Shamir shares\n")
+    print(block(
+        [("threshold", t_h),
+         ("self-mask seed", self_seed["client-1"]),
+         ("self-mask a1", struct.pack("<8Q", *coeff_self[0])),
+         ("self-mask a2", struct.pack("<8Q", *coeff_self[1]))]
+        + [(f"self-mask share {x}", shares_self[x]) for x in xs_h]
+        + [("mask key", mask_sk["client-1"]),
+           ("mask key a1", struct.pack("<8Q", *coeff_key[0])),
+           ("mask key a2", struct.pack("<8Q", *coeff_key[1]))]
+        + [(f"mask key share {x}", shares_key[x]) for x in xs_h]
+    ))
+
+    # Vector I: quantization, c = 1, N = 10, b = 28.
+    c_i, n_i, b_i = 1.0, 10, 28
+    inputs_i = ["0.0", "0.5", "-1.0", "1.0", "1.7", "-0.3333"]
+    xs_i = [f32(float(s)) for s in inputs_i]
+    qs_i = [quantize(x, c_i, b_i) for x in xs_i]
+    sum_i = sum(qs_i)
+    assert sum_i < 2**32
+    clipped_sum = sum(min(max(x, -c_i), c_i) for x in xs_i)
+    deq_i = dequantize_sum(sum_i, len(xs_i), c_i, b_i)
+    bound_i = len(xs_i) * c_i / (2**b_i - 1)
+    assert abs(deq_i - clipped_sum) <= bound_i
+    # A tiny negative value: v + c rounds to 1.0 in f64, so q is the half-way point rounded away
+    # from zero, where exact arithmetic would round down.
+    tiny = f32(-1e-20)
+    q_tiny = quantize(tiny, c_i, b_i)
+    assert q_tiny == 2**27 and round_half_away((Fraction(tiny) + 1) * (2**b_i - 1) / 2) == 2**27 - 1
+    print("\n#### I. Quantization\n")
+    print(block([
+        ("clip", c_i),
+        ("clients", n_i),
+        ("bits", b_i),
+        ("inputs", ", ".join(inputs_i)),
+        ("q", ", ".join(str(q) for q in qs_i)),
+        ("q of NaN", quantize(float("nan"), c_i, b_i)),
+        ("q of -1e-20", q_tiny),
+        ("sum", sum_i),
+        ("dequantized sum", repr(deq_i)),
+        ("clipped sum", repr(clipped_sum)),
+        ("error bound", repr(bound_i)),
+    ]))
+
+    # Vector J: three clients (complete graph, k = 2, t = 2), four coordinates.
+    c_j, b_j, t_j = 1.0, 30, 2
+    weights = {"client-1": 1, "client-2": 2, "client-3": 3}
+    total = sum(weights.values())
+    updates = {
+        "client-1": ["0.5", "-0.25", "2.0", "0.0"],
+        "client-2": ["-0.75", "0.125", "0.3", "-3.0"],
+        "client-3": ["0.1", "0.9", "-0.6", "2.5"],
+    }
+    scaled = {c: [f32(f32(float(u)) * (weights[c] / total)) for u in us] for c, us in updates.items()}
+    qj = {c: [quantize(v, c_j, b_j) for v in vs] for c, vs in scaled.items()}
+    pair = {}
+    for i in clients:
+        for j in clients:
+            if i < j:
+                s, _ = agree(mask_sk[i], mask_pk[j], mask_ctx)
+                assert s == agree(mask_sk[j], mask_pk[i], mask_ctx)[0]
+                pair[(i, j)] = pair[(j, i)] = s
+    assert pair[("client-1", "client-2")] == seed_12
+    masked = {}
+    for i in clients:
+        y = [(q + m) % 2**32 for q, m in zip(qj[i], mask_words(self_seed[i], 4))]
+        for j in clients:
+            if j != i:
+                sgn = 1 if i < j else -1
+                y = [(v + sgn * m) % 2**32 for v, m in zip(y, mask_words(pair[(i, j)], 4))]
+        masked[i] = y
+    # The pairwise masks cancel: the sum less the self-masks is the sum of the q.
+    total_y = [sum(masked[c][k] for c in clients) % 2**32 for k in range(4)]
+    for c in clients:
+        total_y = [(v - m) % 2**32 for v, m in zip(total_y, mask_words(self_seed[c], 4))]
+    assert total_y == [sum(qj[c][k] for c in clients) for k in range(4)]
+    # Holders of every secret: client-1, client-2, client-3 at x = 1, 2, 3.
+    coeff_j = {c: coefficients(f"fedmq vector J self-mask {c}", t_j) for c in clients}
+    coeff_k3 = coefficients("fedmq vector J mask key client-3", t_j)
+    sshare = {(c, x): shamir_share(self_seed[c], coeff_j[c], x) for c in clients for x in (1, 2)}
+    kshare = {x: shamir_share(mask_sk["client-3"], coeff_k3, x) for x in (1, 2)}
+    for c in clients:
+        assert shamir_recover([sshare[(c, 1)], sshare[(c, 2)]]) == self_seed[c]
+    assert shamir_recover([kshare[1], kshare[2]]) == mask_sk["client-3"]
+
+    def mean(survivors):
+        """What the server unmasks: (S·2c/L − n·c) / (Σ weight / weight_total), as f32."""
+        share = sum(weights[c] for c in survivors) / total
+        return [
+            f32(dequantize_sum(sum(qj[c][k] for c in survivors), len(survivors), c_j, b_j) / share)
+            for k in range(4)
+        ]
+
+    mean_all = mean(clients)
+    mean_12 = mean(["client-1", "client-2"])
+    # Within the error bound of the weighted mean of the clipped scaled updates.
+    for surv, got in [(clients, mean_all), (["client-1", "client-2"], mean_12)]:
+        share = sum(weights[c] for c in surv) / total
+        bound = len(surv) * c_j / (2**b_j - 1) / share
+        for k in range(4):
+            want = sum(min(max(scaled[c][k], -c_j), c_j) for c in surv) / share
+            assert abs(got[k] - want) <= bound + 1e-7, (k, got[k], want)
+
+    fields = [("clip", c_j), ("bits", b_j), ("threshold", t_j)]
+    for c in clients:
+        fields += [
+            (f"{c} weight", weights[c]),
+            (f"{c} update", ", ".join(updates[c])),
+            (f"{c} scaled", ", ".join(f32_str(v) for v in scaled[c])),
+            (f"{c} q", ", ".join(str(q) for q in qj[c])),
+            (f"{c} mask secret", mask_sk[c]),
+            (f"{c} self-mask seed", self_seed[c]),
+            (f"{c} masked", ", ".join(str(v) for v in masked[c])),
+        ]
+    fields += [(f"{c} cipher public", cipher_pk[c]) for c in clients]
+    for c in clients:
+        for x in (1, 2):
+            fields.append((f"{c} self-mask share {x}", sshare[(c, x)]))
+    for x in (1, 2):
+        fields.append((f"client-3 mask key share {x}", kshare[x]))
+    fields += [
+        ("mean", ", ".join(f32_str(v) for v in mean_all)),
+        ("mean without client-3", ", ".join(f32_str(v) for v in mean_12)),
+    ]
+    print("\n#### J. Masked inputs of three clients\n")
+    print(block(fields))
 
     print("\n| model | parameters, MNIST | blob bytes, MNIST | parameters, CIFAR-10 | blob bytes, CIFAR-10 |")
     print("|---|---|---|---|---|")
