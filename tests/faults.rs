@@ -288,6 +288,8 @@ struct Fed {
     extra_logs: Vec<(String, PathBuf)>,
     /// `train_args.federated_optimizer` of every config written.
     optimizer: String,
+    /// Secure aggregation in every config written, with this `secagg_on_failure`.
+    secure: Option<&'static str>,
 }
 
 /// A small, fast federation: `lr` on homo MNIST, every client every round.
@@ -357,6 +359,7 @@ impl Fed {
             stopped: BTreeSet::new(),
             extra_logs: Vec::new(),
             optimizer: "FedAvg".into(),
+            secure: None,
         };
         fed.start_store();
         fed
@@ -381,6 +384,14 @@ impl Fed {
             &format!("http://127.0.0.1:{port}"),
         );
         cfg.train_args.federated_optimizer = self.optimizer.clone();
+        if let Some(on_failure) = self.secure {
+            cfg.secure_aggregation_args.enable_sa = true;
+            cfg.fedmq_args.secagg_on_failure = on_failure.into();
+            cfg.fedmq_args.secagg_stage_timeout_s = 30.0;
+            // Local training long enough (about a second per client) that the test can act
+            // between a client's share bundle and its masked input.
+            cfg.train_args.epochs = 20;
+        }
         let p = self.cfg_path.with_file_name(file);
         std::fs::write(&p, serde_yaml_ng::to_string(&cfg).unwrap()).unwrap();
         p
@@ -1410,4 +1421,169 @@ fn an_update_corrupted_in_the_store_fails_its_client_and_the_run_completes_embed
 #[test]
 fn an_update_corrupted_in_the_store_fails_its_client_and_the_run_completes_mosquitto() {
     corrupted_update(BrokerKind::Mosquitto);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Secure aggregation: clients killed at its stages.
+
+/// A federation of 10 with secure aggregation (`secagg_on_failure: on_failure`): `t = 6` of 10.
+fn start_secure(dir: &Path, name: &str, on_failure: &'static str) -> (Broker, Fed) {
+    let (broker, mut fed) = start(BrokerKind::Embedded, dir, name, 10).expect("embedded broker");
+    fed.secure = Some(on_failure);
+    fed.use_optimizer("FedAvg");
+    (broker, fed)
+}
+
+impl Fed {
+    fn bundle(&self, round: u64, rank: usize) -> StoredObject {
+        self.object(&self.keys.shares(round, &format!("client-{rank}")))
+    }
+
+    fn masked(&self, round: u64, rank: usize) -> StoredObject {
+        self.object(&self.keys.update(round, &format!("client-{rank}")))
+    }
+
+    /// Waits until every client's share bundle of `round` is stored: every client has
+    /// advertised its keys and shared them, and none can have masked yet (the server sends the
+    /// neighbours' bundles only once all ten shared, and training takes about a second).
+    #[track_caller]
+    fn wait_all_shared(&mut self, round: u64) {
+        let n = self.clients;
+        self.wait(
+            &format!("round {round}: every share bundle stored"),
+            RUN_LIMIT,
+            Duration::from_millis(1),
+            |f| (1..=n).all(|r| f.bundle(round, r).exists()),
+        );
+    }
+
+    fn record_metric(&self, r: &RoundRecord, key: &str) -> f64 {
+        let v = r.strategy.get(key).copied();
+        self.check(v.is_some(), format_args!("round {}: no {key}: {r:?}", r.round));
+        v.unwrap_or_default()
+    }
+}
+
+/// Three of ten killed after sharing their keys, before their masked inputs: the round unmasks
+/// the seven survivors' sum (the dead's pairwise masks removed from their mask keys' shares).
+#[test]
+fn secure_aggregation_survives_three_clients_killed_before_their_masked_input() {
+    let _serial = serial();
+    let dir = test_dir("sa-before");
+    let (_broker, mut fed) = start_secure(dir.path(), "sa-before", "abort");
+    fed.launch();
+    fed.wait_all_shared(2);
+    let victims = [8, 9, 10];
+    for v in victims {
+        fed.kill_client(v);
+    }
+    for v in victims {
+        fed.check(
+            !fed.masked(2, v).exists(),
+            format_args!("client-{v} was killed before storing its masked input"),
+        );
+    }
+    let records = fed.finish();
+    let r2 = &records[1];
+    let dead: BTreeMap<String, &str> = victims
+        .iter()
+        .map(|v| (format!("client-{v}"), "disconnected"))
+        .collect();
+    fed.check_round(r2, &dead);
+    fed.check(
+        fed.record_metric(r2, "secagg_survivors") == 7.0,
+        format_args!("round 2 unmasked the 7 survivors: {r2:?}"),
+    );
+    fed.check(
+        r2.round_s < ROUND_TIMEOUT_S / 2.0,
+        format_args!("round 2 closed on the last wills, not at a deadline: {r2:?}"),
+    );
+    let r3 = &records[2];
+    fed.check(
+        r3.participants == 7 && fed.record_metric(r3, "secagg_survivors") == 7.0,
+        format_args!("round 3: the 7 left, securely: {r3:?}"),
+    );
+}
+
+/// Three of ten killed after storing and announcing their masked inputs, before unmasking: their
+/// inputs are in the sum, and the survivors' shares of their self-mask seeds remove the masks.
+/// client-1 is held (SIGSTOP) after it shared, so the unmask request cannot go out before the
+/// kills.
+#[test]
+fn secure_aggregation_survives_three_clients_killed_after_their_masked_input() {
+    let _serial = serial();
+    let dir = test_dir("sa-after");
+    let (_broker, mut fed) = start_secure(dir.path(), "sa-after", "abort");
+    fed.launch();
+    let held = fed.bundle(2, 1);
+    fed.wait(
+        "round 2: client-1's share bundle stored",
+        RUN_LIMIT,
+        Duration::from_millis(1),
+        |_| held.exists(),
+    );
+    let p = fed.client_procs[0].as_ref().expect("client-1 running");
+    p.signal(libc::SIGSTOP);
+    fed.stopped.insert(1);
+    fed.check(
+        !fed.masked(2, 1).exists(),
+        "client-1 held before its masked input",
+    );
+    let victims = [8, 9, 10];
+    fed.wait(
+        "round 2: the victims' masked inputs stored",
+        RUN_LIMIT,
+        Duration::from_millis(5),
+        |f| victims.iter().all(|&v| f.masked(2, v).exists()),
+    );
+    // Their `sa_masked` notices follow each upload at once.
+    std::thread::sleep(Duration::from_millis(500));
+    for v in victims {
+        fed.kill_client(v);
+    }
+    fed.cont_clients();
+    let records = fed.finish();
+    let r2 = &records[1];
+    fed.check_round(r2, &none_failed());
+    fed.check(
+        fed.record_metric(r2, "secagg_survivors") == 10.0,
+        format_args!("round 2: all ten masked inputs in the sum: {r2:?}"),
+    );
+    let revealed = fed.record_metric(r2, "secagg_revealed");
+    fed.check(
+        (6.0..=7.0).contains(&revealed),
+        format_args!("round 2: shares from 6 or 7 living clients, none from the dead: {r2:?}"),
+    );
+}
+
+/// Seven of ten killed after sharing: three masked inputs, fewer than t = 6. The round fails
+/// with a reason, nothing is unmasked, and (with `secagg_on_failure: abort`) the run aborts.
+#[test]
+fn secure_aggregation_below_the_threshold_aborts_the_run_with_the_reason() {
+    let _serial = serial();
+    let dir = test_dir("sa-seven");
+    let (_broker, mut fed) = start_secure(dir.path(), "sa-seven", "abort");
+    fed.launch();
+    fed.wait_all_shared(2);
+    for v in 4..=10 {
+        fed.kill_client(v);
+    }
+    let deadline = Instant::now() + RUN_LIMIT;
+    let status = loop {
+        let p = fed.server.as_mut().expect("server running");
+        if let Some(s) = p.child.try_wait().unwrap() {
+            break s;
+        }
+        fed.check(Instant::now() < deadline, "the server did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    fed.check(!status.success(), "an aborted run exits with a failure status");
+    let log = std::fs::read_to_string(fed.log("server")).unwrap_or_default();
+    fed.check(
+        log.contains("secure aggregation failed in the masked input stage")
+            && log.contains("only 3 masked inputs, 6 needed")
+            && log.contains("nothing was unmasked"),
+        "the server says why",
+    );
+    fed.check(fed.rounds_closed() == 1, "round 2 never closed");
 }
