@@ -1098,4 +1098,6 @@ fn describe_failures(
 mod buffered;
 mod secure;
 #[cfg(test)]
+mod secure_tests;
+#[cfg(test)]
 mod tests;

@@ -52,6 +52,8 @@ pub enum FailureReason {
     Reported(String),
     /// The update could not be used (digest mismatch, wrong layout, non-finite values).
     BadUpdate(String),
+    /// The update arrived, but the round's secure aggregation failed, so it was not unmasked.
+    NotUnmasked(String),
 }
 
 impl std::fmt::Display for FailureReason {
@@ -61,6 +63,7 @@ impl std::fmt::Display for FailureReason {
             FailureReason::Disconnected => f.write_str("disconnected"),
             FailureReason::Reported(r) => write!(f, "reported: {r}"),
             FailureReason::BadUpdate(r) => write!(f, "bad update: {r}"),
+            FailureReason::NotUnmasked(r) => write!(f, "not unmasked: {r}"),
         }
     }
 }

@@ -329,6 +329,16 @@ impl RoundMachine {
             };
             let at = now.saturating_duration_since(s.started).as_secs_f64();
             s.metrics.insert(key.into(), at);
+            // Whoever the stage waited for in vain timed out: later stages do not wait for
+            // them, and the round records them.
+            for c in s.session.expected() {
+                if !answered.contains(&c) && s.gone.insert(c.clone()) {
+                    info!(round, client = %c, stage = stage.name(), "no answer by the stage's deadline");
+                    if !r.reported.contains_key(&c) {
+                        r.failed.insert(c, FailureReason::Timeout);
+                    }
+                }
+            }
             let step = match stage {
                 Stage::Keys => s.session.rosters().map(|m| {
                     m.into_iter()
@@ -446,6 +456,11 @@ impl RoundMachine {
             OnFailure::Skip => {
                 s.metrics.insert("secagg_failed".into(), 1.0);
                 r.aggregate = None;
+                // Their masked inputs arrived but stay masked: no one is a participant.
+                for (client, _) in std::mem::take(&mut r.reported) {
+                    let why = FailureReason::NotUnmasked(reason.clone());
+                    r.failed.insert(client, why);
+                }
                 warn!(round = r.round, "round closed without an update (secagg_on_failure: skip)");
                 self.close_round(now, out);
             }
