@@ -44,6 +44,7 @@ struct Held {
 }
 
 /// One client's state in one securely aggregated round.
+#[derive(Clone)]
 pub struct ClientSession {
     id: String,
     context: String,
