@@ -321,6 +321,13 @@ fn run_child(cfg: &RoundBenchConfig, processes: bool) -> Result<String> {
     if cfg.payload_check {
         cmd.arg("--payload-check");
     }
+    if cfg.secure_aggregation {
+        cmd.arg("--secure-aggregation");
+    }
+    cmd.arg(format!("--dropout={}", cfg.dropout)).arg(format!(
+        "--dropout-after-ms={}",
+        cfg.dropout_after.as_millis()
+    ));
     let out = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -5,7 +5,7 @@
 //! - [`quantize`]: updates clipped and mapped to the ring `Z_{2^32}` where masked sums are
 //!   computed, with a headroom that keeps the sum of up to `N` clients from wrapping, and the
 //!   error bound of the round trip.
-//! - [`mask`]: the pseudo-random masks: ChaCha20 keystream words from a 32-byte seed, added or
+//! - [`mask`]: the pseudo-random masks: AES-256-CTR keystream words from a 32-byte seed, added or
 //!   removed with wrapping arithmetic.
 //! - [`agree`]: per-round X25519 key pairs and the pairwise seeds two clients derive (HKDF).
 //! - [`field`]: `GF(2^61 − 1)`, the field seeds are shared in.

@@ -19,7 +19,7 @@ from fractions import Fraction
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -166,9 +166,10 @@ def agree(secret: bytes, their_public: bytes, ctx: bytes):
 
 
 def mask_words(seed: bytes, n: int):
-    """The first n u32 words of the ChaCha20 keystream (RFC 8439) of seed, nonce 0, counter 0.
-    `cryptography` takes a 16-byte nonce: the 32-bit little-endian counter, then the 96-bit nonce."""
-    enc = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    """The first n u32 words (little-endian) of the AES-256-CTR keystream (NIST SP 800-38A) of
+    seed as the key, the initial counter block all zero, incremented as a 128-bit big-endian
+    integer."""
+    enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
     return list(struct.unpack("<%dI" % n, enc.update(bytes(4 * n))))
 
 
@@ -407,7 +408,8 @@ def main():
     seed_12, shared_12 = agree(mask_sk["client-1"], mask_pk["client-2"], mask_ctx)
     seed_21, shared_21 = agree(mask_sk["client-2"], mask_pk["client-1"], mask_ctx)
     assert (seed_12, shared_12) == (seed_21, shared_21)
-    assert mask_words(bytes(32), 4) == [0xADE0B876, 0x903DF1A0, 0xE56A5D40, 0x28BD8653]  # RFC 8439 A.1
+    # FIPS-197 known answer: AES-256 of the zero block under the zero key.
+    assert bytes.fromhex("dc95c078a2408989ad48a21492842087") == struct.pack("<4I", *mask_words(bytes(32), 4))
     print("\n#### F. A pairwise mask seed\n")
     print(block([
         ("client-1 mask secret", mask_sk["client-1"]),
