@@ -70,7 +70,11 @@ pub fn round_config(cfg: &Config) -> RoundConfig {
         secure: cfg.secure_aggregation().then(|| SecureConfig {
             clip: f.secagg_clip,
             // FedML's `secagg` is the original protocol: every client neighbours every other.
-            degree: if cfg.secure_aggregation_args.sa_method.eq_ignore_ascii_case("secagg") {
+            degree: if cfg
+                .secure_aggregation_args
+                .sa_method
+                .eq_ignore_ascii_case("secagg")
+            {
                 usize::MAX
             } else {
                 f.secagg_degree

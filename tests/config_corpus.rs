@@ -233,16 +233,23 @@ fn fedml_keys_fedmq_reads_take_effect() {
     assert_eq!(cfg.train_args.server_lr, Some(0.001));
 
     let cfg = load("secagg_lightsecagg.yaml");
-    assert!(cfg.secure_aggregation(), "enable_sa and federated_optimizer LSA");
+    assert!(
+        cfg.secure_aggregation(),
+        "enable_sa and federated_optimizer LSA"
+    );
     assert_eq!(cfg.secure_aggregation_args.sa_method, "lightsecagg");
     assert_eq!(cfg.secure_aggregation_args.prime_number, Some(1997));
     let notes: Vec<&str> = cfg.warnings().collect();
     assert!(
-        notes.iter().any(|w| w.contains("LightSecAgg is not built yet")),
+        notes
+            .iter()
+            .any(|w| w.contains("LightSecAgg is not built yet")),
         "{notes:#?}"
     );
     assert!(
-        notes.iter().any(|w| w.contains("prime_number") && w.contains("not used")),
+        notes
+            .iter()
+            .any(|w| w.contains("prime_number") && w.contains("not used")),
         "{notes:#?}"
     );
     assert_eq!(cfg.lsa_args.prime_number, 32749);

@@ -1459,7 +1459,10 @@ impl Fed {
 
     fn record_metric(&self, r: &RoundRecord, key: &str) -> f64 {
         let v = r.strategy.get(key).copied();
-        self.check(v.is_some(), format_args!("round {}: no {key}: {r:?}", r.round));
+        self.check(
+            v.is_some(),
+            format_args!("round {}: no {key}: {r:?}", r.round),
+        );
         v.unwrap_or_default()
     }
 }
@@ -1577,7 +1580,10 @@ fn secure_aggregation_below_the_threshold_aborts_the_run_with_the_reason() {
         fed.check(Instant::now() < deadline, "the server did not stop");
         std::thread::sleep(Duration::from_millis(50));
     };
-    fed.check(!status.success(), "an aborted run exits with a failure status");
+    fed.check(
+        !status.success(),
+        "an aborted run exits with a failure status",
+    );
     let log = std::fs::read_to_string(fed.log("server")).unwrap_or_default();
     fed.check(
         log.contains("secure aggregation failed in the masked input stage")

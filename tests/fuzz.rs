@@ -143,8 +143,18 @@ fn secure_messages(t: &Topics) -> Vec<(String, Envelope)> {
         bits: 28,
         stage_timeout_ms: 30_000,
     };
-    let up = |body| (t.up("client-1"), Envelope::new("run-1", 4, "client-1", body));
-    let cmd = |body| (t.command("client-1"), Envelope::new("run-1", 4, "server", body));
+    let up = |body| {
+        (
+            t.up("client-1"),
+            Envelope::new("run-1", 4, "client-1", body),
+        )
+    };
+    let cmd = |body| {
+        (
+            t.command("client-1"),
+            Envelope::new("run-1", 4, "server", body),
+        )
+    };
     vec![
         cmd(Body::Train(Train {
             global: blob("fedmq/run-1/r000004/global"),
@@ -473,7 +483,11 @@ fn secure_aggregation_inputs_never_panic_and_altered_shares_never_open() {
     let rosters = server.rosters().unwrap();
     let mut bundles = BTreeMap::new();
     for (id, r) in &rosters {
-        let b = sessions.get_mut(id).unwrap().on_roster(r, &mut rand::rng()).unwrap();
+        let b = sessions
+            .get_mut(id)
+            .unwrap()
+            .on_roster(r, &mut rand::rng())
+            .unwrap();
         server
             .add_shares(id, blob(&format!("fedmq/run-1/r000004/shares/{id}")))
             .unwrap();
@@ -482,7 +496,11 @@ fn secure_aggregation_inputs_never_panic_and_altered_shares_never_open() {
     let collects = server.collects().unwrap();
     let me = &ids[0];
     let collect = &collects[me];
-    let good: Vec<Vec<u8>> = collect.bundles.iter().map(|b| bundles[&b.id].clone()).collect();
+    let good: Vec<Vec<u8>> = collect
+        .bundles
+        .iter()
+        .map(|b| bundles[&b.id].clone())
+        .collect();
     let reveal = proto::encode(&Envelope::new(
         "run-1",
         4,
@@ -552,7 +570,8 @@ fn secure_aggregation_inputs_never_panic_and_altered_shares_never_open() {
             assert!(same_entry(&set[which]), "an altered share opened");
         }
     }
-    real.on_collect(collect, &good).expect("the intact bundles open");
+    real.on_collect(collect, &good)
+        .expect("the intact bundles open");
     println!(
         "{{\"inputs\":{iters},\"seed\":{seed},\"altered_bundles_opened_with_intact_entry\":{opened},\
          \"masked_blobs_parsed\":{parsed},\"panics\":0}}"

@@ -31,11 +31,16 @@ async fn ten_clients_unmask_exactly_their_weighted_mean() {
     assert_eq!(m.get("secagg_survivors"), Some(&10.0), "{m:?}");
     // The unmask stage closes as soon as every secret has t = 6 shares.
     assert!((6.0..=10.0).contains(&m["secagg_revealed"]), "{m:?}");
-    assert!(!m.contains_key("update_distance"), "no per-client distance: {m:?}");
+    assert!(
+        !m.contains_key("update_distance"),
+        "no per-client distance: {m:?}"
+    );
     assert!(m["secagg_error_bound"] < 1e-6, "{m:?}");
     for stage in ["keys", "shares", "masked", "unmask"] {
         assert!(
-            report.secagg_stage_s_median.contains_key(&format!("secagg_{stage}_s")),
+            report
+                .secagg_stage_s_median
+                .contains_key(&format!("secagg_{stage}_s")),
             "{report:?}"
         );
     }
@@ -141,7 +146,12 @@ mod mnist {
         let report = federation::run_local(cfg, &opts, |_| {}, CancellationToken::new())
             .await
             .expect("local federation");
-        assert_eq!(report.server.outcome, Outcome::Completed, "{:?}", cfg.common_args.run_id);
+        assert_eq!(
+            report.server.outcome,
+            Outcome::Completed,
+            "{:?}",
+            cfg.common_args.run_id
+        );
         report
     }
 
@@ -190,7 +200,10 @@ mod mnist {
             .fold(0.0, f64::max);
         // The bound, plus f32 rounding of the two ways of averaging (the plain mean is folded
         // in f32, update by update).
-        assert!(worst <= bound + 2e-6, "round 1 differs by {worst}, bound {bound}");
+        assert!(
+            worst <= bound + 2e-6,
+            "round 1 differs by {worst}, bound {bound}"
+        );
 
         let acc = |r: &fedmq::federation::LocalReport| {
             r.server.records.last().unwrap().test_accuracy.unwrap()
@@ -203,10 +216,8 @@ mod mnist {
         assert!(a_secure > 0.8, "it learned: {a_secure}");
 
         // What the server and the store hold of client-1 in round 1: its masked input.
-        let masked = secagg::decode_masked(
-            &get("masked", |k| k.update(1, "client-1")).await,
-        )
-        .unwrap();
+        let masked =
+            secagg::decode_masked(&get("masked", |k| k.update(1, "client-1")).await).unwrap();
         let trained = flat(&model(&get("plain", |k| k.update(1, "client-1")).await));
         let update: Vec<f64> = trained
             .iter()
@@ -223,7 +234,10 @@ mod mnist {
             .iter()
             .map(|&b| (b as f64 - n / 16.0).powi(2) / (n / 16.0))
             .sum();
-        assert!(chi2 < 37.7, "chi-square {chi2} (15 d.o.f., p = 0.001): {buckets:?}");
+        assert!(
+            chi2 < 37.7,
+            "chi-square {chi2} (15 d.o.f., p = 0.001): {buckets:?}"
+        );
         let m: Vec<f64> = masked.iter().map(|v| f64::from(*v)).collect();
         let corr = correlation(&m, &update);
         assert!(corr.abs() < 0.05, "correlation with the update {corr}");
@@ -254,7 +268,10 @@ mod mnist {
     /// securely aggregated; only the data cache is the test suite's.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn fedmls_lightsecagg_config_runs_as_it_is() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fedml_corpus/secagg_lightsecagg.yaml");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fedml_corpus/secagg_lightsecagg.yaml"
+        );
         let mut cfg = Config::load_for(std::path::Path::new(path), LoadMode::Local).unwrap();
         assert!(cfg.secure_aggregation());
         cfg.data_args.data_cache_dir = Config::default().data_args.data_cache_dir;

@@ -232,7 +232,11 @@ impl RoundBenchConfig {
     /// parameter under FedAvg.
     pub fn survivors_mean_delta(&self) -> f64 {
         let ranks: Vec<usize> = (1..=self.clients).filter(|&r| !self.drops(r)).collect();
-        ranks.iter().map(|&r| f64::from(self.delta_of(r))).sum::<f64>() / ranks.len().max(1) as f64
+        ranks
+            .iter()
+            .map(|&r| f64::from(self.delta_of(r)))
+            .sum::<f64>()
+            / ranks.len().max(1) as f64
     }
 }
 
@@ -961,9 +965,12 @@ pub async fn run_bench_server(
                 let shift = rounds_closed as f64 * cfg.survivors_mean_delta();
                 let n = (cfg.clients - cfg.dropped()) as u64;
                 let bound = if cfg.secure_aggregation {
-                    let q = crate::secagg::quantize::Quantizer::new(SECAGG_CLIP as f32, cfg.clients as u64)
-                        .map(|q| q.sum_error_bound(n) / (n as f64 / cfg.clients as f64))
-                        .unwrap_or(f64::INFINITY);
+                    let q = crate::secagg::quantize::Quantizer::new(
+                        SECAGG_CLIP as f32,
+                        cfg.clients as u64,
+                    )
+                    .map(|q| q.sum_error_bound(n) / (n as f64 / cfg.clients as f64))
+                    .unwrap_or(f64::INFINITY);
                     rounds_closed as f64 * q
                 } else {
                     0.0

@@ -187,23 +187,25 @@ pub fn run(a: RoundArgs) -> Result<()> {
         .flat_map(|(clients, params)| a.security.iter().map(move |&sec| (clients, params, sec)))
         .flat_map(|(c, p, sec)| a.strategy.iter().map(move |s| (c, p, sec, s.clone())))
         .flat_map(|(c, p, sec, s)| a.dropout.iter().map(move |&d| (c, p, sec, s.clone(), d)))
-        .map(|(clients, params, secure, strategy, dropout)| RoundBenchConfig {
-            clients,
-            params,
-            rounds: a.rounds,
-            broker: a.broker,
-            fetch_concurrency: a.fetch_concurrency,
-            payload_check: a.payload_check,
-            delta: a.delta,
-            round_timeout: Duration::from_secs_f64(a.round_timeout_s),
-            secure,
-            clients_per_process: a.clients_per_process,
-            strategy,
-            secure_aggregation: a.secure_aggregation,
-            dropout,
-            dropout_after: Duration::from_millis(a.dropout_after_ms),
-            ..RoundBenchConfig::default()
-        })
+        .map(
+            |(clients, params, secure, strategy, dropout)| RoundBenchConfig {
+                clients,
+                params,
+                rounds: a.rounds,
+                broker: a.broker,
+                fetch_concurrency: a.fetch_concurrency,
+                payload_check: a.payload_check,
+                delta: a.delta,
+                round_timeout: Duration::from_secs_f64(a.round_timeout_s),
+                secure,
+                clients_per_process: a.clients_per_process,
+                strategy,
+                secure_aggregation: a.secure_aggregation,
+                dropout,
+                dropout_after: Duration::from_millis(a.dropout_after_ms),
+                ..RoundBenchConfig::default()
+            },
+        )
         .collect();
     for s in &a.strategy {
         fedmq::bench::round::strategy_named(

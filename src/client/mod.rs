@@ -366,7 +366,9 @@ impl JobCtx {
         })
         .await
         .map_err(task("encoding"))?;
-        let blob = self.store_for_server(round, "update", &sealed, deadline).await?;
+        let blob = self
+            .store_for_server(round, "update", &sealed, deadline)
+            .await?;
         hooks::commit(&mut finished, &self.memory);
         Ok(Update {
             update: blob,

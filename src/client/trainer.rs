@@ -186,7 +186,9 @@ impl LocalTrainer for NoopTrainer {
             std::thread::sleep((self.delay - t.elapsed()).min(Duration::from_millis(10)));
         }
         if self.fail {
-            return Err(TrainError::Other("this no-op client drops out (bench --dropout)".into()));
+            return Err(TrainError::Other(
+                "this no-op client drops out (bench --dropout)".into(),
+            ));
         }
         for tensor in global.tensors_mut() {
             for x in tensor.data_mut() {

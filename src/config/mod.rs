@@ -701,7 +701,10 @@ impl Config {
     pub fn secure_aggregation(&self) -> bool {
         self.secure_aggregation_args.enable_sa
             || matches!(
-                self.train_args.federated_optimizer.to_ascii_lowercase().as_str(),
+                self.train_args
+                    .federated_optimizer
+                    .to_ascii_lowercase()
+                    .as_str(),
                 "sa" | "lsa"
             )
     }
@@ -713,7 +716,10 @@ impl Config {
         if !self.secure_aggregation() {
             return notes;
         }
-        let lsa = self.train_args.federated_optimizer.eq_ignore_ascii_case("lsa");
+        let lsa = self
+            .train_args
+            .federated_optimizer
+            .eq_ignore_ascii_case("lsa");
         if lsa || sa.sa_method.eq_ignore_ascii_case("lightsecagg") {
             notes.push(
                 "secure_aggregation_args.sa_method: LightSecAgg is not built yet; this run uses                  SecAgg+ (the same guarantee: the server learns only the sum of the surviving                  clients' updates)"
@@ -1000,7 +1006,10 @@ impl Config {
         check(
             f.secagg_stage_timeout_s.is_finite() && f.secagg_stage_timeout_s > 0.0,
             "fedmq_args.secagg_stage_timeout_s",
-            format!("must be a positive number of seconds, got {}", f.secagg_stage_timeout_s),
+            format!(
+                "must be a positive number of seconds, got {}",
+                f.secagg_stage_timeout_s
+            ),
         );
         if let Err(e) = f.secagg_on_failure.parse::<crate::server::OnFailure>() {
             check(false, "fedmq_args.secagg_on_failure", e);

@@ -1,6 +1,8 @@
 //! Control messages: the [`Envelope`] every message shares and the typed [`Body`] it carries.
 
-use super::secagg::{SaCollect, SaKeys, SaMasked, SaReveal, SaRoster, SaShares, SaUnmask, SecAggSetup};
+use super::secagg::{
+    SaCollect, SaKeys, SaMasked, SaReveal, SaRoster, SaShares, SaUnmask, SecAggSetup,
+};
 use super::{valid_id, PROTOCOL_VERSION};
 use rand::Rng;
 use serde::{Deserialize, Serialize};

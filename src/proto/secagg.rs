@@ -180,7 +180,10 @@ impl SecAggSetup {
         if !(self.clip.is_finite() && self.clip > 0.0 && self.clip <= f64::from(f32::MAX)) {
             return Err("secagg.clip must be a finite number > 0".into());
         }
-        let headroom = 32 - u64::from(self.selected).next_power_of_two().trailing_zeros();
+        let headroom = 32
+            - u64::from(self.selected)
+                .next_power_of_two()
+                .trailing_zeros();
         if self.bits == 0 || self.bits > headroom {
             return Err(format!(
                 "secagg.bits must be in 1..={headroom} for {} clients",
@@ -252,7 +255,10 @@ impl SaUnmask {
 
 impl SaReveal {
     pub(super) fn validate(&self) -> Result<(), String> {
-        for (field, list) in [("self_masks", &self.self_masks), ("mask_keys", &self.mask_keys)] {
+        for (field, list) in [
+            ("self_masks", &self.self_masks),
+            ("mask_keys", &self.mask_keys),
+        ] {
             check_ids(field, list.iter().map(|s| s.of.as_str()))?;
             for s in list {
                 check_hex(field, &s.share, SHARE_HEX_LEN)?;

@@ -47,11 +47,7 @@ fn share_context(context: &str, from: &str, to: &str) -> String {
     format!("share|{context}|{from}|{to}")
 }
 
-fn key(
-    own: &KeyPair,
-    peer_public: &[u8; 32],
-    context: &str,
-) -> Result<LessSafeKey, SecAggError> {
+fn key(own: &KeyPair, peer_public: &[u8; 32], context: &str) -> Result<LessSafeKey, SecAggError> {
     let k = own
         .pairwise_seed(peer_public, context.as_bytes())
         .map_err(|e| SecAggError::Invalid(format!("cipher key: {e}")))?;

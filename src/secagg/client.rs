@@ -218,7 +218,9 @@ impl ClientSession {
             ));
         }
         if bundles.len() != collect.bundles.len() {
-            return Err(SecAggError::Invalid("one bundle per listed neighbour".into()));
+            return Err(SecAggError::Invalid(
+                "one bundle per listed neighbour".into(),
+            ));
         }
         for (entry, bytes) in collect.bundles.iter().zip(bundles) {
             let Some(peer) = self.peers.get(&entry.id) else {

@@ -61,7 +61,7 @@ impl Params {
 }
 
 fn majority(degree: usize) -> usize {
-    (degree + 1) / 2 + 1
+    degree.div_ceil(2) + 1
 }
 
 fn default_degree(n: usize) -> usize {
@@ -74,11 +74,7 @@ fn default_degree(n: usize) -> usize {
 
 /// Each client's neighbours (sorted by id), for `clients` on a ring shuffled by `seed`.
 /// `degree ≥ clients.len() − 1` gives the complete graph.
-pub fn neighbours(
-    clients: &[String],
-    degree: usize,
-    seed: u64,
-) -> BTreeMap<String, Vec<String>> {
+pub fn neighbours(clients: &[String], degree: usize, seed: u64) -> BTreeMap<String, Vec<String>> {
     let n = clients.len();
     let mut ring: Vec<&String> = clients.iter().collect();
     ring.sort();
@@ -97,7 +93,7 @@ pub fn neighbours(
     for (i, c) in ring.iter().enumerate() {
         let mut ns: Vec<String> = (1..=half)
             .flat_map(|d| [ring[(i + d) % n], ring[(i + n - d) % n]])
-            .map(|s| s.clone())
+            .cloned()
             .collect();
         ns.sort();
         ns.dedup();

@@ -90,6 +90,9 @@ mod tests {
         assert_ne!(expand(&a, 64), expand(&b, 64));
         // Chunking does not change the stream: a prefix is a prefix, across chunks too.
         assert_eq!(expand(&a, 1000)[..70], expand(&a, 70)[..]);
-        assert_eq!(expand(&a, 3 * CHUNK_WORDS)[..CHUNK_WORDS + 5], expand(&a, CHUNK_WORDS + 5)[..]);
+        assert_eq!(
+            expand(&a, 3 * CHUNK_WORDS)[..CHUNK_WORDS + 5],
+            expand(&a, CHUNK_WORDS + 5)[..]
+        );
     }
 }

@@ -15,8 +15,7 @@ use super::shamir::{self, Share};
 use super::{context, mask_context, pair_sign, SecAggError};
 use crate::proto::secagg::SECAGG_PLUS;
 use crate::proto::{
-    BlobRef, Neighbour, PeerBundle, SaCollect, SaKeys, SaReveal, SaRoster, SaUnmask,
-    SecAggSetup,
+    BlobRef, Neighbour, PeerBundle, SaCollect, SaKeys, SaReveal, SaRoster, SaUnmask, SecAggSetup,
 };
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -101,6 +100,7 @@ impl ServerSession {
     ///
     /// # Errors
     /// [`SecAggError::Invalid`]: no client, or no quantizer for this many clients.
+    #[allow(clippy::too_many_arguments)] // each is one setting of the round, named at the call
     pub fn new(
         run: &str,
         round: u64,
@@ -207,7 +207,12 @@ impl ServerSession {
     /// # Errors
     /// [`SecAggError::Refused`]: out of stage, not selected, a repeat, or keys another client
     /// advertised already (a replayed advertisement).
-    pub fn add_keys(&mut self, client: &str, keys: &SaKeys, weight: u64) -> Result<(), SecAggError> {
+    pub fn add_keys(
+        &mut self,
+        client: &str,
+        keys: &SaKeys,
+        weight: u64,
+    ) -> Result<(), SecAggError> {
         self.expect(Stage::Keys, client)?;
         let mut mask_pk = [0u8; 32];
         hex::decode_to_slice(&keys.mask_pk, &mut mask_pk)
@@ -582,7 +587,10 @@ impl ServerSession {
 
     /// The clients that advertised keys, with the weights given them.
     pub fn weights(&self) -> BTreeMap<String, u64> {
-        self.keys.iter().map(|(c, a)| (c.clone(), a.weight)).collect()
+        self.keys
+            .iter()
+            .map(|(c, a)| (c.clone(), a.weight))
+            .collect()
     }
 
     /// Whether everyone expected in the current stage answered (or dropped out).

@@ -32,8 +32,7 @@ impl Run {
     fn new(n: usize, seed: u64) -> Self {
         let ids: Vec<String> = (1..=n).map(|i| format!("client-{i:02}")).collect();
         let params = Params::for_clients(n);
-        let server =
-            ServerSession::new("run", 3, &ids, params, 1.0, seed, P, 1000).unwrap();
+        let server = ServerSession::new("run", 3, &ids, params, 1.0, seed, P, 1000).unwrap();
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let global = model((0..P).map(|_| rng.random_range(-1.0..1.0)).collect());
         let mut trained = BTreeMap::new();
@@ -77,7 +76,11 @@ impl Run {
             if gone(1, id) {
                 continue;
             }
-            let b = self.clients.get_mut(id).unwrap().on_roster(roster, &mut rng)?;
+            let b = self
+                .clients
+                .get_mut(id)
+                .unwrap()
+                .on_roster(roster, &mut rng)?;
             self.server.add_shares(id, blob_ref(id)).unwrap();
             bundles.insert(id.clone(), b);
         }
@@ -114,7 +117,10 @@ impl Run {
         let mut out = vec![0f64; P];
         for s in survivors {
             let w = self.samples[s] as f64 / total;
-            let t: Vec<f32> = self.trained[s].iter().flat_map(|t| t.data().to_vec()).collect();
+            let t: Vec<f32> = self.trained[s]
+                .iter()
+                .flat_map(|t| t.data().to_vec())
+                .collect();
             for (o, (t, g)) in out.iter_mut().zip(t.iter().zip(&g)) {
                 *o += w * f64::from(t - g);
             }
@@ -151,7 +157,10 @@ fn all(n: usize) -> Vec<String> {
 }
 
 fn except(n: usize, gone: &[&str]) -> Vec<String> {
-    all(n).into_iter().filter(|c| !gone.contains(&c.as_str())).collect()
+    all(n)
+        .into_iter()
+        .filter(|c| !gone.contains(&c.as_str()))
+        .collect()
 }
 
 #[test]
@@ -159,7 +168,11 @@ fn without_dropouts_the_server_gets_the_weighted_mean() {
     let mut run = Run::new(10, 1);
     let u = run.run([&[], &[], &[], &[]]).unwrap();
     let ids = all(10);
-    check(&run, &u, &ids.iter().map(String::as_str).collect::<Vec<_>>());
+    check(
+        &run,
+        &u,
+        &ids.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     assert!(u.error_bound < 1e-7, "{}", u.error_bound);
 }
 
@@ -175,8 +188,21 @@ fn dropouts_at_every_stage_leave_exactly_the_survivors_sum() {
     ];
     let mut run = Run::new(14, 2);
     let u = run.run(dropped).unwrap();
-    let survivors = except(14, &["client-01", "client-02", "client-03", "client-04", "client-05"]);
-    check(&run, &u, &survivors.iter().map(String::as_str).collect::<Vec<_>>());
+    let survivors = except(
+        14,
+        &[
+            "client-01",
+            "client-02",
+            "client-03",
+            "client-04",
+            "client-05",
+        ],
+    );
+    check(
+        &run,
+        &u,
+        &survivors.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
 }
 
 #[test]
@@ -188,26 +214,46 @@ fn a_sparse_graph_unmasks_with_thirty_percent_dropout() {
     let late_refs: Vec<&str> = late.iter().map(String::as_str).collect();
     let u = run.run([&[], &[], &late_refs, &[]]).unwrap();
     let survivors = except(60, &late_refs);
-    check(&run, &u, &survivors.iter().map(String::as_str).collect::<Vec<_>>());
+    check(
+        &run,
+        &u,
+        &survivors.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
 }
 
 #[test]
 fn below_the_threshold_nothing_is_unmasked() {
     // t = 6 of 10: seven dropping before the masked input leave 3.
     let seven = [
-        "client-01", "client-02", "client-03", "client-04", "client-05", "client-06", "client-07",
+        "client-01",
+        "client-02",
+        "client-03",
+        "client-04",
+        "client-05",
+        "client-06",
+        "client-07",
     ];
     let mut run = Run::new(10, 4);
     let e = run.run([&[], &[], &seven, &[]]).unwrap_err();
     assert!(
-        matches!(e, SecAggError::BelowThreshold { got: 3, needed: 6, .. }),
+        matches!(
+            e,
+            SecAggError::BelowThreshold {
+                got: 3,
+                needed: 6,
+                ..
+            }
+        ),
         "{e}"
     );
     assert_eq!(run.server.stage(), Stage::Done);
     // Seven leaving after their masked inputs: the survivors' self-mask shares are too few.
     let mut run = Run::new(10, 5);
     let e = run.run([&[], &[], &[], &seven]).unwrap_err();
-    assert!(matches!(e, SecAggError::BelowThreshold { got: 3, .. }), "{e}");
+    assert!(
+        matches!(e, SecAggError::BelowThreshold { got: 3, .. }),
+        "{e}"
+    );
 }
 
 /// A client that has sent its masked input, with the request the server would send it.
@@ -225,13 +271,24 @@ fn masked_client() -> (Run, String, SaUnmask) {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let mut bundles = BTreeMap::new();
     for (id, r) in &rosters {
-        bundles.insert(id.clone(), run.clients.get_mut(id).unwrap().on_roster(r, &mut rng).unwrap());
+        bundles.insert(
+            id.clone(),
+            run.clients
+                .get_mut(id)
+                .unwrap()
+                .on_roster(r, &mut rng)
+                .unwrap(),
+        );
         run.server.add_shares(id, blob_ref(id)).unwrap();
     }
     let collects = run.server.collects().unwrap();
     let me = "client-01".to_string();
     let collect: &SaCollect = &collects[&me];
-    let bytes: Vec<Vec<u8>> = collect.bundles.iter().map(|b| bundles[&b.id].clone()).collect();
+    let bytes: Vec<Vec<u8>> = collect
+        .bundles
+        .iter()
+        .map(|b| bundles[&b.id].clone())
+        .collect();
     let c = run.clients.get_mut(&me).unwrap();
     c.on_collect(collect, &bytes).unwrap();
     c.masked_input(&run.global, &run.trained[&me]).unwrap();
@@ -281,7 +338,10 @@ fn a_client_never_reveals_both_shares_of_one_neighbour() {
             dropped: vec![],
         },
     ] {
-        assert!(matches!(c.on_unmask(&bad), Err(SecAggError::Refused(_))), "{bad:?}");
+        assert!(
+            matches!(c.on_unmask(&bad), Err(SecAggError::Refused(_))),
+            "{bad:?}"
+        );
     }
 }
 
@@ -298,21 +358,35 @@ fn a_share_sealed_for_one_neighbour_opens_for_no_other() {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let mut bundles = BTreeMap::new();
     for (id, r) in &rosters {
-        bundles.insert(id.clone(), run.clients.get_mut(id).unwrap().on_roster(r, &mut rng).unwrap());
+        bundles.insert(
+            id.clone(),
+            run.clients
+                .get_mut(id)
+                .unwrap()
+                .on_roster(r, &mut rng)
+                .unwrap(),
+        );
         run.server.add_shares(id, blob_ref(id)).unwrap();
     }
     let collects = run.server.collects().unwrap();
     let me = "client-01";
     let collect = &collects[me];
     // client-02's bundle handed over as client-03's: it was made by another owner.
-    let mut swapped: Vec<Vec<u8>> =
-        collect.bundles.iter().map(|b| bundles[&b.id].clone()).collect();
+    let mut swapped: Vec<Vec<u8>> = collect
+        .bundles
+        .iter()
+        .map(|b| bundles[&b.id].clone())
+        .collect();
     swapped.swap(0, 1);
     let c = run.clients.get_mut(me).unwrap();
     let e = c.on_collect(collect, &swapped).unwrap_err();
     assert!(e.to_string().contains("another client"), "{e}");
     // One flipped ciphertext digit: the tag fails.
-    let mut bytes: Vec<Vec<u8>> = collect.bundles.iter().map(|b| bundles[&b.id].clone()).collect();
+    let mut bytes: Vec<Vec<u8>> = collect
+        .bundles
+        .iter()
+        .map(|b| bundles[&b.id].clone())
+        .collect();
     let text = String::from_utf8(bytes[0].clone()).unwrap();
     let at = text.find("\"ct\":\"").unwrap() + 6;
     let mut chars: Vec<char> = text.chars().collect();
@@ -332,8 +406,14 @@ fn the_server_refuses_replays_strangers_and_out_of_stage_messages() {
     assert!(run.server.add_keys("client-01", &k1, 10).is_err());
     assert!(run.server.add_keys("client-02", &k1, 10).is_err());
     let (_, k9) = ClientSession::new("run", 3, "client-09", &setup, 10).unwrap();
-    assert!(run.server.add_keys("client-09", &k9, 10).is_err(), "not selected");
-    assert!(run.server.add_shares("client-01", blob_ref("client-01")).is_err());
+    assert!(
+        run.server.add_keys("client-09", &k9, 10).is_err(),
+        "not selected"
+    );
+    assert!(run
+        .server
+        .add_shares("client-01", blob_ref("client-01"))
+        .is_err());
     assert!(run.server.add_masked("client-01", &[0; P]).is_err());
 }
 
@@ -351,12 +431,19 @@ fn what_the_server_holds_of_one_client_looks_uniform_and_unrelated_to_its_update
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let mut bundles = BTreeMap::new();
     for (id, r) in &rosters {
-        bundles.insert(id.clone(), clients.get_mut(id).unwrap().on_roster(r, &mut rng).unwrap());
+        bundles.insert(
+            id.clone(),
+            clients.get_mut(id).unwrap().on_roster(r, &mut rng).unwrap(),
+        );
         run.server.add_shares(id, blob_ref(id)).unwrap();
     }
     let collects = run.server.collects().unwrap();
     let me = "client-01";
-    let bytes: Vec<Vec<u8>> = collects[me].bundles.iter().map(|b| bundles[&b.id].clone()).collect();
+    let bytes: Vec<Vec<u8>> = collects[me]
+        .bundles
+        .iter()
+        .map(|b| bundles[&b.id].clone())
+        .collect();
     let c = clients.get_mut(me).unwrap();
     c.on_collect(&collects[me], &bytes).unwrap();
     // An update with a strong structure: a ramp.

@@ -114,7 +114,11 @@ impl Admission {
                 round: env.round,
                 reason: f.reason,
             }),
-            (TopicKind::Up(id), body @ (Body::SaKeys(_) | Body::SaShares(_) | Body::SaMasked(_) | Body::SaReveal(_))) => {
+            (
+                TopicKind::Up(id),
+                body
+                @ (Body::SaKeys(_) | Body::SaShares(_) | Body::SaMasked(_) | Body::SaReveal(_)),
+            ) => {
                 let msg = match body {
                     Body::SaKeys(k) => SecureMessage::Keys(k),
                     Body::SaShares(s) => SecureMessage::Shares(s),

@@ -600,7 +600,7 @@ impl Driver {
                         config,
                         strategy: instruction,
                         deadline_ms: proto::now_ms() + left.as_millis() as u64,
-                        secagg,
+                        secagg: secagg.map(|s| *s),
                     }),
                 );
                 if let Err(e) = self

@@ -21,11 +21,11 @@ use crate::proto::{
     BlobKeys, BlobRef, Body, Capabilities, SecAggSetup, StrategyInstruction, TrainConfig,
     TrainMetrics,
 };
-pub use secure::{OnFailure, SecureConfig, SecureMessage};
 use crate::strategy::{ClientFailure, FailureReason, RoundAggregate, Strategy};
 use crate::tensor::{ParamSet, ParamsView};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+pub use secure::{OnFailure, SecureConfig, SecureMessage};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -197,7 +197,7 @@ pub enum Action {
         /// When the update is due.
         deadline: Instant,
         /// The secure aggregation setup, when the round is securely aggregated.
-        secagg: Option<SecAggSetup>,
+        secagg: Option<Box<SecAggSetup>>,
     },
     /// Send a secure-aggregation stage message (roster, collect, unmask) to a client.
     SendSecure {
@@ -810,7 +810,7 @@ impl RoundMachine {
                 return;
             }
         };
-        let secagg = secure.as_ref().map(|s| s.setup().clone());
+        let secagg = secure.as_ref().map(|s| Box::new(s.setup().clone()));
         let mut selected = Vec::with_capacity(plans.len());
         for p in plans {
             out.push(Action::SendTrain {

@@ -75,9 +75,12 @@ pub fn staleness_weight(staleness: u64) -> f64 {
 
 impl Strategy for FedBuff {
     fn secure_aggregation(&self) -> std::result::Result<(), String> {
-        Err("FedBuff folds updates one at a time with staleness weights, but secure aggregation \
+        Err(
+            "FedBuff folds updates one at a time with staleness weights, but secure aggregation \
              unmasks only the sum of a whole round's cohort: use FedAvg, FedProx or the FedOpt \
-             family, or turn secure aggregation off".into())
+             family, or turn secure aggregation off"
+                .into(),
+        )
     }
 
     fn name(&self) -> &'static str {

@@ -55,9 +55,12 @@ impl FedNova {
 
 impl Strategy for FedNova {
     fn secure_aggregation(&self) -> std::result::Result<(), String> {
-        Err("FedNova weights each update by that client's own normalizer (its local steps), which \
+        Err(
+            "FedNova weights each update by that client's own normalizer (its local steps), which \
              secure aggregation hides from the server: use FedAvg, FedProx or the FedOpt family, \
-             or turn secure aggregation off".into())
+             or turn secure aggregation off"
+                .into(),
+        )
     }
 
     fn name(&self) -> &'static str {

@@ -77,9 +77,12 @@ impl Scaffold {
 
 impl Strategy for Scaffold {
     fn secure_aggregation(&self) -> std::result::Result<(), String> {
-        Err("SCAFFOLD sums each client's control-variate change next to its model, and secure \
+        Err(
+            "SCAFFOLD sums each client's control-variate change next to its model, and secure \
              aggregation masks only the model: use FedAvg, FedProx or the FedOpt family, or turn \
-             secure aggregation off".into())
+             secure aggregation off"
+                .into(),
+        )
     }
 
     fn name(&self) -> &'static str {

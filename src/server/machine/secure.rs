@@ -252,7 +252,8 @@ impl RoundMachine {
             }
             Err(e) => {
                 warn!(%client, round = r.round, "masked input refused: {e}");
-                r.failed.insert(client, FailureReason::BadUpdate(e.to_string()));
+                r.failed
+                    .insert(client, FailureReason::BadUpdate(e.to_string()));
             }
         }
         self.advance_secure(now, out);
@@ -292,7 +293,11 @@ impl RoundMachine {
     /// Closes every stage that can close now, sending the next stage's messages, and closes the
     /// round when unmasking is done or has failed.
     pub(super) fn advance_secure(&mut self, now: Instant, out: &mut Vec<Action>) {
-        let stage_timeout = self.cfg.secure.as_ref().map_or(Duration::ZERO, |c| c.stage_timeout);
+        let stage_timeout = self
+            .cfg
+            .secure
+            .as_ref()
+            .map_or(Duration::ZERO, |c| c.stage_timeout);
         let Phase::Training(r) = &mut self.phase else {
             return;
         };
@@ -412,7 +417,11 @@ impl RoundMachine {
 
     /// Closes a secure round that unmasked or failed.
     fn finish_secure(&mut self, now: Instant, out: &mut Vec<Action>) {
-        let on_failure = self.cfg.secure.as_ref().map_or(OnFailure::Abort, |c| c.on_failure);
+        let on_failure = self
+            .cfg
+            .secure
+            .as_ref()
+            .map_or(OnFailure::Abort, |c| c.on_failure);
         let Phase::Training(r) = &mut self.phase else {
             return;
         };
@@ -461,7 +470,10 @@ impl RoundMachine {
                     let why = FailureReason::NotUnmasked(reason.clone());
                     r.failed.insert(client, why);
                 }
-                warn!(round = r.round, "round closed without an update (secagg_on_failure: skip)");
+                warn!(
+                    round = r.round,
+                    "round closed without an update (secagg_on_failure: skip)"
+                );
                 self.close_round(now, out);
             }
         }

@@ -11,7 +11,10 @@ use std::time::Duration;
 const SEC: Duration = Duration::from_secs(1);
 
 fn model(v: &[f32]) -> ParamSet {
-    ParamSet::new(vec![NamedTensor::new("w", vec![v.len()], v.to_vec()).unwrap()]).unwrap()
+    ParamSet::new(vec![
+        NamedTensor::new("w", vec![v.len()], v.to_vec()).unwrap()
+    ])
+    .unwrap()
 }
 
 fn blob(key: String) -> BlobRef {
@@ -141,8 +144,7 @@ impl Round {
                 if !clients.contains(client) {
                     continue;
                 }
-                let (s, k) =
-                    ClientSession::new("run", 1, client, setup, samples(client)).unwrap();
+                let (s, k) = ClientSession::new("run", 1, client, setup, samples(client)).unwrap();
                 self.sessions.insert(client.clone(), s);
                 out.extend(self.secure(client, SecureMessage::Keys(k)));
             }
@@ -173,8 +175,11 @@ impl Round {
                     ));
                 }
                 Body::SaCollect(c) => {
-                    let bytes: Vec<Vec<u8>> =
-                        c.bundles.iter().map(|b| self.bundles[&b.id].clone()).collect();
+                    let bytes: Vec<Vec<u8>> = c
+                        .bundles
+                        .iter()
+                        .map(|b| self.bundles[&b.id].clone())
+                        .collect();
                     s.on_collect(c, &bytes).unwrap();
                     let global = model(&[0.0, 0.5, -0.5]);
                     let d = shift(client);
@@ -231,9 +236,13 @@ fn summary(acts: &[Action]) -> Option<&RoundSummary> {
 #[test]
 fn a_secure_round_folds_the_unmasked_weighted_mean() {
     let (mut r, train) = Round::start(OnFailure::Abort);
-    assert!(train
-        .iter()
-        .all(|a| matches!(a, Action::SendTrain { secagg: Some(_), .. })));
+    assert!(train.iter().all(|a| matches!(
+        a,
+        Action::SendTrain {
+            secagg: Some(_),
+            ..
+        }
+    )));
     let all: Vec<String> = (1..=5).map(id).collect();
     let acts = r.advertise(&train, &all);
     let acts = r.run(acts, &all);
