@@ -1510,21 +1510,18 @@ fn secure_aggregation_survives_three_clients_killed_before_their_masked_input() 
 
 /// Three of ten killed after storing and announcing their masked inputs, before unmasking: their
 /// inputs are in the sum, and the survivors' shares of their self-mask seeds remove the masks.
-/// client-1 is held (SIGSTOP) after it shared, so the unmask request cannot go out before the
-/// kills.
+/// client-1 is held (SIGSTOP) after it shared and before it masked, so the unmask request cannot
+/// go out before the kills.
 #[test]
 fn secure_aggregation_survives_three_clients_killed_after_their_masked_input() {
     let _serial = serial();
     let dir = test_dir("sa-after");
     let (_broker, mut fed) = start_secure(dir.path(), "sa-after", "abort");
     fed.launch();
-    let held = fed.bundle(2, 1);
-    fed.wait(
-        "round 2: client-1's share bundle stored",
-        RUN_LIMIT,
-        Duration::from_millis(1),
-        |_| held.exists(),
-    );
+    // Every bundle stored, and a moment for the `sa_shares` notice that follows each upload:
+    // client-1 has shared (it is in the round's U1) and is still training.
+    fed.wait_all_shared(2);
+    std::thread::sleep(Duration::from_millis(300));
     let p = fed.client_procs[0].as_ref().expect("client-1 running");
     p.signal(libc::SIGSTOP);
     fed.stopped.insert(1);
