@@ -151,12 +151,28 @@ pub async fn run_client(
         Role::Client,
         Some(opts.capabilities.clone()),
     ));
-    check_store(&store, &opts.keys).await?;
+    // Starting (the store check, the broker's first answer) can take seconds under load; a run
+    // that ends meanwhile (`fedmq run` with many clients and few rounds) cancels it at once.
+    let stopped = || ClientReport {
+        rounds_reported: 0,
+        reason: "cancelled while starting".to_string(),
+        final_model: None,
+    };
+    tokio::select! {
+        checked = check_store(&store, &opts.keys) => checked?,
+        () = cancel.cancelled() => return Ok(stopped()),
+    }
     let store = SealedStore::new(store, opts.crypto.clone());
     let endpoint = format!("{}:{}", mqtt.host, mqtt.port);
     let session_cancel = CancellationToken::new();
     let (handle, mut incoming) = MqttSession::connect(mqtt, session_cancel.clone())?;
-    handle.wait_started(&endpoint, opts.connect_timeout).await?;
+    tokio::select! {
+        started = handle.wait_started(&endpoint, opts.connect_timeout) => started?,
+        () = cancel.cancelled() => {
+            handle.shutdown().await;
+            return Ok(stopped());
+        }
+    }
     info!(client = %opts.id, samples = trainer.num_samples(), "client online");
 
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, JobOutcome)>();

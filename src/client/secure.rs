@@ -1,6 +1,7 @@
 //! A client's securely aggregated round (`docs/PROTOCOL.md`, "Secure aggregation"): the I/O
 //! around a [`ClientSession`]. Training runs from the start; meanwhile the client advertises its
-//! keys, answers the roster with its share bundle, and reads its neighbours' bundles. Once both
+//! keys, answers the roster with its share bundle, and reads its inbox (its share from each
+//! neighbour, gathered by the server). Once both
 //! the training and the neighbours' shares are in, it stores its masked input (sealed for the
 //! server when blobs are sealed) and announces it; the unmask request is answered with the shares
 //! it asks for, and the round is over here.
@@ -118,28 +119,25 @@ impl JobCtx {
                             self.send(round, Body::SaShares(SaShares { bundle: blob })).await;
                         }
                         Body::SaCollect(collect) => {
-                            let mut bundles = Vec::with_capacity(collect.bundles.len());
-                            for b in &collect.bundles {
-                                if b.bundle.key != self.keys.shares(round, &b.id) {
-                                    return Err(RoundError::SecAgg(format!(
-                                        "{}'s bundle is listed under another key ({:?})",
-                                        b.id, b.bundle.key
-                                    )));
-                                }
-                                if b.bundle.len > secagg::bundle::MAX_BUNDLE_BYTES as u64 {
-                                    return Err(RoundError::SecAgg(format!(
-                                        "{}'s bundle is larger than a bundle can be", b.id
-                                    )));
-                                }
-                                let what = format!("{}: fetching {}'s share bundle", self.id, b.id);
-                                let bytes = store::retry::until(&what, store_by, || {
-                                    self.store.inner().get(&b.bundle)
-                                })
-                                .await
-                                .map_err(|e| RoundError::Fetch(Box::new(e)))?;
-                                bundles.push(bytes.to_vec());
+                            let own = self.keys.inbox(round, &self.id);
+                            if collect.inbox.key != own {
+                                return Err(RoundError::SecAgg(format!(
+                                    "the inbox is named {:?}, not this client's ({own:?})",
+                                    collect.inbox.key
+                                )));
                             }
-                            s.on_collect(&collect, &bundles).map_err(sa)?;
+                            if collect.inbox.len > secagg::bundle::MAX_BUNDLE_BYTES as u64 {
+                                return Err(RoundError::SecAgg(
+                                    "the inbox is larger than an inbox can be".into(),
+                                ));
+                            }
+                            let what = format!("{}: fetching its share inbox", self.id);
+                            let bytes = store::retry::until(&what, store_by, || {
+                                self.store.inner().get(&collect.inbox)
+                            })
+                            .await
+                            .map_err(|e| RoundError::Fetch(Box::new(e)))?;
+                            s.on_collect(&collect, &bytes).map_err(sa)?;
                             collected = true;
                         }
                         Body::SaUnmask(req) => {

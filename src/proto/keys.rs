@@ -5,6 +5,7 @@
 //! <prefix>/<run>/r<round>/updates/<client>  a client's update for round <round> (masked input
 //!                                           when the round is securely aggregated)
 //! <prefix>/<run>/r<round>/shares/<client>   its encrypted share bundle (secure aggregation)
+//! <prefix>/<run>/r<round>/inbox/<client>    the shares sent to it, gathered by the server
 //! <prefix>/<run>/checkpoint/r<round>        server checkpoint after round <round>
 //! <prefix>/<run>/checkpoint-state/r<round>  its strategy's tensors (server-optimizer moments)
 //! <prefix>/<run>/final                      the final model
@@ -67,6 +68,12 @@ impl BlobKeys {
     /// [`BlobKeys::update`]).
     pub fn shares(&self, round: u64, client: &str) -> String {
         format!("{}shares/{client}", self.round_prefix(round))
+    }
+
+    /// A client's inbox in a securely aggregated round: its share from each neighbour that
+    /// shared, gathered by the server.
+    pub fn inbox(&self, round: u64, client: &str) -> String {
+        format!("{}inbox/{client}", self.round_prefix(round))
     }
 
     /// The server checkpoint written after a round.

@@ -47,7 +47,7 @@ pub enum Body {
     SaRoster(SaRoster),
     /// Secure aggregation, client → server: its encrypted share bundle is stored.
     SaShares(SaShares),
-    /// Secure aggregation, server → client: the neighbours that shared, and their bundles.
+    /// Secure aggregation, server → client: the neighbours that shared, and its share inbox.
     SaCollect(SaCollect),
     /// Secure aggregation, client → server: its masked input is stored.
     SaMasked(SaMasked),

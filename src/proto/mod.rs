@@ -23,8 +23,8 @@ pub use codec::{decode, encode, split_signed, DecodeError, MAX_MESSAGE_BYTES};
 pub use keys::BlobKeys;
 pub use message::*;
 pub use secagg::{
-    Neighbour, PeerBundle, RevealedShare, SaCollect, SaKeys, SaMasked, SaReveal, SaRoster,
-    SaShares, SaUnmask, SecAggSetup,
+    Neighbour, RevealedShare, SaCollect, SaKeys, SaMasked, SaReveal, SaRoster, SaShares, SaUnmask,
+    SecAggSetup,
 };
 pub use topics::{TopicKind, Topics};
 

@@ -4,7 +4,8 @@
 //!
 //! Public keys travel as 64 lowercase hex digits, Shamir shares as 132 (66 bytes, the wire form
 //! of [`crate::secagg::shamir::Share`]). Bulky data is in blobs: a client's encrypted share
-//! bundle ([`SaShares`]) and its masked input ([`SaMasked`]).
+//! bundle ([`SaShares`]), the inbox the server gathers for it ([`SaCollect`]) and its masked input
+//! ([`SaMasked`]).
 
 use super::{valid_id, BlobRef, TrainMetrics};
 use serde::{Deserialize, Serialize};
@@ -81,21 +82,15 @@ pub struct SaShares {
     pub bundle: BlobRef,
 }
 
-/// A neighbour's share bundle.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PeerBundle {
-    /// The neighbour.
-    pub id: String,
-    /// Its bundle.
-    pub bundle: BlobRef,
-}
-
 /// Stage 2, server → client: the neighbours whose shares arrived (the client masks with these
-/// alone), and where their bundles are.
+/// alone), and the client's inbox: its share from each of them, gathered by the server from their
+/// bundles.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SaCollect {
     /// Neighbours that shared, sorted by id.
-    pub bundles: Vec<PeerBundle>,
+    pub sharing: Vec<String>,
+    /// The inbox blob (`…/r<round>/inbox/<client>`).
+    pub inbox: BlobRef,
 }
 
 /// Stage 2, client → server: its masked input is in the store.
@@ -224,11 +219,8 @@ impl SaRoster {
 
 impl SaCollect {
     pub(super) fn validate(&self) -> Result<(), String> {
-        check_ids("bundles", self.bundles.iter().map(|b| b.id.as_str()))?;
-        for b in &self.bundles {
-            b.bundle.validate("bundles.bundle")?;
-        }
-        Ok(())
+        check_ids("sharing", self.sharing.iter().map(String::as_str))?;
+        self.inbox.validate("inbox")
     }
 }
 

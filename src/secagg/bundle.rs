@@ -1,9 +1,13 @@
 //! The share bundle: the blob in which a client leaves, for each neighbour, its shares of its
-//! self-mask seed and of its mask key, encrypted so that only that neighbour can read them.
+//! self-mask seed and of its mask key, encrypted so that only that neighbour can read them; and
+//! the inbox, the blob in which the server gathers for one client the entries addressed to it.
 //!
-//! Wire form (JSON):
+//! Wire form of a bundle (JSON):
 //! `{"v": 1, "context": "<run>|<round>", "from": "<owner>", "shares": [{"to": "<holder>",
-//! "ct": "<hex>"}, …]}` with one entry per neighbour, sorted by `to`.
+//! "ct": "<hex>"}, …]}` with one entry per neighbour, sorted by `to`. An inbox:
+//! `{"v": 1, "context": "<run>|<round>", "to": "<holder>", "shares": [{"from": "<owner>",
+//! "ct": "<hex>"}, …]}`, one entry per neighbour that shared, sorted by `from`, each `ct` copied
+//! from the owner's bundle. The server can read neither.
 //!
 //! `ct` is AES-256-GCM (96-bit all-zero nonce: each key seals one message) of the self-mask share
 //! followed by the mask-key share (66 + 66 bytes, `shamir` wire form), with the 16-byte tag
@@ -42,6 +46,25 @@ struct Entry {
     to: String,
     ct: String,
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Inbox {
+    v: u32,
+    context: String,
+    to: String,
+    shares: Vec<InboxEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InboxEntry {
+    from: String,
+    ct: String,
+}
+
+/// A bundle's entries as the server checked them: holder → ciphertext.
+pub type Entries = std::collections::BTreeMap<String, Vec<u8>>;
 
 fn share_context(context: &str, from: &str, to: &str) -> String {
     format!("share|{context}|{from}|{to}")
@@ -100,19 +123,17 @@ pub(super) fn encode(context: &str, owner: &str, sealed: &[(String, Vec<u8>)]) -
     serde_json::to_vec(&b).unwrap_or_default()
 }
 
-/// `holder`'s two shares from `owner`'s bundle `bytes`.
+/// The entries of `owner`'s bundle `bytes`, checked against the holders it must address
+/// (`holders`: the owner's neighbours): one well-formed ciphertext for each, nothing else.
 ///
 /// # Errors
-/// [`SecAggError::Invalid`]: not a bundle, another round's or owner's, no entry for `holder`,
-/// or an entry that does not decrypt.
-pub(super) fn open_for(
+/// [`SecAggError::Invalid`] naming what is wrong.
+pub fn check_bundle(
     bytes: &[u8],
-    own: &KeyPair,
-    owner_public: &[u8; 32],
     context: &str,
     owner: &str,
-    holder: &str,
-) -> Result<(Share, Share), SecAggError> {
+    holders: &[String],
+) -> Result<Entries, SecAggError> {
     let bad = |why: &str| SecAggError::Invalid(format!("{owner}'s share bundle: {why}"));
     if bytes.len() > MAX_BUNDLE_BYTES {
         return Err(bad("larger than a bundle can be"));
@@ -125,25 +146,101 @@ pub(super) fn open_for(
     if b.context != context || b.from != owner {
         return Err(bad("made for another round or by another client"));
     }
-    let entry = b
+    let mut entries = Entries::new();
+    for e in b.shares {
+        let ct = hex::decode(&e.ct).map_err(|_| bad("a ciphertext is not hex"))?;
+        if ct.len() != CIPHERTEXT_BYTES {
+            return Err(bad("a ciphertext has the wrong length"));
+        }
+        if entries.insert(e.to, ct).is_some() {
+            return Err(bad("two entries for one holder"));
+        }
+    }
+    if !entries.keys().eq(holders.iter()) {
+        return Err(bad("its entries are not one per neighbour"));
+    }
+    Ok(entries)
+}
+
+/// The inbox of `holder`: the entry addressed to it from each owner in `from` (sorted).
+pub fn encode_inbox(context: &str, holder: &str, from: &[(&str, &[u8])]) -> Vec<u8> {
+    let inbox = Inbox {
+        v: BUNDLE_VERSION,
+        context: context.to_string(),
+        to: holder.to_string(),
+        shares: from
+            .iter()
+            .map(|(owner, ct)| InboxEntry {
+                from: (*owner).to_string(),
+                ct: hex::encode(ct),
+            })
+            .collect(),
+    };
+    serde_json::to_vec(&inbox).unwrap_or_default()
+}
+
+/// `holder`'s two shares from each owner in `owners` (with their cipher public keys), read from
+/// its inbox `bytes`.
+///
+/// # Errors
+/// [`SecAggError::Invalid`]: not an inbox, another round's or holder's, an owner missing or one
+/// not asked for, or an entry that does not decrypt.
+pub(super) fn open_inbox(
+    bytes: &[u8],
+    own: &KeyPair,
+    owners: &[(&str, [u8; 32])],
+    context: &str,
+    holder: &str,
+) -> Result<Vec<(Share, Share)>, SecAggError> {
+    let bad = |why: String| SecAggError::Invalid(format!("the inbox: {why}"));
+    if bytes.len() > MAX_BUNDLE_BYTES {
+        return Err(bad("larger than an inbox can be".into()));
+    }
+    let inbox: Inbox =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("not an inbox ({e})")))?;
+    if inbox.v != BUNDLE_VERSION {
+        return Err(bad(format!("unknown version {}", inbox.v)));
+    }
+    if inbox.context != context || inbox.to != holder {
+        return Err(bad("made for another round or another client".into()));
+    }
+    if inbox.shares.len() != owners.len()
+        || !inbox
+            .shares
+            .iter()
+            .zip(owners)
+            .all(|(e, (o, _))| e.from == *o)
+    {
+        return Err(bad(
+            "its entries are not those of the neighbours that shared".into(),
+        ));
+    }
+    inbox
         .shares
         .iter()
-        .find(|e| e.to == holder)
-        .ok_or_else(|| bad("no share for this client"))?;
-    let mut buf = hex::decode(&entry.ct).map_err(|_| bad("a ciphertext is not hex"))?;
-    if buf.len() != CIPHERTEXT_BYTES {
-        return Err(bad("a ciphertext has the wrong length"));
-    }
-    let ad = share_context(context, owner, holder);
-    let opening = key(own, owner_public, &ad)?;
-    let plain = opening
-        .open_in_place(
-            Nonce::assume_unique_for_key([0u8; 12]),
-            Aad::from(ad.as_bytes()),
-            &mut buf,
-        )
-        .map_err(|_| bad("the share does not decrypt (altered, or sealed for another key)"))?;
-    let s = Share::from_bytes(&plain[..SHARE_BYTES])?;
-    let k = Share::from_bytes(&plain[SHARE_BYTES..2 * SHARE_BYTES])?;
-    Ok((s, k))
+        .zip(owners)
+        .map(|(e, (owner, public))| {
+            let mut buf =
+                hex::decode(&e.ct).map_err(|_| bad(format!("{owner}'s ciphertext is not hex")))?;
+            if buf.len() != CIPHERTEXT_BYTES {
+                return Err(bad(format!("{owner}'s ciphertext has the wrong length")));
+            }
+            let ad = share_context(context, owner, holder);
+            let opening = key(own, public, &ad)?;
+            let plain = opening
+                .open_in_place(
+                    Nonce::assume_unique_for_key([0u8; 12]),
+                    Aad::from(ad.as_bytes()),
+                    &mut buf,
+                )
+                .map_err(|_| {
+                    bad(format!(
+                        "{owner}'s share does not decrypt (altered, or sealed for another key)"
+                    ))
+                })?;
+            let s = Share::from_bytes(&plain[..SHARE_BYTES])?;
+            let k = Share::from_bytes(&plain[SHARE_BYTES..2 * SHARE_BYTES])?;
+            Ok((s, k))
+        })
+        .collect()
 }

@@ -199,52 +199,39 @@ impl ClientSession {
         Ok(bundle::encode(&self.context, &self.id, &sealed))
     }
 
-    /// Stage 2: the neighbours that shared, with their bundles' bytes (fetched by the driver
-    /// from the blobs `collect` names, in its order). This client's shares are decrypted and
-    /// kept; the masked input will carry pairwise masks with exactly these neighbours.
+    /// Stage 2: the neighbours that shared, and this client's inbox (the bytes of the blob
+    /// `collect` names, fetched by the driver): its share from each of them, decrypted and
+    /// kept. The masked input will carry pairwise masks with exactly these neighbours.
     ///
     /// # Errors
     /// [`SecAggError::Refused`] out of order or for a neighbour not on the roster;
-    /// [`SecAggError::Invalid`] for a bundle that does not hold a share for this client that
-    /// decrypts.
-    pub fn on_collect(
-        &mut self,
-        collect: &SaCollect,
-        bundles: &[Vec<u8>],
-    ) -> Result<(), SecAggError> {
+    /// [`SecAggError::Invalid`] for an inbox that does not hold exactly one share from each of
+    /// them that decrypts.
+    pub fn on_collect(&mut self, collect: &SaCollect, inbox: &[u8]) -> Result<(), SecAggError> {
         if self.stage != Stage::Shared {
             return Err(SecAggError::Refused(
                 "a collect message before this client shared, or a second one".into(),
             ));
         }
-        if bundles.len() != collect.bundles.len() {
-            return Err(SecAggError::Invalid(
-                "one bundle per listed neighbour".into(),
-            ));
-        }
-        for (entry, bytes) in collect.bundles.iter().zip(bundles) {
-            let Some(peer) = self.peers.get(&entry.id) else {
+        let mut owners = Vec::with_capacity(collect.sharing.len());
+        for id in &collect.sharing {
+            let Some(peer) = self.peers.get(id) else {
                 return Err(SecAggError::Refused(format!(
-                    "{} shared but is not this client's neighbour",
-                    entry.id
+                    "{id} shared but is not this client's neighbour"
                 )));
             };
-            let (s, k) = bundle::open_for(
-                bytes,
-                &self.cipher,
-                &peer.cipher_pk,
-                &self.context,
-                &entry.id,
-                &self.id,
-            )?;
+            owners.push((id.as_str(), peer.cipher_pk));
+        }
+        let shares = bundle::open_inbox(inbox, &self.cipher, &owners, &self.context, &self.id)?;
+        for (id, (s, k)) in collect.sharing.iter().zip(shares) {
             self.held.insert(
-                entry.id.clone(),
+                id.clone(),
                 Held {
                     self_mask: s,
                     mask_key: k,
                 },
             );
-            self.sharing.insert(entry.id.clone());
+            self.sharing.insert(id.clone());
         }
         self.stage = Stage::Collected;
         Ok(())

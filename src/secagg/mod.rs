@@ -29,7 +29,7 @@ pub mod shamir;
 
 pub use client::ClientSession;
 pub use graph::Params;
-pub use server::{ServerSession, Stage, Unmasked};
+pub use server::{Inboxes, ServerSession, Stage, Unmasked};
 
 use mask::Sign;
 use safetensors::tensor::{Dtype, TensorView};

@@ -12,12 +12,14 @@ use super::graph::{self, Params};
 use super::mask::{self, Sign};
 use super::quantize::Quantizer;
 use super::shamir::{self, Share};
-use super::{context, mask_context, pair_sign, SecAggError};
+use super::{bundle, context, mask_context, pair_sign, SecAggError};
 use crate::proto::secagg::SECAGG_PLUS;
-use crate::proto::{
-    BlobRef, Neighbour, PeerBundle, SaCollect, SaKeys, SaReveal, SaRoster, SaUnmask, SecAggSetup,
-};
+use crate::proto::{BlobRef, Neighbour, SaKeys, SaReveal, SaRoster, SaUnmask, SecAggSetup};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// What closing the shares stage gives each client in `U1`: its neighbours that shared, and
+/// its inbox blob's bytes.
+pub type Inboxes = BTreeMap<String, (Vec<String>, Vec<u8>)>;
 
 /// The stage a session is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,7 +89,10 @@ pub struct ServerSession {
     keys: BTreeMap<String, Advertised>,
     weight_total: u64,
     graph: BTreeMap<String, Vec<String>>,
-    shared: BTreeMap<String, BlobRef>,
+    /// Share notices taken (their bundles being fetched).
+    noticed: BTreeMap<String, BlobRef>,
+    /// Checked bundles: `U1`.
+    shared: BTreeMap<String, bundle::Entries>,
     masked: BTreeSet<String>,
     sum: Vec<u32>,
     reveals: BTreeMap<String, Revealed>,
@@ -135,6 +140,7 @@ impl ServerSession {
             keys: BTreeMap::new(),
             weight_total: 0,
             graph: BTreeMap::new(),
+            noticed: BTreeMap::new(),
             shared: BTreeMap::new(),
             masked: BTreeSet::new(),
             sum: Vec::new(),
@@ -295,23 +301,46 @@ impl ServerSession {
             .collect())
     }
 
-    /// Stage 1: `client`'s share bundle is stored at `bundle` (its own bundle key, checked by
-    /// the caller).
+    /// Stage 1: `client` says its share bundle is stored at `bundle` (its own bundle key,
+    /// checked by the caller, who then fetches it for [`ServerSession::add_bundle`]).
     ///
     /// # Errors
     /// [`SecAggError::Refused`]: out of stage, not in `U0`, or a repeat.
     pub fn add_shares(&mut self, client: &str, bundle: BlobRef) -> Result<(), SecAggError> {
         self.expect(Stage::Shares, client)?;
-        self.shared.insert(client.to_string(), bundle);
+        if self.noticed.contains_key(client) {
+            return Err(SecAggError::Refused(format!(
+                "{client} announced its bundle already"
+            )));
+        }
+        self.noticed.insert(client.to_string(), bundle);
         Ok(())
     }
 
-    /// Closes stage 1: for each client that shared, its neighbours that shared and their
-    /// bundles.
+    /// Stage 1: the bytes of `client`'s announced bundle, checked (one well-formed entry for
+    /// each of its neighbours, this round's, its own) and kept: `client` is then in `U1`.
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`] out of stage or without a notice; [`SecAggError::Invalid`] for a
+    /// bundle that does not check out.
+    pub fn add_bundle(&mut self, client: &str, bytes: &[u8]) -> Result<(), SecAggError> {
+        self.expect(Stage::Shares, client)?;
+        if !self.noticed.contains_key(client) {
+            return Err(SecAggError::Refused(format!(
+                "{client} announced no bundle"
+            )));
+        }
+        let entries = bundle::check_bundle(bytes, &self.context, client, &self.graph[client])?;
+        self.shared.insert(client.to_string(), entries);
+        Ok(())
+    }
+
+    /// Closes stage 1: for each client that shared, its neighbours that shared and its inbox
+    /// (the blob to store for it: the entry addressed to it from each of them).
     ///
     /// # Errors
     /// [`SecAggError::BelowThreshold`] when fewer than `t` clients shared.
-    pub fn collects(&mut self) -> Result<BTreeMap<String, SaCollect>, SecAggError> {
+    pub fn collects(&mut self) -> Result<Inboxes, SecAggError> {
         if let Err(e) = self.need("clients that shared their keys", self.shared.len()) {
             return self.fail(e);
         }
@@ -321,16 +350,16 @@ impl ServerSession {
             .shared
             .keys()
             .map(|c| {
-                let bundles = self.graph[c]
+                let from: Vec<(&str, &[u8])> = self.graph[c]
                     .iter()
                     .filter_map(|n| {
-                        self.shared.get(n).map(|b| PeerBundle {
-                            id: n.clone(),
-                            bundle: b.clone(),
-                        })
+                        let entries = self.shared.get(n)?;
+                        Some((n.as_str(), entries.get(c)?.as_slice()))
                     })
                     .collect();
-                (c.clone(), SaCollect { bundles })
+                let sharing = from.iter().map(|(n, _)| (*n).to_string()).collect();
+                let inbox = bundle::encode_inbox(&self.context, c, &from);
+                (c.clone(), (sharing, inbox))
             })
             .collect())
     }

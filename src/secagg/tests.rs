@@ -71,7 +71,6 @@ impl Run {
         }
         let rosters = self.server.rosters()?;
         let mut rng = ChaCha20Rng::seed_from_u64(9);
-        let mut bundles = BTreeMap::new();
         for (id, roster) in &rosters {
             if gone(1, id) {
                 continue;
@@ -82,20 +81,15 @@ impl Run {
                 .unwrap()
                 .on_roster(roster, &mut rng)?;
             self.server.add_shares(id, blob_ref(id)).unwrap();
-            bundles.insert(id.clone(), b);
+            self.server.add_bundle(id, &b).unwrap();
         }
         let collects = self.server.collects()?;
-        for (id, collect) in &collects {
+        for (id, (sharing, inbox)) in &collects {
             if gone(2, id) {
                 continue;
             }
-            let bytes: Vec<Vec<u8>> = collect
-                .bundles
-                .iter()
-                .map(|b| bundles[&b.id].clone())
-                .collect();
             let c = self.clients.get_mut(id).unwrap();
-            c.on_collect(collect, &bytes)?;
+            c.on_collect(&collect_of(sharing, id), inbox)?;
             let y = c.masked_input(&self.global, &self.trained[id])?;
             self.server.add_masked(id, &y).unwrap();
         }
@@ -126,6 +120,14 @@ impl Run {
             }
         }
         out
+    }
+}
+
+/// The collect message the server sends `id` (the inbox reference is not used in memory).
+fn collect_of(sharing: &[String], id: &str) -> SaCollect {
+    SaCollect {
+        sharing: sharing.to_vec(),
+        inbox: blob_ref(id),
     }
 }
 
@@ -280,17 +282,13 @@ fn masked_client() -> (Run, String, SaUnmask) {
                 .unwrap(),
         );
         run.server.add_shares(id, blob_ref(id)).unwrap();
+        run.server.add_bundle(id, &bundles[id]).unwrap();
     }
     let collects = run.server.collects().unwrap();
     let me = "client-01".to_string();
-    let collect: &SaCollect = &collects[&me];
-    let bytes: Vec<Vec<u8>> = collect
-        .bundles
-        .iter()
-        .map(|b| bundles[&b.id].clone())
-        .collect();
+    let (sharing, inbox) = &collects[&me];
     let c = run.clients.get_mut(&me).unwrap();
-    c.on_collect(collect, &bytes).unwrap();
+    c.on_collect(&collect_of(sharing, &me), inbox).unwrap();
     c.masked_input(&run.global, &run.trained[&me]).unwrap();
     let req = SaUnmask {
         survivors: vec!["client-02".into(), "client-03".into()],
@@ -367,33 +365,45 @@ fn a_share_sealed_for_one_neighbour_opens_for_no_other() {
                 .unwrap(),
         );
         run.server.add_shares(id, blob_ref(id)).unwrap();
+        run.server.add_bundle(id, &bundles[id]).unwrap();
     }
     let collects = run.server.collects().unwrap();
     let me = "client-01";
-    let collect = &collects[me];
-    // client-02's bundle handed over as client-03's: it was made by another owner.
-    let mut swapped: Vec<Vec<u8>> = collect
-        .bundles
-        .iter()
-        .map(|b| bundles[&b.id].clone())
-        .collect();
-    swapped.swap(0, 1);
+    let (sharing, inbox) = &collects[me];
+    let collect = collect_of(sharing, me);
     let c = run.clients.get_mut(me).unwrap();
-    let e = c.on_collect(collect, &swapped).unwrap_err();
+    // client-02's inbox handed to client-01: made for another client.
+    let e = c
+        .on_collect(&collect, &collects["client-02"].1)
+        .unwrap_err();
     assert!(e.to_string().contains("another client"), "{e}");
+    // An entry of client-02's inbox moved into client-01's: sealed for another holder.
+    let text = String::from_utf8(inbox.clone()).unwrap();
+    let other = String::from_utf8(collects["client-02"].1.clone()).unwrap();
+    let ct = |t: &str| {
+        let at = t.find("\"ct\":\"").unwrap() + 6;
+        t[at..at + 2 * super::bundle::CIPHERTEXT_BYTES].to_string()
+    };
+    let moved = text.replacen(&ct(&text), &ct(&other), 1).into_bytes();
+    let e = c.on_collect(&collect, &moved).unwrap_err();
+    assert!(e.to_string().contains("does not decrypt"), "{e}");
     // One flipped ciphertext digit: the tag fails.
-    let mut bytes: Vec<Vec<u8>> = collect
-        .bundles
-        .iter()
-        .map(|b| bundles[&b.id].clone())
-        .collect();
-    let text = String::from_utf8(bytes[0].clone()).unwrap();
     let at = text.find("\"ct\":\"").unwrap() + 6;
     let mut chars: Vec<char> = text.chars().collect();
     chars[at] = if chars[at] == '0' { '1' } else { '0' };
-    bytes[0] = chars.into_iter().collect::<String>().into_bytes();
-    let e = c.on_collect(collect, &bytes).unwrap_err();
+    let flipped = chars.into_iter().collect::<String>().into_bytes();
+    let e = c.on_collect(&collect, &flipped).unwrap_err();
     assert!(e.to_string().contains("does not decrypt"), "{e}");
+    // The server checks every bundle before it gathers the inboxes: another round's, another
+    // owner's, or one without exactly one entry per neighbour is refused.
+    let owner = "client-01";
+    let others: Vec<String> = run.ids.iter().filter(|i| *i != owner).cloned().collect();
+    let b = &bundles[owner];
+    super::bundle::check_bundle(b, "run|3", owner, &others).unwrap();
+    assert!(super::bundle::check_bundle(b, "run|4", owner, &others).is_err());
+    assert!(super::bundle::check_bundle(b, "run|3", "client-02", &others).is_err());
+    let e = super::bundle::check_bundle(b, "run|3", owner, &others[..2]).unwrap_err();
+    assert!(e.to_string().contains("one per neighbour"), "{e}");
 }
 
 #[test]
@@ -436,16 +446,13 @@ fn what_the_server_holds_of_one_client_looks_uniform_and_unrelated_to_its_update
             clients.get_mut(id).unwrap().on_roster(r, &mut rng).unwrap(),
         );
         run.server.add_shares(id, blob_ref(id)).unwrap();
+        run.server.add_bundle(id, &bundles[id]).unwrap();
     }
     let collects = run.server.collects().unwrap();
     let me = "client-01";
-    let bytes: Vec<Vec<u8>> = collects[me]
-        .bundles
-        .iter()
-        .map(|b| bundles[&b.id].clone())
-        .collect();
+    let (sharing, inbox) = &collects[me];
     let c = clients.get_mut(me).unwrap();
-    c.on_collect(&collects[me], &bytes).unwrap();
+    c.on_collect(&collect_of(sharing, me), inbox).unwrap();
     // An update with a strong structure: a ramp.
     let ramp = model((0..P).map(|i| i as f32 / P as f32).collect());
     let zero = model(vec![0.0; P]);

@@ -176,6 +176,12 @@ enum TaskDone {
         /// Held until the update is folded: bounds the updates in memory.
         permit: Option<tokio::sync::OwnedSemaphorePermit>,
     },
+    /// A secure round's share bundle, fetched (or not).
+    Bundle {
+        client: String,
+        round: u64,
+        result: Result<Bytes, String>,
+    },
 }
 
 struct RoundBytes {
@@ -515,6 +521,15 @@ impl Driver {
                     reason,
                 },
             }),
+            TaskDone::Bundle {
+                client,
+                round,
+                result,
+            } => Some(Event::BundleFetched {
+                client,
+                round,
+                bundle: result,
+            }),
         }
     }
 
@@ -610,6 +625,60 @@ impl Driver {
                 {
                     warn!(%client, round, "train command not sent: {e}");
                 }
+            }
+            Action::FetchBundle {
+                client,
+                round,
+                blob,
+            } => {
+                let store = self.store.inner().clone();
+                let tx = self.tasks.0.clone();
+                let deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
+                tokio::spawn(async move {
+                    let what = format!("fetching the share bundle of {client} for round {round}");
+                    let result = store::retry::until(&what, deadline, || store.get(&blob))
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = tx.send(TaskDone::Bundle {
+                        client,
+                        round,
+                        result,
+                    });
+                });
+            }
+            Action::SendCollect {
+                client,
+                round,
+                sharing,
+                inbox,
+            } => {
+                // Stored and announced in a task of its own: one client's slow store request
+                // does not hold up the others'.
+                let store = self.store.inner().clone();
+                let handle = self.handle.clone();
+                let key = self.opts.keys.inbox(round, &client);
+                let topic = self.topics.command(&client);
+                let run = self.opts.run.clone();
+                let deadline = tokio::time::Instant::now() + self.opts.round.round_timeout;
+                tokio::spawn(async move {
+                    let what = format!("storing the share inbox of {client} for round {round}");
+                    let bytes = Bytes::from(inbox);
+                    let stored =
+                        store::retry::until(&what, deadline, || store.put(&key, bytes.clone()))
+                            .await;
+                    let inbox = match stored {
+                        Ok(b) => b,
+                        Err(e) => {
+                            warn!(%client, round, "sa_collect not sent: {e}");
+                            return;
+                        }
+                    };
+                    let body = Body::SaCollect(proto::SaCollect { sharing, inbox });
+                    let msg = Envelope::new(&run, round, SERVER_ID, body);
+                    if let Err(e) = handle.publish(&topic, &msg, true).await {
+                        warn!(%client, round, "sa_collect not sent: {e}");
+                    }
+                });
             }
             Action::SendSecure {
                 client,

@@ -169,6 +169,15 @@ pub enum Event {
         /// The message.
         msg: SecureMessage,
     },
+    /// The driver fetched a client's share bundle ([`Action::FetchBundle`]), or could not.
+    BundleFetched {
+        /// Client id.
+        client: String,
+        /// Round.
+        round: u64,
+        /// The bundle's bytes, or why there are none.
+        bundle: Result<bytes::Bytes, String>,
+    },
     /// Time passed (the driver sends this at [`RoundMachine::next_deadline`]).
     Tick,
 }
@@ -199,7 +208,29 @@ pub enum Action {
         /// The secure aggregation setup, when the round is securely aggregated.
         secagg: Option<Box<SecAggSetup>>,
     },
-    /// Send a secure-aggregation stage message (roster, collect, unmask) to a client.
+    /// Fetch a client's share bundle (verified against its reference), then send
+    /// [`Event::BundleFetched`].
+    FetchBundle {
+        /// Client id.
+        client: String,
+        /// Round.
+        round: u64,
+        /// Where the bundle is.
+        blob: BlobRef,
+    },
+    /// Store `inbox` at the client's inbox key (plaintext: every share in it is sealed to the
+    /// client), then send it `sa_collect` naming it and the neighbours in `sharing`.
+    SendCollect {
+        /// Client id.
+        client: String,
+        /// Round.
+        round: u64,
+        /// Its neighbours that shared.
+        sharing: Vec<String>,
+        /// The inbox blob's bytes.
+        inbox: Vec<u8>,
+    },
+    /// Send a secure-aggregation stage message (roster, unmask) to a client.
     SendSecure {
         /// Client id.
         client: String,
@@ -617,6 +648,11 @@ impl RoundMachine {
             Event::Secure { client, round, msg } => {
                 self.on_secure_message(client, round, msg, now, &mut out);
             }
+            Event::BundleFetched {
+                client,
+                round,
+                bundle,
+            } => self.on_bundle_fetched(client, round, bundle, now, &mut out),
             Event::Tick if self.is_secure_round() => self.advance_secure(now, &mut out),
             Event::Tick => match &mut self.phase {
                 Phase::Admitting { since } => {

@@ -143,12 +143,12 @@ pub fn client_may(id: &str, op: &str, key: Option<&str>) -> bool {
             | "AbortMultipartUpload"
             | "ListParts",
             Some(k),
-        ) => is_update_of(k, id) || is_bundle_of(k, Some(id)),
+        ) => is_update_of(k, id) || is_round_item(k, "shares", id),
         ("GetObject" | "HeadObject", Some(k)) => {
             is_update_of(k, id)
                 || is_round_key(k, "global")
                 || k.ends_with("/final")
-                || is_bundle_of(k, None)
+                || is_round_item(k, "inbox", id)
         }
         _ => false,
     }
@@ -161,17 +161,15 @@ fn is_update_of(key: &str, id: &str) -> bool {
         .is_some_and(|k| is_round_key(k, ""))
 }
 
-/// `…/r<round>/shares/<id>` (a secure-aggregation share bundle), of `id` or of any client: every
-/// client may read its neighbours' bundles (each share in one is encrypted to its holder).
-fn is_bundle_of(key: &str, id: Option<&str>) -> bool {
-    let Some((rest, owner)) = key.rsplit_once('/') else {
-        return false;
-    };
-    crate::proto::valid_id(owner)
-        && id.is_none_or(|id| id == owner)
-        && rest
-            .strip_suffix("/shares")
-            .is_some_and(|k| is_round_key(k, ""))
+/// `…/r<round>/<dir>/<id>`: a client's own share bundle (`shares`) or share inbox (`inbox`) of
+/// a securely aggregated round. A client writes its bundle and reads its inbox, nobody else's:
+/// the server gathers each client's shares from the bundles.
+fn is_round_item(key: &str, dir: &str, id: &str) -> bool {
+    key.strip_suffix(id)
+        .and_then(|k| k.strip_suffix('/'))
+        .and_then(|k| k.strip_suffix(dir))
+        .and_then(|k| k.strip_suffix('/'))
+        .is_some_and(|k| is_round_key(k, ""))
 }
 
 /// `…/r<digits>/<name>` (with `name` empty: `…/r<digits>`).
@@ -298,6 +296,7 @@ pub fn iam_policy(bucket: &str, run_prefix: &str, id: &str) -> serde_json::Value
     } else {
         let own = format!("{run}/r*/updates/{id}");
         let bundle = format!("{run}/r*/shares/{id}");
+        let inbox = format!("{run}/r*/inbox/{id}");
         serde_json::json!([
             {
                 "Effect": "Allow",
@@ -308,8 +307,7 @@ pub fn iam_policy(bucket: &str, run_prefix: &str, id: &str) -> serde_json::Value
             {
                 "Effect": "Allow",
                 "Action": ["s3:GetObject"],
-                "Resource": [own, format!("{run}/r*/global"), format!("{run}/final"),
-                             format!("{run}/r*/shares/*")]
+                "Resource": [own, format!("{run}/r*/global"), format!("{run}/final"), inbox]
             }
         ])
     };
@@ -394,24 +392,35 @@ mod tests {
     }
 
     #[test]
-    fn a_client_writes_its_own_share_bundle_and_reads_any() {
+    fn a_client_writes_its_own_share_bundle_and_reads_its_own_inbox() {
         let me = "client-1";
         let own = "fedmq/run/r000003/shares/client-1";
-        let other = "fedmq/run/r000003/shares/client-2";
+        let inbox = "fedmq/run/r000003/inbox/client-1";
         assert!(client_may(me, "PutObject", Some(own)));
-        assert!(!client_may(me, "PutObject", Some(other)));
-        assert!(client_may(me, "GetObject", Some(other)));
+        assert!(client_may(me, "GetObject", Some(inbox)));
+        assert!(
+            !client_may(me, "PutObject", Some(inbox)),
+            "the server writes inboxes"
+        );
         for no in [
-            "fedmq/run/rx/shares/client-2",
-            "fedmq/run/r000003/shares/",
-            "fedmq/run/r000003/shares/a/b",
-            "fedmq/run/r000003/sharesx/client-2",
+            "fedmq/run/r000003/shares/client-2",
+            "fedmq/run/r000003/inbox/client-2",
+            "fedmq/run/r000003/inbox/client-11",
+            "fedmq/run/rx/inbox/client-1",
+            "fedmq/run/r000003/inbox/",
+            "fedmq/run/r000003/inboxx/client-1",
         ] {
             assert!(!client_may(me, "GetObject", Some(no)), "{no}");
+            assert!(!client_may(me, "PutObject", Some(no)), "{no}");
         }
+        assert!(
+            !client_may(me, "GetObject", Some(own)),
+            "bundles are the server's to read"
+        );
         let p = iam_policy("fedmq", "fedmq/run-1/", me).to_string();
         assert!(p.contains("fedmq/run-1/r*/shares/client-1"), "{p}");
-        assert!(p.contains("fedmq/run-1/r*/shares/*"), "{p}");
+        assert!(p.contains("fedmq/run-1/r*/inbox/client-1"), "{p}");
+        assert!(!p.contains("shares/*"), "{p}");
     }
 
     #[test]

@@ -197,7 +197,7 @@ impl RoundMachine {
                     b.failed.insert(client, FailureReason::Reported(reason));
                 }
             }
-            Event::Secure { client, .. } => {
+            Event::Secure { client, .. } | Event::BundleFetched { client, .. } => {
                 debug!(%client, "secure-aggregation message in an asynchronous run ignored");
             }
             Event::Tick => {

@@ -186,8 +186,18 @@ impl RoundMachine {
                         "its bundle key {:?} is not its own ({shares_key:?})",
                         sh.bundle.key
                     )))
+                } else if sh.bundle.len > secagg::bundle::MAX_BUNDLE_BYTES as u64 {
+                    Err(SecAggError::Refused(
+                        "its bundle is larger than a bundle can be".into(),
+                    ))
                 } else {
-                    s.session.add_shares(&client, sh.bundle)
+                    s.session.add_shares(&client, sh.bundle.clone()).map(|()| {
+                        out.push(Action::FetchBundle {
+                            client: client.clone(),
+                            round,
+                            blob: sh.bundle,
+                        });
+                    })
                 }
             }
             SecureMessage::Masked(m) => {
@@ -224,6 +234,35 @@ impl RoundMachine {
         };
         if let Err(e) = taken {
             warn!(%client, round, "{kind} refused: {e}");
+        }
+        self.advance_secure(now, out);
+    }
+
+    /// A fetched share bundle: checked, and the client is in `U1`; a bundle that cannot be
+    /// fetched or does not check out drops the client.
+    pub(super) fn on_bundle_fetched(
+        &mut self,
+        client: String,
+        round: u64,
+        bundle: Result<bytes::Bytes, String>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Phase::Training(r) = &mut self.phase else {
+            return;
+        };
+        if r.round != round {
+            return;
+        }
+        let Some(s) = r.secure.as_mut() else {
+            return;
+        };
+        let checked =
+            bundle.and_then(|b| s.session.add_bundle(&client, &b).map_err(|e| e.to_string()));
+        if let Err(e) = checked {
+            warn!(%client, round, "share bundle refused: {e}");
+            self.secure_dropout(&client, FailureReason::BadUpdate(e), now, out);
+            return;
         }
         self.advance_secure(now, out);
     }
@@ -350,11 +389,22 @@ impl RoundMachine {
                         .map(|(c, x)| (c, Body::SaRoster(x)))
                         .collect::<Vec<_>>()
                 }),
-                Stage::Shares => s.session.collects().map(|m| {
-                    m.into_iter()
-                        .map(|(c, x)| (c, Body::SaCollect(x)))
-                        .collect::<Vec<_>>()
-                }),
+                Stage::Shares => match s.session.collects() {
+                    Ok(m) => {
+                        for (client, (sharing, inbox)) in m {
+                            if !s.gone.contains(&client) {
+                                out.push(Action::SendCollect {
+                                    client,
+                                    round,
+                                    sharing,
+                                    inbox,
+                                });
+                            }
+                        }
+                        Ok(Vec::new())
+                    }
+                    Err(e) => Err(e),
+                },
                 Stage::Masked => s.session.unmask_requests().map(|m| {
                     m.into_iter()
                         .map(|(c, x)| (c, Body::SaUnmask(x)))

@@ -64,7 +64,7 @@ struct Round {
     m: RoundMachine,
     now: Instant,
     sessions: BTreeMap<String, ClientSession>,
-    bundles: BTreeMap<String, Vec<u8>>,
+    inboxes: BTreeMap<String, Vec<u8>>,
     keys: BlobKeys,
 }
 
@@ -113,7 +113,7 @@ impl Round {
             m,
             now,
             sessions: BTreeMap::new(),
-            bundles: BTreeMap::new(),
+            inboxes: BTreeMap::new(),
             keys,
         };
         (r, acts)
@@ -157,30 +157,48 @@ impl Round {
     fn answer(&mut self, acts: &[Action], alive: &[String]) -> Vec<Action> {
         let mut out = Vec::new();
         for a in acts {
-            let Action::SendSecure { client, body, .. } = a else {
-                continue;
+            let (client, body) = match a {
+                Action::SendSecure { client, body, .. } => (client, body.as_ref().clone()),
+                Action::SendCollect {
+                    client,
+                    sharing,
+                    inbox,
+                    ..
+                } => {
+                    self.inboxes.insert(client.clone(), inbox.clone());
+                    let collect = crate::proto::SaCollect {
+                        sharing: sharing.clone(),
+                        inbox: blob(self.keys.inbox(1, client)),
+                    };
+                    (client, Body::SaCollect(collect))
+                }
+                _ => continue,
             };
             if !alive.contains(client) {
                 continue;
             }
             let s = self.sessions.get_mut(client).unwrap();
-            match body.as_ref() {
+            match &body {
                 Body::SaRoster(r) => {
                     let b = s.on_roster(r, &mut rand::rng()).unwrap();
-                    self.bundles.insert(client.clone(), b);
                     let bundle = blob(self.keys.shares(1, client));
-                    out.extend(self.secure(
+                    let acts = self.secure(
                         client,
                         SecureMessage::Shares(crate::proto::SaShares { bundle }),
-                    ));
+                    );
+                    assert!(
+                        acts.iter().any(|a| matches!(a, Action::FetchBundle { .. })),
+                        "{acts:?}"
+                    );
+                    out.extend(acts);
+                    out.extend(self.ev(Event::BundleFetched {
+                        client: client.clone(),
+                        round: 1,
+                        bundle: Ok(b.into()),
+                    }));
                 }
                 Body::SaCollect(c) => {
-                    let bytes: Vec<Vec<u8>> = c
-                        .bundles
-                        .iter()
-                        .map(|b| self.bundles[&b.id].clone())
-                        .collect();
-                    s.on_collect(c, &bytes).unwrap();
+                    s.on_collect(c, &self.inboxes[client]).unwrap();
                     let global = model(&[0.0, 0.5, -0.5]);
                     let d = shift(client);
                     let trained = model(&[d, 0.5 + d, -0.5 + d]);
@@ -218,7 +236,10 @@ impl Round {
     /// Answers stage after stage until the machine sends no more stage messages.
     fn run(&mut self, mut acts: Vec<Action>, alive: &[String]) -> Vec<Action> {
         let mut all = acts.clone();
-        while acts.iter().any(|a| matches!(a, Action::SendSecure { .. })) {
+        while acts
+            .iter()
+            .any(|a| matches!(a, Action::SendSecure { .. } | Action::SendCollect { .. }))
+        {
             acts = self.answer(&acts, alive);
             all.extend(acts.clone());
         }
