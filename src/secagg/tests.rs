@@ -259,32 +259,36 @@ fn below_the_threshold_nothing_is_unmasked() {
 }
 
 /// A client that has sent its masked input, with the request the server would send it.
-fn masked_client() -> (Run, String, SaUnmask) {
-    let mut run = Run::new(5, 6);
+/// Every client of `run` advertises and shares: the bundles, and what the server then gives
+/// each client (its sharing neighbours and its inbox).
+fn share_all(run: &mut Run) -> (BTreeMap<String, Vec<u8>>, super::Inboxes) {
     let setup = run.server.setup().clone();
-    let mut keys = BTreeMap::new();
     for id in &run.ids.clone() {
         let (c, k) = ClientSession::new("run", 3, id, &setup, 10).unwrap();
         run.server.add_keys(id, &k, 10).unwrap();
         run.clients.insert(id.clone(), c);
-        keys.insert(id.clone(), k);
     }
     let rosters = run.server.rosters().unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let mut bundles = BTreeMap::new();
     for (id, r) in &rosters {
-        bundles.insert(
-            id.clone(),
-            run.clients
-                .get_mut(id)
-                .unwrap()
-                .on_roster(r, &mut rng)
-                .unwrap(),
-        );
+        let b = run
+            .clients
+            .get_mut(id)
+            .unwrap()
+            .on_roster(r, &mut rng)
+            .unwrap();
         run.server.add_shares(id, blob_ref(id)).unwrap();
-        run.server.add_bundle(id, &bundles[id]).unwrap();
+        run.server.add_bundle(id, &b).unwrap();
+        bundles.insert(id.clone(), b);
     }
-    let collects = run.server.collects().unwrap();
+    let inboxes = run.server.collects().unwrap();
+    (bundles, inboxes)
+}
+
+fn masked_client() -> (Run, String, SaUnmask) {
+    let mut run = Run::new(5, 6);
+    let (_, collects) = share_all(&mut run);
     let me = "client-01".to_string();
     let (sharing, inbox) = &collects[&me];
     let c = run.clients.get_mut(&me).unwrap();
@@ -346,28 +350,7 @@ fn a_client_never_reveals_both_shares_of_one_neighbour() {
 #[test]
 fn a_share_sealed_for_one_neighbour_opens_for_no_other() {
     let mut run = Run::new(4, 8);
-    let setup = run.server.setup().clone();
-    for id in &run.ids.clone() {
-        let (c, k) = ClientSession::new("run", 3, id, &setup, 10).unwrap();
-        run.server.add_keys(id, &k, 10).unwrap();
-        run.clients.insert(id.clone(), c);
-    }
-    let rosters = run.server.rosters().unwrap();
-    let mut rng = ChaCha20Rng::seed_from_u64(1);
-    let mut bundles = BTreeMap::new();
-    for (id, r) in &rosters {
-        bundles.insert(
-            id.clone(),
-            run.clients
-                .get_mut(id)
-                .unwrap()
-                .on_roster(r, &mut rng)
-                .unwrap(),
-        );
-        run.server.add_shares(id, blob_ref(id)).unwrap();
-        run.server.add_bundle(id, &bundles[id]).unwrap();
-    }
-    let collects = run.server.collects().unwrap();
+    let (bundles, collects) = share_all(&mut run);
     let me = "client-01";
     let (sharing, inbox) = &collects[me];
     let collect = collect_of(sharing, me);
@@ -430,28 +413,10 @@ fn the_server_refuses_replays_strangers_and_out_of_stage_messages() {
 #[test]
 fn what_the_server_holds_of_one_client_looks_uniform_and_unrelated_to_its_update() {
     let mut run = Run::new(10, 11);
-    let setup = run.server.setup().clone();
-    let mut clients = BTreeMap::new();
-    for id in &run.ids.clone() {
-        let (c, k) = ClientSession::new("run", 3, id, &setup, 10).unwrap();
-        run.server.add_keys(id, &k, 10).unwrap();
-        clients.insert(id.clone(), c);
-    }
-    let rosters = run.server.rosters().unwrap();
-    let mut rng = ChaCha20Rng::seed_from_u64(1);
-    let mut bundles = BTreeMap::new();
-    for (id, r) in &rosters {
-        bundles.insert(
-            id.clone(),
-            clients.get_mut(id).unwrap().on_roster(r, &mut rng).unwrap(),
-        );
-        run.server.add_shares(id, blob_ref(id)).unwrap();
-        run.server.add_bundle(id, &bundles[id]).unwrap();
-    }
-    let collects = run.server.collects().unwrap();
+    let (_, collects) = share_all(&mut run);
     let me = "client-01";
     let (sharing, inbox) = &collects[me];
-    let c = clients.get_mut(me).unwrap();
+    let c = run.clients.get_mut(me).unwrap();
     c.on_collect(&collect_of(sharing, me), inbox).unwrap();
     // An update with a strong structure: a ramp.
     let ramp = model((0..P).map(|i| i as f32 / P as f32).collect());
