@@ -82,6 +82,14 @@ pub fn round_config(cfg: &Config) -> RoundConfig {
             threshold: f.secagg_threshold,
             stage_timeout: Duration::from_secs_f64(f.secagg_stage_timeout_s),
             on_failure: f.secagg_on_failure.parse().unwrap_or(OnFailure::Abort),
+            protocol: if cfg.light_secagg() {
+                crate::server::Protocol::LightSecAgg {
+                    active: cfg.lsa_args.targeted_number_active_clients.unwrap_or(0),
+                    privacy: cfg.lsa_args.privacy_guarantee,
+                }
+            } else {
+                crate::server::Protocol::SecAggPlus
+            },
         }),
     }
 }

@@ -30,7 +30,7 @@ use crate::federation::{
 use crate::metrics::RoundRecord;
 use crate::proto::{BlobKeys, TrainConfig};
 use crate::server::{
-    self, OnFailure, Outcome, Progress, RoundConfig, SecureConfig, ServerOptions, ServerReport,
+    self, OnFailure, Outcome, Progress, Protocol, RoundConfig, SecureConfig, ServerOptions, ServerReport,
     Weighting,
 };
 use crate::store::{
@@ -145,6 +145,8 @@ pub struct RoundBenchConfig {
     pub strategy_args: crate::config::FedmqArgs,
     /// Secure aggregation (SecAgg+) on every round.
     pub secure_aggregation: bool,
+    /// With `secure_aggregation`: LightSecAgg instead of SecAgg+.
+    pub light_secagg: bool,
     /// Fraction of the clients that drop out of every round: the last `round(dropout · clients)`
     /// ranks fail after `dropout_after`, while the others go on.
     pub dropout: f64,
@@ -174,6 +176,7 @@ impl Default for RoundBenchConfig {
             client_delays: Vec::new(),
             strategy_args: crate::config::FedmqArgs::default(),
             secure_aggregation: false,
+            light_secagg: false,
             dropout: 0.0,
             dropout_after: Duration::from_millis(50),
             client_deltas: Vec::new(),
@@ -262,8 +265,11 @@ pub struct RoundBenchReport {
     pub security: &'static str,
     /// The server's strategy.
     pub strategy: String,
-    /// Secure aggregation (SecAgg+) on every round.
+    /// Secure aggregation on every round.
     pub secure_aggregation: bool,
+    /// The secure aggregation protocol (`secagg_plus` or `lightsecagg`), when it is on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sa_method: Option<&'static str>,
     /// Fraction of the clients that dropped out of every round.
     pub dropout: f64,
     /// With secure aggregation: medians (warm-up left out) of when each stage closed, in
@@ -774,6 +780,14 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
                 threshold: 0,
                 stage_timeout: Duration::from_secs(30),
                 on_failure: OnFailure::Abort,
+                protocol: if cfg.light_secagg {
+                    Protocol::LightSecAgg {
+                        active: 0,
+                        privacy: None,
+                    }
+                } else {
+                    Protocol::SecAggPlus
+                },
             }),
         },
         expected_clients: (1..=cfg.clients).map(client::client_id).collect(),
@@ -965,9 +979,16 @@ pub async fn run_bench_server(
                 let shift = rounds_closed as f64 * cfg.survivors_mean_delta();
                 let n = (cfg.clients - cfg.dropped()) as u64;
                 let bound = if cfg.secure_aggregation {
-                    let q = crate::secagg::quantize::Quantizer::new(
+                    let clients = cfg.clients as u64;
+                    let bits = if cfg.light_secagg {
+                        crate::secagg::light::max_bits(clients)
+                    } else {
+                        crate::secagg::quantize::Quantizer::max_bits(clients)
+                    };
+                    let q = crate::secagg::quantize::Quantizer::with_bits(
                         SECAGG_CLIP as f32,
-                        cfg.clients as u64,
+                        bits,
+                        clients,
                     )
                     .map(|q| q.sum_error_bound(n) / (n as f64 / cfg.clients as f64))
                     .unwrap_or(f64::INFINITY);
@@ -1071,6 +1092,11 @@ impl RoundBenchReport {
             security: if cfg.secure { "on" } else { "off" },
             strategy: cfg.strategy.clone(),
             secure_aggregation: cfg.secure_aggregation,
+            sa_method: cfg.secure_aggregation.then_some(if cfg.light_secagg {
+                "lightsecagg"
+            } else {
+                "secagg_plus"
+            }),
             dropout: cfg.dropout,
             secagg_stage_s_median: stage_medians(
                 &server.report.records,

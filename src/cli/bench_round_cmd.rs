@@ -81,6 +81,9 @@ pub struct RoundArgs {
     /// Secure aggregation (SecAgg+) on every round; the report adds when each stage closed.
     #[arg(long)]
     pub secure_aggregation: bool,
+    /// With --secure-aggregation: the protocol, `secagg_plus` or `lightsecagg`.
+    #[arg(long, default_value = "secagg_plus", value_parser = ["secagg_plus", "lightsecagg"])]
+    pub sa_method: String,
     /// Fractions of the clients that drop out of every round (they fail `--dropout-after-ms`
     /// into training), comma-separated, one line each.
     #[arg(long, value_delimiter = ',', default_value = "0")]
@@ -201,6 +204,7 @@ pub fn run(a: RoundArgs) -> Result<()> {
                 clients_per_process: a.clients_per_process,
                 strategy,
                 secure_aggregation: a.secure_aggregation,
+                light_secagg: a.sa_method == "lightsecagg",
                 dropout,
                 dropout_after: Duration::from_millis(a.dropout_after_ms),
                 ..RoundBenchConfig::default()
@@ -325,6 +329,9 @@ fn run_child(cfg: &RoundBenchConfig, processes: bool) -> Result<String> {
     }
     if cfg.secure_aggregation {
         cmd.arg("--secure-aggregation");
+        if cfg.light_secagg {
+            cmd.arg("--sa-method=lightsecagg");
+        }
     }
     cmd.arg(format!("--dropout={}", cfg.dropout)).arg(format!(
         "--dropout-after-ms={}",

@@ -12,7 +12,7 @@
 
 use super::{publish, store_deadline, JobCtx, RoundError};
 use crate::proto::{Body, Envelope, SaMasked, SaReveal, SaShares, SecAggSetup, Train};
-use crate::secagg::{self, ClientSession};
+use crate::secagg::{self, ClientSession, Reveal};
 use crate::store;
 use crate::tensor::ParamSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -102,12 +102,21 @@ impl JobCtx {
                     let Some(env) = msg else {
                         return Err(RoundError::Interrupted);
                     };
-                    let s = session.as_mut().ok_or(RoundError::Interrupted)?;
                     match env.body {
                         Body::SaRoster(roster) => {
-                            let bundle = s
-                                .on_roster(&roster, &mut rand::rng())
-                                .map_err(sa)?;
+                            // LightSecAgg codes the whole mask here: off the async threads.
+                            let mut owned = session.take().ok_or(RoundError::Interrupted)?;
+                            let (owned, bundle) = tokio::task::spawn_blocking(move || {
+                                let b = owned.on_roster(&roster, &mut rand::rng());
+                                (owned, b)
+                            })
+                            .await
+                            .map_err(|source| RoundError::Task {
+                                what: "sharing",
+                                source,
+                            })?;
+                            session = Some(owned);
+                            let bundle = bundle.map_err(sa)?;
                             let key = self.keys.shares(round, &self.id);
                             let what = format!("{}: storing the share bundle of round {round}", self.id);
                             let bytes = bytes::Bytes::from(bundle);
@@ -119,6 +128,7 @@ impl JobCtx {
                             self.send(round, Body::SaShares(SaShares { bundle: blob })).await;
                         }
                         Body::SaCollect(collect) => {
+                            let s = session.as_mut().ok_or(RoundError::Interrupted)?;
                             let own = self.keys.inbox(round, &self.id);
                             if collect.inbox.key != own {
                                 return Err(RoundError::SecAgg(format!(
@@ -126,7 +136,7 @@ impl JobCtx {
                                     collect.inbox.key
                                 )));
                             }
-                            if collect.inbox.len > secagg::bundle::MAX_BUNDLE_BYTES as u64 {
+                            if collect.inbox.len > secagg::max_bundle_bytes(setup) {
                                 return Err(RoundError::SecAgg(
                                     "the inbox is larger than an inbox can be".into(),
                                 ));
@@ -141,13 +151,44 @@ impl JobCtx {
                             collected = true;
                         }
                         Body::SaUnmask(req) => {
-                            let reveal: SaReveal = s.on_unmask(&req).map_err(sa)?;
-                            info!(
-                                client = %self.id, round,
-                                self_masks = reveal.self_masks.len(),
-                                mask_keys = reveal.mask_keys.len(),
-                                "revealing the shares asked for"
-                            );
+                            let s = session.as_mut().ok_or(RoundError::Interrupted)?;
+                            let reveal = match s.on_unmask(&req).map_err(sa)? {
+                                Reveal::Shares(r) => r,
+                                Reveal::MaskShare(sum) => {
+                                    let key = self.keys.reveal(round, &self.id);
+                                    let what = format!(
+                                        "{}: storing its aggregate mask share of round {round}",
+                                        self.id
+                                    );
+                                    let bytes = bytes::Bytes::from(
+                                        secagg::light::encode_aggregate(&sum),
+                                    );
+                                    let blob = store::retry::until(&what, store_by.max(tokio::time::Instant::now() + stage_wait), || {
+                                        self.store.inner().put(&key, bytes.clone())
+                                    })
+                                    .await
+                                    .map_err(|e| RoundError::Store(Box::new(e)))?;
+                                    SaReveal {
+                                        self_masks: Vec::new(),
+                                        mask_keys: Vec::new(),
+                                        mask_share: Some(blob),
+                                    }
+                                }
+                            };
+                            if reveal.mask_share.is_some() {
+                                info!(
+                                    client = %self.id, round,
+                                    survivors = req.survivors.len(),
+                                    "sending the sum of the survivors' coded mask shares"
+                                );
+                            } else {
+                                info!(
+                                    client = %self.id, round,
+                                    self_masks = reveal.self_masks.len(),
+                                    mask_keys = reveal.mask_keys.len(),
+                                    "revealing the shares asked for"
+                                );
+                            }
                             self.send(round, Body::SaReveal(reveal)).await;
                             return Ok(());
                         }

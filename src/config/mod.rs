@@ -437,12 +437,15 @@ impl Default for TrackingArgs {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LsaArgs {
-    /// Field prime for masking arithmetic.
+    /// FedML's field prime. fedmq's LightSecAgg computes in `GF(2^32 − 5)` and ignores it.
     pub prime_number: u64,
-    /// Fixed-point precision (bits) for quantizing updates.
+    /// FedML's fixed-point bits. fedmq derives its precision from `fedmq_args.secagg_clip` and
+    /// the number of clients and ignores it.
     pub precision_parameter: u32,
-    /// Number of colluding parties tolerated.
-    pub privacy_guarantee: usize,
+    /// Colluding clients that learn nothing of one client's mask (`T`); default `⌊N/2⌋`.
+    pub privacy_guarantee: Option<usize>,
+    /// Clients that must survive a round (`U > T`); default `N − ⌊3N/10⌋` (30% may drop).
+    pub targeted_number_active_clients: Option<usize>,
 }
 
 impl Default for LsaArgs {
@@ -450,7 +453,8 @@ impl Default for LsaArgs {
         Self {
             prime_number: (1 << 15) - 19,
             precision_parameter: 10,
-            privacy_guarantee: 2,
+            privacy_guarantee: None,
+            targeted_number_active_clients: None,
         }
     }
 }
@@ -463,10 +467,10 @@ pub struct SecureAggregationArgs {
     /// Turns secure aggregation on (also on with `federated_optimizer: SA` or `LSA`).
     pub enable_sa: bool,
     /// `secagg` (every client neighbours every other), `secagg_plus` (a sparse random graph
-    /// above 32 clients), or FedML's `lightsecagg` (run as SecAgg+, with a warning, until
-    /// LightSecAgg is built).
+    /// above 32 clients), or `lightsecagg` (LightSecAgg, with `lsa_args`).
     pub sa_method: String,
-    /// FedML's field prime. fedmq masks in `Z_2^32` and ignores it (with a warning).
+    /// FedML's field prime. fedmq masks in `Z_2^32` (SecAgg+) or `GF(2^32 − 5)` (LightSecAgg)
+    /// and ignores it (with a warning).
     pub prime_number: Option<u64>,
     /// FedML's fixed-point bits. fedmq derives its precision from `fedmq_args.secagg_clip` and
     /// the number of clients and ignores it (with a warning).
@@ -709,6 +713,20 @@ impl Config {
             )
     }
 
+    /// Whether secure rounds run LightSecAgg: `sa_method: lightsecagg`, or FedML's
+    /// `federated_optimizer: LSA`.
+    pub fn light_secagg(&self) -> bool {
+        self.secure_aggregation()
+            && (self
+                .secure_aggregation_args
+                .sa_method
+                .eq_ignore_ascii_case("lightsecagg")
+                || self
+                    .train_args
+                    .federated_optimizer
+                    .eq_ignore_ascii_case("lsa"))
+    }
+
     /// What secure aggregation does differently from what FedML's keys ask, one line each.
     fn secure_aggregation_notes(&self) -> Vec<String> {
         let sa = &self.secure_aggregation_args;
@@ -716,19 +734,27 @@ impl Config {
         if !self.secure_aggregation() {
             return notes;
         }
-        let lsa = self
-            .train_args
-            .federated_optimizer
-            .eq_ignore_ascii_case("lsa");
-        if lsa || sa.sa_method.eq_ignore_ascii_case("lightsecagg") {
+        let lsa = &self.lsa_args;
+        let d = LsaArgs::default();
+        let fedml_field = sa.prime_number.is_some()
+            || sa.precision_parameter.is_some()
+            || lsa.prime_number != d.prime_number
+            || lsa.precision_parameter != d.precision_parameter;
+        if fedml_field {
             notes.push(
-                "secure_aggregation_args.sa_method: LightSecAgg is not built yet; this run uses                  SecAgg+ (the same guarantee: the server learns only the sum of the surviving                  clients' updates)"
+                "prime_number / precision_parameter: not used; fedmq quantizes updates clipped to \
+                 [-secagg_clip, secagg_clip] with as many bits as the sum of N clients allows, in \
+                 Z_2^32 (SecAgg+) or GF(2^32 - 5) (LightSecAgg) (fedmq_args.secagg_clip; \
+                 docs/PROTOCOL.md, \"Quantization\")"
                     .to_string(),
             );
         }
-        if sa.prime_number.is_some() || sa.precision_parameter.is_some() {
+        if !self.light_secagg()
+            && (lsa.privacy_guarantee.is_some() || lsa.targeted_number_active_clients.is_some())
+        {
             notes.push(
-                "secure_aggregation_args.prime_number / precision_parameter: not used; fedmq masks                  in Z_2^32 with 32 - ceil(log2 N) bits per value over [-secagg_clip, secagg_clip]                  (fedmq_args.secagg_clip; docs/PROTOCOL.md, \"Quantization\")"
+                "lsa_args.privacy_guarantee / targeted_number_active_clients: not used; they are \
+                 LightSecAgg's (secure_aggregation_args.sa_method: lightsecagg)"
                     .to_string(),
             );
         }

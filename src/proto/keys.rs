@@ -76,6 +76,12 @@ impl BlobKeys {
         format!("{}inbox/{client}", self.round_prefix(round))
     }
 
+    /// A client's aggregate mask share in a LightSecAgg round: the sum of the coded mask shares
+    /// it holds from the survivors.
+    pub fn reveal(&self, round: u64, client: &str) -> String {
+        format!("{}reveal/{client}", self.round_prefix(round))
+    }
+
     /// The server checkpoint written after a round.
     pub fn checkpoint(&self, round: u64) -> String {
         format!("{}/checkpoint/r{round:06}", self.base)

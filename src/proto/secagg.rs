@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 /// The method name this build speaks: SecAgg+ (Bell et al., CCS 2020).
 pub const SECAGG_PLUS: &str = "secagg_plus";
 
+/// LightSecAgg (So et al., MLSys 2022).
+pub const LIGHT_SECAGG: &str = "lightsecagg";
+
 /// Hex digits of an X25519 public key.
 pub const PUBLIC_KEY_HEX_LEN: usize = 64;
 
@@ -25,9 +28,10 @@ pub const MAX_LISTED: usize = 4096;
 /// Sent with a train command when the round is securely aggregated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecAggSetup {
-    /// The protocol: [`SECAGG_PLUS`].
+    /// The protocol: [`SECAGG_PLUS`] or [`LIGHT_SECAGG`].
     pub method: String,
-    /// Shares needed to recover a secret (`t`).
+    /// SecAgg+: shares needed to recover a secret (`t`). LightSecAgg: aggregate mask shares
+    /// needed to unmask (`U`).
     pub threshold: u32,
     /// Neighbours per client (`k`); the complete graph when it is `selected − 1`.
     pub degree: u32,
@@ -39,6 +43,17 @@ pub struct SecAggSetup {
     pub bits: u32,
     /// Time a client gives each stage after the previous one, in milliseconds.
     pub stage_timeout_ms: u64,
+    /// LightSecAgg only: colluding clients that learn nothing of one client's mask (`T`,
+    /// below `threshold`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub privacy: u32,
+    /// LightSecAgg only: values in a masked input (the model's parameters).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub length: u64,
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Stage 0, client → server: this round's public keys and the client's sample count.
@@ -129,6 +144,10 @@ pub struct SaReveal {
     pub self_masks: Vec<RevealedShare>,
     /// Shares of dropped clients' mask keys.
     pub mask_keys: Vec<RevealedShare>,
+    /// LightSecAgg (with both lists empty): the blob holding the sum of the coded mask shares
+    /// this client holds from the survivors (`…/r<round>/reveal/<client>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_share: Option<BlobRef>,
 }
 
 pub(super) fn check_hex(field: &str, s: &str, len: usize) -> Result<(), String> {
@@ -157,9 +176,10 @@ fn check_ids<'a>(field: &str, ids: impl ExactSizeIterator<Item = &'a str>) -> Re
 
 impl SecAggSetup {
     pub(super) fn validate(&self) -> Result<(), String> {
-        if self.method != SECAGG_PLUS {
+        let light = self.method == LIGHT_SECAGG;
+        if self.method != SECAGG_PLUS && !light {
             return Err(format!(
-                "secagg.method {:?} is not {SECAGG_PLUS:?}",
+                "secagg.method {:?} is not {SECAGG_PLUS:?} or {LIGHT_SECAGG:?}",
                 self.method.chars().take(40).collect::<String>()
             ));
         }
@@ -175,10 +195,26 @@ impl SecAggSetup {
         if !(self.clip.is_finite() && self.clip > 0.0 && self.clip <= f64::from(f32::MAX)) {
             return Err("secagg.clip must be a finite number > 0".into());
         }
-        let headroom = 32
-            - u64::from(self.selected)
+        if light {
+            if self.degree + 1 != self.selected {
+                return Err("secagg.degree must be selected − 1 for LightSecAgg".into());
+            }
+            if self.privacy >= self.threshold {
+                return Err("secagg.privacy must be below secagg.threshold".into());
+            }
+            if self.length == 0 || self.length > 1 << 34 {
+                return Err("secagg.length must be in 1..=2^34 for LightSecAgg".into());
+            }
+        } else if self.privacy != 0 || self.length != 0 {
+            return Err("secagg.privacy and secagg.length are LightSecAgg's".into());
+        }
+        let headroom = if light {
+            crate::secagg::light::max_bits(u64::from(self.selected))
+        } else {
+            32 - u64::from(self.selected)
                 .next_power_of_two()
-                .trailing_zeros();
+                .trailing_zeros()
+        };
         if self.bits == 0 || self.bits > headroom {
             return Err(format!(
                 "secagg.bits must be in 1..={headroom} for {} clients",
@@ -255,6 +291,12 @@ impl SaReveal {
             for s in list {
                 check_hex(field, &s.share, SHARE_HEX_LEN)?;
             }
+        }
+        if let Some(b) = &self.mask_share {
+            if !(self.self_masks.is_empty() && self.mask_keys.is_empty()) {
+                return Err("mask_share comes without revealed shares".into());
+            }
+            b.validate("mask_share")?;
         }
         Ok(())
     }

@@ -28,8 +28,11 @@ pub const BUNDLE_VERSION: u32 = 1;
 /// Largest bundle accepted, in bytes (4096 neighbours with room to spare).
 pub const MAX_BUNDLE_BYTES: usize = 2 << 20;
 
+/// Bytes of the AEAD tag appended to each ciphertext.
+pub const TAG_BYTES: usize = 16;
+
 /// Bytes of one entry's ciphertext: two shares and the tag.
-pub const CIPHERTEXT_BYTES: usize = 2 * SHARE_BYTES + 16;
+pub const CIPHERTEXT_BYTES: usize = 2 * SHARE_BYTES + TAG_BYTES;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +82,54 @@ fn key(own: &KeyPair, peer_public: &[u8; 32], context: &str) -> Result<LessSafeK
     Ok(LessSafeKey::new(unbound))
 }
 
+/// `plain` sealed by `owner` for `holder` (AES-256-GCM under their agreed key; see the module
+/// docs).
+pub(super) fn seal_for(
+    own: &KeyPair,
+    holder_public: &[u8; 32],
+    context: &str,
+    owner: &str,
+    holder: &str,
+    mut plain: Vec<u8>,
+) -> Result<Vec<u8>, SecAggError> {
+    let ad = share_context(context, owner, holder);
+    let sealing = key(own, holder_public, &ad)?;
+    sealing
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key([0u8; 12]),
+            Aad::from(ad.as_bytes()),
+            &mut plain,
+        )
+        .map_err(|_| SecAggError::Invalid("sealing a share".into()))?;
+    Ok(plain)
+}
+
+/// The plaintext of `ct`, sealed by `owner` for `holder` (this client).
+///
+/// # Errors
+/// [`SecAggError::Invalid`] when it does not open.
+pub(super) fn open_for(
+    own: &KeyPair,
+    owner_public: &[u8; 32],
+    context: &str,
+    owner: &str,
+    holder: &str,
+    mut ct: Vec<u8>,
+) -> Result<Vec<u8>, SecAggError> {
+    let ad = share_context(context, owner, holder);
+    let opening = key(own, owner_public, &ad)?;
+    let len = opening
+        .open_in_place(
+            Nonce::assume_unique_for_key([0u8; 12]),
+            Aad::from(ad.as_bytes()),
+            &mut ct,
+        )
+        .map_err(|_| SecAggError::Invalid(format!("{owner}'s share does not decrypt")))?
+        .len();
+    ct.truncate(len);
+    Ok(ct)
+}
+
 /// The ciphertext of `owner`'s two shares for `holder`.
 pub(super) fn encrypt(
     own: &KeyPair,
@@ -89,19 +140,10 @@ pub(super) fn encrypt(
     self_mask: &Share,
     mask_key: &Share,
 ) -> Result<Vec<u8>, SecAggError> {
-    let ad = share_context(context, owner, holder);
-    let sealing = key(own, holder_public, &ad)?;
     let mut buf = Vec::with_capacity(CIPHERTEXT_BYTES);
     buf.extend_from_slice(&self_mask.to_bytes());
     buf.extend_from_slice(&mask_key.to_bytes());
-    sealing
-        .seal_in_place_append_tag(
-            Nonce::assume_unique_for_key([0u8; 12]),
-            Aad::from(ad.as_bytes()),
-            &mut buf,
-        )
-        .map_err(|_| SecAggError::Invalid("sealing a share".into()))?;
-    Ok(buf)
+    seal_for(own, holder_public, context, owner, holder, buf)
 }
 
 /// The bundle's wire form.
@@ -220,24 +262,16 @@ pub(super) fn open_inbox(
         .iter()
         .zip(owners)
         .map(|(e, (owner, public))| {
-            let mut buf =
+            let buf =
                 hex::decode(&e.ct).map_err(|_| bad(format!("{owner}'s ciphertext is not hex")))?;
             if buf.len() != CIPHERTEXT_BYTES {
                 return Err(bad(format!("{owner}'s ciphertext has the wrong length")));
             }
-            let ad = share_context(context, owner, holder);
-            let opening = key(own, public, &ad)?;
-            let plain = opening
-                .open_in_place(
-                    Nonce::assume_unique_for_key([0u8; 12]),
-                    Aad::from(ad.as_bytes()),
-                    &mut buf,
-                )
-                .map_err(|_| {
-                    bad(format!(
-                        "{owner}'s share does not decrypt (altered, or sealed for another key)"
-                    ))
-                })?;
+            let plain = open_for(own, public, context, owner, holder, buf).map_err(|_| {
+                bad(format!(
+                    "{owner}'s share does not decrypt (altered, or sealed for another key)"
+                ))
+            })?;
             let s = Share::from_bytes(&plain[..SHARE_BYTES])?;
             let k = Share::from_bytes(&plain[SHARE_BYTES..2 * SHARE_BYTES])?;
             Ok((s, k))

@@ -7,10 +7,12 @@
 
 use super::agree::KeyPair;
 use super::graph;
+use super::light::{self, LightParams};
 use super::mask::{self, Seed, Sign};
 use super::quantize::Quantizer;
 use super::shamir::{self, Share};
 use super::{bundle, context, SecAggError};
+use crate::proto::secagg::LIGHT_SECAGG;
 use crate::proto::{RevealedShare, SaCollect, SaKeys, SaReveal, SaRoster, SaUnmask, SecAggSetup};
 use crate::tensor::ParamSet;
 use rand::{CryptoRng, Rng};
@@ -43,6 +45,28 @@ struct Held {
     mask_key: Share,
 }
 
+/// A LightSecAgg client's state: its mask is [`light::mask_of`] its self-mask seed.
+#[derive(Debug, Clone)]
+struct Light {
+    params: LightParams,
+    /// Values in the masked input.
+    len: usize,
+    /// Coded shares held: each owner's share at this client's point (its own included).
+    held: BTreeMap<String, Vec<u32>>,
+    /// Whether the aggregate share was sent.
+    answered: bool,
+}
+
+/// What a client reveals in the unmask stage.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reveal {
+    /// SecAgg+: the shares asked for.
+    Shares(SaReveal),
+    /// LightSecAgg: the sum of the coded mask shares held from the survivors (stored as a
+    /// blob, [`light::encode_aggregate`]).
+    MaskShare(Vec<u32>),
+}
+
 /// One client's state in one securely aggregated round.
 #[derive(Clone)]
 pub struct ClientSession {
@@ -63,6 +87,8 @@ pub struct ClientSession {
     /// Owners whose self-mask share was revealed / whose mask-key share was revealed.
     revealed_self: BTreeSet<String>,
     revealed_keys: BTreeSet<String>,
+    /// LightSecAgg's state, in a LightSecAgg round.
+    light: Option<Light>,
 }
 
 impl std::fmt::Debug for ClientSession {
@@ -97,6 +123,22 @@ impl ClientSession {
         let quantizer =
             Quantizer::with_bits(setup.clip as f32, setup.bits, u64::from(setup.selected))
                 .map_err(|e| SecAggError::Invalid(format!("secagg setup: {e}")))?;
+        let light = (setup.method == LIGHT_SECAGG).then(|| Light {
+            params: LightParams {
+                active: setup.threshold as usize,
+                privacy: setup.privacy as usize,
+            },
+            len: setup.length as usize,
+            held: BTreeMap::new(),
+            answered: false,
+        });
+        if let Some(l) = &light {
+            if l.params.privacy >= l.params.active || l.len == 0 {
+                return Err(SecAggError::Invalid(
+                    "secagg setup: LightSecAgg needs privacy < threshold and a length".into(),
+                ));
+            }
+        }
         let cipher = KeyPair::generate();
         let mask = KeyPair::generate();
         let mut self_seed = [0u8; 32];
@@ -122,6 +164,7 @@ impl ClientSession {
                 held: BTreeMap::new(),
                 revealed_self: BTreeSet::new(),
                 revealed_keys: BTreeSet::new(),
+                light,
             },
             keys,
         ))
@@ -167,6 +210,32 @@ impl ClientSession {
                 got: holders.len(),
                 needed: self.threshold,
             });
+        }
+        if let Some(l) = self.light.as_mut() {
+            // LightSecAgg: one coded share of the mask for every client (itself included), at
+            // its position among them.
+            let mask = light::mask_of(&self.self_seed, l.len);
+            let shares = light::encode(&mask, holders.len(), l.params, rng)?;
+            let mut sealed = Vec::with_capacity(holders.len());
+            for (holder, share) in holders.iter().zip(shares) {
+                if *holder == self.id {
+                    l.held.insert(self.id.clone(), share);
+                    continue;
+                }
+                let peer = &self.peers[*holder];
+                let ct = light::seal(
+                    &self.cipher,
+                    &peer.cipher_pk,
+                    &self.context,
+                    &self.id,
+                    holder,
+                    &share,
+                )?;
+                sealed.push(((*holder).to_string(), ct));
+            }
+            self.weight = (roster.weight, roster.weight_total);
+            self.stage = Stage::Shared;
+            return Ok(light::encode_bundle(&self.context, &self.id, &sealed));
         }
         let self_shares = shamir::split(&self.self_seed, self.threshold, holders.len(), rng)?;
         let key_shares = shamir::split(self.mask.secret(), self.threshold, holders.len(), rng)?;
@@ -222,6 +291,17 @@ impl ClientSession {
             };
             owners.push((id.as_str(), peer.cipher_pk));
         }
+        if let Some(l) = self.light.as_mut() {
+            let ell = l.params.share_len(l.len);
+            let shares =
+                light::open_inbox(inbox, &self.cipher, &owners, &self.context, &self.id, ell)?;
+            for (id, share) in collect.sharing.iter().zip(shares) {
+                l.held.insert(id.clone(), share);
+                self.sharing.insert(id.clone());
+            }
+            self.stage = Stage::Collected;
+            return Ok(());
+        }
         let shares = bundle::open_inbox(inbox, &self.cipher, &owners, &self.context, &self.id)?;
         for (id, (s, k)) in collect.sharing.iter().zip(shares) {
             self.held.insert(
@@ -267,6 +347,21 @@ impl ClientSession {
                     .map(|(g, t)| self.quantizer.quantize(((t - g) as f64 * scale) as f32)),
             );
         }
+        if let Some(l) = &self.light {
+            if out.len() != l.len {
+                return Err(SecAggError::Invalid(format!(
+                    "the model has {} values, the round's masks {}",
+                    out.len(),
+                    l.len
+                )));
+            }
+            let mask = light::mask_of(&self.self_seed, l.len);
+            for (x, z) in out.iter_mut().zip(mask) {
+                *x = light::add(*x, z);
+            }
+            self.stage = Stage::Masked;
+            return Ok(out);
+        }
         mask::apply(&self.self_seed, Sign::Add, &mut out);
         let ctx = super::mask_context(&self.context);
         for peer_id in &self.sharing {
@@ -289,11 +384,14 @@ impl ClientSession {
     /// [`SecAggError::Refused`] before this client sent its masked input, for a client named in
     /// both lists or in a list other than an earlier request's, for this client listed as
     /// dropped, or for a client that is not a neighbour that shared.
-    pub fn on_unmask(&mut self, req: &SaUnmask) -> Result<SaReveal, SecAggError> {
+    pub fn on_unmask(&mut self, req: &SaUnmask) -> Result<Reveal, SecAggError> {
         if self.stage != Stage::Masked {
             return Err(SecAggError::Refused(
                 "an unmask request before this client sent its masked input".into(),
             ));
+        }
+        if self.light.is_some() {
+            return self.light_unmask(req).map(Reveal::MaskShare);
         }
         let survivors: BTreeSet<&String> = req.survivors.iter().collect();
         for d in &req.dropped {
@@ -347,9 +445,56 @@ impl ClientSession {
         self.revealed_self
             .extend(self_masks.iter().map(|s| s.of.clone()));
         self.revealed_keys.extend(req.dropped.iter().cloned());
-        Ok(SaReveal {
+        Ok(Reveal::Shares(SaReveal {
             self_masks,
             mask_keys,
-        })
+            mask_share: None,
+        }))
+    }
+
+    /// LightSecAgg's stage 3: the sum of the coded shares held from the survivors, once. The
+    /// survivors must include this client and number at least `U`: the sum over fewer could
+    /// single out one client's mask, and a second request (a second set) could too.
+    fn light_unmask(&mut self, req: &SaUnmask) -> Result<Vec<u32>, SecAggError> {
+        let Some(l) = self.light.as_mut() else {
+            return Err(SecAggError::Refused("not a LightSecAgg round".into()));
+        };
+        if l.answered {
+            return Err(SecAggError::Refused(
+                "a second unmask request: one aggregate share per round".into(),
+            ));
+        }
+        if !req.dropped.is_empty() {
+            return Err(SecAggError::Refused(
+                "a LightSecAgg unmask request names survivors only".into(),
+            ));
+        }
+        if !req.survivors.contains(&self.id) {
+            return Err(SecAggError::Refused(
+                "this client is not listed as a survivor, yet it sent its masked input".into(),
+            ));
+        }
+        if req.survivors.len() < l.params.active {
+            return Err(SecAggError::Refused(format!(
+                "{} survivors, fewer than U = {}: their summed mask shares could single out one \
+                 client's mask",
+                req.survivors.len(),
+                l.params.active
+            )));
+        }
+        let ell = l.params.share_len(l.len);
+        let mut sum = vec![0u32; ell];
+        for s in &req.survivors {
+            let Some(share) = l.held.get(s) else {
+                return Err(SecAggError::Refused(format!(
+                    "{s} is not a client that shared with this one"
+                )));
+            };
+            for (a, v) in sum.iter_mut().zip(share) {
+                *a = light::add(*a, *v);
+            }
+        }
+        l.answered = true;
+        Ok(sum)
     }
 }

@@ -23,7 +23,7 @@ pub enum Sign {
     Sub,
 }
 
-type Aes256Ctr = ctr::Ctr128BE<Aes256>;
+pub(super) type Aes256Ctr = ctr::Ctr128BE<Aes256>;
 
 /// Words of keystream made per step: 16 KiB, in cache, many AES blocks for the pipeline.
 const CHUNK_WORDS: usize = 4096;

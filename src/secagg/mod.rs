@@ -11,6 +11,8 @@
 //! - [`field`]: `GF(2^61 − 1)`, the field seeds are shared in.
 //! - [`shamir`]: Shamir shares of 32-byte seeds (`t` of `n` recover; fewer reveal nothing),
 //!   with a consistency check and a 66-byte wire form.
+//! - [`light`]: LightSecAgg (So et al., MLSys 2022): coded mask shares over `GF(2^32 − 5)` and
+//!   one-shot reconstruction of the survivors' aggregate mask.
 //! - [`graph`]: the random `k`-regular neighbour graph, and `t` and `k` for `N` clients.
 //! - [`bundle`]: the share bundle blob, each neighbour's shares encrypted to it.
 //! - [`client`]: [`ClientSession`], a client's stages without I/O.
@@ -22,17 +24,34 @@ pub mod bundle;
 pub mod client;
 pub mod field;
 pub mod graph;
+pub mod light;
 pub mod mask;
 pub mod quantize;
 pub mod server;
 pub mod shamir;
 
-pub use client::ClientSession;
+pub use client::{ClientSession, Reveal};
 pub use graph::Params;
+pub use light::LightParams;
 pub use server::{Inboxes, ServerSession, Stage, Unmasked};
 
 use mask::Sign;
 use safetensors::tensor::{Dtype, TensorView};
+
+/// The protocol of a round and its parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// SecAgg+ with its threshold `t` and degree `k`.
+    Plus(Params),
+    /// LightSecAgg with `U` and `T`.
+    Light(LightParams),
+}
+
+impl From<Params> for Method {
+    fn from(p: Params) -> Self {
+        Method::Plus(p)
+    }
+}
 
 /// Why a secure-aggregation step failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -56,6 +75,18 @@ pub enum SecAggError {
     /// Shares that cannot be made or combined.
     #[error("shares: {0}")]
     Shamir(#[from] shamir::ShamirError),
+}
+
+/// The largest share bundle or inbox a round with `setup` can have, in bytes.
+pub fn max_bundle_bytes(setup: &crate::proto::SecAggSetup) -> u64 {
+    if setup.method == crate::proto::secagg::LIGHT_SECAGG {
+        let pieces = u64::from(setup.threshold.saturating_sub(setup.privacy).max(1));
+        let ell = setup.length.div_ceil(pieces);
+        // Each entry: the sealed share and its safetensors header line.
+        u64::from(setup.selected) * (4 * ell + bundle::TAG_BYTES as u64 + 256) + 4096
+    } else {
+        bundle::MAX_BUNDLE_BYTES as u64
+    }
 }
 
 /// The context string of a round, bound into every derived key: `<run>|<round>`.

@@ -9,11 +9,12 @@
 
 use super::agree::KeyPair;
 use super::graph::{self, Params};
+use super::light::{self, LightParams};
 use super::mask::{self, Sign};
 use super::quantize::Quantizer;
 use super::shamir::{self, Share};
-use super::{bundle, context, mask_context, pair_sign, SecAggError};
-use crate::proto::secagg::SECAGG_PLUS;
+use super::{bundle, context, mask_context, pair_sign, Method, SecAggError};
+use crate::proto::secagg::{LIGHT_SECAGG, SECAGG_PLUS};
 use crate::proto::{BlobRef, Neighbour, SaKeys, SaReveal, SaRoster, SaUnmask, SecAggSetup};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -96,12 +97,18 @@ pub struct ServerSession {
     masked: BTreeSet<String>,
     sum: Vec<u32>,
     reveals: BTreeMap<String, Revealed>,
+    /// LightSecAgg's `U` and `T`, in a LightSecAgg round.
+    light: Option<LightParams>,
+    /// LightSecAgg: clients whose aggregate mask share was announced / taken.
+    mask_share_noticed: BTreeSet<String>,
+    mask_shares: BTreeMap<String, Vec<u32>>,
 }
 
 impl ServerSession {
     /// A session for `selected` clients in round `round` of run `run`, on models of `len`
-    /// parameters. `clip` bounds each coordinate of a weighted update; `params` and
-    /// `graph_seed` fix the neighbour graph; `stage_timeout_ms` is what clients wait per stage.
+    /// parameters. `clip` bounds each coordinate of a weighted update; `method` is the protocol
+    /// (SecAgg+'s [`Params`], or LightSecAgg's [`LightParams`]); `graph_seed` fixes SecAgg+'s
+    /// neighbour graph; `stage_timeout_ms` is what clients wait per stage.
     ///
     /// # Errors
     /// [`SecAggError::Invalid`]: no client, or no quantizer for this many clients.
@@ -110,23 +117,46 @@ impl ServerSession {
         run: &str,
         round: u64,
         selected: &[String],
-        params: Params,
+        method: impl Into<Method>,
         clip: f64,
         graph_seed: u64,
         len: usize,
         stage_timeout_ms: u64,
     ) -> Result<Self, SecAggError> {
         let n = selected.len();
-        let quantizer = Quantizer::new(clip as f32, n as u64)
+        let (params, light) = match method.into() {
+            Method::Plus(p) => (p, None),
+            Method::Light(l) => {
+                // Every client holds a coded share of every other's mask: the complete graph,
+                // and the unmask stage needs `U` aggregate shares.
+                let p = Params {
+                    threshold: l.active,
+                    degree: n.saturating_sub(1),
+                };
+                (p, Some(l))
+            }
+        };
+        let bits = match light {
+            Some(_) => light::max_bits(n as u64),
+            None => Quantizer::max_bits(n as u64),
+        };
+        let quantizer = Quantizer::with_bits(clip as f32, bits, n as u64)
             .map_err(|e| SecAggError::Invalid(format!("secure aggregation: {e}")))?;
         let setup = SecAggSetup {
-            method: SECAGG_PLUS.into(),
+            method: if light.is_some() {
+                LIGHT_SECAGG
+            } else {
+                SECAGG_PLUS
+            }
+            .into(),
             threshold: params.threshold as u32,
             degree: params.degree as u32,
             selected: n as u32,
             clip,
             bits: quantizer.bits(),
             stage_timeout_ms,
+            privacy: light.map_or(0, |l| l.privacy as u32),
+            length: if light.is_some() { len as u64 } else { 0 },
         };
         Ok(Self {
             context: context(run, round),
@@ -145,7 +175,15 @@ impl ServerSession {
             masked: BTreeSet::new(),
             sum: Vec::new(),
             reveals: BTreeMap::new(),
+            light,
+            mask_share_noticed: BTreeSet::new(),
+            mask_shares: BTreeMap::new(),
         })
+    }
+
+    /// LightSecAgg's parameters, in a LightSecAgg round.
+    pub fn light(&self) -> Option<LightParams> {
+        self.light
     }
 
     /// What the train commands carry.
@@ -180,6 +218,7 @@ impl ServerSession {
             Stage::Keys => self.keys.keys().cloned().collect(),
             Stage::Shares => self.shared.keys().cloned().collect(),
             Stage::Masked => self.masked.clone(),
+            Stage::Unmask if self.light.is_some() => self.mask_shares.keys().cloned().collect(),
             Stage::Unmask => self.reveals.keys().cloned().collect(),
             Stage::Done => BTreeSet::new(),
         }
@@ -330,7 +369,13 @@ impl ServerSession {
                 "{client} announced no bundle"
             )));
         }
-        let entries = bundle::check_bundle(bytes, &self.context, client, &self.graph[client])?;
+        let holders = &self.graph[client];
+        let entries = match self.light {
+            Some(l) => {
+                light::check_bundle(bytes, &self.context, client, holders, l.share_len(self.len))?
+            }
+            None => bundle::check_bundle(bytes, &self.context, client, holders)?,
+        };
         self.shared.insert(client.to_string(), entries);
         Ok(())
     }
@@ -358,7 +403,10 @@ impl ServerSession {
                     })
                     .collect();
                 let sharing = from.iter().map(|(n, _)| (*n).to_string()).collect();
-                let inbox = bundle::encode_inbox(&self.context, c, &from);
+                let inbox = match self.light {
+                    Some(_) => light::encode_inbox(&self.context, c, &from),
+                    None => bundle::encode_inbox(&self.context, c, &from),
+                };
                 (c.clone(), (sharing, inbox))
             })
             .collect())
@@ -385,8 +433,19 @@ impl ServerSession {
                 self.len
             )));
         }
-        for (s, m) in self.sum.iter_mut().zip(masked) {
-            *s = s.wrapping_add(*m);
+        if self.light.is_some() {
+            if masked.iter().any(|m| u64::from(*m) >= light::Q) {
+                return Err(SecAggError::Invalid(format!(
+                    "{client}'s masked input holds values outside the field"
+                )));
+            }
+            for (s, m) in self.sum.iter_mut().zip(masked) {
+                *s = light::add(*s, *m);
+            }
+        } else {
+            for (s, m) in self.sum.iter_mut().zip(masked) {
+                *s = s.wrapping_add(*m);
+            }
         }
         self.masked.insert(client.to_string());
         Ok(())
@@ -401,6 +460,21 @@ impl ServerSession {
             return self.fail(e);
         }
         self.stage = Stage::Unmask;
+        if self.light.is_some() {
+            // Every survivor sums the coded shares it holds from all survivors.
+            let survivors: Vec<String> = self.masked.iter().cloned().collect();
+            return Ok(self
+                .masked
+                .iter()
+                .map(|c| {
+                    let req = SaUnmask {
+                        survivors: survivors.clone(),
+                        dropped: Vec::new(),
+                    };
+                    (c.clone(), req)
+                })
+                .collect());
+        }
         Ok(self
             .masked
             .iter()
@@ -427,6 +501,11 @@ impl ServerSession {
     /// [`SecAggError::Invalid`] for a malformed share.
     pub fn add_reveal(&mut self, client: &str, reveal: &SaReveal) -> Result<(), SecAggError> {
         self.expect(Stage::Unmask, client)?;
+        if self.light.is_some() || reveal.mask_share.is_some() {
+            return Err(SecAggError::Refused(
+                "LightSecAgg reveals an aggregate mask share, SecAgg+ shares".into(),
+            ));
+        }
         let mut got = Revealed::default();
         for (list, is_key) in [(&reveal.self_masks, false), (&reveal.mask_keys, true)] {
             for r in list {
@@ -464,6 +543,74 @@ impl ServerSession {
         Ok(())
     }
 
+    /// LightSecAgg, stage 3: `client` says its aggregate mask share is stored (its own key,
+    /// checked by the caller, who fetches it for [`ServerSession::add_mask_share`]).
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`]: not a LightSecAgg round, out of stage, not a survivor, or a
+    /// repeat.
+    pub fn note_mask_share(&mut self, client: &str) -> Result<(), SecAggError> {
+        self.expect(Stage::Unmask, client)?;
+        if self.light.is_none() {
+            return Err(SecAggError::Refused(
+                "an aggregate mask share in a SecAgg+ round".into(),
+            ));
+        }
+        if !self.mask_share_noticed.insert(client.to_string()) {
+            return Err(SecAggError::Refused(format!(
+                "{client} announced its aggregate mask share already"
+            )));
+        }
+        Ok(())
+    }
+
+    /// LightSecAgg, stage 3: the bytes of `client`'s announced aggregate mask share.
+    ///
+    /// # Errors
+    /// [`SecAggError::Refused`] out of stage or without a notice; [`SecAggError::Invalid`] for a
+    /// blob that is not one share of this round's length.
+    pub fn add_mask_share(&mut self, client: &str, blob: &[u8]) -> Result<(), SecAggError> {
+        self.expect(Stage::Unmask, client)?;
+        let Some(l) = self.light else {
+            return Err(SecAggError::Refused("not a LightSecAgg round".into()));
+        };
+        if !self.mask_share_noticed.contains(client) {
+            return Err(SecAggError::Refused(format!(
+                "{client} announced no aggregate mask share"
+            )));
+        }
+        let share = light::decode_aggregate(blob, l.share_len(self.len))?;
+        self.mask_shares.insert(client.to_string(), share);
+        Ok(())
+    }
+
+    /// LightSecAgg: removes the survivors' aggregate mask, decoded from `U` aggregate shares
+    /// (a spare share, when there is one, checks the others).
+    fn light_unmask(&self, l: LightParams, sum: &mut [u32]) -> Result<(), SecAggError> {
+        // A client's point is its 1-based position among those that advertised keys (the
+        // holders every roster named).
+        let position = |c: &str| self.keys.keys().position(|k| k == c).map(|p| p as u32 + 1);
+        let sums: Vec<(u32, &[u32])> = self
+            .mask_shares
+            .iter()
+            .filter_map(|(c, v)| Some((position(c)?, v.as_slice())))
+            .collect();
+        let n = self.keys.len();
+        let aggregate = light::decode(&sums, n, l, self.len)?;
+        if let Some((x, spare)) = sums.get(l.active) {
+            if !light::consistent(&sums[..l.active], *x, spare) {
+                return Err(SecAggError::Invalid(
+                    "the aggregate mask shares are inconsistent (a client sent a wrong one)"
+                        .into(),
+                ));
+            }
+        }
+        for (s, z) in sum.iter_mut().zip(aggregate) {
+            *s = light::sub(*s, z);
+        }
+        Ok(())
+    }
+
     /// The secrets the server must recover: survivors' self-mask seeds, and the mask keys of
     /// dropped clients with a surviving neighbour.
     fn needed(&self) -> (Vec<&String>, Vec<&String>) {
@@ -493,6 +640,9 @@ impl ServerSession {
 
     /// Whether every needed secret has `t` shares (the unmask stage may close early).
     pub fn ready(&self) -> bool {
+        if let Some(l) = self.light {
+            return self.mask_shares.len() >= l.active;
+        }
         let (survivors, dropped) = self.needed();
         let t = self.params.threshold;
         survivors
@@ -547,6 +697,13 @@ impl ServerSession {
                 self.stage.name()
             )));
         }
+        if let Some(l) = self.light {
+            let mut sum = std::mem::take(&mut self.sum);
+            if let Err(e) = self.light_unmask(l, &mut sum) {
+                return self.fail(e);
+            }
+            return Ok(self.unmasked(&sum));
+        }
         let (survivors, dropped) = self.needed();
         let mut seeds = Vec::with_capacity(survivors.len());
         for s in &survivors {
@@ -590,6 +747,11 @@ impl ServerSession {
         for (seed, sign) in &pair_masks {
             mask::apply(seed, *sign, &mut sum);
         }
+        Ok(self.unmasked(&sum))
+    }
+
+    /// The survivors' weighted mean from the unmasked sum of their quantized inputs.
+    fn unmasked(&mut self, sum: &[u32]) -> Unmasked {
         let n = self.masked.len() as u64;
         let share: f64 = self
             .masked
@@ -602,16 +764,16 @@ impl ServerSession {
             .map(|s| (self.quantizer.dequantize_sum(*s, n) / share) as f32)
             .collect();
         self.stage = Stage::Done;
-        Ok(Unmasked {
+        Unmasked {
             mean_update,
             survivors: self.masked.iter().cloned().collect(),
             error_bound: self.quantizer.sum_error_bound(n) / share,
-        })
+        }
     }
 
-    /// Clients whose revealed shares were taken.
+    /// Clients whose revealed shares (or aggregate mask shares) were taken.
     pub fn revealed(&self) -> usize {
-        self.reveals.len()
+        self.reveals.len() + self.mask_shares.len()
     }
 
     /// The clients that advertised keys, with the weights given them.

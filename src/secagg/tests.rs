@@ -2,6 +2,7 @@
 //! with dropouts at each stage, and the requests a client must refuse.
 
 use super::*;
+use crate::secagg::client::Reveal;
 use crate::proto::{SaCollect, SaUnmask};
 use crate::tensor::{NamedTensor, ParamSet};
 use rand::{Rng, SeedableRng};
@@ -30,9 +31,16 @@ struct Run {
 
 impl Run {
     fn new(n: usize, seed: u64) -> Self {
+        Self::with(n, seed, Params::for_clients(n).into())
+    }
+
+    fn light(n: usize, seed: u64) -> Self {
+        Self::with(n, seed, Method::Light(LightParams::for_clients(n)))
+    }
+
+    fn with(n: usize, seed: u64, method: Method) -> Self {
         let ids: Vec<String> = (1..=n).map(|i| format!("client-{i:02}")).collect();
-        let params = Params::for_clients(n);
-        let server = ServerSession::new("run", 3, &ids, params, 1.0, seed, P, 1000).unwrap();
+        let server = ServerSession::new("run", 3, &ids, method, 1.0, seed, P, 1000).unwrap();
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let global = model((0..P).map(|_| rng.random_range(-1.0..1.0)).collect());
         let mut trained = BTreeMap::new();
@@ -98,8 +106,14 @@ impl Run {
             if gone(3, id) {
                 continue;
             }
-            let reveal = self.clients.get_mut(id).unwrap().on_unmask(req)?;
-            self.server.add_reveal(id, &reveal).unwrap();
+            match self.clients.get_mut(id).unwrap().on_unmask(req)? {
+                Reveal::Shares(r) => self.server.add_reveal(id, &r).unwrap(),
+                Reveal::MaskShare(sum) => {
+                    self.server.note_mask_share(id).unwrap();
+                    let blob = light::encode_aggregate(&sum);
+                    self.server.add_mask_share(id, &blob).unwrap();
+                }
+            }
         }
         self.server.finish()
     }
@@ -311,7 +325,9 @@ fn a_client_never_reveals_both_shares_of_one_neighbour() {
         dropped: vec!["client-02".into()],
     };
     assert!(matches!(c.on_unmask(&both), Err(SecAggError::Refused(_))));
-    let reveal = c.on_unmask(&req).unwrap();
+    let Reveal::Shares(reveal) = c.on_unmask(&req).unwrap() else {
+        panic!("SecAgg+ reveals shares")
+    };
     assert_eq!(reveal.mask_keys.len(), 1);
     assert_eq!(reveal.self_masks.len(), 3, "two survivors and itself");
     // A second request that flips a survivor to dropped: refused.
@@ -459,4 +475,104 @@ fn masked_blobs_round_trip_and_others_are_refused() {
     let model = model(vec![1.0; 10]).to_safetensors_bytes();
     assert!(decode_masked(&model).is_err());
     assert!(decode_masked(b"garbage").is_err());
+}
+
+#[test]
+fn lightsecagg_unmasks_the_survivors_mean_with_dropouts_at_every_stage() {
+    // N = 10: U = 7, T = 5.
+    let mut run = Run::light(10, 21);
+    assert_eq!(run.server.setup().method, "lightsecagg");
+    let u = run.run([&[], &[], &[], &[]]).unwrap();
+    check(&run, &u, &all(10).iter().map(String::as_str).collect::<Vec<_>>());
+    // One gone before keys, one before sharing, one before masking: 7 survivors, all needed.
+    let mut run = Run::light(10, 22);
+    let gone = ["client-02", "client-05", "client-09"];
+    let u = run
+        .run([&gone[..1], &gone[1..2], &gone[2..], &[]])
+        .unwrap();
+    let left = except(10, &gone);
+    check(&run, &u, &left.iter().map(String::as_str).collect::<Vec<_>>());
+    // Three gone after masking, before unmasking: their inputs are in, 7 aggregate shares.
+    let mut run = Run::light(10, 23);
+    let gone = ["client-01", "client-04", "client-10"];
+    let u = run.run([&[], &[], &[], &gone]).unwrap();
+    check(&run, &u, &all(10).iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn lightsecagg_below_u_unmasks_nothing() {
+    let mut run = Run::light(10, 24);
+    let gone = ["client-01", "client-02", "client-03", "client-04"];
+    let e = run.run([&[], &[], &gone, &[]]).unwrap_err();
+    assert!(
+        matches!(e, SecAggError::BelowThreshold { got: 6, needed: 7, .. }),
+        "{e}"
+    );
+    let mut run = Run::light(10, 25);
+    let e = run.run([&[], &[], &[], &gone]).unwrap_err();
+    assert!(
+        matches!(e, SecAggError::BelowThreshold { got: 6, needed: 7, .. }),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_lightsecagg_client_sums_only_large_survivor_sets_once() {
+    let mut run = Run::light(10, 26);
+    let (_, collects) = share_all(&mut run);
+    let me = "client-01".to_string();
+    let (sharing, inbox) = &collects[&me];
+    let c = run.clients.get_mut(&me).unwrap();
+    c.on_collect(&collect_of(sharing, &me), inbox).unwrap();
+    c.masked_input(&run.global, &run.trained[&me]).unwrap();
+    let ask = |survivors: &[String], dropped: &[&str]| SaUnmask {
+        survivors: survivors.to_vec(),
+        dropped: dropped.iter().map(|d| d.to_string()).collect(),
+    };
+    // The sum over a set smaller than U = 7 could single out one client's mask.
+    let small = all(6);
+    let e = c.on_unmask(&ask(&small, &[])).unwrap_err();
+    assert!(e.to_string().contains("fewer than U = 7"), "{e}");
+    // A set without this client, or with dropped clients listed, or a stranger.
+    assert!(c.on_unmask(&ask(&except(10, &["client-01"]), &[])).is_err());
+    assert!(c.on_unmask(&ask(&all(8), &["client-09"])).is_err());
+    let mut strangers = all(8);
+    strangers.push("client-99".into());
+    assert!(c.on_unmask(&ask(&strangers, &[])).is_err());
+    let Reveal::MaskShare(sum) = c.on_unmask(&ask(&all(8), &[])).unwrap() else {
+        panic!("LightSecAgg reveals an aggregate share")
+    };
+    assert_eq!(sum.len(), LightParams::for_clients(10).share_len(P));
+    // One aggregate share per round: a second set is refused.
+    let e = c.on_unmask(&ask(&all(10), &[])).unwrap_err();
+    assert!(e.to_string().contains("second"), "{e}");
+}
+
+#[test]
+fn what_the_server_holds_of_a_lightsecagg_client_looks_uniform() {
+    // The masked input of one client, over GF(2^32 − 5): its top bits are uniform, and it is
+    // uncorrelated with the client's quantized update.
+    let mut run = Run::light(10, 27);
+    let (_, collects) = share_all(&mut run);
+    let me = "client-03".to_string();
+    let (sharing, inbox) = &collects[&me];
+    let c = run.clients.get_mut(&me).unwrap();
+    c.on_collect(&collect_of(sharing, &me), inbox).unwrap();
+    let y = c.masked_input(&run.global, &run.trained[&me]).unwrap();
+    let mean = y.iter().map(|v| f64::from(*v)).sum::<f64>() / y.len() as f64;
+    let half = light::Q as f64 / 2.0;
+    assert!((mean - half).abs() < half * 0.1, "mean {mean} vs {half}");
+    let g: Vec<f32> = run.global.iter().flat_map(|t| t.data().to_vec()).collect();
+    let t: Vec<f32> = run.trained[&me]
+        .iter()
+        .flat_map(|t| t.data().to_vec())
+        .collect();
+    let update: Vec<f64> = t.iter().zip(&g).map(|(t, g)| f64::from(t - g)).collect();
+    let masked: Vec<f64> = y.iter().map(|v| f64::from(*v)).collect();
+    assert!(correlation(&update, &masked).abs() < 0.15);
+    // The server's bundle entries for this client are sealed: what it gathered for client-03
+    // does not open for client-04.
+    let other = "client-04".to_string();
+    let c4 = run.clients.get_mut(&other).unwrap();
+    assert!(c4.on_collect(&collect_of(sharing, &other), inbox).is_err());
 }

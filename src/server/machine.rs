@@ -25,7 +25,7 @@ use crate::strategy::{ClientFailure, FailureReason, RoundAggregate, Strategy};
 use crate::tensor::{ParamSet, ParamsView};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-pub use secure::{OnFailure, SecureConfig, SecureMessage};
+pub use secure::{OnFailure, Protocol, SecureConfig, SecureMessage};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

@@ -22,6 +22,6 @@ pub use driver::{
     SERVER_ID,
 };
 pub use machine::{
-    Action, Event, OnFailure, Outcome, RoundConfig, RoundMachine, RoundSummary, SecureConfig,
-    SecureMessage, Weighting,
+    Action, Event, OnFailure, Outcome, Protocol, RoundConfig, RoundMachine, RoundSummary,
+    SecureConfig, SecureMessage, Weighting,
 };

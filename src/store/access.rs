@@ -143,7 +143,9 @@ pub fn client_may(id: &str, op: &str, key: Option<&str>) -> bool {
             | "AbortMultipartUpload"
             | "ListParts",
             Some(k),
-        ) => is_update_of(k, id) || is_round_item(k, "shares", id),
+        ) => {
+            is_update_of(k, id) || is_round_item(k, "shares", id) || is_round_item(k, "reveal", id)
+        }
         ("GetObject" | "HeadObject", Some(k)) => {
             is_update_of(k, id)
                 || is_round_key(k, "global")
@@ -161,9 +163,10 @@ fn is_update_of(key: &str, id: &str) -> bool {
         .is_some_and(|k| is_round_key(k, ""))
 }
 
-/// `…/r<round>/<dir>/<id>`: a client's own share bundle (`shares`) or share inbox (`inbox`) of
-/// a securely aggregated round. A client writes its bundle and reads its inbox, nobody else's:
-/// the server gathers each client's shares from the bundles.
+/// `…/r<round>/<dir>/<id>`: a client's own share bundle (`shares`), share inbox (`inbox`) or
+/// LightSecAgg aggregate mask share (`reveal`) of a securely aggregated round. A client writes
+/// its bundle and its aggregate share and reads its inbox, nobody else's: the server gathers
+/// each client's shares from the bundles.
 fn is_round_item(key: &str, dir: &str, id: &str) -> bool {
     key.strip_suffix(id)
         .and_then(|k| k.strip_suffix('/'))
@@ -297,12 +300,13 @@ pub fn iam_policy(bucket: &str, run_prefix: &str, id: &str) -> serde_json::Value
         let own = format!("{run}/r*/updates/{id}");
         let bundle = format!("{run}/r*/shares/{id}");
         let inbox = format!("{run}/r*/inbox/{id}");
+        let reveal = format!("{run}/r*/reveal/{id}");
         serde_json::json!([
             {
                 "Effect": "Allow",
                 "Action": ["s3:PutObject", "s3:AbortMultipartUpload",
                            "s3:ListMultipartUploadParts"],
-                "Resource": [own, bundle]
+                "Resource": [own, bundle, reveal]
             },
             {
                 "Effect": "Allow",

@@ -34,6 +34,24 @@ pub struct SecureConfig {
     pub stage_timeout: Duration,
     /// What a failed secure round does to the run.
     pub on_failure: OnFailure,
+    /// SecAgg+ or LightSecAgg.
+    pub protocol: Protocol,
+}
+
+/// The secure aggregation protocol (`secure_aggregation_args.sa_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// SecAgg+ (`degree` and `threshold` apply).
+    #[default]
+    SecAggPlus,
+    /// LightSecAgg: `active` clients must survive (`U`, 0: the default), `privacy` colluding
+    /// clients learn nothing (`T`, `None`: the default).
+    LightSecAgg {
+        /// `lsa_args.targeted_number_active_clients`.
+        active: usize,
+        /// `lsa_args.privacy_guarantee`.
+        privacy: Option<usize>,
+    },
 }
 
 /// What a securely aggregated round that fails does (`fedmq_args.secagg_on_failure`).
@@ -105,6 +123,11 @@ impl SecureRound {
     }
 }
 
+/// The largest aggregate-mask-share blob of `ell` values: the values and a safetensors header.
+fn light_share_bytes(ell: usize) -> u64 {
+    4 * ell as u64 + 1024
+}
+
 impl RoundMachine {
     /// The session of a new secure round over `selected`, or why there is none.
     pub(super) fn secure_session(
@@ -116,25 +139,47 @@ impl RoundMachine {
         let Some(sc) = &self.cfg.secure else {
             return Ok(None);
         };
-        let params = secagg::Params::with_overrides(selected.len(), sc.degree, sc.threshold);
+        let n = selected.len();
+        let method = match sc.protocol {
+            Protocol::SecAggPlus => {
+                secagg::Method::Plus(secagg::Params::with_overrides(n, sc.degree, sc.threshold))
+            }
+            Protocol::LightSecAgg { active, privacy } => {
+                let (p, changed) = secagg::LightParams::with_overrides(n, active, privacy);
+                if changed {
+                    warn!(
+                        round,
+                        clients = n,
+                        active = p.active,
+                        privacy = p.privacy,
+                        "LightSecAgg needs privacy_guarantee < targeted_number_active_clients <= \
+                         clients per round; using these"
+                    );
+                }
+                secagg::Method::Light(p)
+            }
+        };
         let seed = rand::Rng::random(&mut self.rng);
         let session = ServerSession::new(
             self.cfg.keys.run_id(),
             round,
             selected,
-            params,
+            method,
             sc.clip,
             seed,
             self.global.num_params(),
             sc.stage_timeout.as_millis() as u64,
         )
         .map_err(|e| e.to_string())?;
+        let setup = session.setup();
         info!(
             round,
-            clients = selected.len(),
-            threshold = params.threshold,
-            degree = params.degree,
-            "secure aggregation (SecAgg+)"
+            clients = n,
+            threshold = setup.threshold,
+            degree = setup.degree,
+            privacy = setup.privacy,
+            "secure aggregation ({})",
+            setup.method
         );
         Ok(Some(Box::new(SecureRound {
             session,
@@ -159,6 +204,7 @@ impl RoundMachine {
     ) {
         let weighting = self.cfg.weighting;
         let shares_key = self.cfg.keys.shares(round, &client);
+        let reveal_key = self.cfg.keys.reveal(round, &client);
         let update_key = self.cfg.keys.update(round, &client);
         let Phase::Training(r) = &mut self.phase else {
             return;
@@ -186,7 +232,7 @@ impl RoundMachine {
                         "its bundle key {:?} is not its own ({shares_key:?})",
                         sh.bundle.key
                     )))
-                } else if sh.bundle.len > secagg::bundle::MAX_BUNDLE_BYTES as u64 {
+                } else if sh.bundle.len > secagg::max_bundle_bytes(s.session.setup()) {
                     Err(SecAggError::Refused(
                         "its bundle is larger than a bundle can be".into(),
                     ))
@@ -230,7 +276,39 @@ impl RoundMachine {
                     })
                 }
             }
-            SecureMessage::Reveal(rv) => s.session.add_reveal(&client, &rv),
+            SecureMessage::Reveal(rv) => match (s.session.light(), rv.mask_share) {
+                (Some(l), Some(blob)) => {
+                    let most = light_share_bytes(l.share_len(s.session.setup().length as usize));
+                    if blob.key != reveal_key {
+                        Err(SecAggError::Refused(format!(
+                            "its aggregate mask share key {:?} is not its own ({reveal_key:?})",
+                            blob.key
+                        )))
+                    } else if blob.len > most {
+                        Err(SecAggError::Refused(
+                            "its aggregate mask share is larger than one can be".into(),
+                        ))
+                    } else {
+                        s.session.note_mask_share(&client).map(|()| {
+                            out.push(Action::FetchBundle {
+                                client: client.clone(),
+                                round,
+                                blob,
+                            });
+                        })
+                    }
+                }
+                (Some(_), None) => Err(SecAggError::Refused(
+                    "a LightSecAgg reveal without an aggregate mask share".into(),
+                )),
+                (None, mask_share) => s.session.add_reveal(
+                    &client,
+                    &SaReveal {
+                        mask_share,
+                        ..rv
+                    },
+                ),
+            },
         };
         if let Err(e) = taken {
             warn!(%client, round, "{kind} refused: {e}");
@@ -238,8 +316,9 @@ impl RoundMachine {
         self.advance_secure(now, out);
     }
 
-    /// A fetched share bundle: checked, and the client is in `U1`; a bundle that cannot be
-    /// fetched or does not check out drops the client.
+    /// A fetched share bundle (checked, and the client is in `U1`), or in the unmask stage of
+    /// LightSecAgg a fetched aggregate mask share; one that cannot be fetched or does not check
+    /// out drops the client.
     pub(super) fn on_bundle_fetched(
         &mut self,
         client: String,
@@ -257,10 +336,22 @@ impl RoundMachine {
         let Some(s) = r.secure.as_mut() else {
             return;
         };
-        let checked =
-            bundle.and_then(|b| s.session.add_bundle(&client, &b).map_err(|e| e.to_string()));
+        let unmasking = s.session.stage() == Stage::Unmask;
+        let checked = bundle.and_then(|b| {
+            if unmasking {
+                s.session.add_mask_share(&client, &b)
+            } else {
+                s.session.add_bundle(&client, &b)
+            }
+            .map_err(|e| e.to_string())
+        });
         if let Err(e) = checked {
-            warn!(%client, round, "share bundle refused: {e}");
+            let what = if unmasking {
+                "aggregate mask share"
+            } else {
+                "share bundle"
+            };
+            warn!(%client, round, "{what} refused: {e}");
             self.secure_dropout(&client, FailureReason::BadUpdate(e), now, out);
             return;
         }
@@ -374,9 +465,14 @@ impl RoundMachine {
             let at = now.saturating_duration_since(s.started).as_secs_f64();
             s.metrics.insert(key.into(), at);
             // Whoever the stage waited for in vain timed out: later stages do not wait for
-            // them, and the round records them.
+            // them, and the round records them. (An unmask stage that closed because it had
+            // enough shares waited for no one.)
+            let early = stage == Stage::Unmask && !due && !complete;
             for c in s.session.expected() {
                 if !answered.contains(&c) && s.gone.insert(c.clone()) {
+                    if early {
+                        continue;
+                    }
                     info!(round, client = %c, stage = stage.name(), "no answer by the stage's deadline");
                     if !r.reported.contains_key(&c) {
                         r.failed.insert(c, FailureReason::Timeout);

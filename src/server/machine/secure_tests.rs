@@ -55,6 +55,7 @@ fn cfg(on_failure: OnFailure) -> RoundConfig {
             threshold: 0,
             stage_timeout: 5 * SEC,
             on_failure,
+            protocol: Default::default(),
         }),
     }
 }
@@ -224,7 +225,9 @@ impl Round {
                     }));
                 }
                 Body::SaUnmask(u) => {
-                    let reveal = s.on_unmask(u).unwrap();
+                    let secagg::Reveal::Shares(reveal) = s.on_unmask(u).unwrap() else {
+                        panic!("a SecAgg+ round")
+                    };
                     out.extend(self.secure(client, SecureMessage::Reveal(reveal)));
                 }
                 other => panic!("unexpected {other:?}"),
