@@ -239,13 +239,8 @@ fn fedml_keys_fedmq_reads_take_effect() {
     );
     assert_eq!(cfg.secure_aggregation_args.sa_method, "lightsecagg");
     assert_eq!(cfg.secure_aggregation_args.prime_number, Some(1997));
+    assert!(cfg.light_secagg(), "sa_method lightsecagg runs LightSecAgg");
     let notes: Vec<&str> = cfg.warnings().collect();
-    assert!(
-        notes
-            .iter()
-            .any(|w| w.contains("LightSecAgg is not built yet")),
-        "{notes:#?}"
-    );
     assert!(
         notes
             .iter()
@@ -254,7 +249,7 @@ fn fedml_keys_fedmq_reads_take_effect() {
     );
     assert_eq!(cfg.lsa_args.prime_number, 32749);
     assert_eq!(cfg.lsa_args.precision_parameter, 10);
-    assert_eq!(cfg.lsa_args.privacy_guarantee, 2);
+    assert_eq!(cfg.lsa_args.privacy_guarantee, Some(2));
 
     let cfg = load("fednova.yaml");
     assert_eq!(cfg.train_args.momentum, 0.0);

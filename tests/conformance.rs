@@ -1436,6 +1436,7 @@ fn vector_j_masks_cancel_and_the_server_unmasks() {
                         share: field(&j, &format!("{d} mask key share {x}")).to_string(),
                     })
                     .collect(),
+                mask_share: None,
             };
             server.add_reveal(holder, &reveal).expect("reveal");
         }

@@ -290,6 +290,8 @@ struct Fed {
     optimizer: String,
     /// Secure aggregation in every config written, with this `secagg_on_failure`.
     secure: Option<&'static str>,
+    /// With `secure`: this `secure_aggregation_args.sa_method`.
+    sa_method: &'static str,
 }
 
 /// A small, fast federation: `lr` on homo MNIST, every client every round.
@@ -360,6 +362,7 @@ impl Fed {
             extra_logs: Vec::new(),
             optimizer: "FedAvg".into(),
             secure: None,
+            sa_method: "secagg_plus",
         };
         fed.start_store();
         fed
@@ -386,6 +389,7 @@ impl Fed {
         cfg.train_args.federated_optimizer = self.optimizer.clone();
         if let Some(on_failure) = self.secure {
             cfg.secure_aggregation_args.enable_sa = true;
+            cfg.secure_aggregation_args.sa_method = self.sa_method.into();
             cfg.fedmq_args.secagg_on_failure = on_failure.into();
             cfg.fedmq_args.secagg_stage_timeout_s = 30.0;
             // Local training long enough (about a second per client) that the test can act
@@ -1426,10 +1430,17 @@ fn an_update_corrupted_in_the_store_fails_its_client_and_the_run_completes_mosqu
 // ---------------------------------------------------------------------------------------------
 // 9. Secure aggregation: clients killed at its stages.
 
-/// A federation of 10 with secure aggregation (`secagg_on_failure: on_failure`): `t = 6` of 10.
-fn start_secure(dir: &Path, name: &str, on_failure: &'static str) -> (Broker, Fed) {
+/// A federation of 10 with secure aggregation (`secagg_on_failure: on_failure`) by `sa_method`:
+/// SecAgg+ (`t = 6` of 10) or LightSecAgg (`U = 7` of 10, `T = 5`).
+fn start_secure(
+    dir: &Path,
+    name: &str,
+    on_failure: &'static str,
+    sa_method: &'static str,
+) -> (Broker, Fed) {
     let (broker, mut fed) = start(BrokerKind::Embedded, dir, name, 10).expect("embedded broker");
     fed.secure = Some(on_failure);
+    fed.sa_method = sa_method;
     fed.use_optimizer("FedAvg");
     (broker, fed)
 }
@@ -1468,12 +1479,23 @@ impl Fed {
 }
 
 /// Three of ten killed after sharing their keys, before their masked inputs: the round unmasks
-/// the seven survivors' sum (the dead's pairwise masks removed from their mask keys' shares).
+/// the seven survivors' sum (SecAgg+: the dead's pairwise masks removed from their mask keys'
+/// shares; LightSecAgg: the seven's aggregate mask decoded from their seven aggregate shares).
 #[test]
 fn secure_aggregation_survives_three_clients_killed_before_their_masked_input() {
+    killed_before_masking("secagg_plus");
+}
+
+#[test]
+fn lightsecagg_survives_three_clients_killed_before_their_masked_input() {
+    killed_before_masking("lightsecagg");
+}
+
+fn killed_before_masking(sa_method: &'static str) {
     let _serial = serial();
-    let dir = test_dir("sa-before");
-    let (_broker, mut fed) = start_secure(dir.path(), "sa-before", "abort");
+    let name = format!("sa-before-{sa_method}");
+    let dir = test_dir(&name);
+    let (_broker, mut fed) = start_secure(dir.path(), &name, "abort", sa_method);
     fed.launch();
     fed.wait_all_shared(2);
     let victims = [8, 9, 10];
@@ -1509,14 +1531,25 @@ fn secure_aggregation_survives_three_clients_killed_before_their_masked_input() 
 }
 
 /// Three of ten killed after storing and announcing their masked inputs, before unmasking: their
-/// inputs are in the sum, and the survivors' shares of their self-mask seeds remove the masks.
+/// inputs are in the sum, and the survivors remove the masks (SecAgg+: their shares of the
+/// self-mask seeds; LightSecAgg: their seven aggregate shares, all ten masks in them).
 /// client-1 is held (SIGSTOP) after it shared and before it masked, so the unmask request cannot
 /// go out before the kills.
 #[test]
 fn secure_aggregation_survives_three_clients_killed_after_their_masked_input() {
+    killed_after_masking("secagg_plus");
+}
+
+#[test]
+fn lightsecagg_survives_three_clients_killed_after_their_masked_input() {
+    killed_after_masking("lightsecagg");
+}
+
+fn killed_after_masking(sa_method: &'static str) {
     let _serial = serial();
-    let dir = test_dir("sa-after");
-    let (_broker, mut fed) = start_secure(dir.path(), "sa-after", "abort");
+    let name = format!("sa-after-{sa_method}");
+    let dir = test_dir(&name);
+    let (_broker, mut fed) = start_secure(dir.path(), &name, "abort", sa_method);
     fed.launch();
     // Every bundle stored, and a moment for the `sa_shares` notice that follows each upload:
     // client-1 has shared (it is in the round's U1) and is still training.
@@ -1550,19 +1583,35 @@ fn secure_aggregation_survives_three_clients_killed_after_their_masked_input() {
         format_args!("round 2: all ten masked inputs in the sum: {r2:?}"),
     );
     let revealed = fed.record_metric(r2, "secagg_revealed");
+    let expected = if sa_method == "lightsecagg" {
+        7.0..=7.0
+    } else {
+        6.0..=7.0
+    };
     fed.check(
-        (6.0..=7.0).contains(&revealed),
-        format_args!("round 2: shares from 6 or 7 living clients, none from the dead: {r2:?}"),
+        expected.contains(&revealed),
+        format_args!("round 2: shares from {expected:?} living clients, none from the dead: {r2:?}"),
     );
 }
 
-/// Seven of ten killed after sharing: three masked inputs, fewer than t = 6. The round fails
-/// with a reason, nothing is unmasked, and (with `secagg_on_failure: abort`) the run aborts.
+/// Seven of ten killed after sharing: three masked inputs, fewer than t = 6 (SecAgg+) or U = 7
+/// (LightSecAgg). The round fails with a reason, nothing is unmasked, and (with
+/// `secagg_on_failure: abort`) the run aborts.
 #[test]
 fn secure_aggregation_below_the_threshold_aborts_the_run_with_the_reason() {
+    seven_killed("secagg_plus", 6);
+}
+
+#[test]
+fn lightsecagg_below_the_threshold_aborts_the_run_with_the_reason() {
+    seven_killed("lightsecagg", 7);
+}
+
+fn seven_killed(sa_method: &'static str, needed: usize) {
     let _serial = serial();
-    let dir = test_dir("sa-seven");
-    let (_broker, mut fed) = start_secure(dir.path(), "sa-seven", "abort");
+    let name = format!("sa-seven-{sa_method}");
+    let dir = test_dir(&name);
+    let (_broker, mut fed) = start_secure(dir.path(), &name, "abort", sa_method);
     fed.launch();
     fed.wait_all_shared(2);
     for v in 4..=10 {
@@ -1584,7 +1633,7 @@ fn secure_aggregation_below_the_threshold_aborts_the_run_with_the_reason() {
     let log = std::fs::read_to_string(fed.log("server")).unwrap_or_default();
     fed.check(
         log.contains("secure aggregation failed in the masked input stage")
-            && log.contains("only 3 masked inputs, 6 needed")
+            && log.contains(&format!("only 3 masked inputs, {needed} needed"))
             && log.contains("nothing was unmasked"),
         "the server says why",
     );

@@ -181,6 +181,12 @@ impl RoundMachine {
             "secure aggregation ({})",
             setup.method
         );
+        let mut metrics = BTreeMap::new();
+        if let Some(l) = session.light() {
+            // LightSecAgg's U and T, as the round used them.
+            metrics.insert("lsa_active".into(), l.active as f64);
+            metrics.insert("lsa_privacy".into(), l.privacy as f64);
+        }
         Ok(Some(Box::new(SecureRound {
             session,
             stage_deadline: now + sc.stage_timeout,
@@ -188,7 +194,7 @@ impl RoundMachine {
             weights: BTreeMap::new(),
             failed: None,
             result: None,
-            metrics: BTreeMap::new(),
+            metrics,
             started: now,
         })))
     }
