@@ -1468,3 +1468,54 @@ fn vector_j_masks_cancel_and_the_server_unmasks() {
         }
     }
 }
+
+/// Vector K: LightSecAgg's mask (AES-256-CTR words below q), its coded shares for the stated
+/// noise, and the aggregate mask decoded from three summed shares.
+#[test]
+fn vector_k_lightsecagg_codes_and_decodes_the_aggregate_mask() {
+    use fedmq::secagg::light::{self, LightParams};
+    let k = vector_fields("#### K. LightSecAgg coded mask shares");
+    let num = |name: &str| -> u64 { field(&k, name).parse().expect(name) };
+    let list = |name: &str| -> Vec<u32> {
+        field(&k, name)
+            .split(", ")
+            .map(|v| v.parse().expect(name))
+            .collect()
+    };
+    assert_eq!(num("modulus"), light::Q);
+    let n = num("clients") as usize;
+    let params = LightParams {
+        active: num("active") as usize,
+        privacy: num("privacy") as usize,
+    };
+    let len = num("length") as usize;
+    assert_eq!(params.share_len(len), num("share length") as usize);
+    let owners: Vec<String> = (1..=n).map(|i| format!("client-{i}")).collect();
+    let mut shares = Vec::new();
+    for c in &owners {
+        let mut seed = [0u8; 32];
+        hex::decode_to_slice(field(&k, &format!("{c} seed")), &mut seed).unwrap();
+        let mask = light::mask_of(&seed, len);
+        assert_eq!(mask, list(&format!("{c} mask")), "{c}'s mask");
+        let noise = vec![list(&format!("{c} noise"))];
+        let coded = light::encode_with_noise(&mask, &noise, n, params).unwrap();
+        for (x, share) in coded.iter().enumerate() {
+            assert_eq!(*share, list(&format!("{c} share {}", x + 1)), "{c} x {}", x + 1);
+        }
+        shares.push(coded);
+    }
+    let mut sums = Vec::new();
+    for x in [1u32, 2, 4] {
+        let mut sum = vec![0u32; params.share_len(len)];
+        for coded in &shares {
+            for (s, v) in sum.iter_mut().zip(&coded[x as usize - 1]) {
+                *s = light::add(*s, *v);
+            }
+        }
+        assert_eq!(sum, list(&format!("summed share {x}")));
+        sums.push((x, sum));
+    }
+    let views: Vec<(u32, &[u32])> = sums.iter().map(|(x, s)| (*x, s.as_slice())).collect();
+    let aggregate = light::decode(&views, n, params, len).unwrap();
+    assert_eq!(aggregate, list("aggregate mask"));
+}

@@ -173,6 +173,45 @@ def mask_words(seed: bytes, n: int):
     return list(struct.unpack("<%dI" % n, enc.update(bytes(4 * n))))
 
 
+LQ = 2**32 - 5  # LightSecAgg's field
+
+
+def field_mask(seed: bytes, n: int):
+    """LightSecAgg's mask: the words of mask_words below q, in order, the first n of them."""
+    out, k = [], n
+    while len(out) < n:
+        k *= 2
+        out = [w for w in mask_words(seed, k) if w < LQ][:n]
+    return out
+
+
+def lagrange_at(xs, at):
+    """c_j with f(at) = sum c_j f(xs_j) for polynomials of degree below len(xs), mod q."""
+    cs = []
+    for j, xj in enumerate(xs):
+        num, den = 1, 1
+        for l, xl in enumerate(xs):
+            if l != j:
+                num = num * (at - xl) % LQ
+                den = den * (xj - xl) % LQ
+        cs.append(num * pow(den, LQ - 2, LQ) % LQ)
+    return cs
+
+
+def lsa_encode(mask, noise, n, u, t):
+    """The n coded shares of mask: U − T data pieces (zero-padded) and T noise pieces at
+    x = n+1..n+U, evaluated at x = 1..n."""
+    ell = -(-len(mask) // (u - t))
+    pieces = [mask[k * ell:(k + 1) * ell] for k in range(u - t)]
+    pieces = [p + [0] * (ell - len(p)) for p in pieces] + noise
+    pts = [n + k for k in range(1, u + 1)]
+    shares = []
+    for j in range(1, n + 1):
+        c = lagrange_at(pts, j)
+        shares.append([sum(ck * pc[r] for ck, pc in zip(c, pieces)) % LQ for r in range(ell)])
+    return shares
+
+
 def coefficients(label: str, t: int):
     """Fixed, reproducible polynomial coefficients a_1..a_{t-1} (eight limbs each): SHA-256 of a
     label, as u64 little-endian, mod p (real clients draw them at random)."""
@@ -583,6 +622,43 @@ def main():
         ("mean without client-3", ", ".join(f32_str(v) for v in mean_12)),
     ]
     print("\n#### J. Masked inputs of three clients\n")
+    print(block(fields))
+
+    # Vector K: LightSecAgg, four clients, U = 3, T = 1, masks of five values.
+    n_k, u_k, t_k, len_k = 4, 3, 1, 5
+    ell_k = -(-len_k // (u_k - t_k))
+    owners_k = clients + ["client-4"]
+    seeds_k = {c: self_seed[c] for c in clients}
+    seeds_k["client-4"] = hashlib.sha256(b"fedmq vector K client-4 seed").digest()
+    masks_k = {c: field_mask(seeds_k[c], len_k) for c in owners_k}
+    noise_k = {
+        c: [[int.from_bytes(hashlib.sha256(f"fedmq vector K noise {c} {r}".encode()).digest()[:4], "little") % LQ
+             for r in range(ell_k)]]
+        for c in owners_k
+    }
+    shares_k = {c: lsa_encode(masks_k[c], noise_k[c], n_k, u_k, t_k) for c in owners_k}
+    # All four masked inputs arrived; client-3 then dropped: the responders are at x = 1, 2, 4.
+    responders = [1, 2, 4]
+    sums_k = {x: [sum(shares_k[c][x - 1][r] for c in owners_k) % LQ for r in range(ell_k)] for x in responders}
+    agg = []
+    for at in [n_k + k for k in range(1, u_k - t_k + 1)]:
+        c = lagrange_at(responders, at)
+        agg += [sum(cj * sums_k[x][r] for cj, x in zip(c, responders)) % LQ for r in range(ell_k)]
+    agg = agg[:len_k]
+    assert agg == [sum(masks_k[c][r] for c in owners_k) % LQ for r in range(len_k)]
+    # Any T = 1 share alone is uniform: nothing to check here beyond the construction.
+    fields = [("modulus", LQ), ("clients", n_k), ("active", u_k), ("privacy", t_k),
+              ("length", len_k), ("share length", ell_k)]
+    for c in owners_k:
+        fields += [
+            (f"{c} seed", seeds_k[c]),
+            (f"{c} mask", ", ".join(str(v) for v in masks_k[c])),
+            (f"{c} noise", ", ".join(str(v) for v in noise_k[c][0])),
+        ]
+        fields += [(f"{c} share {x}", ", ".join(str(v) for v in shares_k[c][x - 1])) for x in range(1, n_k + 1)]
+    fields += [(f"summed share {x}", ", ".join(str(v) for v in sums_k[x])) for x in responders]
+    fields += [("aggregate mask", ", ".join(str(v) for v in agg))]
+    print("\n#### K. LightSecAgg coded mask shares\n")
     print(block(fields))
 
     print("\n| model | parameters, MNIST | blob bytes, MNIST | parameters, CIFAR-10 | blob bytes, CIFAR-10 |")
