@@ -391,25 +391,29 @@ impl ServerSession {
         }
         self.stage = Stage::Masked;
         self.sum = vec![0u32; self.len];
-        Ok(self
-            .shared
-            .keys()
-            .map(|c| {
-                let from: Vec<(&str, &[u8])> = self.graph[c]
-                    .iter()
-                    .filter_map(|n| {
-                        let entries = self.shared.get(n)?;
-                        Some((n.as_str(), entries.get(c)?.as_slice()))
-                    })
-                    .collect();
-                let sharing = from.iter().map(|(n, _)| (*n).to_string()).collect();
-                let inbox = match self.light {
-                    Some(_) => light::encode_inbox(&self.context, c, &from),
-                    None => bundle::encode_inbox(&self.context, c, &from),
-                };
-                (c.clone(), (sharing, inbox))
-            })
-            .collect())
+        // Each entry goes to exactly one inbox: it is moved there, so the bundles' memory is
+        // released as the inboxes grow (LightSecAgg's entries are large).
+        let holders: Vec<String> = self.shared.keys().cloned().collect();
+        let mut out = Inboxes::new();
+        for c in holders {
+            let mut from: Vec<(String, Vec<u8>)> = Vec::new();
+            for n in &self.graph[&c] {
+                if let Some(ct) = self.shared.get_mut(n).and_then(|e| e.remove(&c)) {
+                    from.push((n.clone(), ct));
+                }
+            }
+            let views: Vec<(&str, &[u8])> = from
+                .iter()
+                .map(|(n, ct)| (n.as_str(), ct.as_slice()))
+                .collect();
+            let inbox = match self.light {
+                Some(_) => light::encode_inbox(&self.context, &c, &views),
+                None => bundle::encode_inbox(&self.context, &c, &views),
+            };
+            let sharing = from.into_iter().map(|(n, _)| n).collect();
+            out.insert(c, (sharing, inbox));
+        }
+        Ok(out)
     }
 
     /// Whether `client` may send a masked input now (before it is fetched).
