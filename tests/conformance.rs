@@ -1500,7 +1500,12 @@ fn vector_k_lightsecagg_codes_and_decodes_the_aggregate_mask() {
         let noise = vec![list(&format!("{c} noise"))];
         let coded = light::encode_with_noise(&mask, &noise, n, params).unwrap();
         for (x, share) in coded.iter().enumerate() {
-            assert_eq!(*share, list(&format!("{c} share {}", x + 1)), "{c} x {}", x + 1);
+            assert_eq!(
+                *share,
+                list(&format!("{c} share {}", x + 1)),
+                "{c} x {}",
+                x + 1
+            );
         }
         shares.push(coded);
     }

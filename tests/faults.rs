@@ -1590,7 +1590,9 @@ fn killed_after_masking(sa_method: &'static str) {
     };
     fed.check(
         expected.contains(&revealed),
-        format_args!("round 2: shares from {expected:?} living clients, none from the dead: {r2:?}"),
+        format_args!(
+            "round 2: shares from {expected:?} living clients, none from the dead: {r2:?}"
+        ),
     );
 }
 

@@ -30,8 +30,8 @@ use crate::federation::{
 use crate::metrics::RoundRecord;
 use crate::proto::{BlobKeys, TrainConfig};
 use crate::server::{
-    self, OnFailure, Outcome, Progress, Protocol, RoundConfig, SecureConfig, ServerOptions, ServerReport,
-    Weighting,
+    self, OnFailure, Outcome, Progress, Protocol, RoundConfig, SecureConfig, ServerOptions,
+    ServerReport, Weighting,
 };
 use crate::store::{
     BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions, StoreTls, MIB,

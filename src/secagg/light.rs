@@ -239,9 +239,7 @@ pub fn encode_with_noise(
     pieces.extend(noise.iter().map(Vec::as_slice));
     let points = piece_points(n, params);
     Ok((1..=n as u32)
-        .map(|j| {
-            combine(&lagrange(&points, j), &pieces, ell)
-        })
+        .map(|j| combine(&lagrange(&points, j), &pieces, ell))
         .collect())
 }
 
@@ -453,10 +451,7 @@ pub fn check_bundle(
     if !entries.iter().map(|(k, _)| k).eq(holders.iter()) {
         return Err(bad("its entries are not one per other client".into()));
     }
-    Ok(entries
-        .into_iter()
-        .map(|(k, v)| (k, v.to_vec()))
-        .collect())
+    Ok(entries.into_iter().map(|(k, v)| (k, v.to_vec())).collect())
 }
 
 /// The inbox of `holder`: the entry addressed to it from each owner in `from`.
@@ -489,7 +484,7 @@ pub(super) fn open_inbox(
     .map_err(bad)?;
     if entries.len() != owners.len() || !entries.iter().zip(owners).all(|(e, o)| e.0 == o.0) {
         return Err(bad(
-            "its entries are not those of the clients that shared".into(),
+            "its entries are not those of the clients that shared".into()
         ));
     }
     entries
@@ -531,7 +526,9 @@ pub fn decode_aggregate(blob: &[u8], ell: usize) -> Result<Vec<u32>, SecAggError
         .tensor(AGGREGATE_TENSOR)
         .map_err(|_| bad(format!("no tensor {AGGREGATE_TENSOR:?}")))?;
     if t.dtype() != Dtype::U32 || t.shape() != [ell] {
-        return Err(bad(format!("the tensor is not a U32 vector of {ell} values")));
+        return Err(bad(format!(
+            "the tensor is not a U32 vector of {ell} values"
+        )));
     }
     bytes_to_field(t.data()).ok_or_else(|| bad("values outside the field".into()))
 }
@@ -572,7 +569,10 @@ mod tests {
         for n in [1u64, 2, 4, 5, 10, 100, 1000] {
             let b = max_bits(n);
             assert!(u128::from(n) * ((1u128 << b) - 1) < u128::from(Q), "{n}");
-            assert!(u128::from(n) * ((1u128 << (b + 1)) - 1) >= u128::from(Q), "{n}");
+            assert!(
+                u128::from(n) * ((1u128 << (b + 1)) - 1) >= u128::from(Q),
+                "{n}"
+            );
         }
         assert_eq!(max_bits(10), 28);
         assert_eq!(max_bits(4), 29, "4·(2^30 − 1) passes 2^32 − 5");
@@ -637,7 +637,11 @@ mod tests {
         assert_eq!(decode(&views, n, params, len).unwrap(), expected);
         assert!(matches!(
             decode(&views[..6], n, params, len),
-            Err(SecAggError::BelowThreshold { got: 6, needed: 7, .. })
+            Err(SecAggError::BelowThreshold {
+                got: 6,
+                needed: 7,
+                ..
+            })
         ));
     }
 

@@ -604,8 +604,7 @@ impl ServerSession {
         if let Some((x, spare)) = sums.get(l.active) {
             if !light::consistent(&sums[..l.active], *x, spare) {
                 return Err(SecAggError::Invalid(
-                    "the aggregate mask shares are inconsistent (a client sent a wrong one)"
-                        .into(),
+                    "the aggregate mask shares are inconsistent (a client sent a wrong one)".into(),
                 ));
             }
         }

@@ -2,8 +2,8 @@
 //! with dropouts at each stage, and the requests a client must refuse.
 
 use super::*;
-use crate::secagg::client::Reveal;
 use crate::proto::{SaCollect, SaUnmask};
+use crate::secagg::client::Reveal;
 use crate::tensor::{NamedTensor, ParamSet};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -483,20 +483,30 @@ fn lightsecagg_unmasks_the_survivors_mean_with_dropouts_at_every_stage() {
     let mut run = Run::light(10, 21);
     assert_eq!(run.server.setup().method, "lightsecagg");
     let u = run.run([&[], &[], &[], &[]]).unwrap();
-    check(&run, &u, &all(10).iter().map(String::as_str).collect::<Vec<_>>());
+    check(
+        &run,
+        &u,
+        &all(10).iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     // One gone before keys, one before sharing, one before masking: 7 survivors, all needed.
     let mut run = Run::light(10, 22);
     let gone = ["client-02", "client-05", "client-09"];
-    let u = run
-        .run([&gone[..1], &gone[1..2], &gone[2..], &[]])
-        .unwrap();
+    let u = run.run([&gone[..1], &gone[1..2], &gone[2..], &[]]).unwrap();
     let left = except(10, &gone);
-    check(&run, &u, &left.iter().map(String::as_str).collect::<Vec<_>>());
+    check(
+        &run,
+        &u,
+        &left.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     // Three gone after masking, before unmasking: their inputs are in, 7 aggregate shares.
     let mut run = Run::light(10, 23);
     let gone = ["client-01", "client-04", "client-10"];
     let u = run.run([&[], &[], &[], &gone]).unwrap();
-    check(&run, &u, &all(10).iter().map(String::as_str).collect::<Vec<_>>());
+    check(
+        &run,
+        &u,
+        &all(10).iter().map(String::as_str).collect::<Vec<_>>(),
+    );
 }
 
 #[test]
@@ -505,13 +515,27 @@ fn lightsecagg_below_u_unmasks_nothing() {
     let gone = ["client-01", "client-02", "client-03", "client-04"];
     let e = run.run([&[], &[], &gone, &[]]).unwrap_err();
     assert!(
-        matches!(e, SecAggError::BelowThreshold { got: 6, needed: 7, .. }),
+        matches!(
+            e,
+            SecAggError::BelowThreshold {
+                got: 6,
+                needed: 7,
+                ..
+            }
+        ),
         "{e}"
     );
     let mut run = Run::light(10, 25);
     let e = run.run([&[], &[], &[], &gone]).unwrap_err();
     assert!(
-        matches!(e, SecAggError::BelowThreshold { got: 6, needed: 7, .. }),
+        matches!(
+            e,
+            SecAggError::BelowThreshold {
+                got: 6,
+                needed: 7,
+                ..
+            }
+        ),
         "{e}"
     );
 }

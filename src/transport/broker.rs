@@ -769,6 +769,7 @@ fn run_rumqttd(config: rumqttd::Config) -> Result<mpsc::Receiver<String>, Broker
         .name("fedmq-broker".into())
         .spawn(move || {
             let mut broker = rumqttd::Broker::new(config);
+            keep_router_awake(&broker);
             // `start` returns only when every listener thread has ended: during start-up
             // that means they failed to bind.
             let reason = match broker.start() {
@@ -779,6 +780,40 @@ fn run_rumqttd(config: rumqttd::Config) -> Result<mpsc::Receiver<String>, Broker
         })
         .map_err(BrokerError::Spawn)?;
     Ok(exit_rx)
+}
+
+/// How often the router is nudged ([`keep_router_awake`]).
+const ROUTER_TICK: Duration = Duration::from_millis(100);
+
+/// Works around a stall in rumqttd 0.20: a connection that disconnects while it waits in the
+/// router's ready queue leaves its id there; when the router next polls that id it finds no
+/// connection, treats the queue as empty and blocks for a new event, with other connections
+/// (a new one awaiting its CONNACK among them) still queued. The listener thread that accepted
+/// that new connection waits for the CONNACK synchronously, so no event comes from any of its
+/// connections: the broker stalls for good (seen with 1,000 clients connecting while others
+/// finished). A local link that tells the router it is ready every [`ROUTER_TICK`] is such an
+/// event: the router wakes and works through its queue.
+fn keep_router_awake(broker: &rumqttd::Broker) {
+    let rx = match broker.link("fedmq-router-tick") {
+        Ok((_tx, rx)) => rx,
+        Err(e) => {
+            tracing::warn!(
+                "embedded broker: no router tick ({e}); a connection storm may stall it"
+            );
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("fedmq-broker-tick".into())
+        .spawn(move || {
+            // Ends when the router is gone.
+            while rx.ready().is_ok() {
+                std::thread::sleep(ROUTER_TICK);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("embedded broker: no router tick ({e}); a connection storm may stall it");
+    }
 }
 
 /// Probes `targets` (address, protocol level) until each answers, rumqttd exits, or

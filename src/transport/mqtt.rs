@@ -289,6 +289,9 @@ pub struct MqttTls {
     pub identity: Option<tls::Identity>,
 }
 
+/// Seconds to wait for the broker's CONNACK before reconnecting.
+const CONNACK_TIMEOUT_S: u64 = 30;
+
 /// Settings of one MQTT session. [`SessionOptions::new`] gives fedmq's defaults.
 #[derive(Clone)]
 pub struct SessionOptions {
@@ -679,6 +682,11 @@ impl MqttSession {
         let (client, mut eventloop) = AsyncClient::new(mqtt, opts.queue_capacity);
         let mut network = eventloop.network_options();
         network.set_tcp_nodelay(opts.tcp_nodelay);
+        // rumqttc gives up on a CONNACK after 5 s and reconnects. A broker answering a storm of
+        // connections (a thousand clients starting at once) can take longer; reconnecting then
+        // only adds duplicate client ids to the storm (and stalled the embedded rumqttd's
+        // listener), so wait for the CONNACK as long as the session waits to start.
+        network.set_connection_timeout(CONNACK_TIMEOUT_S);
         eventloop.set_network_options(network);
         let (incoming_tx, incoming_rx) = mpsc::channel(opts.queue_capacity);
         // The driver hands incoming publishes to a relay task and never waits for the consumer

@@ -307,13 +307,9 @@ impl RoundMachine {
                 (Some(_), None) => Err(SecAggError::Refused(
                     "a LightSecAgg reveal without an aggregate mask share".into(),
                 )),
-                (None, mask_share) => s.session.add_reveal(
-                    &client,
-                    &SaReveal {
-                        mask_share,
-                        ..rv
-                    },
-                ),
+                (None, mask_share) => s
+                    .session
+                    .add_reveal(&client, &SaReveal { mask_share, ..rv }),
             },
         };
         if let Err(e) = taken {
