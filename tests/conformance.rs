@@ -540,6 +540,7 @@ fn key_table_matches_blob_keys() {
         keys.update(ROUND, CLIENT),
         keys.shares(ROUND, CLIENT),
         keys.inbox(ROUND, CLIENT),
+        keys.reveal(ROUND, CLIENT),
         keys.checkpoint(ROUND),
         keys.checkpoint_state(ROUND),
         keys.final_model(),
