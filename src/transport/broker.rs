@@ -675,6 +675,12 @@ impl EmbeddedBroker {
             probe_tls.as_ref(),
             opts.ready_timeout,
         )?;
+        nodelay_on_listeners(
+            &[Some(addr), addr_v5]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>(),
+        );
         tracing::info!(%listeners, "embedded MQTT broker ready");
         Ok(Self { addr, addr_v5 })
     }
@@ -710,6 +716,7 @@ impl EmbeddedBroker {
             None,
             opts.ready_timeout,
         )?;
+        nodelay_on_listeners(&[internal]);
         gateway::spawn(gateway::GatewayConfig {
             listener: public,
             upstream: internal,
@@ -780,6 +787,52 @@ fn run_rumqttd(config: rumqttd::Config) -> Result<mpsc::Receiver<String>, Broker
         })
         .map_err(BrokerError::Spawn)?;
     Ok(exit_rx)
+}
+
+/// Sets `TCP_NODELAY` on rumqttd's listening sockets at `addrs`, so that the connections it
+/// accepts inherit it (as they do on Linux). rumqttd never sets it: its small writes to a client
+/// (an acknowledgement, then a message) then wait for that client's delayed ACK, 40 ms, whenever
+/// an earlier write is unacknowledged, which held every second control message of a secure round
+/// by 40 ms. rumqttd binds its listeners itself, so they are found among this process's
+/// descriptors by their bound address. Elsewhere than Linux this does nothing.
+fn nodelay_on_listeners(addrs: &[SocketAddr]) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::{BorrowedFd, RawFd};
+        let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+            return;
+        };
+        let mut found = 0;
+        for entry in dir.flatten() {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<RawFd>().ok())
+            else {
+                continue;
+            };
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+            if !is_socket {
+                continue;
+            }
+            // SAFETY: `fd` was open when listed; it is only borrowed for the three calls below.
+            // Were it closed and its number reused meanwhile, the calls act on a socket that is
+            // checked to be a listener bound to one of `addrs` (rumqttd's), or fail.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            let sock = socket2::SockRef::from(&borrowed);
+            let listening = sock.is_listener().unwrap_or(false);
+            let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
+            if listening && bound.is_some_and(|a| addrs.contains(&a)) {
+                found += usize::from(sock.set_tcp_nodelay(true).is_ok());
+            }
+        }
+        if found < addrs.len() {
+            tracing::debug!(found, "TCP_NODELAY not set on every rumqttd listener");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = addrs;
 }
 
 /// How often the router is nudged ([`keep_router_awake`]).
@@ -1208,6 +1261,44 @@ mod tests {
             }
         );
         assert!(s.contains("fedmq.acl"), "{s}");
+    }
+
+    /// The connections rumqttd accepts have `TCP_NODELAY` (inherited from the listener the
+    /// broker set it on): found among this process's sockets by their two addresses.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn accepted_connections_have_nodelay() {
+        use std::os::fd::{BorrowedFd, RawFd};
+        let broker = EmbeddedBroker::start(BrokerOptions::default()).unwrap();
+        let stream = std::net::TcpStream::connect(broker.addr()).unwrap();
+        let ours = stream.local_addr().unwrap();
+        let accepted = |deadline: Instant| loop {
+            let mut hit = None;
+            for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+                let Some(fd) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<RawFd>().ok())
+                else {
+                    continue;
+                };
+                // SAFETY: borrowed for three calls while this test holds the connection open.
+                let b = unsafe { BorrowedFd::borrow_raw(fd) };
+                let sock = socket2::SockRef::from(&b);
+                let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+                let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+                if local == Some(broker.addr()) && peer == Some(ours) {
+                    hit = sock.tcp_nodelay().ok();
+                }
+            }
+            if hit.is_some() || Instant::now() > deadline {
+                return hit;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let nodelay = accepted(Instant::now() + Duration::from_secs(5));
+        assert_eq!(nodelay, Some(true), "the broker's side of the connection");
+        drop(stream);
     }
 
     #[test]
