@@ -511,33 +511,23 @@ fn lightsecagg_unmasks_the_survivors_mean_with_dropouts_at_every_stage() {
 
 #[test]
 fn lightsecagg_below_u_unmasks_nothing() {
-    let mut run = Run::light(10, 24);
+    // Four gone before masking (6 masked inputs), or after it (6 aggregate shares): U = 7.
     let gone = ["client-01", "client-02", "client-03", "client-04"];
-    let e = run.run([&[], &[], &gone, &[]]).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            SecAggError::BelowThreshold {
-                got: 6,
-                needed: 7,
-                ..
-            }
-        ),
-        "{e}"
-    );
-    let mut run = Run::light(10, 25);
-    let e = run.run([&[], &[], &[], &gone]).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            SecAggError::BelowThreshold {
-                got: 6,
-                needed: 7,
-                ..
-            }
-        ),
-        "{e}"
-    );
+    for (seed, drop) in [(24, [&[][..], &[], &gone, &[]]), (25, [&[], &[], &[], &gone])] {
+        let mut run = Run::light(10, seed);
+        let e = run.run(drop).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SecAggError::BelowThreshold {
+                    got: 6,
+                    needed: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
 }
 
 #[test]

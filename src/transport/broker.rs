@@ -796,13 +796,27 @@ fn run_rumqttd(config: rumqttd::Config) -> Result<mpsc::Receiver<String>, Broker
 /// by 40 ms. rumqttd binds its listeners itself, so they are found among this process's
 /// descriptors by their bound address. Elsewhere than Linux this does nothing.
 fn nodelay_on_listeners(addrs: &[SocketAddr]) {
+    let mut found = 0;
+    for_each_socket(|sock| {
+        let listening = sock.is_listener().unwrap_or(false);
+        let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
+        if listening && bound.is_some_and(|a| addrs.contains(&a)) {
+            found += usize::from(sock.set_tcp_nodelay(true).is_ok());
+        }
+    });
+    if found < addrs.len() {
+        tracing::debug!(found, "TCP_NODELAY not set on every rumqttd listener");
+    }
+}
+
+/// Calls `f` with each socket this process has open (on Linux; elsewhere, none).
+fn for_each_socket(mut f: impl FnMut(socket2::SockRef<'_>)) {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::{BorrowedFd, RawFd};
         let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
             return;
         };
-        let mut found = 0;
         for entry in dir.flatten() {
             let Some(fd) = entry
                 .file_name()
@@ -816,23 +830,15 @@ fn nodelay_on_listeners(addrs: &[SocketAddr]) {
             if !is_socket {
                 continue;
             }
-            // SAFETY: `fd` was open when listed; it is only borrowed for the three calls below.
-            // Were it closed and its number reused meanwhile, the calls act on a socket that is
-            // checked to be a listener bound to one of `addrs` (rumqttd's), or fail.
+            // SAFETY: `fd` was open when listed and is only borrowed for `f`'s calls. Were it
+            // closed and its number reused meanwhile, the calls act on whatever socket has it
+            // (callers check what it is before changing it) or fail.
             let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-            let sock = socket2::SockRef::from(&borrowed);
-            let listening = sock.is_listener().unwrap_or(false);
-            let bound = sock.local_addr().ok().and_then(|a| a.as_socket());
-            if listening && bound.is_some_and(|a| addrs.contains(&a)) {
-                found += usize::from(sock.set_tcp_nodelay(true).is_ok());
-            }
-        }
-        if found < addrs.len() {
-            tracing::debug!(found, "TCP_NODELAY not set on every rumqttd listener");
+            f(socket2::SockRef::from(&borrowed));
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = addrs;
+    let _ = &mut f;
 }
 
 /// How often the router is nudged ([`keep_router_awake`]).
@@ -1268,35 +1274,24 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn accepted_connections_have_nodelay() {
-        use std::os::fd::{BorrowedFd, RawFd};
         let broker = EmbeddedBroker::start(BrokerOptions::default()).unwrap();
         let stream = std::net::TcpStream::connect(broker.addr()).unwrap();
         let ours = stream.local_addr().unwrap();
-        let accepted = |deadline: Instant| loop {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let nodelay = loop {
             let mut hit = None;
-            for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
-                let Some(fd) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<RawFd>().ok())
-                else {
-                    continue;
-                };
-                // SAFETY: borrowed for three calls while this test holds the connection open.
-                let b = unsafe { BorrowedFd::borrow_raw(fd) };
-                let sock = socket2::SockRef::from(&b);
+            for_each_socket(|sock| {
                 let local = sock.local_addr().ok().and_then(|a| a.as_socket());
                 let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
                 if local == Some(broker.addr()) && peer == Some(ours) {
                     hit = sock.tcp_nodelay().ok();
                 }
-            }
+            });
             if hit.is_some() || Instant::now() > deadline {
-                return hit;
+                break hit;
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let nodelay = accepted(Instant::now() + Duration::from_secs(5));
         assert_eq!(nodelay, Some(true), "the broker's side of the connection");
         drop(stream);
     }
