@@ -513,7 +513,10 @@ fn lightsecagg_unmasks_the_survivors_mean_with_dropouts_at_every_stage() {
 fn lightsecagg_below_u_unmasks_nothing() {
     // Four gone before masking (6 masked inputs), or after it (6 aggregate shares): U = 7.
     let gone = ["client-01", "client-02", "client-03", "client-04"];
-    for (seed, drop) in [(24, [&[][..], &[], &gone, &[]]), (25, [&[], &[], &[], &gone])] {
+    for (seed, drop) in [
+        (24, [&[][..], &[], &gone, &[]]),
+        (25, [&[], &[], &[], &gone]),
+    ] {
         let mut run = Run::light(10, seed);
         let e = run.run(drop).unwrap_err();
         assert!(

@@ -379,6 +379,8 @@ pub struct RoundMachine {
     upload_started: Option<Instant>,
     /// Updates announced for round `completed + 1` before it started (first per client).
     early: BTreeMap<String, Notice>,
+    /// Whether the LightSecAgg parameters were adjusted already (the warning is said once).
+    light_adjusted: bool,
 }
 
 impl RoundMachine {
@@ -401,6 +403,7 @@ impl RoundMachine {
             completed: 0,
             upload_started: None,
             early: BTreeMap::new(),
+            light_adjusted: false,
         }
     }
 

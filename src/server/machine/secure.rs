@@ -146,14 +146,14 @@ impl RoundMachine {
             }
             Protocol::LightSecAgg { active, privacy } => {
                 let (p, changed) = secagg::LightParams::with_overrides(n, active, privacy);
-                if changed {
+                if changed && !std::mem::replace(&mut self.light_adjusted, true) {
                     warn!(
                         round,
                         clients = n,
                         active = p.active,
                         privacy = p.privacy,
                         "LightSecAgg needs privacy_guarantee < targeted_number_active_clients <= \
-                         clients per round; using these"
+                         clients per round; using these (said once per run)"
                     );
                 }
                 secagg::Method::Light(p)
