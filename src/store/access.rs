@@ -406,7 +406,12 @@ mod tests {
             !client_may(me, "PutObject", Some(inbox)),
             "the server writes inboxes"
         );
+        // LightSecAgg's aggregate mask share: its own, written by it, read by the server.
+        let reveal = "fedmq/run/r000003/reveal/client-1";
+        assert!(client_may(me, "PutObject", Some(reveal)));
+        assert!(!client_may(me, "GetObject", Some(reveal)));
         for no in [
+            "fedmq/run/r000003/reveal/client-2",
             "fedmq/run/r000003/shares/client-2",
             "fedmq/run/r000003/inbox/client-2",
             "fedmq/run/r000003/inbox/client-11",
@@ -424,6 +429,7 @@ mod tests {
         let p = iam_policy("fedmq", "fedmq/run-1/", me).to_string();
         assert!(p.contains("fedmq/run-1/r*/shares/client-1"), "{p}");
         assert!(p.contains("fedmq/run-1/r*/inbox/client-1"), "{p}");
+        assert!(p.contains("fedmq/run-1/r*/reveal/client-1"), "{p}");
         assert!(!p.contains("shares/*"), "{p}");
     }
 
