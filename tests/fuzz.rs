@@ -241,6 +241,41 @@ fn secure_messages(t: &Topics) -> Vec<(String, Envelope)> {
     corpus
 }
 
+/// Run `run-1`, round 4: every client in `ids` advertises its keys and shares them through
+/// `server`. Their sessions, their bundles, and what the server gives each (its inbox).
+fn share_all(
+    server: &mut fedmq::secagg::ServerSession,
+    ids: &[String],
+) -> (
+    std::collections::BTreeMap<String, fedmq::secagg::ClientSession>,
+    std::collections::BTreeMap<String, Vec<u8>>,
+    fedmq::secagg::Inboxes,
+) {
+    let setup = server.setup().clone();
+    let mut sessions = std::collections::BTreeMap::new();
+    for id in ids {
+        let (s, k) = fedmq::secagg::ClientSession::new("run-1", 4, id, &setup, 10).unwrap();
+        server.add_keys(id, &k, 10).unwrap();
+        sessions.insert(id.clone(), s);
+    }
+    let rosters = server.rosters().unwrap();
+    let mut bundles = std::collections::BTreeMap::new();
+    for (id, r) in &rosters {
+        let b = sessions
+            .get_mut(id)
+            .unwrap()
+            .on_roster(r, &mut rand::rng())
+            .unwrap();
+        server
+            .add_shares(id, blob(&format!("fedmq/run-1/r000004/shares/{id}")))
+            .unwrap();
+        server.add_bundle(id, &b).unwrap();
+        bundles.insert(id.clone(), b);
+    }
+    let collects = server.collects().unwrap();
+    (sessions, bundles, collects)
+}
+
 /// One random mutation of `input` (sometimes spliced with `other`).
 fn mutate(rng: &mut ChaCha8Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
     let mut v = input.to_vec();
@@ -489,34 +524,12 @@ fn opening_sealed_blobs_never_panics_and_never_accepts_altered_input() {
 /// panic.
 #[test]
 fn secure_aggregation_inputs_never_panic_and_altered_shares_never_open() {
-    use fedmq::secagg::{self, ClientSession, Params, ServerSession};
-    use std::collections::BTreeMap;
+    use fedmq::secagg::{self, Params, ServerSession};
     let (iters, seed) = iters_and_seed();
     let ids: Vec<String> = (1..=3).map(|i| format!("client-{i}")).collect();
     let mut server =
         ServerSession::new("run-1", 4, &ids, Params::for_clients(3), 1.0, 7, 16, 1000).unwrap();
-    let setup = server.setup().clone();
-    let mut sessions = BTreeMap::new();
-    for id in &ids {
-        let (s, k) = ClientSession::new("run-1", 4, id, &setup, 10).unwrap();
-        server.add_keys(id, &k, 10).unwrap();
-        sessions.insert(id.clone(), s);
-    }
-    let rosters = server.rosters().unwrap();
-    let mut bundles = BTreeMap::new();
-    for (id, r) in &rosters {
-        let b = sessions
-            .get_mut(id)
-            .unwrap()
-            .on_roster(r, &mut rand::rng())
-            .unwrap();
-        server
-            .add_shares(id, blob(&format!("fedmq/run-1/r000004/shares/{id}")))
-            .unwrap();
-        server.add_bundle(id, &b).unwrap();
-        bundles.insert(id.clone(), b);
-    }
-    let collects = server.collects().unwrap();
+    let (mut sessions, bundles, collects) = share_all(&mut server, &ids);
     let me = &ids[0];
     let (sharing, good_inbox) = &collects[me];
     let collect = SaCollect {
@@ -612,36 +625,14 @@ fn secure_aggregation_inputs_never_panic_and_altered_shares_never_open() {
 /// holder), and mutated aggregate-share blobs never panic the server.
 #[test]
 fn lightsecagg_inputs_never_panic_and_altered_shares_never_open() {
-    use fedmq::secagg::{light, ClientSession, LightParams, Method, ServerSession};
-    use std::collections::BTreeMap;
+    use fedmq::secagg::{light, LightParams, Method, ServerSession};
     let (iters, seed) = iters_and_seed();
     let iters = iters / 4;
     let ids: Vec<String> = (1..=4).map(|i| format!("client-{i}")).collect();
     let method = Method::Light(LightParams::for_clients(4));
     let mut server = ServerSession::new("run-1", 4, &ids, method, 1.0, 7, 64, 1000).unwrap();
-    let setup = server.setup().clone();
     let ell = LightParams::for_clients(4).share_len(64);
-    let mut sessions = BTreeMap::new();
-    for id in &ids {
-        let (s, k) = ClientSession::new("run-1", 4, id, &setup, 10).unwrap();
-        server.add_keys(id, &k, 10).unwrap();
-        sessions.insert(id.clone(), s);
-    }
-    let rosters = server.rosters().unwrap();
-    let mut bundles = BTreeMap::new();
-    for (id, r) in &rosters {
-        let b = sessions
-            .get_mut(id)
-            .unwrap()
-            .on_roster(r, &mut rand::rng())
-            .unwrap();
-        server
-            .add_shares(id, blob(&format!("fedmq/run-1/r000004/shares/{id}")))
-            .unwrap();
-        server.add_bundle(id, &b).unwrap();
-        bundles.insert(id.clone(), b);
-    }
-    let collects = server.collects().unwrap();
+    let (mut sessions, bundles, collects) = share_all(&mut server, &ids);
     let me = &ids[0];
     let (sharing, good_inbox) = &collects[me];
     let collect = SaCollect {

@@ -300,14 +300,21 @@ fn share_all(run: &mut Run) -> (BTreeMap<String, Vec<u8>>, super::Inboxes) {
     (bundles, inboxes)
 }
 
+/// Every client of `run` shares; `me` then reads its inbox and masks its update. Its masked input,
+/// and what the server gave each client.
+fn mask_one(run: &mut Run, me: &str) -> (Vec<u32>, super::Inboxes) {
+    let (_, collects) = share_all(run);
+    let (sharing, inbox) = &collects[me];
+    let c = run.clients.get_mut(me).unwrap();
+    c.on_collect(&collect_of(sharing, me), inbox).unwrap();
+    let y = c.masked_input(&run.global, &run.trained[me]).unwrap();
+    (y, collects)
+}
+
 fn masked_client() -> (Run, String, SaUnmask) {
     let mut run = Run::new(5, 6);
-    let (_, collects) = share_all(&mut run);
     let me = "client-01".to_string();
-    let (sharing, inbox) = &collects[&me];
-    let c = run.clients.get_mut(&me).unwrap();
-    c.on_collect(&collect_of(sharing, &me), inbox).unwrap();
-    c.masked_input(&run.global, &run.trained[&me]).unwrap();
+    mask_one(&mut run, &me);
     let req = SaUnmask {
         survivors: vec!["client-02".into(), "client-03".into()],
         dropped: vec!["client-04".into()],
@@ -536,12 +543,9 @@ fn lightsecagg_below_u_unmasks_nothing() {
 #[test]
 fn a_lightsecagg_client_sums_only_large_survivor_sets_once() {
     let mut run = Run::light(10, 26);
-    let (_, collects) = share_all(&mut run);
     let me = "client-01".to_string();
-    let (sharing, inbox) = &collects[&me];
+    mask_one(&mut run, &me);
     let c = run.clients.get_mut(&me).unwrap();
-    c.on_collect(&collect_of(sharing, &me), inbox).unwrap();
-    c.masked_input(&run.global, &run.trained[&me]).unwrap();
     let ask = |survivors: &[String], dropped: &[&str]| SaUnmask {
         survivors: survivors.to_vec(),
         dropped: dropped.iter().map(|d| d.to_string()).collect(),
@@ -570,12 +574,9 @@ fn what_the_server_holds_of_a_lightsecagg_client_looks_uniform() {
     // The masked input of one client, over GF(2^32 − 5): its top bits are uniform, and it is
     // uncorrelated with the client's quantized update.
     let mut run = Run::light(10, 27);
-    let (_, collects) = share_all(&mut run);
     let me = "client-03".to_string();
+    let (y, collects) = mask_one(&mut run, &me);
     let (sharing, inbox) = &collects[&me];
-    let c = run.clients.get_mut(&me).unwrap();
-    c.on_collect(&collect_of(sharing, &me), inbox).unwrap();
-    let y = c.masked_input(&run.global, &run.trained[&me]).unwrap();
     let mean = y.iter().map(|v| f64::from(*v)).sum::<f64>() / y.len() as f64;
     let half = light::Q as f64 / 2.0;
     assert!((mean - half).abs() < half * 0.1, "mean {mean} vs {half}");
