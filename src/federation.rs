@@ -114,17 +114,31 @@ pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOption
     }
 }
 
-/// Evaluates global models on a test set.
+/// Evaluates global models on a test set (and, when a backdoor attack is measured, on its
+/// triggered test set).
 pub struct ModelEvaluator {
     kind: ModelKind,
     test: Arc<dyn Dataset>,
     device: Device,
+    backdoor: Option<Arc<dyn Dataset>>,
 }
 
 impl ModelEvaluator {
     /// An evaluator of `kind` models on `test`.
     pub fn new(kind: ModelKind, test: Arc<dyn Dataset>, device: Device) -> Self {
-        Self { kind, test, device }
+        Self {
+            kind,
+            test,
+            device,
+            backdoor: None,
+        }
+    }
+
+    /// Also measures a backdoor's success: accuracy on `triggered` (test inputs of other
+    /// classes with the trigger, labelled with the attacker's target), `backdoor_success`.
+    pub fn with_backdoor(mut self, triggered: Arc<dyn Dataset>) -> Self {
+        self.backdoor = Some(triggered);
+        self
     }
 }
 
@@ -140,9 +154,16 @@ impl Evaluator for ModelEvaluator {
         .map_err(|e| e.to_string())?;
         let r = train::evaluate(&model, self.test.as_ref(), None, 500, &self.device)
             .map_err(|e| e.to_string())?;
+        let mut extra = std::collections::BTreeMap::new();
+        if let Some(triggered) = &self.backdoor {
+            let b = train::evaluate(&model, triggered.as_ref(), None, 500, &self.device)
+                .map_err(|e| e.to_string())?;
+            extra.insert("backdoor_success".to_string(), b.accuracy);
+        }
         Ok(Evaluation {
             accuracy: r.accuracy,
             loss: r.loss,
+            extra,
         })
     }
 }
@@ -431,15 +452,8 @@ pub async fn run_client_from_config(
     }
     let (split, part) = tokio::task::block_in_place(|| load_data(cfg, true))?;
     let (device, desc) = training_device(cfg);
-    let kind: ModelKind = cfg.model_args.model.parse()?;
     let indices = part.into_clients().swap_remove(rank - 1);
-    let trainer = Arc::new(DataTrainer::new(
-        kind,
-        split.train.clone(),
-        indices,
-        device,
-        0,
-    ));
+    let trainer = client_trainer(cfg, rank, &split, indices, device, 0)?;
     let id = client::client_id(rank);
     let s3 = store_options(cfg, &id)?;
     if let Some(w) = shared_store_credential_warning(&s3, &id) {
@@ -491,20 +505,134 @@ pub async fn run_server_from_config(
     let store = BlobStore::connect(&store_options(cfg, server::SERVER_ID)?)?;
     let mqtt = session_options(cfg, server::SERVER_ID, None);
     let sec = Security::from_config(cfg, server::SERVER_ID)?;
-    let strategy = strategy_from_config(cfg)?;
+    let strategy = strategy_from_config(cfg, &split)?;
     serve(
         cfg, &split, store, mqtt, sec, strategy, output_dir, resume, progress, cancel,
     )
     .await
 }
 
-/// The strategy `train_args.federated_optimizer` names.
+/// The strategy `train_args.federated_optimizer` names, with the defense of `defense_args`
+/// (FLTrust's root data set drawn from `split`'s training samples) and the differential privacy
+/// of `dp_args` around it.
 ///
 /// # Errors
-/// An unknown strategy or a bad hyper-parameter, naming the key.
-pub fn strategy_from_config(cfg: &Config) -> Result<Box<dyn Strategy>> {
-    crate::strategy::from_config(&cfg.train_args, &cfg.fedmq_args)
-        .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.reason))
+/// An unknown strategy or defense, a bad hyper-parameter or privacy setting, naming the key.
+pub fn strategy_from_config(cfg: &Config, split: &DataSplit) -> Result<Box<dyn Strategy>> {
+    let mut strategy = crate::strategy::from_config(&cfg.train_args, &cfg.fedmq_args)
+        .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.reason))?;
+    let root = root_trainer(cfg, split)?;
+    if let Some(defense) = crate::strategy::defense_from_config(
+        &cfg.defense_args,
+        cfg.train_args.client_num_per_round,
+        root,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?
+    {
+        tracing::info!(defense = defense.name(), "robust aggregation");
+        strategy = Box::new(
+            crate::strategy::Defended::new(strategy, defense).map_err(|e| anyhow::anyhow!(e))?,
+        );
+    }
+    if let Some(dp) = crate::strategy::dp_from_config(cfg).map_err(|e| anyhow::anyhow!(e))? {
+        tracing::info!(
+            mode = ?dp.mode,
+            clip = dp.clip,
+            noise_multiplier = dp.noise_multiplier,
+            "differential privacy"
+        );
+        strategy =
+            Box::new(crate::strategy::Private::new(strategy, dp).map_err(|e| anyhow::anyhow!(e))?);
+    }
+    Ok(strategy)
+}
+
+/// FLTrust's root update: a copy of the global model trained, as a client would, on
+/// `defense_args.root_data_size` training samples the server holds (drawn with the run's seed).
+fn root_trainer(
+    cfg: &Config,
+    split: &DataSplit,
+) -> Result<Option<Arc<crate::strategy::RootTrainer>>> {
+    let d = &cfg.defense_args;
+    if !(d.enable_defense && d.defense_type.eq_ignore_ascii_case("fltrust"))
+        || d.root_data_size == 0
+    {
+        return Ok(None);
+    }
+    let kind: ModelKind = cfg.model_args.model.parse()?;
+    let n = split.train.len();
+    if d.root_data_size > n {
+        bail!(
+            "defense_args.root_data_size ({}) exceeds the {} training samples",
+            d.root_data_size,
+            n
+        );
+    }
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(
+        cfg.common_args.random_seed ^ 0x0f17_7a57,
+    );
+    let indices = rand::seq::index::sample(&mut rng, n, d.root_data_size).into_vec();
+    let (device, _) = training_device(cfg);
+    let trainer = DataTrainer::new(kind, split.train.clone(), indices, device, 0);
+    let mut config = round_config(cfg).train;
+    config.seed = cfg.common_args.random_seed;
+    Ok(Some(Arc::new(move |global: &ParamSet| {
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        trainer
+            .train(
+                global.clone(),
+                &config,
+                &client::LocalHooks::default(),
+                &stop,
+            )
+            .map(|t| t.params)
+            .map_err(|e| format!("training on the root data set: {e}"))
+    })))
+}
+
+/// Client `rank`'s trainer on its samples `indices`: honest, or attacking when `attack_args`
+/// pick this rank.
+///
+/// # Errors
+/// Bad attack settings.
+pub fn client_trainer(
+    cfg: &Config,
+    rank: usize,
+    split: &DataSplit,
+    indices: Vec<usize>,
+    device: Device,
+    threads: usize,
+) -> Result<Arc<dyn LocalTrainer>> {
+    let kind: ModelKind = cfg.model_args.model.parse()?;
+    let attack = crate::attack::Attack::from_config(cfg).map_err(|e| anyhow::anyhow!(e))?;
+    match attack {
+        Some(a) if crate::attack::attacker_ranks(cfg).contains(&rank) => {
+            tracing::warn!(rank, attack = ?a.kind, "this client attacks the federation (attack_args)");
+            Ok(Arc::new(crate::attack::AttackingTrainer::new(
+                a,
+                rank,
+                kind,
+                split.train.clone(),
+                indices,
+                trigger_for(cfg)?,
+                device,
+                threads,
+            )))
+        }
+        _ => Ok(Arc::new(DataTrainer::new(
+            kind,
+            split.train.clone(),
+            indices,
+            device,
+            threads,
+        ))),
+    }
+}
+
+/// The backdoor trigger for `cfg`'s data set (bright pixels in its normalization).
+fn trigger_for(cfg: &Config) -> Result<crate::attack::Trigger> {
+    let kind: DatasetKind = cfg.data_args.dataset.parse()?;
+    Ok(crate::attack::Trigger::new(kind.mean(), kind.std()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -547,8 +675,18 @@ async fn serve(
     };
     let initial = initial_model(cfg, split.train.as_ref())?;
     let (device, _) = training_device(cfg);
-    let evaluator: Arc<dyn Evaluator> =
-        Arc::new(ModelEvaluator::new(kind, split.test.clone(), device));
+    let mut evaluator = ModelEvaluator::new(kind, split.test.clone(), device);
+    if let Some(a) = crate::attack::Attack::from_config(cfg)
+        .map_err(|e| anyhow::anyhow!(e))?
+        .filter(crate::attack::Attack::is_backdoor)
+    {
+        evaluator = evaluator.with_backdoor(Arc::new(crate::attack::backdoor_test_set(
+            split.test.clone(),
+            trigger_for(cfg)?,
+            a.target,
+        )));
+    }
+    let evaluator: Arc<dyn Evaluator> = Arc::new(evaluator);
     Ok(server::run_server(
         opts,
         mqtt,
@@ -622,8 +760,7 @@ pub async fn run_local(
     progress: impl FnMut(&Progress) + Send,
     cancel: CancellationToken,
 ) -> Result<LocalReport> {
-    let strategy = strategy_from_config(cfg)?;
-    run_local_with(cfg, opts, strategy, progress, cancel).await
+    run_local_inner(cfg, opts, None, progress, cancel).await
 }
 
 /// [`run_local`] with a strategy of the caller's instead of the one the config names: how a
@@ -639,8 +776,22 @@ pub async fn run_local_with(
     progress: impl FnMut(&Progress) + Send,
     cancel: CancellationToken,
 ) -> Result<LocalReport> {
+    run_local_inner(cfg, opts, Some(strategy), progress, cancel).await
+}
+
+/// [`run_local`] with the caller's strategy, or (`None`) the one the config names.
+async fn run_local_inner(
+    cfg: &Config,
+    opts: &LocalOptions,
+    strategy: Option<Box<dyn Strategy>>,
+    progress: impl FnMut(&Progress) + Send,
+    cancel: CancellationToken,
+) -> Result<LocalReport> {
     let (split, part) = tokio::task::block_in_place(|| load_data(cfg, opts.fetch_progress))?;
-    let kind: ModelKind = cfg.model_args.model.parse()?;
+    let strategy = match strategy {
+        Some(s) => s,
+        None => strategy_from_config(cfg, &split)?,
+    };
 
     // Broker.
     let mut mqtt_port = None;
@@ -722,13 +873,7 @@ pub async fn run_local_with(
     let mut clients = LocalClients::new(cancel.child_token());
     for (i, indices) in part.into_clients().into_iter().enumerate() {
         let id = client::client_id(i + 1);
-        let trainer = Arc::new(DataTrainer::new(
-            kind,
-            split.train.clone(),
-            indices,
-            device.clone(),
-            threads,
-        ));
+        let trainer = client_trainer(&cfg, i + 1, &split, indices, device.clone(), threads)?;
         let sec = std::mem::take(&mut client_secs[i]);
         let copts = ClientOptions {
             run: cfg.common_args.run_id.clone(),

@@ -20,6 +20,9 @@
 //!   incoming messages, and checkpoints.
 //! - [`client`]: the client runtime, its trainers and the client-side strategy hooks.
 //! - [`federation`]: a whole federation in one process (`fedmq run`).
+//! - [`attack`]: attacking clients (Byzantine updates, label flipping, backdoors) for measuring
+//!   defenses; the defenses are strategies ([`strategy::Defended`], [`strategy::Private`]).
+//! - [`privacy`]: the RDP accountant of differential privacy.
 //! - [`metrics`]: `metrics.jsonl`/`metrics.csv`, the summary table and SVG plots.
 //! - [`bench`]: the benchmark harnesses behind `fedmq bench` (train, blob, mqtt, round,
 //!   strategies), beside the product: nothing else depends on them.
@@ -34,6 +37,7 @@
 //! - `cli` (binary only): the `fedmq` command line.
 #![warn(missing_docs)]
 
+pub mod attack;
 pub mod bench;
 pub mod client;
 pub mod config;
@@ -41,6 +45,7 @@ pub mod crypto;
 pub mod data;
 pub mod federation;
 pub mod metrics;
+pub mod privacy;
 pub mod proto;
 pub mod secagg;
 pub mod server;

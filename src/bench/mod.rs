@@ -12,6 +12,7 @@
 
 pub mod blob;
 pub mod mqtt;
+pub mod robustness;
 pub mod round;
 pub mod strategies;
 pub mod train;

@@ -1080,6 +1080,7 @@ impl RoundBenchReport {
         let outcome = match &server.report.outcome {
             Outcome::Completed => "completed".to_string(),
             Outcome::Aborted(r) => format!("aborted: {r}"),
+            Outcome::Stopped(r) => format!("stopped: {r}"),
         };
         let mut r = Self {
             clients: cfg.clients,

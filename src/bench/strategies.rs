@@ -176,6 +176,7 @@ pub async fn run(bench: &StrategyBench, cancel: CancellationToken) -> Result<Vec
         let outcome = match &report.server.outcome {
             crate::server::Outcome::Completed => "completed".to_string(),
             crate::server::Outcome::Aborted(r) => format!("aborted: {r}"),
+            crate::server::Outcome::Stopped(r) => format!("stopped: {r}"),
         };
         let run = StrategyRun::from_records(
             &s,

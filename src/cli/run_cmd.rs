@@ -184,6 +184,10 @@ fn finish(report: &ServerReport, out: &std::path::Path) -> Result<()> {
     match &report.outcome {
         Outcome::Completed => Ok(()),
         Outcome::Aborted(r) => bail!("the run was aborted: {r}"),
+        Outcome::Stopped(r) => {
+            eprintln!("the run stopped early: {r}; the model so far is the final model");
+            Ok(())
+        }
     }
 }
 
@@ -266,8 +270,17 @@ impl Ui {
                         )
                     })
                     .unwrap_or_else(|| "not evaluated".into());
+                // What a defense or privacy adds to the round: the spent ε, the backdoor's
+                // success.
+                let mut extra = String::new();
+                if let Some(e) = r.strategy.get("dp_epsilon") {
+                    extra.push_str(&format!("  ε {e:.3}"));
+                }
+                if let Some(b) = r.strategy.get("backdoor_success") {
+                    extra.push_str(&format!("  backdoor {:5.1}%", b * 100.0));
+                }
                 self.line(format!(
-                    "round {:>3}/{}  {acc}  train loss {}  {:6.1} s  {} clients  {} failed{}",
+                    "round {:>3}/{}  {acc}{extra}  train loss {}  {:6.1} s  {} clients  {} failed{}",
                     r.round,
                     self.rounds,
                     r.train_loss.map_or("-".into(), |l| format!("{l:.4}")),

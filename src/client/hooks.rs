@@ -7,6 +7,7 @@
 //! | `proximal_mu` (FedProx) | the optimizer adds `μ·(w − w_global)` to every gradient | — |
 //! | `control_variate` (SCAFFOLD) | every gradient gets `c − cᵢ` (`c` from `strategy/control/*`) | `Δcᵢ` sent as `strategy/delta_control/*`, `cᵢ` kept |
 //! | `normalized_steps` (FedNova) | — | `local_steps` and `normalizer` reported |
+//! | `dp_clip_norm` with `dp_gaussian_std` or `dp_laplace_scale` (ldp, ddp) | — | the update `x − g` clipped to the norm (L2; L1 for Laplace), noise added ([`privatize`]) |
 //!
 //! SCAFFOLD's `K` is the number of steps for plain SGD; with momentum `ρ` it is the total
 //! weight with which the steps' gradients entered the model (FedNova's normalizer), so that
@@ -26,7 +27,19 @@ use crate::tensor::{NamedTensor, ParamSet};
 use std::sync::{Arc, Mutex};
 
 /// Every instruction parameter this client implements.
-const KNOWN: &str = "proximal_mu, control_variate, normalized_steps";
+const KNOWN: &str = "proximal_mu, control_variate, normalized_steps, dp_clip_norm, \
+                     dp_gaussian_std, dp_laplace_scale";
+
+/// What differential privacy asks of a client's update: clip, then add noise.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ClientNoise {
+    /// The clipping norm of the update `x − g`.
+    pub clip: f64,
+    /// Gaussian noise's standard deviation per parameter (0: none).
+    pub gaussian_std: f64,
+    /// Laplace noise's scale per parameter (0: none); the update is clipped in L1 then.
+    pub laplace_scale: f64,
+}
 
 /// What a strategy changes in local training, read from a train command's
 /// [`StrategyInstruction`]. Applied by the optimizer layer (`crate::train::optim`), so every
@@ -41,6 +54,11 @@ pub struct LocalHooks {
     pub normalized_steps: bool,
     /// Added to every gradient (SCAFFOLD's `c − cᵢ`), set by [`prepare`].
     pub grad_offset: Option<Arc<ParamSet>>,
+    /// Differential privacy's clipping and noise on the update (ldp, ddp).
+    pub noise: Option<ClientNoise>,
+    /// The round being trained (set by the client from its train command; an attacking
+    /// trainer attacks only in its rounds).
+    pub round: u64,
 }
 
 impl LocalHooks {
@@ -80,6 +98,19 @@ impl LocalHooks {
                 "proximal_mu" => return Err(bad(name, value, "not ≥ 0")),
                 "control_variate" => hooks.control_variate = switch(name, value)?,
                 "normalized_steps" => hooks.normalized_steps = switch(name, value)?,
+                "dp_clip_norm" if value.is_finite() && value > 0.0 => {
+                    hooks.noise.get_or_insert_with(ClientNoise::default).clip = value;
+                }
+                "dp_gaussian_std" | "dp_laplace_scale" if value.is_finite() && value >= 0.0 => {
+                    let n = hooks.noise.get_or_insert_with(ClientNoise::default);
+                    if name == "dp_gaussian_std" {
+                        n.gaussian_std = value;
+                    } else {
+                        n.laplace_scale = value;
+                    }
+                }
+                "dp_clip_norm" => return Err(bad(name, value, "not > 0")),
+                "dp_gaussian_std" | "dp_laplace_scale" => return Err(bad(name, value, "not ≥ 0")),
                 other => {
                     return Err(HookError::Unknown {
                         strategy: i.name.clone(),
@@ -89,8 +120,52 @@ impl LocalHooks {
                 }
             }
         }
+        if hooks.noise.is_some_and(|n| n.clip <= 0.0) {
+            return Err(bad("dp_clip_norm", 0.0, "missing beside the noise"));
+        }
         Ok(hooks)
     }
+}
+
+/// Clips `trained − global` to the norm of `noise` (L2, or L1 with Laplace noise) and adds the
+/// noise, drawn from the operating system's randomness; returns the update's norm before
+/// clipping. Differential privacy's client side (`ldp`, and `ddp`'s share of the noise).
+pub fn privatize(noise: &ClientNoise, global: &ParamSet, trained: &mut ParamSet) -> f64 {
+    use rand_distr::{Distribution, Normal};
+    let l1 = noise.laplace_scale > 0.0;
+    let mut norm = 0f64;
+    for (x, g) in trained.tensors().iter().zip(global.tensors()) {
+        for (x, g) in x.data().iter().zip(g.data()) {
+            let d = f64::from(x - g);
+            norm += if l1 { d.abs() } else { d * d };
+        }
+    }
+    if !l1 {
+        norm = norm.sqrt();
+    }
+    let scale = if norm > noise.clip {
+        noise.clip / norm
+    } else {
+        1.0
+    };
+    let mut rng = rand::rng();
+    let gauss = Normal::new(0.0, noise.gaussian_std).ok();
+    for (x, g) in trained.tensors_mut().zip(global.tensors()) {
+        for (x, g) in x.data_mut().iter_mut().zip(g.data()) {
+            let mut d = scale * f64::from(*x - g);
+            if let Some(n) = gauss.filter(|_| noise.gaussian_std > 0.0) {
+                d += n.sample(&mut rng);
+            }
+            if l1 {
+                // Laplace(0, b) as the difference of two exponentials of mean b.
+                let u: f64 = rand::Rng::random::<f64>(&mut rng);
+                let v: f64 = rand::Rng::random::<f64>(&mut rng);
+                d += noise.laplace_scale * ((1.0 - u).ln() - (1.0 - v).ln());
+            }
+            *x = g + d as f32;
+        }
+    }
+    norm
 }
 
 /// What a client keeps between rounds for its strategy: SCAFFOLD's `cᵢ`.
@@ -268,6 +343,56 @@ mod tests {
             version,
             params: params.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
         }
+    }
+
+    #[test]
+    fn privacy_clips_the_update_and_adds_noise_of_the_asked_size() {
+        let hooks = LocalHooks::from_instruction(Some(&instruction(
+            STRATEGY_INSTRUCTION_VERSION,
+            &[("dp_clip_norm", 1.0), ("dp_gaussian_std", 0.0)],
+        )))
+        .unwrap();
+        let noise = hooks.noise.unwrap();
+        let global =
+            ParamSet::new(vec![NamedTensor::new("w", vec![2], vec![1.0, 1.0]).unwrap()]).unwrap();
+        let mut trained =
+            ParamSet::new(vec![NamedTensor::new("w", vec![2], vec![4.0, 5.0]).unwrap()]).unwrap();
+        // Δ = (3, 4), norm 5, cut to norm 1.
+        assert_eq!(privatize(&noise, &global, &mut trained), 5.0);
+        let w = trained.get("w").unwrap().data();
+        assert!(
+            (w[0] - 1.6).abs() < 1e-6 && (w[1] - 1.8).abs() < 1e-6,
+            "{w:?}"
+        );
+
+        for (key, std) in [("dp_gaussian_std", 0.3), ("dp_laplace_scale", 0.3)] {
+            let noise = ClientNoise {
+                clip: 1.0,
+                gaussian_std: if key == "dp_gaussian_std" { std } else { 0.0 },
+                laplace_scale: if key == "dp_laplace_scale" { std } else { 0.0 },
+            };
+            let zeros = ParamSet::new(vec![NamedTensor::zeros("w", vec![20_000])]).unwrap();
+            let mut x = zeros.clone();
+            privatize(&noise, &zeros, &mut x);
+            let v = x.get("w").unwrap().data();
+            let var = v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>() / v.len() as f64;
+            // Gaussian σ², Laplace 2b².
+            let expected = if key == "dp_gaussian_std" { 0.09 } else { 0.18 };
+            assert!((var - expected).abs() < 0.1 * expected, "{key}: {var}");
+        }
+        for bad in [("dp_clip_norm", 0.0), ("dp_gaussian_std", -1.0)] {
+            assert!(LocalHooks::from_instruction(Some(&instruction(
+                STRATEGY_INSTRUCTION_VERSION,
+                &[bad]
+            )))
+            .is_err());
+        }
+        // Noise without a clipping norm is refused.
+        assert!(LocalHooks::from_instruction(Some(&instruction(
+            STRATEGY_INSTRUCTION_VERSION,
+            &[("dp_gaussian_std", 1.0)]
+        )))
+        .is_err());
     }
 
     #[test]

@@ -454,6 +454,7 @@ impl JobCtx {
         let trainer = self.trainer.clone();
         let config = train.config.clone();
         let mut hooks = LocalHooks::from_instruction(train.strategy.as_ref())?;
+        hooks.round = round;
         let flag = interrupt.clone();
         let memory = self.memory.clone();
         // A secure round masks the update (trained − global): the global model is kept.
@@ -463,7 +464,11 @@ impl JobCtx {
             let extra = global.split_prefix(proto::STRATEGY_TENSOR_PREFIX);
             let prepared = hooks::prepare(&mut hooks, &global, extra, &memory)?;
             let kept = keep.then(|| global.clone());
-            let trained = trainer.train(global, &config, &hooks, &flag)?;
+            let start = hooks.noise.map(|_| global.clone());
+            let mut trained = trainer.train(global, &config, &hooks, &flag)?;
+            if let (Some(noise), Some(start)) = (&hooks.noise, &start) {
+                hooks::privatize(noise, start, &mut trained.params);
+            }
             let finished = hooks::finish(&hooks, prepared, &trained, &config, &memory)?;
             Ok::<_, RoundError>((kept, trained, finished))
         })

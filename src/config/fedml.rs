@@ -1,7 +1,7 @@
 //! FedML keys that fedmq does not use: recognized, reported once each, and left out, so that a
 //! FedML user's `fedml_config.yaml` loads. A key that is neither fedmq's nor FedML's is still an
 //! error (with file:line and the closest valid key), and a FedML switch that asks for something
-//! fedmq cannot do yet (`enable_dp: true`, ...) is an error that says so; so is a misspelled
+//! fedmq cannot do yet (`enable_fhe: true`) is an error that says so; so is a misspelled
 //! switch (`enable_dpp`) in a section fedmq otherwise skips whole, which would silently leave the
 //! feature off. FedML's asynchronous-training keys of `train_args` (`is_async`, `buffer_size`,
 //! `max_acceptable_staleness`) are read under fedmq's names (FedBuff's), one warning each.
@@ -31,6 +31,12 @@ const VALIDATION: &str = "fedmq evaluates the global model on the server every \
                           validation_args.frequency_of_the_test rounds";
 const FEDPROX: &str = "fedmq reads FedProx's proximal coefficient from train_args.fedprox_mu \
                        (with train_args.federated_optimizer: FedProx); set it there";
+const ATTACK: &str = "a FedML attack setting fedmq's attacks do not use (see attack_args in the \
+                      README: attack_type, attack_mode, byzantine_client_num, ...)";
+const DEFENSE: &str = "a FedML defense setting fedmq's defenses do not use (see defense_args in \
+                       the README)";
+const DP: &str = "a FedML differential-privacy setting fedmq does not use (fedmq's RDP accountant \
+                  covers cdp and ddp; see dp_args in the README)";
 const NOT_YET: &str = "this FedML feature is not in fedmq yet; its settings are read and \
                        ignored while it is switched off";
 
@@ -53,9 +59,9 @@ const IGNORED: &[(&str, &[&str], &str)] = &[
     ("model_args", &["alpha", "backbone", "backbone_freezed", "backbone_pretrained", "class_num", "conf_thres", "deeplearning_backend", "do_lower_case", "dropout", "eps", "extract_feat", "formulation", "global_model_file_path", "graph_embedding_dim", "group_norm_channels", "hidden_size", "image_size", "input_dim", "input_size", "iou_thres", "load_pretrained", "lr_scheduler", "model_class", "model_file_cache_folder", "model_name_or_path", "model_type", "n_layers", "node_embedding_dim", "normalize_adjacency", "normalize_features", "num_heads", "output_dim", "outstride", "peft_type", "readout_hidden_dim", "single_cls", "skip_log_model_net", "sparse_adjacency", "sync_bn", "use_flash_attention", "weights", "yolo_cfg", "yolo_hyp", "yolo_verbose"], MODEL),
     ("train_args", &["alpha", "bf16", "cache_client_status", "checkpoint_interval", "ci", "clip_grad_norm", "compress_ratio", "compression", "dampening", "ddp_find_unused_parameters", "deepspeed", "epochs_client", "epochs_server", "eval_accumulation_steps", "eval_batch_size", "eval_steps", "evaluate_during_training", "evaluate_during_training_steps", "evaluation_strategy", "fa_task", "fp16", "freeze_layers", "gmf", "gradient_accumulation_steps", "gradient_checkpointing", "group_comm_round", "group_method", "group_num", "initialize_all_clients", "is_debug_mode", "local_max_steps", "local_num_train_epochs", "logging_steps", "logging_strategy", "loss_type", "lr", "lr_decay_rate", "lr_milestones", "lr_schedule", "lr_step_size", "max_grad_norm", "max_seq_length", "metric", "ml_engine", "model_dtype", "mu", "nesterov", "no_bn_wd", "optimizer", "output_dir", "per_device_eval_batch_size", "per_device_train_batch_size", "save_on_each_node", "save_steps", "save_strategy", "save_total_limit", "seed", "server_checkpoint_interval", "sleep_time_max", "sweep", "temperature", "test_batch_size", "train_batch_size", "warmup_steps", "wd", "whether_distill_on_the_server", "whether_training_on_client"], TRAIN),
     ("validation_args", &["is_aggregator_test", "save_frequency", "test_on_client_ranks", "test_on_clients"], VALIDATION),
-    ("attack_args", &["*"], NOT_YET),
-    ("defense_args", &["*"], NOT_YET),
-    ("dp_args", &["*"], NOT_YET),
+    ("attack_args", &["attack_method", "backdoor_type", "attack_training_rounds", "poisoned_training_round", "edge_case_type", "attack_client_indexes", "attack_prob", "lazy_worker_num", "lr", "batch_size", "epochs", "dataset_name", "model_name"], ATTACK),
+    ("defense_args", &["bucket_size", "batch_num", "alpha", "client_num_per_round", "use_memory", "pretraining_round_num", "lazy_worker_num", "to_keep_higher_norm", "score_function", "weighting", "lambda", "server_learning_rate", "robust_threshold", "option_type"], DEFENSE),
+    ("dp_args", &["dp_noise_type", "accountant_type", "rdp_alpha", "ml_engine", "NbAFL", "is_centralized", "epochs"], DP),
     ("fhe_args", &["*"], NOT_YET),
     ("fednova_args", &["*"], NOT_YET),
     ("fedprox_args", &["*"], FEDPROX),
@@ -63,20 +69,8 @@ const IGNORED: &[(&str, &[&str], &str)] = &[
 ];
 
 /// Switches that ask for a FedML feature fedmq does not have yet: an error when true.
-const UNSUPPORTED_SWITCHES: &[(&str, &str, &str)] = &[
-    ("attack_args", "enable_attack", "attack simulation"),
-    (
-        "defense_args",
-        "enable_defense",
-        "robust aggregation (defenses)",
-    ),
-    ("dp_args", "enable_dp", "differential privacy"),
-    ("fhe_args", "enable_fhe", "homomorphic encryption"),
-];
-
-/// `enable_*` keys of FedML's configs, besides the switch, in the sections of
-/// [`UNSUPPORTED_SWITCHES`].
-const OTHER_ENABLE_KEYS: &[(&str, &str)] = &[("dp_args", "enable_rdp_accountant")];
+const UNSUPPORTED_SWITCHES: &[(&str, &str, &str)] =
+    &[("fhe_args", "enable_fhe", "homomorphic encryption")];
 
 /// Sections FedML's configs have and fedmq's does not.
 pub(super) const SECTIONS: &[&str] = &[
@@ -84,9 +78,6 @@ pub(super) const SECTIONS: &[&str] = &[
     "private_config_paths",
     "task_args",
     "contribution_args",
-    "attack_args",
-    "defense_args",
-    "dp_args",
     "fhe_args",
     "fednova_args",
     "fedprox_args",
@@ -164,15 +155,7 @@ pub(super) fn misspelled_switch(doc: &Value, text: &str, path: &Path) -> Option<
         let Some(m) = doc.get(*section).and_then(Value::as_mapping) else {
             continue;
         };
-        let valid: Vec<String> = std::iter::once(*switch)
-            .chain(
-                OTHER_ENABLE_KEYS
-                    .iter()
-                    .filter(|(s, _)| s == section)
-                    .map(|(_, k)| *k),
-            )
-            .map(String::from)
-            .collect();
+        let valid = vec![switch.to_string()];
         for key in m.keys().filter_map(Value::as_str) {
             if valid.iter().any(|v| v == key) {
                 continue;
@@ -382,20 +365,26 @@ mod tests {
             why_ignored("comm_args", "grpc_ipconfig_path"),
             Some(BACKEND)
         );
-        assert_eq!(why_ignored("", "attack_args"), Some(NOT_YET));
+        assert_eq!(why_ignored("", "fhe_args"), Some(NOT_YET));
+        assert_eq!(
+            why_ignored("", "attack_args"),
+            None,
+            "a section of fedmq's own"
+        );
+        assert_eq!(why_ignored("attack_args", "backdoor_type"), Some(ATTACK));
+        assert_eq!(why_ignored("defense_args", "bucket_size"), Some(DEFENSE));
         assert_eq!(why_ignored("", "fedprox_args"), Some(FEDPROX));
         assert_eq!(why_ignored("fedprox_args", "fedprox_mu"), Some(FEDPROX));
         assert_eq!(why_ignored("", "dist_training_args"), Some(DEVICE));
         assert_eq!(why_ignored("device_args", "gpu_util_parse"), Some(DEVICE));
         assert_eq!(why_ignored("comm_args", "brokr_host"), None);
         assert_eq!(why_ignored("", "trian_args"), None);
-        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(
-            "dp_args:\n  enable_dp: true\nattack_args:\n  enable_attack: false\n",
-        )
-        .unwrap();
+        let doc: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str("fhe_args:\n  enable_fhe: true\ndp_args:\n  enable_dp: true\n")
+                .unwrap();
         let u = unsupported(&doc);
         assert_eq!(u.len(), 1);
-        assert!(u[0].contains("dp_args.enable_dp"), "{u:?}");
+        assert!(u[0].contains("fhe_args.enable_fhe"), "{u:?}");
     }
 
     #[test]

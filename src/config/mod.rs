@@ -28,9 +28,11 @@
 mod error;
 mod fedml;
 mod paths;
+mod security;
 
 pub use error::{ConfigError, UnknownKey};
 pub use paths::path_keys;
+pub use security::{AttackArgs, DefenseArgs, DpArgs, EpsilonStop};
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -66,6 +68,12 @@ pub struct Config {
     pub secure_aggregation_args: SecureAggregationArgs,
     /// fedmq additions without a FedML counterpart.
     pub fedmq_args: FedmqArgs,
+    /// Attacking clients (FedML's `attack_args`), to measure defenses against.
+    pub attack_args: AttackArgs,
+    /// Robust aggregation and the backdoor defense (FedML's `defense_args`).
+    pub defense_args: DefenseArgs,
+    /// Differential privacy (FedML's `dp_args`).
+    pub dp_args: DpArgs,
     /// FedML keys the file set that fedmq does not use, one line each (`file:line: key: why`);
     /// the commands print them as warnings.
     #[serde(skip)]
@@ -1017,6 +1025,43 @@ impl Config {
             }
             Ok(_) => {}
         }
+        let mut late = Vec::new();
+        if let Err(e) = crate::attack::Attack::from_config(self) {
+            late.push(e);
+        }
+        // FLTrust's root data set is built by the server from its data; here, only its size.
+        let placeholder: std::sync::Arc<crate::strategy::RootTrainer> =
+            std::sync::Arc::new(|g: &crate::tensor::ParamSet| Ok(g.clone()));
+        let defense = crate::strategy::defense_from_config(
+            &self.defense_args,
+            t.client_num_per_round,
+            Some(placeholder),
+        );
+        let dp = crate::strategy::dp_from_config(self);
+        match (&defense, &dp) {
+            (Err(e), _) | (_, Err(e)) => late.push(e.clone()),
+            (Ok(Some(d)), _) if self.secure_aggregation() => late.push(format!(
+                "defense_args.enable_defense: the {} defense looks at each client's update, but                  secure aggregation shows the server only their sum; turn one of them off",
+                d.name()
+            )),
+            (Ok(Some(d)), Ok(Some(p))) if p.mode == crate::strategy::DpMode::Central => {
+                late.push(format!(
+                    "defense_args.enable_defense: the {} defense and dp_args' cdp both replace                      the mean of the updates; use one of them (weak_dp is the defense that adds                      noise), or dp_solution_type ldp",
+                    d.name()
+                ))
+            }
+            _ => {}
+        }
+        if let (Ok(Some(_)), Ok(strategy)) =
+            (&defense, crate::strategy::from_config(t, &self.fedmq_args))
+        {
+            if strategy.secure_aggregation().is_err() || strategy.buffered().is_some() {
+                late.push(format!(
+                    "defense_args.enable_defense: a defense replaces the mean of the clients'                      models, but {} aggregates more than that; use FedAvg, FedProx or the FedOpt                      family",
+                    strategy.name()
+                ));
+            }
+        }
         let sa = &self.secure_aggregation_args;
         check(
             SA_METHODS.contains(&sa.sa_method.to_ascii_lowercase().as_str()),
@@ -1119,6 +1164,7 @@ impl Config {
             ),
         );
         self.check_tls(&mut problems);
+        problems.extend(late);
         if problems.is_empty() {
             Ok(())
         } else {

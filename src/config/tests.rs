@@ -515,9 +515,6 @@ dp_args:
         (37, "comm_args.is_mobile"),
         (38, "comm_args.grpc_ipconfig_path"),
         (42, "tracking_args.wandb_name"),
-        (43, "attack_args"),
-        (47, "defense_args"),
-        (51, "dp_args"),
     ] {
         assert!(
             w.iter()
@@ -527,7 +524,7 @@ dp_args:
     }
     // One line each, and nothing fedmq reads among them (keys fedmq already accepts, such as
     // common_args.scenario or device_args.worker_num, give no warning).
-    assert_eq!(w.len(), 9, "{w:#?}");
+    assert_eq!(w.len(), 6, "{w:#?}");
     assert!(!w.iter().any(|l| l.contains(" train_args.learning_rate is")
         || l.contains(" tracking_args.log_file_dir is")));
 
@@ -541,12 +538,22 @@ dp_args:
         .unwrap_err()
         .to_string();
     assert!(e.contains("trian_args"), "{e}");
+    // The attack, defense and DP sections are fedmq's own now: switched on, they are read.
+    let on = parse(
+        &text
+            .replace("enable_dp: false", "enable_dp: true")
+            .replace("enable_defense: false", "enable_defense: true"),
+    )
+    .unwrap();
+    assert!(on.dp_args.enable_dp && on.defense_args.enable_defense);
+    assert_eq!(on.dp_args.epsilon, Some(1.0));
+    assert_eq!(on.defense_args.krum_param_m, Some(2));
     // A FedML feature switched on that fedmq lacks is an error naming it.
-    let e = parse(&text.replace("enable_dp: false", "enable_dp: true"))
+    let e = parse(&format!("{text}fhe_args:\n  enable_fhe: true\n"))
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("dp_args.enable_dp") && e.contains("differential privacy"),
+        e.contains("fhe_args.enable_fhe") && e.contains("homomorphic encryption"),
         "{e}"
     );
 }
@@ -732,7 +739,7 @@ fn misspelled_or_odd_fedml_switches_are_errors() {
         "{msg}"
     );
     for (section, key, switch) in [
-        ("attack_args", "enabled", "enable_attack"),
+        ("attack_args", "enable_atack", "enable_attack"),
         ("defense_args", "enable-defense", "enable_defense"),
         ("secure_aggregation_args", "Enable_SA", "enable_sa"),
         ("fhe_args", "enable_he", "enable_fhe"),
@@ -747,20 +754,22 @@ fn misspelled_or_odd_fedml_switches_are_errors() {
             "{msg}"
         );
     }
-    // FedML's own keys of those sections load (with a warning for the section).
+    // FedML's own keys of those sections load; those fedmq does not use warn, one each.
     let cfg = parse(
         "dp_args:\n  enable_dp: false\n  enable_rdp_accountant: False\n  dp_solution_type: cdp\n  \
-         epsilon: 0.5\n  delta: 0.1\nattack_args:\n  enable_attack: no\n  attack_type: byzantine\n",
+         epsilon: 0.5\n  delta: 0.1\n  accountant_type: rdp\nattack_args:\n  enable_attack: false\n  \
+         attack_type: byzantine\n  backdoor_type: pattern\n",
     )
     .unwrap();
     assert_eq!(cfg.ignored_keys.len(), 2, "{:#?}", cfg.ignored_keys);
+    assert_eq!(cfg.dp_args.delta, 0.1);
     // PyYAML reads `yes` and `on` as true: the feature is asked for.
     for on in ["yes", "On", "1", "True"] {
-        let msg = parse(&format!("dp_args:\n  enable_dp: {on}\n"))
+        let msg = parse(&format!("fhe_args:\n  enable_fhe: {on}\n"))
             .unwrap_err()
             .to_string();
         assert!(
-            msg.contains("dp_args.enable_dp asks for differential privacy"),
+            msg.contains("fhe_args.enable_fhe asks for homomorphic encryption"),
             "{on}: {msg}"
         );
     }
@@ -880,4 +889,66 @@ fn every_secret_is_masked() {
     assert_eq!(shown.matches(MASK).count(), SECRET_KEYS.len(), "{shown}");
     // The user name and access key id are not secret.
     assert!(shown.contains("CN_S3_AKI: fedmq"), "{shown}");
+}
+
+/// Defenses, attacks and privacy that cannot work are errors naming the key, all at once.
+#[test]
+fn impossible_defense_and_privacy_settings_are_errors() {
+    let problems = |extra: &str| -> String {
+        parse(&format!(
+            "train_args:\n  client_num_in_total: 10\n  client_num_per_round: 6\n{extra}"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string()
+    };
+    // A robust aggregator cannot see individual updates under secure aggregation.
+    let e = problems(
+        "secure_aggregation_args:\n  enable_sa: true\ndefense_args:\n  enable_defense: true\n  \
+         defense_type: median\n",
+    );
+    assert!(
+        e.contains("defense_args.enable_defense") && e.contains("secure aggregation"),
+        "{e}"
+    );
+    // Krum needs n > 2f + 2.
+    let e = problems(
+        "defense_args:\n  enable_defense: true\n  defense_type: krum\n  byzantine_client_num: 2\n",
+    );
+    assert!(
+        e.contains("defense_args.byzantine_client_num") && e.contains("≥ 7"),
+        "{e}"
+    );
+    // A negative budget.
+    let e = problems("dp_args:\n  enable_dp: true\n  epsilon: -3\n");
+    assert!(
+        e.contains("dp_args.epsilon must be a positive number"),
+        "{e}"
+    );
+    // FLTrust without a root data set.
+    let e = problems("defense_args:\n  enable_defense: true\n  defense_type: fltrust\n");
+    assert!(
+        e.contains("defense_args.root_data_size") && e.contains("root data set"),
+        "{e}"
+    );
+    // A defense and central DP both replace the mean.
+    let e = problems(
+        "defense_args:\n  enable_defense: true\n  defense_type: median\ndp_args:\n  \
+         enable_dp: true\n  noise_multiplier: 1.0\n",
+    );
+    assert!(e.contains("both replace"), "{e}");
+    // A defense cannot stand in for SCAFFOLD's aggregate.
+    let e = parse(
+        "train_args:\n  federated_optimizer: SCAFFOLD\n  client_optimizer: sgd\n\
+         defense_args:\n  enable_defense: true\n  defense_type: median\n",
+    )
+    .unwrap()
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("SCAFFOLD"), "{e}");
+    // An attack that names no attacker.
+    let e = problems("attack_args:\n  enable_attack: true\n");
+    assert!(e.contains("no client attacks"), "{e}");
 }

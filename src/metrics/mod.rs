@@ -106,8 +106,9 @@ pub struct RoundRecord {
     pub num_samples: u64,
     /// Retries (of transfers or messages) during the round.
     pub retries: u32,
-    /// The strategy's own metrics of the round (e.g. `server_update_norm` for FedOpt); absent
-    /// when it has none.
+    /// The strategy's own metrics of the round (e.g. `server_update_norm` for FedOpt,
+    /// `dp_epsilon`), and the evaluation's measures beyond accuracy (`backdoor_success`); absent
+    /// when there are none.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub strategy: std::collections::BTreeMap<String, f64>,
 }

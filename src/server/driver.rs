@@ -29,6 +29,7 @@ use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
 use crate::transport::{MqttHandle, MqttSession, PresenceMessages, SessionOptions};
 use bytes::Bytes;
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,12 +61,15 @@ pub trait Evaluator: Send + Sync + 'static {
 }
 
 /// Result of [`Evaluator::evaluate`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
     /// Fraction of correctly classified test samples.
     pub accuracy: f64,
     /// Mean test loss.
     pub loss: f64,
+    /// Further measures of the model (`backdoor_success`: the fraction of triggered test inputs
+    /// given the attacker's label), recorded with the strategy's metrics of the round.
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// What the server does, beyond the round policy.
@@ -777,6 +781,7 @@ impl Driver {
     }
 
     async fn close_round(&mut self, s: &RoundSummary, machine: &RoundMachine) -> RoundRecord {
+        let mut extra = BTreeMap::new();
         let (test_accuracy, test_loss, eval_s) = match (&self.evaluator, s.evaluate) {
             (Some(ev), true) => {
                 let ev = ev.clone();
@@ -787,7 +792,10 @@ impl Driver {
                     .unwrap_or_else(|e| Err(format!("evaluation task failed: {e}")));
                 let secs = t.elapsed().as_secs_f64();
                 match r {
-                    Ok(e) => (Some(e.accuracy), Some(e.loss), Some(secs)),
+                    Ok(e) => {
+                        extra = e.extra;
+                        (Some(e.accuracy), Some(e.loss), Some(secs))
+                    }
                     Err(e) => {
                         warn!(round = s.round, "evaluation failed: {e}");
                         (None, None, Some(secs))
@@ -818,7 +826,11 @@ impl Driver {
                 .collect(),
             num_samples: s.num_samples,
             retries: s.retries,
-            strategy: s.strategy_metrics.clone(),
+            strategy: {
+                let mut m = s.strategy_metrics.clone();
+                m.extend(extra);
+                m
+            },
         };
         info!(
             round = s.round,
@@ -863,6 +875,7 @@ impl Driver {
         let reason = proto::clip_text(&match &outcome {
             Outcome::Completed => "completed".to_string(),
             Outcome::Aborted(r) => format!("aborted: {r}"),
+            Outcome::Stopped(r) => format!("stopped: {r}"),
         });
         let mut clients = self.known_clients.clone();
         clients.extend(self.opts.expected_clients.iter().cloned());
@@ -912,6 +925,7 @@ impl Driver {
         match &outcome {
             Outcome::Completed => info!(rounds = machine.completed_rounds(), "run completed"),
             Outcome::Aborted(r) => warn!("run aborted: {r}"),
+            Outcome::Stopped(r) => warn!(rounds = machine.completed_rounds(), "run stopped: {r}"),
         }
         ServerReport {
             outcome,

@@ -264,6 +264,9 @@ pub enum Outcome {
     Completed,
     /// The run stopped early; the message says why and what to check.
     Aborted(String),
+    /// The strategy ended the run before its last round, as configured (the privacy budget
+    /// is spent); the message says why. The model so far is the final model.
+    Stopped(String),
 }
 
 /// What happened in a closed round.
@@ -924,7 +927,15 @@ impl RoundMachine {
             self.close_round(now, out);
             return;
         }
-        if !r.closed_for_updates {
+        // Every selected client said it cannot deliver (its training failed, its update was
+        // unusable) and none delivered: waiting for the deadline would only delay the re-send
+        // (or the abort), e.g. of a federation whose model diverged.
+        let hopeless = everyone_done
+            && r.reported.is_empty()
+            && r.failed
+                .values()
+                .all(|f| matches!(f, FailureReason::Reported(_) | FailureReason::BadUpdate(_)));
+        if !r.closed_for_updates && !hopeless {
             // Wait for more updates, or for the deadline (also when everyone already failed:
             // a disconnected client may come back and report before it).
             return;
@@ -1062,6 +1073,10 @@ impl RoundMachine {
             updated,
             strategy_metrics: end.metrics,
         }));
+        if let Some(why) = self.strategy.stop() {
+            self.finish(Outcome::Stopped(why), out);
+            return;
+        }
         self.begin_round(r.round + 1, now, out);
     }
 

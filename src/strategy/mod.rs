@@ -16,21 +16,30 @@
 //! - `scaffold.rs`: [`Scaffold`], control variates against client drift (option II).
 //! - `fednova.rs`: [`FedNova`], normalized averaging of clients with different step counts.
 //! - `fedbuff.rs`: [`FedBuff`], buffered asynchronous aggregation (no round barrier).
+//! - `robust/`: Byzantine-robust aggregation rules over flattened updates ([`robust`]).
+//! - `defended.rs`: [`Defended`], any mean-aggregating strategy with a robust rule in place of
+//!   its mean (`defense_args`).
+//! - `private.rs`: [`Private`], differential privacy around a strategy (`dp_args`).
 //!
 //! [`from_config`] builds the strategy a config names.
 
+mod defended;
 mod fedavg;
 pub mod fedbuff;
 mod fednova;
 mod fedopt;
 mod fedprox;
+mod private;
+pub mod robust;
 pub mod scaffold;
 
+pub use defended::{defense_from_config, Defended, Defense, RootTrainer, DEFENSES};
 pub use fedavg::{FedAvg, StreamingMean};
 pub use fedbuff::{Buffered, FedBuff};
 pub use fednova::{normalizer as fednova_normalizer, FedNova};
 pub use fedopt::{FedOpt, FedOptConfig, ServerOptimizer};
 pub use fedprox::FedProx;
+pub use private::{dp_from_config, DpMode, DpSettings, Private};
 pub use scaffold::Scaffold;
 
 use crate::proto::StrategyInstruction;
@@ -355,6 +364,12 @@ pub trait Strategy: Send {
             global: aggregate,
             metrics: BTreeMap::new(),
         }
+    }
+
+    /// `Some(why)` when the run should end after the round just closed, before its last
+    /// round (differential privacy's budget is spent). `None` (the default): go on.
+    fn stop(&self) -> Option<String> {
+        None
     }
 
     /// Strategy state to checkpoint (server optimizer moments, ...): a snapshot, encoded to

@@ -563,6 +563,33 @@ fn the_abort_names_the_cause_before_the_resend() {
     }
 }
 
+/// When every selected client reports that it failed (a diverged model makes every client's
+/// training fail), the round is re-sent at once, and the run aborts once the retries are spent,
+/// without waiting for deadlines nobody can meet.
+#[test]
+fn a_round_every_client_failed_is_resent_and_aborted_without_waiting() {
+    let mut h = Harness::new(cfg(1, 2));
+    h.online(&["a", "b"]);
+    h.upload(1);
+    let fail = |h: &mut Harness, c: &str| {
+        h.ev(Event::ClientFailed {
+            client: c.into(),
+            round: 1,
+            reason: "training diverged (train loss NaN)".into(),
+        })
+    };
+    assert!(trains(&fail(&mut h, "a")).is_empty(), "b may still deliver");
+    assert_eq!(trains(&fail(&mut h, "b")), vec!["a", "b"]);
+    fail(&mut h, "a");
+    let acts = fail(&mut h, "b");
+    match acts.last() {
+        Some(Action::Finish(Outcome::Aborted(msg))) => {
+            assert!(msg.contains("training diverged"), "{msg}");
+        }
+        other => panic!("expected abort, got {other:?}"),
+    }
+}
+
 /// Log lines (WARN and above) emitted while `f` runs.
 fn warnings_of(f: impl FnOnce()) -> String {
     use std::sync::{Arc, Mutex};
