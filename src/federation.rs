@@ -611,12 +611,10 @@ pub fn client_trainer(
             Ok(Arc::new(crate::attack::AttackingTrainer::new(
                 a,
                 rank,
-                kind,
                 split.train.clone(),
                 indices,
                 trigger_for(cfg)?,
-                device,
-                threads,
+                |data, indices| DataTrainer::new(kind, data, indices, device.clone(), threads),
             )))
         }
         _ => Ok(Arc::new(DataTrainer::new(

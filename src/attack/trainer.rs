@@ -5,8 +5,6 @@ use crate::client::{DataTrainer, LocalHooks, LocalTrainer, TrainError, Trained};
 use crate::data::Dataset;
 use crate::proto::TrainConfig;
 use crate::tensor::ParamSet;
-use crate::train::ModelKind;
-use candle_core::Device;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::atomic::AtomicBool;
@@ -23,17 +21,16 @@ pub struct AttackingTrainer {
 }
 
 impl AttackingTrainer {
-    /// Client `rank`'s trainer of `kind` on its samples `indices` of `data`, attacking with
-    /// `attack`; `trigger` is the backdoor's (for images normalized as `data` is).
+    /// Client `rank`'s trainer on its samples `indices` of `data`, attacking with `attack`;
+    /// `trigger` is the backdoor's (for images normalized as `data` is), and `trainer` makes
+    /// the honest trainer of a data set and samples (the model, device and threads).
     pub fn new(
         attack: Attack,
         rank: usize,
-        kind: ModelKind,
         data: Arc<dyn Dataset>,
         indices: Vec<usize>,
         trigger: Trigger,
-        device: Device,
-        threads: usize,
+        trainer: impl Fn(Arc<dyn Dataset>, Vec<usize>) -> DataTrainer,
     ) -> Self {
         let poisoned_data: Option<Arc<dyn Dataset>> = match &attack.kind {
             AttackKind::LabelFlip(pairs) => {
@@ -49,10 +46,9 @@ impl AttackingTrainer {
             ))),
             _ => None,
         };
-        let poisoned = poisoned_data
-            .map(|d| DataTrainer::new(kind, d, indices.clone(), device.clone(), threads));
+        let poisoned = poisoned_data.map(|d| trainer(d, indices.clone()));
         Self {
-            honest: DataTrainer::new(kind, data, indices, device, threads),
+            honest: trainer(data, indices),
             poisoned,
             attack,
             rank: rank as u64,
