@@ -547,8 +547,9 @@ pub fn strategy_from_config(cfg: &Config, split: &DataSplit) -> Result<Box<dyn S
     Ok(strategy)
 }
 
-/// FLTrust's root update: a copy of the global model trained, as a client would, on
-/// `defense_args.root_data_size` training samples the server holds (drawn with the run's seed).
+/// FLTrust's root update: a copy of the global model trained, as a client would (as many
+/// steps as a client of average size), on `defense_args.root_data_size` training samples the
+/// server holds (drawn with the run's seed).
 fn root_trainer(
     cfg: &Config,
     split: &DataSplit,
@@ -576,6 +577,13 @@ fn root_trainer(
     let trainer = DataTrainer::new(kind, split.train.clone(), indices, device, 0);
     let mut config = round_config(cfg).train;
     config.seed = cfg.common_args.random_seed;
+    // As many local steps as a client of average size takes (FLTrust trains the root update
+    // with the clients' local iterations): the root update's norm is what every update is
+    // rescaled to.
+    let per_client = n.div_ceil(cfg.train_args.client_num_in_total.max(1));
+    config.epochs = config
+        .epochs
+        .saturating_mul(per_client.div_ceil(d.root_data_size).max(1) as u32);
     Ok(Some(Arc::new(move |global: &ParamSet| {
         let stop = std::sync::atomic::AtomicBool::new(false);
         trainer

@@ -145,7 +145,12 @@ async fn distributed_dp_runs_under_secure_aggregation() {
          clipping_norm: 1.0\n",
     );
     let (r, _dir) = run(&cfg).await;
-    assert_eq!(r.server.outcome, Outcome::Completed, "{:?}", r.server.outcome);
+    assert_eq!(
+        r.server.outcome,
+        Outcome::Completed,
+        "{:?}",
+        r.server.outcome
+    );
     assert_eq!(r.server.records.len(), 2);
     for rec in &r.server.records {
         assert!(rec.strategy["dp_epsilon"] > 0.0);

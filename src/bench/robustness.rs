@@ -176,11 +176,7 @@ pub async fn run(bench: &RobustnessBench, cancel: CancellationToken) -> Result<V
         let report = federation::run_local(&c, &opts, |_| {}, cancel.clone())
             .await
             .with_context(|| format!("{a} with {k} attackers against {d}"))?;
-        let outcome = match &report.server.outcome {
-            crate::server::Outcome::Completed => "completed".to_string(),
-            crate::server::Outcome::Aborted(r) => format!("aborted: {r}"),
-            crate::server::Outcome::Stopped(r) => format!("stopped: {r}"),
-        };
+        let outcome = report.server.outcome.summary();
         let cell = Cell::from_records(
             &a,
             k,
@@ -232,6 +228,30 @@ fn ordered<'a>(cells: &'a [Cell], key: impl Fn(&'a Cell) -> &'a str) -> Vec<&'a 
     v
 }
 
+/// The numbers of attackers in `cells` (0 alone when there are only clean runs), ascending.
+fn attacker_counts(cells: &[Cell]) -> Vec<usize> {
+    let mut counts: Vec<usize> = cells
+        .iter()
+        .filter(|c| c.attack != "none")
+        .map(|c| c.malicious)
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    if counts.is_empty() {
+        counts.push(0);
+    }
+    counts
+}
+
+/// The cell of `attack` against `defense` with `k` attackers (the clean run for `none`).
+fn cell_of<'a>(cells: &'a [Cell], attack: &str, defense: &str, k: usize) -> Option<&'a Cell> {
+    cells.iter().find(|c| {
+        c.attack == attack
+            && c.defense == defense
+            && (c.malicious == k || (c.attack == "none" && c.malicious == 0))
+    })
+}
+
 fn pct(a: Option<f64>) -> String {
     a.map_or("—".into(), |a| format!("{:.1}", a * 100.0))
 }
@@ -264,13 +284,7 @@ pub fn hurts(c: &Cell, clean: f64) -> bool {
 pub fn markdown(cells: &[Cell]) -> String {
     let defenses = ordered(cells, |c| &c.defense);
     let attacks = ordered(cells, |c| &c.attack);
-    let mut counts: Vec<usize> = cells
-        .iter()
-        .filter(|c| c.attack != "none")
-        .map(|c| c.malicious)
-        .collect();
-    counts.sort_unstable();
-    counts.dedup();
+    let counts = attacker_counts(cells);
     let clean = clean_accuracy(cells);
     let mut t = String::new();
     let _ = writeln!(
@@ -293,11 +307,7 @@ pub fn markdown(cells: &[Cell]) -> String {
         for a in &attacks {
             let _ = write!(t, "| {a} |");
             for d in &defenses {
-                let cell = cells.iter().find(|c| {
-                    c.attack == *a
-                        && c.defense == *d
-                        && (c.malicious == k || (c.attack == "none" && c.malicious == 0))
-                });
+                let cell = cell_of(cells, a, d, k);
                 match cell {
                     Some(c) => {
                         let bd = c
@@ -355,16 +365,7 @@ pub fn markdown(cells: &[Cell]) -> String {
 pub fn heat_map(cells: &[Cell], title: &str) -> String {
     let defenses = ordered(cells, |c| &c.defense);
     let attacks = ordered(cells, |c| &c.attack);
-    let mut counts: Vec<usize> = cells
-        .iter()
-        .filter(|c| c.attack != "none")
-        .map(|c| c.malicious)
-        .collect();
-    counts.sort_unstable();
-    counts.dedup();
-    if counts.is_empty() {
-        counts.push(0);
-    }
+    let counts = attacker_counts(cells);
     let (cw, ch, left, top) = (78.0, 34.0, 190.0, 60.0);
     let panel_h = top + ch * attacks.len() as f64 + 30.0;
     let width = left + cw * defenses.len() as f64 + 20.0;
@@ -410,11 +411,7 @@ pub fn heat_map(cells: &[Cell], title: &str) -> String {
                 esc(a)
             );
             for (j, d) in defenses.iter().enumerate() {
-                let cell = cells.iter().find(|c| {
-                    c.attack == *a
-                        && c.defense == *d
-                        && (c.malicious == k || (c.attack == "none" && c.malicious == 0))
-                });
+                let cell = cell_of(cells, a, d, k);
                 let x = left + cw * j as f64;
                 let (fill, label) = match cell.and_then(|c| c.final_accuracy.map(|a| (c, a))) {
                     Some((c, acc)) => {

@@ -30,8 +30,8 @@ use crate::federation::{
 use crate::metrics::RoundRecord;
 use crate::proto::{BlobKeys, TrainConfig};
 use crate::server::{
-    self, OnFailure, Outcome, Progress, Protocol, RoundConfig, SecureConfig, ServerOptions,
-    ServerReport, Weighting,
+    self, OnFailure, Progress, Protocol, RoundConfig, SecureConfig, ServerOptions, ServerReport,
+    Weighting,
 };
 use crate::store::{
     BlobStore, EmbeddedStore, RetentionPolicy, S3Options, StoreOptions, StoreTls, MIB,
@@ -1077,11 +1077,7 @@ impl RoundBenchReport {
     ) -> Self {
         let stats = round_stats(&server.report.records);
         let model_mib = (cfg.params as f64 * 4.0 / MIB as f64 * 1000.0).round() / 1000.0;
-        let outcome = match &server.report.outcome {
-            Outcome::Completed => "completed".to_string(),
-            Outcome::Aborted(r) => format!("aborted: {r}"),
-            Outcome::Stopped(r) => format!("stopped: {r}"),
-        };
+        let outcome = server.report.outcome.summary();
         let mut r = Self {
             clients: cfg.clients,
             params: cfg.params,

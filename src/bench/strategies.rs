@@ -173,11 +173,7 @@ pub async fn run(bench: &StrategyBench, cancel: CancellationToken) -> Result<Vec
         let report = federation::run_local(&c, &opts, |_| {}, cancel.clone())
             .await
             .with_context(|| format!("{s} on {}", p.label()))?;
-        let outcome = match &report.server.outcome {
-            crate::server::Outcome::Completed => "completed".to_string(),
-            crate::server::Outcome::Aborted(r) => format!("aborted: {r}"),
-            crate::server::Outcome::Stopped(r) => format!("stopped: {r}"),
-        };
+        let outcome = report.server.outcome.summary();
         let run = StrategyRun::from_records(
             &s,
             &p,

@@ -872,11 +872,7 @@ impl Driver {
         }
         // Clipped to what a message may carry: a long list of failures must not make every
         // client drop its finish.
-        let reason = proto::clip_text(&match &outcome {
-            Outcome::Completed => "completed".to_string(),
-            Outcome::Aborted(r) => format!("aborted: {r}"),
-            Outcome::Stopped(r) => format!("stopped: {r}"),
-        });
+        let reason = proto::clip_text(&outcome.summary());
         let mut clients = self.known_clients.clone();
         clients.extend(self.opts.expected_clients.iter().cloned());
         for c in &clients {

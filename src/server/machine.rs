@@ -269,6 +269,17 @@ pub enum Outcome {
     Stopped(String),
 }
 
+impl Outcome {
+    /// `completed`, `aborted: <why>` or `stopped: <why>`.
+    pub fn summary(&self) -> String {
+        match self {
+            Outcome::Completed => "completed".to_string(),
+            Outcome::Aborted(r) => format!("aborted: {r}"),
+            Outcome::Stopped(r) => format!("stopped: {r}"),
+        }
+    }
+}
+
 /// What happened in a closed round.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RoundSummary {

@@ -389,6 +389,29 @@ pub trait Strategy: Send {
     }
 }
 
+/// Checks an update against the round's `global` model: same tensors and shapes, every value
+/// finite. The check every aggregate makes before folding an update in.
+///
+/// # Errors
+/// [`Error::Layout`] or [`Error::NonFinite`], naming `client`.
+pub fn check_update(global: &ParamSet, client: &str, update: &ParamsView<'_>) -> Result<()> {
+    update.check_layout(global).map_err(|e| Error::Layout {
+        client: client.to_string(),
+        detail: e.to_string(),
+    })?;
+    match update
+        .tensors()
+        .iter()
+        .find(|t| t.values().any(|x| !x.is_finite()))
+    {
+        Some(t) => Err(Error::NonFinite {
+            client: client.to_string(),
+            tensor: t.name().to_string(),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// `per_round` of `available` (all of them when fewer), sampled uniformly without replacement
 /// from `rng` and sorted: the default selection of [`Strategy::configure_train`].
 pub fn sample_clients(available: &[String], per_round: usize, rng: &mut ChaCha8Rng) -> Vec<String> {

@@ -528,20 +528,9 @@ impl RoundAggregate for CentralRound {
         _num_samples: u64,
         _report: &Report,
     ) -> Result<()> {
-        update
-            .check_layout(&self.global)
-            .map_err(|e| Error::Layout {
-                client: client.to_string(),
-                detail: e.to_string(),
-            })?;
+        super::check_update(&self.global, client, update)?;
         let mut sq = 0f64;
         for (g, x) in self.global.tensors().iter().zip(update.tensors()) {
-            if x.values().any(|v| !v.is_finite()) {
-                return Err(Error::NonFinite {
-                    client: client.to_string(),
-                    tensor: x.name().to_string(),
-                });
-            }
             for (x, g) in x.values().zip(g.data()) {
                 let d = f64::from(x - g);
                 sq += d * d;
