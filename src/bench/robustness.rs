@@ -41,7 +41,7 @@ pub struct RobustnessBench {
 }
 
 /// One cell: an attack with some attackers against a defense.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct Cell {
     /// `none` for the clean run, else `attack_type[:attack_mode]`.
     pub attack: String,
@@ -189,6 +189,31 @@ pub async fn run(bench: &RobustnessBench, cancel: CancellationToken) -> Result<V
         cells.push(cell);
         // Partial results survive an interrupted matrix.
         write_outputs(bench, &cells)?;
+    }
+    Ok(cells)
+}
+
+/// The cells of earlier `robustness.json` files, merged: a cell of a later file replaces the
+/// same (attack, attackers, defense) of an earlier one (a rerun of some defenses), in the order
+/// the cells first appeared.
+///
+/// # Errors
+/// A file that cannot be read or is not a list of cells.
+pub fn merge(files: &[PathBuf]) -> Result<Vec<Cell>> {
+    let mut cells: Vec<Cell> = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let more: Vec<Cell> = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a robustness.json list of cells", f.display()))?;
+        for c in more {
+            match cells.iter_mut().find(|o| {
+                o.attack == c.attack && o.malicious == c.malicious && o.defense == c.defense
+            }) {
+                Some(old) => *old = c,
+                None => cells.push(c),
+            }
+        }
     }
     Ok(cells)
 }
@@ -494,6 +519,27 @@ mod tests {
         let svg = heat_map(&cells, "t <x>");
         assert_eq!(svg.matches("<rect x=").count(), 6, "{svg}");
         assert!(svg.contains("t &lt;x&gt;") && svg.contains("90.0 / 99"));
+    }
+
+    #[test]
+    fn merged_files_take_the_later_cell() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.json");
+        let b = dir.path().join("b.json");
+        let first = vec![
+            cell("none", 0, "none", 0.9, None),
+            cell("none", 0, "fltrust", 0.7, None),
+        ];
+        std::fs::write(&a, serde_json::to_string(&first).unwrap()).unwrap();
+        std::fs::write(
+            &b,
+            serde_json::to_string(&[cell("none", 0, "fltrust", 0.95, None)]).unwrap(),
+        )
+        .unwrap();
+        let m = merge(&[a, b]).unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[1].final_accuracy, Some(0.95));
+        assert!(merge(&[dir.path().join("missing.json")]).is_err());
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct RobustnessArgs {
     /// Output directory.
     #[arg(long, default_value = "out/bench-robustness")]
     out: std::path::PathBuf,
+    /// Run nothing: merge these robustness.json files (a later file's cell replaces an
+    /// earlier one's) and write the table, JSON and heat map to --out.
+    #[arg(long, value_delimiter = ',')]
+    merge: Vec<std::path::PathBuf>,
 }
 
 fn run_robustness(a: RobustnessArgs) -> Result<()> {
@@ -90,6 +94,13 @@ fn run_robustness(a: RobustnessArgs) -> Result<()> {
         malicious: a.malicious,
         out: a.out,
     };
+    if !a.merge.is_empty() {
+        let cells = fedmq::bench::robustness::merge(&a.merge)?;
+        std::fs::create_dir_all(&bench.out)?;
+        fedmq::bench::robustness::write_outputs(&bench, &cells)?;
+        println!("{}", fedmq::bench::robustness::markdown(&cells));
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
