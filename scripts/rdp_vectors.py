@@ -4,9 +4,10 @@
 The values come from an independent implementation: Google's `dp_accounting`
 package (PyPI), which carries TensorFlow Privacy's RDP accountant.  Set up:
 
-    python3 -m venv /work/scratch/venv
-    /work/scratch/venv/bin/pip install dp-accounting
-    /work/scratch/venv/bin/python scripts/rdp_vectors.py > tests/data/rdp_vectors.json
+    python3 -m venv venv
+    venv/bin/pip install dp-accounting mpmath
+    venv/bin/python scripts/rdp_vectors.py > tests/data/rdp_vectors.json
+    venv/bin/pip install --no-deps opacus && venv/bin/python scripts/rdp_vectors_opacus.py tests/data/rdp_vectors.json
 
 Only the public API of the package is used: an `RdpAccountant` built with the
 same order grid as the Rust `DEFAULT_ORDERS`, composed with a
