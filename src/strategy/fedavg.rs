@@ -66,20 +66,7 @@ impl RoundAggregate for StreamingMean {
                 client: client.to_string(),
             });
         }
-        update.check_layout(&self.mean).map_err(|e| Error::Layout {
-            client: client.to_string(),
-            detail: e.to_string(),
-        })?;
-        if let Some(t) = update
-            .tensors()
-            .iter()
-            .find(|t| t.values().any(|x| !x.is_finite()))
-        {
-            return Err(Error::NonFinite {
-                client: client.to_string(),
-                tensor: t.name().to_string(),
-            });
-        }
+        super::check_update(&self.global, client, update)?;
         let mut sq = 0f64;
         for (g, x) in self.global.tensors().iter().zip(update.tensors()) {
             for (x, &g) in x.values().zip(g.data()) {
