@@ -149,8 +149,8 @@ async fn main() -> Result<()> {
 
     let out = tempfile::tempdir()?;
     let opts = LocalOptions {
-        output_dir: out.path().to_path_buf(),
         fetch_progress: true,
+        ..LocalOptions::new(out.path().to_path_buf())
     };
     let report = run_local_with(
         &cfg,

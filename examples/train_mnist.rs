@@ -32,7 +32,7 @@ fn main() -> Result<()> {
         ..TrainOptions::recommended(kind)
     };
     eprintln!("{}", serde_json::to_string(&opts)?);
-    train_central(&split, kind, &opts, &device, |e| {
+    train_central(&split, &kind.into(), &opts, &device, |e| {
         println!("{}", serde_json::to_string(e).unwrap_or_default());
     })?;
     Ok(())

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::crypto::identity::{Identity, Keyring};
 use crate::crypto::seal::BlobCrypto;
 use crate::data::{
-    self, DataSplit, Dataset, DatasetKind, FetchOptions, Partition, PartitionMethod,
+    self, DataSpec, DataSplit, Dataset, DatasetKind, FetchOptions, Partition, PartitionMethod,
 };
 use crate::proto::{BlobKeys, Capabilities, TrainConfig};
 use crate::server::{
@@ -21,7 +21,7 @@ use crate::store::{
 };
 use crate::strategy::Strategy;
 use crate::tensor::ParamSet;
-use crate::train::{self, Model, ModelKind};
+use crate::train::{self, Model, ModelRef, Registry, Scope};
 use crate::transport::{BrokerOptions, EmbeddedBroker, SessionOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
@@ -117,17 +117,17 @@ pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOption
 /// Evaluates global models on a test set (and, when a backdoor attack is measured, on its
 /// triggered test set).
 pub struct ModelEvaluator {
-    kind: ModelKind,
+    model: ModelRef,
     test: Arc<dyn Dataset>,
     device: Device,
     backdoor: Option<Arc<dyn Dataset>>,
 }
 
 impl ModelEvaluator {
-    /// An evaluator of `kind` models on `test`.
-    pub fn new(kind: ModelKind, test: Arc<dyn Dataset>, device: Device) -> Self {
+    /// An evaluator of `model` on `test`.
+    pub fn new(model: impl Into<ModelRef>, test: Arc<dyn Dataset>, device: Device) -> Self {
         Self {
-            kind,
+            model: model.into(),
             test,
             device,
             backdoor: None,
@@ -144,10 +144,9 @@ impl ModelEvaluator {
 
 impl Evaluator for ModelEvaluator {
     fn evaluate(&self, params: &ParamSet) -> std::result::Result<Evaluation, String> {
-        let (model, _vars) = Model::from_params(
-            self.kind,
-            self.test.sample_shape(),
-            self.test.num_classes(),
+        let (model, _vars) = Model::load(
+            &self.model,
+            &DataSpec::of(self.test.as_ref()),
             params,
             &self.device,
         )
@@ -159,6 +158,10 @@ impl Evaluator for ModelEvaluator {
             let b = train::evaluate(&model, triggered.as_ref(), None, 500, &self.device)
                 .map_err(|e| e.to_string())?;
             extra.insert("backdoor_success".to_string(), b.accuracy);
+        }
+        if r.rmse.is_finite() {
+            extra.insert("test_rmse".to_string(), r.rmse);
+            extra.insert("test_mae".to_string(), r.mae);
         }
         Ok(Evaluation {
             accuracy: r.accuracy,
@@ -188,35 +191,67 @@ pub fn load_data(cfg: &Config, progress: bool) -> Result<(DataSplit, Partition)>
         d.partition_alpha,
         d.partition_shards_per_client,
     )?;
-    let part = data::partition(
-        split.train.labels(),
-        split.train.num_classes(),
-        cfg.train_args.client_num_in_total,
-        method,
-        cfg.common_args.random_seed,
-        d.partition_min_samples,
-    )
+    let n = cfg.train_args.client_num_in_total;
+    let part = match (method, split.train.groups()) {
+        (PartitionMethod::Natural, Some(groups)) => data::partition_natural(
+            groups,
+            n,
+            cfg.common_args.random_seed,
+            d.partition_min_samples,
+        ),
+        _ => data::partition(
+            split.train.labels(),
+            split.train.num_classes(),
+            n,
+            method,
+            cfg.common_args.random_seed,
+            d.partition_min_samples,
+        ),
+    }
     .with_context(|| {
         format!(
-            "partitioning {} among {} clients ({})",
-            d.dataset, cfg.train_args.client_num_in_total, d.partition_method
+            "partitioning {} among {n} clients ({})",
+            d.dataset, d.partition_method
         )
     })?;
     Ok((split, part))
 }
 
-/// The seeded initial global model of `cfg` for `data`.
+/// The model `model_args.model` names in `models`.
+///
+/// # Errors
+/// An unknown name, listing the registered ones.
+pub fn model_def(cfg: &Config, models: &Registry) -> Result<ModelRef> {
+    models
+        .get(&cfg.model_args.model)
+        .with_context(|| "model_args.model".to_string())
+}
+
+/// The seeded initial global model of `cfg` for `data`: the shared parameters of the model
+/// `model_args.model` names among the built-in models.
 ///
 /// # Errors
 /// An unknown model or one that does not fit the data.
 pub fn initial_model(cfg: &Config, data: &dyn Dataset) -> Result<ParamSet> {
-    let kind: ModelKind = cfg.model_args.model.parse()?;
-    Ok(train::init_params(
-        kind,
-        data.sample_shape(),
-        data.num_classes(),
-        cfg.common_args.random_seed,
-    )?)
+    initial_model_of(&model_def(cfg, &Registry::default())?, cfg, data)
+}
+
+/// The seeded initial global model of `model` for `data` (its shared parameters).
+///
+/// # Errors
+/// A model that does not fit the data.
+pub fn initial_model_of(model: &ModelRef, cfg: &Config, data: &dyn Dataset) -> Result<ParamSet> {
+    let spec = DataSpec::of(data);
+    let all = train::init_model(model.as_ref(), &spec, cfg.common_args.random_seed)?;
+    Ok(client::split_scopes(all, &model.params(&spec)?).0)
+}
+
+/// Whether `model` keeps parameters on the clients (which the server then cannot evaluate).
+fn has_local_params(model: &ModelRef, data: &dyn Dataset) -> Result<bool> {
+    Ok(model
+        .params(&DataSpec::of(data))?
+        .iter()
+        .any(|p| p.scope == Scope::Local))
 }
 
 /// The device `device_args` asks for and its description; a warning when `using_gpu` is set
@@ -452,9 +487,12 @@ pub async fn run_client_from_config(
     }
     let (split, part) = tokio::task::block_in_place(|| load_data(cfg, true))?;
     let (device, desc) = training_device(cfg);
-    let indices = part.into_clients().swap_remove(rank - 1);
-    let trainer = client_trainer(cfg, rank, &split, indices, device, 0)?;
+    let model = model_def(cfg, &Registry::default())?;
     let id = client::client_id(rank);
+    let state_dir = PathBuf::from(&cfg.tracking_args.log_file_dir)
+        .join(&cfg.common_args.run_id)
+        .join(&id);
+    let trainer = client_trainer(cfg, &model, rank, &split, &part, &state_dir, device, 0)?;
     let s3 = store_options(cfg, &id)?;
     if let Some(w) = shared_store_credential_warning(&s3, &id) {
         tracing::warn!("{w}");
@@ -502,12 +540,13 @@ pub async fn run_server_from_config(
         tracing::warn!("{w}");
     }
     let (split, _) = tokio::task::block_in_place(|| load_data(cfg, true))?;
+    let model = model_def(cfg, &Registry::default())?;
     let store = BlobStore::connect(&store_options(cfg, server::SERVER_ID)?)?;
     let mqtt = session_options(cfg, server::SERVER_ID, None);
     let sec = Security::from_config(cfg, server::SERVER_ID)?;
-    let strategy = strategy_from_config(cfg, &split)?;
+    let strategy = strategy_with_model(cfg, &model, &split)?;
     serve(
-        cfg, &split, store, mqtt, sec, strategy, output_dir, resume, progress, cancel,
+        cfg, &model, &split, store, mqtt, sec, strategy, output_dir, resume, progress, cancel,
     )
     .await
 }
@@ -519,9 +558,18 @@ pub async fn run_server_from_config(
 /// # Errors
 /// An unknown strategy or defense, a bad hyper-parameter or privacy setting, naming the key.
 pub fn strategy_from_config(cfg: &Config, split: &DataSplit) -> Result<Box<dyn Strategy>> {
+    strategy_with_model(cfg, &model_def(cfg, &Registry::default())?, split)
+}
+
+/// [`strategy_from_config`] for `model`.
+fn strategy_with_model(
+    cfg: &Config,
+    model: &ModelRef,
+    split: &DataSplit,
+) -> Result<Box<dyn Strategy>> {
     let mut strategy = crate::strategy::from_config(&cfg.train_args, &cfg.fedmq_args)
         .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.reason))?;
-    let root = root_trainer(cfg, split)?;
+    let root = root_trainer(cfg, model, split)?;
     if let Some(defense) = crate::strategy::defense_from_config(
         &cfg.defense_args,
         cfg.train_args.client_num_per_round,
@@ -552,6 +600,7 @@ pub fn strategy_from_config(cfg: &Config, split: &DataSplit) -> Result<Box<dyn S
 /// server holds (drawn with the run's seed).
 fn root_trainer(
     cfg: &Config,
+    model: &ModelRef,
     split: &DataSplit,
 ) -> Result<Option<Arc<crate::strategy::RootTrainer>>> {
     let d = &cfg.defense_args;
@@ -560,7 +609,13 @@ fn root_trainer(
     {
         return Ok(None);
     }
-    let kind: ModelKind = cfg.model_args.model.parse()?;
+    if has_local_params(model, split.train.as_ref())? {
+        bail!(
+            "defense_args.defense_type fltrust trains a root update on the server, which model \
+             `{}` cannot: it keeps parameters on the clients",
+            model.name()
+        );
+    }
     let n = split.train.len();
     if d.root_data_size > n {
         bail!(
@@ -574,7 +629,7 @@ fn root_trainer(
     );
     let indices = rand::seq::index::sample(&mut rng, n, d.root_data_size).into_vec();
     let (device, _) = training_device(cfg);
-    let trainer = DataTrainer::new(kind, split.train.clone(), indices, device, 0);
+    let trainer = DataTrainer::new(model.clone(), split.train.clone(), indices, device, 0);
     let mut config = round_config(cfg).train;
     config.seed = cfg.common_args.random_seed;
     // As many local steps as a client of average size takes (FLTrust trains the root update
@@ -598,52 +653,94 @@ fn root_trainer(
     })))
 }
 
-/// Client `rank`'s trainer on its samples `indices`: honest, or attacking when `attack_args`
-/// pick this rank.
+/// Client `rank`'s trainer of `model` on its samples in `part`: honest, or attacking when
+/// `attack_args` pick this rank. A model with local parameters keeps them in `state_dir`, and
+/// then needs the `natural` partition: the client evaluates on its owner's test samples.
 ///
 /// # Errors
-/// Bad attack settings.
+/// Bad attack settings; a model with local parameters on another partition.
+#[allow(clippy::too_many_arguments)]
 pub fn client_trainer(
     cfg: &Config,
+    model: &ModelRef,
     rank: usize,
     split: &DataSplit,
-    indices: Vec<usize>,
+    part: &Partition,
+    state_dir: &std::path::Path,
     device: Device,
     threads: usize,
 ) -> Result<Arc<dyn LocalTrainer>> {
-    let kind: ModelKind = cfg.model_args.model.parse()?;
+    let indices = part.client(rank - 1).unwrap_or_default().to_vec();
     let attack = crate::attack::Attack::from_config(cfg).map_err(|e| anyhow::anyhow!(e))?;
+    let local = has_local_params(model, split.train.as_ref())?;
+    // The client's held-out samples: its owner's test samples (natural partitions).
+    let eval = match (part.group(rank - 1), split.test.groups()) {
+        (Some(g), Some(groups)) => groups
+            .iter()
+            .enumerate()
+            .filter(|(_, &o)| o == g)
+            .map(|(i, _)| i)
+            .collect(),
+        _ if local => bail!(
+            "model `{}` keeps parameters on each client, so each client must hold one owner's \
+             samples: set data_args.partition_method: natural",
+            model.name()
+        ),
+        _ => Vec::new(),
+    };
+    let seed = cfg.common_args.random_seed;
+    let build = {
+        let (model, device, test, eval) = (model.clone(), device.clone(), split.test.clone(), eval);
+        let state_dir = state_dir.to_path_buf();
+        move |data, indices| {
+            let t = DataTrainer::new(model.clone(), data, indices, device.clone(), threads);
+            let t = if local {
+                t.with_local_dir(&state_dir, seed)
+            } else {
+                t
+            };
+            t.with_eval(test.clone(), if local { eval.clone() } else { Vec::new() })
+        }
+    };
     match attack {
         Some(a) if crate::attack::attacker_ranks(cfg).contains(&rank) => {
             tracing::warn!(rank, attack = ?a.kind, "this client attacks the federation (attack_args)");
+            // Only a backdoor uses its trigger; the other attacks work on any data set.
+            let trigger = if a.is_backdoor() {
+                trigger_for(cfg)?
+            } else {
+                crate::attack::Trigger::new(&[0.0], &[1.0])
+            };
             Ok(Arc::new(crate::attack::AttackingTrainer::new(
                 a,
                 rank,
                 split.train.clone(),
                 indices,
-                trigger_for(cfg)?,
-                |data, indices| DataTrainer::new(kind, data, indices, device.clone(), threads),
+                trigger,
+                build,
             )))
         }
-        _ => Ok(Arc::new(DataTrainer::new(
-            kind,
-            split.train.clone(),
-            indices,
-            device,
-            threads,
-        ))),
+        _ => Ok(Arc::new(build(split.train.clone(), indices))),
     }
 }
 
 /// The backdoor trigger for `cfg`'s data set (bright pixels in its normalization).
 fn trigger_for(cfg: &Config) -> Result<crate::attack::Trigger> {
     let kind: DatasetKind = cfg.data_args.dataset.parse()?;
+    if !kind.is_image() {
+        bail!(
+            "attack_args: the backdoor's trigger is a pixel pattern, and {} is not an image data \
+             set; use a Byzantine or label-flipping attack",
+            kind.name()
+        );
+    }
     Ok(crate::attack::Trigger::new(kind.mean(), kind.std()))
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     cfg: &Config,
+    model: &ModelRef,
     split: &DataSplit,
     store: BlobStore,
     mqtt: SessionOptions,
@@ -654,7 +751,6 @@ async fn serve(
     progress: impl FnMut(&Progress) + Send,
     cancel: CancellationToken,
 ) -> Result<ServerReport> {
-    let kind: ModelKind = cfg.model_args.model.parse()?;
     let mut opts = server_options(cfg, output_dir);
     opts.keyring = sec.keyring;
     opts.crypto = sec.crypto;
@@ -679,9 +775,9 @@ async fn serve(
     } else {
         None
     };
-    let initial = initial_model(cfg, split.train.as_ref())?;
+    let initial = initial_model_of(model, cfg, split.train.as_ref())?;
     let (device, _) = training_device(cfg);
-    let mut evaluator = ModelEvaluator::new(kind, split.test.clone(), device);
+    let mut evaluator = ModelEvaluator::new(model.clone(), split.test.clone(), device);
     if let Some(a) = crate::attack::Attack::from_config(cfg)
         .map_err(|e| anyhow::anyhow!(e))?
         .filter(crate::attack::Attack::is_backdoor)
@@ -692,7 +788,9 @@ async fn serve(
             a.target,
         )));
     }
-    let evaluator: Arc<dyn Evaluator> = Arc::new(evaluator);
+    // A model with local parameters is measured by the clients (`client_test_*` metrics).
+    let evaluator: Option<Arc<dyn Evaluator>> =
+        (!has_local_params(model, split.train.as_ref())?).then(|| Arc::new(evaluator) as _);
     Ok(server::run_server(
         opts,
         mqtt,
@@ -700,7 +798,7 @@ async fn serve(
         strategy,
         initial,
         resume_from,
-        Some(evaluator),
+        evaluator,
         progress,
         cancel,
     )
@@ -732,10 +830,25 @@ pub const CLIENT_GRACE: Duration = Duration::from_secs(10);
 /// Options of [`run_local`].
 #[derive(Debug, Clone)]
 pub struct LocalOptions {
-    /// Output directory: metrics, plot, final model, and the embedded store's data.
+    /// Output directory: metrics, plot, final model, the embedded store's data, and each
+    /// client's local parameters (`clients/<id>/`).
     pub output_dir: PathBuf,
     /// Show a spinner while fetching data.
     pub fetch_progress: bool,
+    /// The models `model_args.model` is looked up in: the built-in ones, and any the caller
+    /// registered (`examples/custom_model.rs`).
+    pub models: Registry,
+}
+
+impl LocalOptions {
+    /// Output to `output_dir`, no fetch spinner, the built-in models.
+    pub fn new(output_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            output_dir: output_dir.into(),
+            fetch_progress: false,
+            models: Registry::default(),
+        }
+    }
 }
 
 /// A finished local federation.
@@ -794,9 +907,10 @@ async fn run_local_inner(
     cancel: CancellationToken,
 ) -> Result<LocalReport> {
     let (split, part) = tokio::task::block_in_place(|| load_data(cfg, opts.fetch_progress))?;
+    let model = model_def(cfg, &opts.models)?;
     let strategy = match strategy {
         Some(s) => s,
-        None => strategy_from_config(cfg, &split)?,
+        None => strategy_with_model(cfg, &model, &split)?,
     };
 
     // Broker.
@@ -877,9 +991,19 @@ async fn run_local_inner(
     let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
     // `serve` below warns when using_gpu falls back to the CPU.
     let mut clients = LocalClients::new(cancel.child_token());
-    for (i, indices) in part.into_clients().into_iter().enumerate() {
+    for i in 0..part.num_clients() {
         let id = client::client_id(i + 1);
-        let trainer = client_trainer(&cfg, i + 1, &split, indices, device.clone(), threads)?;
+        let state_dir = opts.output_dir.join("clients").join(&id);
+        let trainer = client_trainer(
+            &cfg,
+            &model,
+            i + 1,
+            &split,
+            &part,
+            &state_dir,
+            device.clone(),
+            threads,
+        )?;
         let sec = std::mem::take(&mut client_secs[i]);
         let copts = ClientOptions {
             run: cfg.common_args.run_id.clone(),
@@ -913,6 +1037,7 @@ async fn run_local_inner(
     let mqtt = session_options(&cfg, server::SERVER_ID, mqtt_port);
     let report = serve(
         &cfg,
+        &model,
         &split,
         store,
         mqtt,

@@ -110,10 +110,7 @@ fn failed(r: &RoundRecord, client: &str) -> bool {
 async fn local_federation_learns_and_writes_its_outputs() {
     let out = tempfile::tempdir().unwrap();
     let cfg = config("learns", "mlp", 3, 3, "homo");
-    let opts = LocalOptions {
-        output_dir: out.path().to_path_buf(),
-        fetch_progress: false,
-    };
+    let opts = LocalOptions::new(out.path().to_path_buf());
     let mut seen = Vec::new();
     let report = federation::run_local(
         &cfg,
@@ -400,7 +397,7 @@ fn data_trainer(cfg: &Config, rank: usize) -> DataTrainer {
     let (split, part) = federation::load_data(cfg, false).unwrap();
     let kind: ModelKind = cfg.model_args.model.parse().unwrap();
     DataTrainer::new(
-        kind,
+        kind.into(),
         split.train.clone(),
         part.client(rank - 1).unwrap().to_vec(),
         candle_core::Device::Cpu,

@@ -89,6 +89,7 @@ fn corpus(server: &Identity, client: &Identity) -> Vec<(String, Vec<u8>)> {
                     metrics: TrainMetrics {
                         train_loss: 0.123,
                         train_seconds: 16.5,
+                        eval: None,
                     },
                     report: Default::default(),
                 }),
@@ -208,6 +209,7 @@ fn secure_messages(t: &Topics) -> Vec<(String, Envelope)> {
             metrics: TrainMetrics {
                 train_loss: 0.3,
                 train_seconds: 1.0,
+                eval: None,
             },
         })),
         cmd(Body::SaUnmask(SaUnmask {

@@ -248,6 +248,7 @@ fn update(run: &str, round: u64, client: &str) -> Envelope {
             metrics: TrainMetrics {
                 train_loss: 0.25,
                 train_seconds: 1.5,
+                eval: None,
             },
             report: Default::default(),
         }),

@@ -27,10 +27,7 @@ fn config(run: &str, clients: usize, rounds: usize, extra: &str) -> Config {
 /// Runs `cfg` locally; the report, and the output directory (removed when dropped).
 async fn run(cfg: &Config) -> (LocalReport, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let opts = LocalOptions {
-        output_dir: dir.path().to_path_buf(),
-        fetch_progress: false,
-    };
+    let opts = LocalOptions::new(dir.path().to_path_buf());
     let report = federation::run_local(cfg, &opts, |_| {}, CancellationToken::new())
         .await
         .expect("local federation");

@@ -181,10 +181,7 @@ mod mnist {
 
     async fn run(cfg: &Config) -> fedmq::federation::LocalReport {
         let out = tempfile::tempdir().unwrap();
-        let opts = LocalOptions {
-            output_dir: out.path().to_path_buf(),
-            fetch_progress: false,
-        };
+        let opts = LocalOptions::new(out.path().to_path_buf());
         let report = federation::run_local(cfg, &opts, |_| {}, CancellationToken::new())
             .await
             .expect("local federation");
@@ -324,10 +321,7 @@ mod mnist {
         cfg.data_args.data_cache_dir = Config::default().data_args.data_cache_dir;
         assert_eq!(cfg.train_args.client_num_in_total, 1000);
         let out = tempfile::tempdir().unwrap();
-        let opts = LocalOptions {
-            output_dir: out.path().to_path_buf(),
-            fetch_progress: false,
-        };
+        let opts = LocalOptions::new(out.path().to_path_buf());
         let report = federation::run_local(&cfg, &opts, |_| {}, CancellationToken::new())
             .await
             .expect("local federation");

@@ -67,10 +67,7 @@ async fn fedprox_keeps_client_models_closer_to_the_global_model() {
         c.validate().expect("valid config");
         async move {
             let out = tempfile::tempdir().unwrap();
-            let opts = LocalOptions {
-                output_dir: out.path().to_path_buf(),
-                fetch_progress: false,
-            };
+            let opts = LocalOptions::new(out.path().to_path_buf());
             let report = federation::run_local(&c, &opts, |_| {}, CancellationToken::new())
                 .await
                 .expect("local federation");

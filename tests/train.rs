@@ -362,7 +362,9 @@ fn central_training_reports_every_epoch() -> Result<()> {
         ..opts(ModelKind::Mlp)
     };
     let mut seen = 0;
-    let report = train_central(&split, ModelKind::Mlp, &opts, &Device::Cpu, |_| seen += 1)?;
+    let report = train_central(&split, &ModelKind::Mlp.into(), &opts, &Device::Cpu, |_| {
+        seen += 1
+    })?;
     assert_eq!(seen, 3);
     let last = report.epochs.last().unwrap();
     assert!(last.test_accuracy >= 0.9, "{last:?}");

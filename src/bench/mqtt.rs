@@ -181,6 +181,7 @@ async fn echo(
                     metrics: TrainMetrics {
                         train_loss: 0.213,
                         train_seconds: 8.4,
+                        eval: None,
                     },
                     report: Default::default(),
                 }),

@@ -168,10 +168,7 @@ pub async fn run(bench: &RobustnessBench, cancel: CancellationToken) -> Result<V
         if cancel.is_cancelled() {
             break;
         }
-        let opts = LocalOptions {
-            output_dir: bench.out.join(&c.common_args.run_id),
-            fetch_progress: false,
-        };
+        let opts = LocalOptions::new(bench.out.join(&c.common_args.run_id));
         let started = std::time::Instant::now();
         let report = federation::run_local(&c, &opts, |_| {}, cancel.clone())
             .await

@@ -117,8 +117,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         cancel_on_ctrl_c(cancel.clone());
         let mut ui = Ui::new(&cfg);
         let opts = LocalOptions {
-            output_dir: out.clone(),
             fetch_progress: true,
+            ..LocalOptions::new(out.clone())
         };
         federation::run_local(&cfg, &opts, |p| ui.on(p), cancel).await
     })?;

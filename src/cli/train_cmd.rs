@@ -4,7 +4,7 @@ use super::{load_config_args, ConfigArg};
 use anyhow::{Context, Result};
 use fedmq::config::LoadMode;
 use fedmq::data::{self, DatasetKind, FetchOptions};
-use fedmq::train::{self, Engine, ModelKind, OptimizerKind, TrainOptions};
+use fedmq::train::{self, Engine, OptimizerKind, TrainOptions};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -78,7 +78,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     cfg.validate()?;
 
     let kind: DatasetKind = cfg.data_args.dataset.parse()?;
-    let model: ModelKind = cfg.model_args.model.parse()?;
+    let model = fedmq::federation::model_def(&cfg, &train::Registry::default())?;
     let split = data::load(
         kind,
         &cfg.data_cache_dir(),
@@ -114,9 +114,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         );
     }
     let json = a.json;
-    train::train_central(&split, model, &opts, &device, |e| {
+    train::train_central(&split, &model, &opts, &device, |e| {
         if json {
             println!("{}", serde_json::to_string(e).unwrap_or_default());
+        } else if e.test_rmse.is_finite() {
+            println!(
+                "epoch {:>3}  train_loss {:.4}  test_rmse {:.4}  test_mae {:.4}  {:.1} s  {:.0} samples/s",
+                e.epoch, e.train_loss, e.test_rmse, e.test_mae, e.seconds, e.samples_per_s
+            );
         } else {
             println!(
                 "epoch {:>3}  train_loss {:.4}  test_loss {:.4}  test_accuracy {:.2}%  {:.1} s  {:.0} samples/s",

@@ -91,6 +91,10 @@ pub enum TrainError {
     /// The trained parameters could not be read back.
     #[error("reading the trained model: {0}")]
     ReadBack(#[source] crate::train::Error),
+    /// The client's local parameters cannot be read or written (or it has nowhere to keep
+    /// them).
+    #[error("the client's local parameters: {0}")]
+    LocalState(String),
     /// A newer round (or the finish) interrupted training.
     #[error("interrupted")]
     Interrupted,

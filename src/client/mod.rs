@@ -27,7 +27,9 @@ pub use hooks::{ClientMemory, LocalHooks};
 pub use machine::ClientMachine;
 
 use machine::{Action, Event, JobOutcome};
-pub use trainer::{DataTrainer, LocalTrainer, NoopTrainer, Trained};
+pub use trainer::{
+    split_scopes, DataTrainer, LocalTrainer, NoopTrainer, Trained, LOCAL_PARAMS_FILE,
+};
 
 use crate::crypto::seal::BlobCrypto;
 use crate::proto::SERVER_ID;

@@ -1134,7 +1134,7 @@ impl Config {
             "fedmq_args.admission_timeout_s",
             format!("must be ≥ 0 seconds, got {}", f.admission_timeout_s),
         );
-        if let Err(e) = self.model_args.model.parse::<crate::train::ModelKind>() {
+        if let Err(e) = crate::train::Registry::default().get(&self.model_args.model) {
             check(false, "model_args.model", e.to_string());
         }
         check(

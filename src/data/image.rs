@@ -262,8 +262,14 @@ pub fn load(
     auto_fetch: bool,
     opts: &FetchOptions,
 ) -> Result<DataSplit> {
-    if kind == DatasetKind::Cifar10 {
-        return cifar::load_cifar10(&cache_dir.join(kind.dir_name()));
+    match kind {
+        DatasetKind::Cifar10 => return cifar::load_cifar10(&cache_dir.join(kind.dir_name())),
+        DatasetKind::Shakespeare
+        | DatasetKind::Movielens100k
+        | DatasetKind::Movielens100kRandom => {
+            return super::load_text_or_ratings(kind, cache_dir, auto_fetch, opts)
+        }
+        _ => {}
     }
     let dir = cache_dir.join(kind.dir_name());
     let mut paths = locate_all(&dir);

@@ -1,4 +1,4 @@
-//! [`DatasetKind`]: the image data sets fedmq knows by name, and where they are cached.
+//! [`DatasetKind`]: the data sets fedmq knows by name, and where they are cached.
 
 use super::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 /// The valid data set names, as listed in errors.
-const VALID_NAMES: &str = "mnist, fashion_mnist (or fashion-mnist, fmnist), cifar10";
+const VALID_NAMES: &str = "mnist, fashion_mnist (or fashion-mnist, fmnist), cifar10, shakespeare, \
+                           movielens_100k (per-user temporal split), movielens_100k_random \
+                           (random 80/20 split)";
 
-/// A built-in image data set, named as FedML's `data_args.dataset`.
+/// A built-in data set, named as FedML's `data_args.dataset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DatasetKind {
@@ -20,23 +22,48 @@ pub enum DatasetKind {
     FashionMnist,
     /// CIFAR-10: 50k/10k colour 32×32 images, 10 classes.
     Cifar10,
+    /// Shakespeare's plays, next-character prediction, one owner per (play, role) (LEAF).
+    Shakespeare,
+    /// MovieLens-100k ratings, one owner per user; the last 20 % of each user's ratings by time
+    /// are the test set.
+    #[serde(alias = "movielens", alias = "ml-100k", alias = "ml_100k")]
+    Movielens100k,
+    /// MovieLens-100k with a random 80/20 split of all ratings (seed 0), as Surprise's and most
+    /// papers' figures.
+    Movielens100kRandom,
 }
 
 impl DatasetKind {
     /// Every kind, in a fixed order.
-    pub const ALL: [DatasetKind; 3] = [
+    pub const ALL: [DatasetKind; 6] = [
         DatasetKind::Mnist,
         DatasetKind::FashionMnist,
         DatasetKind::Cifar10,
+        DatasetKind::Shakespeare,
+        DatasetKind::Movielens100k,
+        DatasetKind::Movielens100kRandom,
     ];
 
-    /// FedML's name (`mnist`, `fashion_mnist`, `cifar10`).
+    /// FedML's name (`mnist`, `fashion_mnist`, `cifar10`, `shakespeare`, `movielens_100k`,
+    /// `movielens_100k_random`).
     pub fn name(self) -> &'static str {
         match self {
             DatasetKind::Mnist => "mnist",
             DatasetKind::FashionMnist => "fashion_mnist",
             DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Shakespeare => "shakespeare",
+            DatasetKind::Movielens100k => "movielens_100k",
+            DatasetKind::Movielens100kRandom => "movielens_100k_random",
         }
+    }
+
+    /// Whether the set is made of images (what backdoor triggers and pixel normalization apply
+    /// to).
+    pub fn is_image(self) -> bool {
+        matches!(
+            self,
+            DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Cifar10
+        )
     }
 
     /// Directory under the cache directory holding this set's files.
@@ -45,19 +72,28 @@ impl DatasetKind {
             DatasetKind::Mnist => "mnist",
             DatasetKind::FashionMnist => "fashion-mnist",
             DatasetKind::Cifar10 => "cifar-10-batches-bin",
+            DatasetKind::Shakespeare => "shakespeare",
+            DatasetKind::Movielens100k | DatasetKind::Movielens100kRandom => "ml-100k",
         }
     }
 
-    /// Number of classes (10 for all three).
+    /// Number of classes: 10 for the image sets, the 81 symbols for Shakespeare, the 5 rating
+    /// values for MovieLens (whose target is the rating itself).
     pub fn num_classes(self) -> usize {
-        10
+        match self {
+            DatasetKind::Shakespeare => super::shakespeare::VOCAB_SIZE,
+            DatasetKind::Movielens100k | DatasetKind::Movielens100kRandom => 5,
+            _ => 10,
+        }
     }
 
-    /// Shape of one sample: `[channels, height, width]`.
+    /// Shape of one image: `[channels, height, width]` (`[0, 0, 0]` for sets that are not
+    /// images).
     pub fn sample_shape(self) -> [usize; 3] {
         match self {
             DatasetKind::Mnist | DatasetKind::FashionMnist => [1, 28, 28],
             DatasetKind::Cifar10 => [3, 32, 32],
+            _ => [0, 0, 0],
         }
     }
 
@@ -68,6 +104,7 @@ impl DatasetKind {
             DatasetKind::Mnist => &[0.1307],
             DatasetKind::FashionMnist => &[0.2860],
             DatasetKind::Cifar10 => &[0.491_399_7, 0.482_158_27, 0.446_531_24],
+            _ => &[],
         }
     }
 
@@ -77,6 +114,7 @@ impl DatasetKind {
             DatasetKind::Mnist => &[0.3081],
             DatasetKind::FashionMnist => &[0.3530],
             DatasetKind::Cifar10 => &[0.247_032_33, 0.243_485_05, 0.261_587_68],
+            _ => &[],
         }
     }
 }
@@ -99,6 +137,13 @@ impl FromStr for DatasetKind {
                 Ok(DatasetKind::FashionMnist)
             }
             "cifar10" | "cifar-10" | "cifar_10" => Ok(DatasetKind::Cifar10),
+            "shakespeare" => Ok(DatasetKind::Shakespeare),
+            "movielens_100k" | "movielens-100k" | "movielens" | "ml-100k" | "ml_100k" => {
+                Ok(DatasetKind::Movielens100k)
+            }
+            "movielens_100k_random" | "movielens-100k-random" => {
+                Ok(DatasetKind::Movielens100kRandom)
+            }
             _ => Err(Error::UnknownDataset {
                 name: s.to_string(),
                 valid: VALID_NAMES,

@@ -27,7 +27,7 @@ use std::str::FromStr;
 pub const HETERO_MAX_ATTEMPTS: usize = 1000;
 
 /// The valid method names, as listed in errors.
-const VALID_METHODS: &str = "homo, hetero, pathological";
+const VALID_METHODS: &str = "homo, hetero, pathological, natural";
 
 /// How samples are spread among clients (FedML's `data_args.partition_method`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -47,6 +47,10 @@ pub enum PartitionMethod {
         /// Shards per client, `>= 1` (McMahan et al. use 2).
         shards_per_client: usize,
     },
+    /// One client per natural owner of the samples (a play's role, a user; LEAF's partition),
+    /// for data sets that have owners ([`crate::data::Dataset::groups`]); see
+    /// [`partition_natural`].
+    Natural,
 }
 
 impl PartitionMethod {
@@ -61,6 +65,7 @@ impl PartitionMethod {
             PartitionMethod::Homo => "homo",
             PartitionMethod::Hetero { .. } => "hetero",
             PartitionMethod::Pathological { .. } => "pathological",
+            PartitionMethod::Natural => "natural",
         }
     }
 
@@ -76,6 +81,7 @@ impl PartitionMethod {
             PartitionMethod::Pathological { .. } => {
                 PartitionMethod::Pathological { shards_per_client }
             }
+            PartitionMethod::Natural => PartitionMethod::Natural,
         })
     }
 }
@@ -95,6 +101,7 @@ impl FromStr for PartitionMethod {
             "pathological" => Ok(PartitionMethod::Pathological {
                 shards_per_client: Self::DEFAULT_SHARDS_PER_CLIENT,
             }),
+            "natural" | "leaf" | "by_owner" => Ok(PartitionMethod::Natural),
             _ => Err(Error::UnknownPartition {
                 name: s.to_string(),
                 valid: VALID_METHODS,
@@ -111,6 +118,7 @@ impl fmt::Display for PartitionMethod {
             PartitionMethod::Pathological { shards_per_client } => {
                 write!(f, "pathological ({shards_per_client} shards per client)")
             }
+            PartitionMethod::Natural => f.write_str("natural (one client per owner)"),
         }
     }
 }
@@ -120,6 +128,9 @@ impl fmt::Display for PartitionMethod {
 pub struct Partition {
     /// `clients[c]`: the sorted sample indices of client `c`.
     clients: Vec<Vec<usize>>,
+    /// `groups[c]`: the natural owner client `c` stands for (the `natural` partition only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    groups: Option<Vec<u32>>,
 }
 
 impl Partition {
@@ -128,7 +139,15 @@ impl Partition {
         for c in &mut clients {
             c.sort_unstable();
         }
-        Partition { clients }
+        Partition {
+            clients,
+            groups: None,
+        }
+    }
+
+    /// The natural owner (group id) client `c` stands for, in a `natural` partition.
+    pub fn group(&self, c: usize) -> Option<u32> {
+        self.groups.as_ref().and_then(|g| g.get(c).copied())
     }
 
     /// Number of clients.
@@ -217,6 +236,7 @@ pub fn partition(
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let clients = match method {
+        PartitionMethod::Natural => return Err(Error::NoOwners),
         PartitionMethod::Homo => homo(n, num_clients, &mut rng),
         PartitionMethod::Hetero { alpha } => {
             if !(alpha.is_finite() && alpha > 0.0) {
@@ -271,6 +291,55 @@ fn cut(i: usize, n: usize, parts: usize) -> usize {
 }
 
 /// IID: shuffle, then near-equal contiguous parts.
+/// One client per natural owner: the samples of group `g` (`groups[i]` is sample `i`'s owner)
+/// go to one client. Owners with fewer than `min_samples` samples are left out; when there are
+/// more owners than `num_clients`, a seeded random choice of `num_clients` of them is taken
+/// (LEAF's sampling of users), in ascending group order.
+///
+/// # Errors
+/// [`Error::NoClients`]; [`Error::TooFewSamples`] when fewer than `num_clients` owners have
+/// `min_samples` samples.
+pub fn partition_natural(
+    groups: &[u32],
+    num_clients: usize,
+    seed: u64,
+    min_samples: usize,
+) -> Result<Partition> {
+    if num_clients == 0 {
+        return Err(Error::NoClients);
+    }
+    let mut by_group: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
+    for (i, &g) in groups.iter().enumerate() {
+        by_group.entry(g).or_default().push(i);
+    }
+    by_group.retain(|_, v| v.len() >= min_samples.max(1));
+    if by_group.len() < num_clients {
+        return Err(Error::TooFewSamples {
+            samples: by_group.len(),
+            num_clients,
+            needed: 1,
+            what: "owners (the natural partition gives each client one owner's samples)",
+        });
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut chosen: Vec<u32> = by_group.keys().copied().collect();
+    if chosen.len() > num_clients {
+        chosen = rand::seq::index::sample(&mut rng, chosen.len(), num_clients)
+            .into_iter()
+            .map(|i| chosen[i])
+            .collect();
+        chosen.sort_unstable();
+    }
+    let clients = chosen
+        .iter()
+        .map(|g| by_group.remove(g).unwrap_or_default())
+        .collect();
+    Ok(Partition {
+        clients,
+        groups: Some(chosen),
+    })
+}
+
 fn homo(n: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
     let mut perm: Vec<usize> = (0..n).collect();
     perm.shuffle(rng);

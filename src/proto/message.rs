@@ -216,6 +216,68 @@ pub struct TrainMetrics {
     pub train_loss: f64,
     /// Wall-clock seconds spent training.
     pub train_seconds: f64,
+    /// The trained model measured on the client's own held-out samples: sent by clients of a
+    /// model with local parameters (which only the client can evaluate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval: Option<ClientEval>,
+}
+
+impl TrainMetrics {
+    /// Checks that every number is finite and the evaluation's sums are consistent.
+    ///
+    /// # Errors
+    /// What is wrong, for the rejection reason.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.train_loss.is_finite() || !self.train_seconds.is_finite() {
+            return Err("metrics must be finite numbers".into());
+        }
+        if let Some(e) = &self.eval {
+            e.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// Sums over a client's held-out samples, which the server adds up over a round's clients:
+/// loss and accuracy (classification) or squared and absolute errors (a real target).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ClientEval {
+    /// Held-out samples evaluated (at most 2³² per client).
+    pub samples: u64,
+    /// Sum of the per-sample loss.
+    pub loss_sum: f64,
+    /// Correct predictions (classification).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correct: Option<u64>,
+    /// Sum of squared errors (a real target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sq_err_sum: Option<f64>,
+    /// Sum of absolute errors (a real target).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abs_err_sum: Option<f64>,
+}
+
+impl ClientEval {
+    /// Most held-out samples one client may report.
+    pub const MAX_SAMPLES: u64 = 1 << 32;
+
+    fn validate(&self) -> Result<(), String> {
+        if self.samples == 0 || self.samples > Self::MAX_SAMPLES {
+            return Err(format!(
+                "eval.samples must be between 1 and {}, got {}",
+                Self::MAX_SAMPLES,
+                self.samples
+            ));
+        }
+        let sums = [Some(self.loss_sum), self.sq_err_sum, self.abs_err_sum];
+        if sums.iter().flatten().any(|v| !v.is_finite() || *v < 0.0) {
+            return Err("eval sums must be finite and ≥ 0".into());
+        }
+        if self.correct.is_some_and(|c| c > self.samples) {
+            return Err("eval.correct exceeds eval.samples".into());
+        }
+        Ok(())
+    }
 }
 
 /// Client → server: an update is ready.
@@ -317,9 +379,7 @@ impl Envelope {
                 if u.num_samples == 0 {
                     return Err("num_samples must be ≥ 1".into());
                 }
-                if !u.metrics.train_loss.is_finite() || !u.metrics.train_seconds.is_finite() {
-                    return Err("metrics must be finite numbers".into());
-                }
+                u.metrics.validate()?;
             }
             Body::Failure(f) => check_text("reason", &f.reason)?,
             Body::Finish(f) => {

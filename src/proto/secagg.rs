@@ -266,10 +266,7 @@ impl SaMasked {
         if self.num_samples == 0 {
             return Err("num_samples must be ≥ 1".into());
         }
-        if !self.metrics.train_loss.is_finite() || !self.metrics.train_seconds.is_finite() {
-            return Err("metrics must be finite numbers".into());
-        }
-        Ok(())
+        self.metrics.validate()
     }
 }
 

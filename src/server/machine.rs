@@ -307,6 +307,56 @@ pub struct RoundSummary {
     pub strategy_metrics: BTreeMap<String, f64>,
 }
 
+/// The sums of the clients' own evaluations ([`crate::proto::ClientEval`]) over a round.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct EvalSums {
+    samples: u64,
+    loss: f64,
+    correct: Option<u64>,
+    sq_err: Option<f64>,
+    abs_err: Option<f64>,
+}
+
+impl EvalSums {
+    /// Adds one client's evaluation (none: nothing).
+    pub(crate) fn add(&mut self, e: Option<&crate::proto::ClientEval>) {
+        let Some(e) = e else { return };
+        fn sum<T: std::ops::Add<Output = T> + Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            }
+        }
+        self.samples += e.samples;
+        self.loss += e.loss_sum;
+        self.correct = sum(self.correct, e.correct);
+        self.sq_err = sum(self.sq_err, e.sq_err_sum);
+        self.abs_err = sum(self.abs_err, e.abs_err_sum);
+    }
+
+    /// `client_test_loss`, `client_test_accuracy`, `client_test_rmse`, `client_test_mae` and
+    /// `client_test_samples` over the clients that evaluated; empty when none did.
+    pub(crate) fn metrics(&self) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        if self.samples == 0 {
+            return m;
+        }
+        let n = self.samples as f64;
+        m.insert("client_test_samples".into(), n);
+        m.insert("client_test_loss".into(), self.loss / n);
+        if let Some(c) = self.correct {
+            m.insert("client_test_accuracy".into(), c as f64 / n);
+        }
+        if let Some(s) = self.sq_err {
+            m.insert("client_test_rmse".into(), (s / n).sqrt());
+        }
+        if let Some(a) = self.abs_err {
+            m.insert("client_test_mae".into(), a / n);
+        }
+        m
+    }
+}
+
 /// Phase of the run.
 enum Phase {
     Admitting {
@@ -333,6 +383,8 @@ struct RoundState {
     fetching: BTreeMap<String, Pending>,
     /// Folded into the aggregate: client → (samples, loss).
     reported: BTreeMap<String, (u64, f64)>,
+    /// The reporting clients' own evaluations, summed.
+    evals: EvalSums,
     failed: BTreeMap<String, FailureReason>,
     /// Clients whose update notice of this round was taken (fetched, folded or refused): their
     /// slot is closed, a second notice is ignored.
@@ -601,6 +653,7 @@ impl RoundMachine {
                                 });
                             match added {
                                 Ok(Some(())) => {
+                                    r.evals.add(p.metrics.eval.as_ref());
                                     r.reported.insert(client, (p.samples, p.metrics.train_loss));
                                 }
                                 Err(e) => {
@@ -889,6 +942,7 @@ impl RoundMachine {
             selected: selected.into_iter().collect(),
             fetching: BTreeMap::new(),
             reported: BTreeMap::new(),
+            evals: EvalSums::default(),
             failed: BTreeMap::new(),
             announced: BTreeSet::new(),
             warned: BTreeSet::new(),
@@ -1054,6 +1108,7 @@ impl RoundMachine {
         let aggregate = r.aggregate.take().and_then(|a| a.finish(&failures));
         let mut end = self.strategy.end_round(r.round, &self.global, aggregate);
         end.metrics.extend(agg_metrics);
+        end.metrics.extend(r.evals.metrics());
         if let Some(s) = &r.secure {
             // The aggregate saw one mean, not each client's model: no per-client measures.
             end.metrics.remove("update_distance");

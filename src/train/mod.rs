@@ -1,12 +1,13 @@
 //! candle models, optimizers, the local trainer and the training benchmark.
 //!
-//! The models are FedML's `lr`, `mlp` (FedAvg 2NN) and `cnn` (FedAvg CNN); see [`model`] for
-//! their parameter names, which are part of the wire protocol, and for the seeded
-//! initialization every client of a federation shares.
+//! Models are registered by name ([`registry`]): FedML's `lr`, `mlp` (FedAvg 2NN) and `cnn`
+//! (FedAvg CNN) in [`model`], the next-character LSTM `rnn` in [`rnn`], matrix factorization `mf`
+//! in [`mf`], and any an application adds. Parameter names are part of the wire protocol; the
+//! seeded initialization every client of a federation shares is in [`model`].
 //!
 //! Training runs on one of two engines with the same semantics:
 //! - on the CPU, a native engine (`native`) with hand-written forward and backward passes over
-//!   the three architectures, calling the `gemm` crate directly, splitting each mini-batch over
+//!   the built-in image architectures, calling the `gemm` crate directly, splitting each mini-batch over
 //!   the rayon pool and updating parameters in place. It exists because candle's CPU path
 //!   spends most of a small step in per-op overhead and does not use the second core well
 //!   (measurements in `docs/BENCHMARKS.md`, "Training throughput");
@@ -14,20 +15,29 @@
 //!   tensor ops. [`Engine::Candle`] forces this path on the CPU too (tests compare both).
 //!
 //! # Layout
-//! - [`model`]: [`ModelKind`], [`Model`] (a `candle_nn::Module`), [`init_params`].
+//! - [`registry`]: [`ModelDef`], [`Registry`], [`ParamSpec`] with its [`Scope`] (shared or local).
+//! - [`model`]: [`ModelKind`] (the image models), [`Model`] (a built model, a
+//!   `candle_nn::Module`), [`init_model`], [`init_params`].
+//! - [`rnn`]: the next-character LSTM; [`mf`]: matrix factorization with local user factors.
 //! - [`optim`]: SGD (momentum, Nesterov, L2 weight decay) and Adam with PyTorch's update
 //!   rules, as host kernels and as a candle-tensor optimizer.
 //! - [`trainer`]: [`train_local`], [`evaluate`], [`train_central`], [`select_device`].
 //! - `native`: the CPU engine.
 
+pub mod mf;
 pub mod model;
 mod native;
 pub mod optim;
+pub mod registry;
+pub mod rnn;
 pub mod trainer;
 
-pub use model::{init_params, Model, ModelKind, ParamSpec};
+pub use model::{init_model, init_params, Model, ModelKind};
 pub(crate) use native::NativeNet;
 pub use optim::{OptimizerConfig, OptimizerKind, TensorOptimizer};
+pub use registry::{
+    ModelDef, ModelRef, NativePlan, Network, ParamInit, ParamSpec, Registry, Scope,
+};
 pub use trainer::{
     evaluate, select_device, train_central, train_local, CentralEpoch, CentralReport, Engine,
     EpochStats, EvalReport, TrainOptions, TrainOutcome, TrainReport,
@@ -52,11 +62,31 @@ pub enum Error {
         /// The valid names, comma-separated.
         valid: String,
     },
+    /// A name given to [`Registry::register`] is taken.
+    #[error("a model named `{name}` is already registered; pick another name")]
+    DuplicateModel {
+        /// The name.
+        name: String,
+    },
+    /// The model cannot take this kind of data (sequences into a CNN, ratings into a
+    /// classifier).
+    #[error(
+        "model `{model}` cannot take {data}: it takes {takes}; pick a model for this data set \
+         (model_args.model) or a data set for this model (data_args.dataset)"
+    )]
+    Unsupported {
+        /// The model.
+        model: String,
+        /// What the data is.
+        data: String,
+        /// What the model takes.
+        takes: String,
+    },
     /// The model cannot take samples of this shape.
     #[error("model `{model}` cannot take samples of shape {shape:?}: {reason}")]
     SampleShape {
         /// The model.
-        model: ModelKind,
+        model: String,
         /// The sample shape.
         shape: Vec<usize>,
         /// Why.

@@ -30,15 +30,20 @@
 //! keystream read as little-endian words). The values do not depend on tensor order or on
 //! any other tensor, and the scheme is versioned by the prefix.
 
+use super::registry::{
+    classes_of, ModelDef, ModelRef, NativePlan, Network, ParamInit, ParamSpec, Scope,
+};
 use super::{Error, Result};
+use crate::data::{DataSpec, Input};
 use crate::tensor::{NamedTensor, ParamSet};
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Init, Linear, VarBuilder, VarMap};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
 use rand::RngCore;
 use rand_chacha::rand_core::SeedableRng;
 use sha2::{Digest as _, Sha256};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Which model to train, named as FedML's `model_args.model`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -102,17 +107,6 @@ impl FromStr for ModelKind {
     }
 }
 
-/// One parameter tensor of a model: name, shape and the fan-in that sets its initialization.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParamSpec {
-    /// Wire name, e.g. `fc1.weight`.
-    pub name: String,
-    /// Shape (PyTorch layout).
-    pub shape: Vec<usize>,
-    /// Inputs per output unit; values are drawn from `U(-1/√fan_in, 1/√fan_in)`.
-    pub fan_in: usize,
-}
-
 /// Hidden width of the 2NN.
 pub(crate) const MLP_HIDDEN: usize = 200;
 /// Channels of the CNN's convolutions.
@@ -144,7 +138,7 @@ pub(crate) enum Arch {
 impl Arch {
     pub(crate) fn new(kind: ModelKind, sample_shape: &[usize], num_classes: usize) -> Result<Self> {
         let shape_err = |reason: &str| Error::SampleShape {
-            model: kind,
+            model: kind.name().to_string(),
             shape: sample_shape.to_vec(),
             reason: reason.to_string(),
         };
@@ -183,14 +177,6 @@ impl Arch {
         })
     }
 
-    pub(crate) fn kind(&self) -> ModelKind {
-        match self {
-            Arch::Lr { .. } => ModelKind::Lr,
-            Arch::Mlp { .. } => ModelKind::Mlp,
-            Arch::Cnn { .. } => ModelKind::Cnn,
-        }
-    }
-
     pub(crate) fn num_classes(&self) -> usize {
         match *self {
             Arch::Lr { c, .. } | Arch::Mlp { c, .. } | Arch::Cnn { c, .. } => c,
@@ -207,12 +193,14 @@ impl Arch {
             out.push(ParamSpec {
                 name: format!("{name}.weight"),
                 shape: vec![o, i],
-                fan_in: i,
+                init: ParamInit::fan_in(i),
+                scope: Scope::Shared,
             });
             out.push(ParamSpec {
                 name: format!("{name}.bias"),
                 shape: vec![o],
-                fan_in: i,
+                init: ParamInit::fan_in(i),
+                scope: Scope::Shared,
             });
         }
         fn conv(out: &mut Vec<ParamSpec>, name: &str, i: usize, o: usize) {
@@ -220,12 +208,14 @@ impl Arch {
             out.push(ParamSpec {
                 name: format!("{name}.weight"),
                 shape: vec![o, i, k, k],
-                fan_in: i * k * k,
+                init: ParamInit::fan_in(i * k * k),
+                scope: Scope::Shared,
             });
             out.push(ParamSpec {
                 name: format!("{name}.bias"),
                 shape: vec![o],
-                fan_in: i * k * k,
+                init: ParamInit::fan_in(i * k * k),
+                scope: Scope::Shared,
             });
         }
         let mut out = Vec::new();
@@ -247,7 +237,57 @@ impl Arch {
     }
 }
 
-/// Seeded PyTorch-style initial parameters for `kind` (see the module docs for the exact scheme).
+impl ModelDef for ModelKind {
+    fn name(&self) -> &str {
+        ModelKind::name(*self)
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            ModelKind::Lr => "multinomial logistic regression on dense features".into(),
+            ModelKind::Mlp => "the FedAvg paper's 2NN (200-200 ReLU) on dense features".into(),
+            ModelKind::Cnn => "the FedAvg paper's CNN (5×5 conv 32, 64, fc 512) on images".into(),
+        }
+    }
+
+    fn params(&self, data: &DataSpec) -> Result<Vec<ParamSpec>> {
+        Ok(image_arch(*self, data)?.param_specs())
+    }
+
+    fn build(&self, data: &DataSpec, vb: VarBuilder) -> Result<Box<dyn Network>> {
+        Ok(Box::new(ImageNet::new(image_arch(*self, data)?, vb)?))
+    }
+
+    fn native_plan(&self, data: &DataSpec) -> Option<NativePlan> {
+        image_arch(*self, data)
+            .ok()
+            .map(|a| NativePlan(super::native::Plan::Image(a)))
+    }
+
+    fn recommended(&self) -> Option<(f64, usize)> {
+        Some(match self {
+            ModelKind::Lr => (0.01, 64),
+            ModelKind::Mlp => (0.02, 64),
+            ModelKind::Cnn => (0.01, 32),
+        })
+    }
+}
+
+/// The image architecture of `kind` for `data`, or why it cannot take it.
+fn image_arch(kind: ModelKind, data: &DataSpec) -> Result<Arch> {
+    let classes = classes_of(kind.name(), data)?;
+    if data.input != Input::Dense {
+        return Err(Error::Unsupported {
+            model: kind.name().to_string(),
+            data: data.input.describe(),
+            takes: "dense features (images)".to_string(),
+        });
+    }
+    Arch::new(kind, &data.sample_shape, classes)
+}
+
+/// Seeded PyTorch-style initial parameters for `kind` on images of `sample_shape` in
+/// `num_classes` classes (see the module docs for the exact scheme).
 ///
 /// # Errors
 /// As [`ModelKind::param_specs`].
@@ -257,8 +297,17 @@ pub fn init_params(
     num_classes: usize,
     seed: u64,
 ) -> Result<ParamSet> {
-    let specs = kind.param_specs(sample_shape, num_classes)?;
-    let tensors = specs
+    init_model(&kind, &DataSpec::image(sample_shape, num_classes), seed)
+}
+
+/// Seeded initial parameters of every tensor of `def` on `data`, shared and local (see the
+/// module docs for the generator).
+///
+/// # Errors
+/// As [`ModelDef::params`].
+pub fn init_model(def: &dyn ModelDef, data: &DataSpec, seed: u64) -> Result<ParamSet> {
+    let tensors = def
+        .params(data)?
         .into_iter()
         .map(|spec| {
             let mut h = Sha256::new();
@@ -266,32 +315,254 @@ pub fn init_params(
             h.update(seed.to_le_bytes());
             h.update(spec.name.as_bytes());
             let mut rng = rand_chacha::ChaCha8Rng::from_seed(h.finalize().into());
-            let bound = 1.0 / (spec.fan_in as f64).sqrt();
-            let n: usize = spec.shape.iter().product();
-            let data = (0..n)
-                .map(|_| {
-                    let u = (rng.next_u32() >> 8) as f64 * (1.0 / (1u32 << 24) as f64);
-                    ((2.0 * u - 1.0) * bound) as f32
-                })
-                .collect();
+            let mut unit = move || (rng.next_u32() >> 8) as f64 * (1.0 / (1u32 << 24) as f64);
+            let n = spec.numel();
+            let data = match spec.init {
+                ParamInit::Uniform { bound } => (0..n)
+                    .map(|_| ((2.0 * unit() - 1.0) * bound) as f32)
+                    .collect(),
+                // Box–Muller, one value per pair of draws; `1 − u` keeps the logarithm finite.
+                ParamInit::Normal { std } => (0..n)
+                    .map(|_| {
+                        let (u1, u2) = (1.0 - unit(), unit());
+                        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                        (z * std) as f32
+                    })
+                    .collect(),
+                ParamInit::Zeros => vec![0.0; n],
+            };
             NamedTensor::new(spec.name, spec.shape, data)
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(ParamSet::new(tensors)?)
 }
 
-/// A model: its architecture and candle layers reading the parameters of a `VarMap`.
+/// A built model: its definition, the data it was built for, and the candle network reading
+/// the variables of a `VarMap`.
 ///
-/// Implements [`candle_nn::Module`]: `forward` maps a batch `[N, ...sample_shape]` (or
-/// `[N, D]`) to logits `[N, classes]`.
-#[derive(Clone, Debug)]
+/// Implements [`candle_nn::Module`]: `forward` maps a batch `[N, ...sample_shape]` to logits
+/// `[N, classes]` (classification) or predictions `[N]` (a real target).
+#[derive(Clone)]
 pub struct Model {
+    def: ModelRef,
+    data: DataSpec,
+    specs: Vec<ParamSpec>,
+    tensors: Vec<Tensor>,
+    net: Arc<dyn Network>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("def", &self.def.name())
+            .field("data", &self.data)
+            .field("params", &self.specs.len())
+            .finish()
+    }
+}
+
+impl Model {
+    /// Builds `def` for `data`, reading (or, from a `VarBuilder` over an empty `VarMap`,
+    /// creating) its parameters through `vb`.
+    ///
+    /// # Errors
+    /// As [`ModelDef::params`] and [`ModelDef::build`].
+    pub fn build(def: ModelRef, data: &DataSpec, vb: VarBuilder) -> Result<Self> {
+        let specs = def.params(data)?;
+        let tensors = specs
+            .iter()
+            .map(|s| s.get(&vb))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let net = Arc::from(def.build(data, vb)?);
+        Ok(Self {
+            def,
+            data: data.clone(),
+            specs,
+            tensors,
+            net,
+        })
+    }
+
+    /// `def` on `data` with the seeded initial parameters of [`init_model`] (all of them,
+    /// local ones included), and the `VarMap` holding them.
+    ///
+    /// # Errors
+    /// As [`Model::build`].
+    pub fn init(
+        def: &ModelRef,
+        data: &DataSpec,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(Self, VarMap)> {
+        let params = init_model(def.as_ref(), data, seed)?;
+        Self::load(def, data, &params, device)
+    }
+
+    /// `def` on `data` with the parameters `params`, which must be exactly the model's (names
+    /// and shapes, shared and local).
+    ///
+    /// # Errors
+    /// [`Error::Tensor`] naming missing, unexpected or misshapen tensors; as [`Model::build`].
+    pub fn load(
+        def: &ModelRef,
+        data: &DataSpec,
+        params: &ParamSet,
+        device: &Device,
+    ) -> Result<(Self, VarMap)> {
+        let expected = ParamSet::new(
+            def.params(data)?
+                .into_iter()
+                .map(|s| NamedTensor::zeros(s.name, s.shape))
+                .collect(),
+        )?;
+        expected.check_same_layout(params)?;
+        let varmap = params.to_varmap(device)?;
+        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device);
+        let model = Self::build(def.clone(), data, vb)?;
+        Ok((model, varmap))
+    }
+
+    /// A built-in image model of `kind` for `sample_shape` and `num_classes`, reading its
+    /// parameters through `vb`.
+    ///
+    /// # Errors
+    /// As [`ModelKind::param_specs`].
+    pub fn new(
+        kind: ModelKind,
+        sample_shape: &[usize],
+        num_classes: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        Self::build(
+            Arc::new(kind),
+            &DataSpec::image(sample_shape, num_classes),
+            vb,
+        )
+    }
+
+    /// [`Model::init`] for a built-in image model.
+    ///
+    /// # Errors
+    /// As [`Model::new`].
+    pub fn init_seeded(
+        kind: ModelKind,
+        sample_shape: &[usize],
+        num_classes: usize,
+        seed: u64,
+        device: &Device,
+    ) -> Result<(Self, VarMap)> {
+        Self::init(
+            &(Arc::new(kind) as ModelRef),
+            &DataSpec::image(sample_shape, num_classes),
+            seed,
+            device,
+        )
+    }
+
+    /// [`Model::load`] for a built-in image model.
+    ///
+    /// # Errors
+    /// As [`Model::load`].
+    pub fn from_params(
+        kind: ModelKind,
+        sample_shape: &[usize],
+        num_classes: usize,
+        params: &ParamSet,
+        device: &Device,
+    ) -> Result<(Self, VarMap)> {
+        Self::load(
+            &(Arc::new(kind) as ModelRef),
+            &DataSpec::image(sample_shape, num_classes),
+            params,
+            device,
+        )
+    }
+
+    /// The definition.
+    pub fn def(&self) -> &ModelRef {
+        &self.def
+    }
+
+    /// The model's name.
+    pub fn name(&self) -> &str {
+        self.def.name()
+    }
+
+    /// The data the model was built for.
+    pub fn data(&self) -> &DataSpec {
+        &self.data
+    }
+
+    /// Shape of one input sample.
+    pub fn sample_shape(&self) -> &[usize] {
+        &self.data.sample_shape
+    }
+
+    /// Number of classes (0 for a real-valued target).
+    pub fn num_classes(&self) -> usize {
+        self.data.classes().unwrap_or(0)
+    }
+
+    /// The parameter tensors, in forward order.
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        self.specs.clone()
+    }
+
+    /// Total number of parameters (shared and local).
+    pub fn num_params(&self) -> usize {
+        self.specs.iter().map(ParamSpec::numel).sum()
+    }
+
+    /// The native engine's plan, where one exists.
+    pub(crate) fn native_plan(&self) -> Option<NativePlan> {
+        self.def.native_plan(&self.data)
+    }
+
+    /// The network (forward pass and penalty).
+    pub(crate) fn network(&self) -> &dyn Network {
+        self.net.as_ref()
+    }
+
+    /// The parameter tensors, in the order of [`Model::param_specs`].
+    #[cfg(test)]
+    pub(crate) fn tensors(&self) -> Vec<&Tensor> {
+        self.tensors.iter().collect()
+    }
+
+    /// The current parameters (shared and local) as host tensors.
+    ///
+    /// # Errors
+    /// [`Error::Candle`] when reading a device tensor fails.
+    pub fn param_set(&self) -> Result<ParamSet> {
+        let tensors = self
+            .specs
+            .iter()
+            .zip(&self.tensors)
+            .map(|(spec, t)| {
+                let data = t.flatten_all()?.to_vec1::<f32>()?;
+                Ok(NamedTensor::new(
+                    spec.name.clone(),
+                    spec.shape.clone(),
+                    data,
+                )?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ParamSet::new(tensors)?)
+    }
+}
+
+impl Module for Model {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        self.net.forward(xs)
+    }
+}
+
+/// The candle network of an image architecture.
+struct ImageNet {
     arch: Arch,
-    sample_shape: Vec<usize>,
     layers: Layers,
 }
 
-#[derive(Clone, Debug)]
 enum Layers {
     Lr {
         linear: Linear,
@@ -309,37 +580,10 @@ enum Layers {
     },
 }
 
-impl Model {
-    /// Builds the model from `vb`, with the parameter names of the module docs.
-    ///
-    /// Parameters that `vb`'s `VarMap` already holds are used as they are (after a shape
-    /// check); missing ones are created with PyTorch's default distribution from candle's
-    /// *unseeded* generator. For a reproducible model use [`Model::init_seeded`].
-    ///
-    /// # Errors
-    /// As [`ModelKind::param_specs`]; [`Error::Candle`] when a parameter of `vb` has the wrong
-    /// shape.
-    pub fn new(
-        kind: ModelKind,
-        sample_shape: &[usize],
-        num_classes: usize,
-        vb: VarBuilder,
-    ) -> Result<Self> {
-        let arch = Arch::new(kind, sample_shape, num_classes)?;
+impl ImageNet {
+    fn new(arch: Arch, vb: VarBuilder) -> Result<Self> {
         let specs = arch.param_specs();
-        let get = |i: usize| -> Result<Tensor> {
-            let spec = &specs[i];
-            let bound = 1.0 / (spec.fan_in as f64).sqrt();
-            let (prefix, leaf) = spec.name.split_once('.').unwrap_or(("", &spec.name));
-            Ok(vb.pp(prefix).get_with_hints(
-                spec.shape.as_slice(),
-                leaf,
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                },
-            )?)
-        };
+        let get = |i: usize| -> Result<Tensor> { Ok(specs[i].get(&vb)?) };
         let lin = |i: usize| -> Result<Linear> { Ok(Linear::new(get(i)?, Some(get(i + 1)?))) };
         let conv = |i: usize| -> Result<Conv2d> {
             let cfg = Conv2dConfig {
@@ -348,7 +592,6 @@ impl Model {
             };
             Ok(Conv2d::new(get(i)?, Some(get(i + 1)?), cfg))
         };
-        // Indices follow `Arch::param_specs`' forward order (weight then bias per layer).
         let layers = match arch {
             Arch::Lr { .. } => Layers::Lr { linear: lin(0)? },
             Arch::Mlp { .. } => Layers::Mlp {
@@ -363,130 +606,11 @@ impl Model {
                 fc2: lin(6)?,
             },
         };
-        Ok(Self {
-            arch,
-            sample_shape: sample_shape.to_vec(),
-            layers,
-        })
-    }
-
-    /// A model with seeded initial parameters ([`init_params`]) in a new `VarMap` on `device`.
-    ///
-    /// # Errors
-    /// As [`Model::new`], and [`Error::Tensor`] when allocating on `device` fails.
-    pub fn init_seeded(
-        kind: ModelKind,
-        sample_shape: &[usize],
-        num_classes: usize,
-        seed: u64,
-        device: &Device,
-    ) -> Result<(Self, VarMap)> {
-        let params = init_params(kind, sample_shape, num_classes, seed)?;
-        let varmap = params.to_varmap(device)?;
-        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device);
-        let model = Self::new(kind, sample_shape, num_classes, vb)?;
-        Ok((model, varmap))
-    }
-
-    /// A model holding a copy of `params` (e.g. a global model received from the server) in a
-    /// new `VarMap` on `device`.
-    ///
-    /// # Errors
-    /// [`Error::Tensor`] listing every name and shape that differs from the architecture's,
-    /// as [`Model::new`] otherwise.
-    pub fn from_params(
-        kind: ModelKind,
-        sample_shape: &[usize],
-        num_classes: usize,
-        params: &ParamSet,
-        device: &Device,
-    ) -> Result<(Self, VarMap)> {
-        let specs = kind.param_specs(sample_shape, num_classes)?;
-        let expected = ParamSet::new(
-            specs
-                .into_iter()
-                .map(|s| NamedTensor::zeros(s.name, s.shape))
-                .collect(),
-        )?;
-        expected.check_same_layout(params)?;
-        let varmap = params.to_varmap(device)?;
-        let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, device);
-        let model = Self::new(kind, sample_shape, num_classes, vb)?;
-        Ok((model, varmap))
-    }
-
-    /// The model's kind.
-    pub fn kind(&self) -> ModelKind {
-        self.arch.kind()
-    }
-
-    /// The sample shape the model was built for.
-    pub fn sample_shape(&self) -> &[usize] {
-        &self.sample_shape
-    }
-
-    /// Number of classes (width of the logits).
-    pub fn num_classes(&self) -> usize {
-        self.arch.num_classes()
-    }
-
-    /// The parameter tensors, in forward order.
-    pub fn param_specs(&self) -> Vec<ParamSpec> {
-        self.arch.param_specs()
-    }
-
-    /// Number of scalar parameters.
-    pub fn num_params(&self) -> usize {
-        self.param_specs()
-            .iter()
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum()
-    }
-
-    pub(crate) fn arch(&self) -> &Arch {
-        &self.arch
-    }
-
-    /// The candle tensors of the parameters, in [`Model::param_specs`] order.
-    pub(crate) fn tensors(&self) -> Vec<&Tensor> {
-        fn lin(l: &Linear) -> [&Tensor; 2] {
-            // Every layer is built with a bias.
-            [l.weight(), l.bias().unwrap_or(l.weight())]
-        }
-        fn conv(l: &Conv2d) -> [&Tensor; 2] {
-            [l.weight(), l.bias().unwrap_or(l.weight())]
-        }
-        match &self.layers {
-            Layers::Lr { linear } => lin(linear).to_vec(),
-            Layers::Mlp { fc1, fc2, fc3 } => [lin(fc1), lin(fc2), lin(fc3)].concat(),
-            Layers::Cnn {
-                conv1,
-                conv2,
-                fc1,
-                fc2,
-            } => [conv(conv1), conv(conv2), lin(fc1), lin(fc2)].concat(),
-        }
-    }
-
-    /// A host copy of the current parameter values.
-    ///
-    /// # Errors
-    /// [`Error::Candle`] if reading from the device fails.
-    pub fn param_set(&self) -> Result<ParamSet> {
-        let specs = self.param_specs();
-        let tensors = specs
-            .into_iter()
-            .zip(self.tensors())
-            .map(|(spec, t)| {
-                let data = t.flatten_all()?.to_vec1::<f32>()?;
-                Ok(NamedTensor::new(spec.name, spec.shape, data)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ParamSet::new(tensors)?)
+        Ok(Self { arch, layers })
     }
 }
 
-impl Module for Model {
+impl Network for ImageNet {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let n = xs.dim(0)?;
         match &self.layers {

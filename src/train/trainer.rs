@@ -6,12 +6,13 @@
 //! not an error.
 
 use super::model::{Arch, Model, ModelKind};
-use super::native::{BatchStats, NativeNet};
+use super::native::{BatchStats, NativeNet, Plan};
 use super::optim::{OptimizerConfig, OptimizerKind, TensorOptimizer};
+use super::registry::ModelRef;
 use super::{Error, Result};
-use crate::data::{DataSplit, Dataset};
+use crate::data::{DataSpec, DataSplit, Dataset, Input, Target};
 use crate::tensor::ParamSet;
-use candle_core::{Device, Module, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use candle_nn::VarMap;
 use rand::seq::SliceRandom;
 use rand_chacha::rand_core::SeedableRng;
@@ -189,15 +190,50 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
-/// Loss and accuracy of a model on a set of samples.
+/// Loss and accuracy (classification) or errors (a real target) of a model on a set of
+/// samples.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct EvalReport {
-    /// Mean cross-entropy (NaN, serialized as `null`, when there are no samples).
+    /// Mean loss: cross-entropy, or squared error (NaN, serialized as `null`, when there are no
+    /// samples).
     pub loss: f64,
-    /// Fraction of samples whose largest logit is their label (NaN when there are none).
+    /// Fraction of samples whose largest logit is their label (NaN for a real target or when
+    /// there are no samples).
     pub accuracy: f64,
+    /// Root mean squared error (a real target; NaN otherwise).
+    pub rmse: f64,
+    /// Mean absolute error (a real target; NaN otherwise).
+    pub mae: f64,
     /// Samples evaluated.
     pub samples: usize,
+}
+
+impl EvalReport {
+    /// The report of sums over `samples` samples of a model with target `target`.
+    pub(crate) fn from_sums(
+        target: &Target,
+        samples: usize,
+        loss_sum: f64,
+        correct: usize,
+        sq_err: f64,
+        abs_err: f64,
+    ) -> Self {
+        let mean = |v: f64| {
+            if samples == 0 {
+                f64::NAN
+            } else {
+                v / samples as f64
+            }
+        };
+        let real = matches!(target, Target::Real { .. });
+        Self {
+            loss: mean(loss_sum),
+            accuracy: if real { f64::NAN } else { mean(correct as f64) },
+            rmse: if real { mean(sq_err).sqrt() } else { f64::NAN },
+            mae: if real { mean(abs_err) } else { f64::NAN },
+            samples,
+        }
+    }
 }
 
 /// One epoch of [`train_central`].
@@ -209,8 +245,12 @@ pub struct CentralEpoch {
     pub train_loss: f64,
     /// Mean loss on the test set after the epoch.
     pub test_loss: f64,
-    /// Accuracy on the test set after the epoch.
+    /// Accuracy on the test set after the epoch (NaN for a real target).
     pub test_accuracy: f64,
+    /// RMSE on the test set after the epoch (NaN for a classification target).
+    pub test_rmse: f64,
+    /// MAE on the test set after the epoch (NaN for a classification target).
+    pub test_mae: f64,
     /// Training time of the epoch (evaluation excluded).
     pub seconds: f64,
     /// Training throughput of the epoch.
@@ -353,7 +393,7 @@ pub fn evaluate(
     Session::new_eval(model, &opts, device)?.evaluate(dataset, indices)
 }
 
-/// Trains a freshly initialized model of `kind` (seed `opts.seed`) on the whole train set and
+/// Trains a freshly initialized `model` (seed `opts.seed`) on the whole train set and
 /// evaluates it on the test set after every epoch, calling `on_epoch` with each epoch's figures.
 ///
 /// # Errors
@@ -361,20 +401,14 @@ pub fn evaluate(
 /// sample shape or classes.
 pub fn train_central(
     split: &DataSplit,
-    kind: ModelKind,
+    model: &ModelRef,
     opts: &TrainOptions,
     device: &Device,
     mut on_epoch: impl FnMut(&CentralEpoch),
 ) -> Result<CentralReport> {
     opts.validate()?;
     let (train, test) = (&*split.train, &*split.test);
-    let (model, varmap) = Model::init_seeded(
-        kind,
-        train.sample_shape(),
-        train.num_classes(),
-        opts.seed,
-        device,
-    )?;
+    let (model, varmap) = Model::init(model, &DataSpec::of(train), opts.seed, device)?;
     check_data(&model, test, None)?;
     let indices: Vec<usize> = (0..train.len()).collect();
     let never = AtomicBool::new(false);
@@ -390,6 +424,8 @@ pub fn train_central(
                 train_loss: stats.mean_loss(),
                 test_loss: eval.loss,
                 test_accuracy: eval.accuracy,
+                test_rmse: eval.rmse,
+                test_mae: eval.mae,
                 seconds: stats.seconds,
                 samples_per_s: stats.samples as f64 / stats.seconds.max(1e-9),
             };
@@ -410,6 +446,15 @@ fn check_data(model: &Model, dataset: &dyn Dataset, indices: Option<&[usize]>) -
         dataset: dataset.name().to_string(),
         reason,
     };
+    let spec = DataSpec::of(dataset);
+    if spec.input != model.data().input {
+        return Err(mismatch(format!(
+            "its inputs are {}, the model `{}` was built for {}",
+            spec.input.describe(),
+            model.name(),
+            model.data().input.describe()
+        )));
+    }
     if dataset.sample_shape() != model.sample_shape() {
         return Err(mismatch(format!(
             "samples have shape {:?}, the model takes {:?}",
@@ -417,11 +462,11 @@ fn check_data(model: &Model, dataset: &dyn Dataset, indices: Option<&[usize]>) -
             model.sample_shape()
         )));
     }
-    if dataset.num_classes() != model.num_classes() {
+    if spec.target != model.data().target {
         return Err(mismatch(format!(
-            "{} classes, the model has {}",
-            dataset.num_classes(),
-            model.num_classes()
+            "its target is {:?}, the model predicts {:?}",
+            spec.target,
+            model.data().target
         )));
     }
     if let Some(indices) = indices {
@@ -433,16 +478,17 @@ fn check_data(model: &Model, dataset: &dyn Dataset, indices: Option<&[usize]>) -
             });
         }
     }
-    let classes = dataset.num_classes();
-    if let Some((i, l)) = dataset
-        .labels()
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l as usize >= classes)
-    {
-        return Err(mismatch(format!(
-            "sample {i} has label {l}, but there are {classes} classes"
-        )));
+    if let Target::Classes { classes } = spec.target {
+        if let Some((i, l)) = dataset
+            .labels()
+            .iter()
+            .enumerate()
+            .find(|(_, &l)| l as usize >= classes)
+        {
+            return Err(mismatch(format!(
+                "sample {i} has label {l}, but there are {classes} classes"
+            )));
+        }
     }
     Ok(())
 }
@@ -479,13 +525,42 @@ impl EpochSums {
     }
 }
 
+/// A batch's inputs and targets, gathered into reused host buffers.
+#[derive(Default)]
+struct BatchBuf {
+    /// Dense features (`Input::Dense`).
+    features: Vec<f32>,
+    /// Token or id inputs.
+    ids: Vec<u32>,
+    /// Class labels.
+    labels: Vec<u32>,
+    /// Real targets (`Target::Real`).
+    targets: Vec<f32>,
+}
+
+impl BatchBuf {
+    /// Gathers the ids, labels and real targets of `batch` (dense features are gathered where
+    /// the engine wants them).
+    fn gather(&mut self, dataset: &dyn Dataset, data: &DataSpec, batch: &[usize]) {
+        self.labels.clear();
+        let all_labels = dataset.labels();
+        self.labels.extend(batch.iter().map(|&i| all_labels[i]));
+        self.ids.clear();
+        if data.input != Input::Dense {
+            dataset.gather_ids(batch, &mut self.ids);
+        }
+        self.targets.clear();
+        if matches!(data.target, Target::Real { .. }) {
+            dataset.gather_targets(batch, &mut self.targets);
+        }
+    }
+}
+
 /// A training (or evaluation) session on one engine.
 struct Session<'m> {
     model: &'m Model,
     opts: TrainOptions,
-    /// Reused host buffers for a batch's features and labels.
-    features: Vec<f32>,
-    labels: Vec<u32>,
+    buf: BatchBuf,
     backend: Backend,
 }
 
@@ -545,33 +620,73 @@ impl<'m> Session<'m> {
     }
 
     fn new_eval(model: &'m Model, opts: &TrainOptions, device: &Device) -> Result<Self> {
-        let backend = if device.is_cpu() && opts.engine == Engine::Auto {
-            let threads = opts.threads();
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .thread_name(|i| format!("fedmq-train-{i}"))
-                .build()
-                .map_err(|e| Error::ThreadPool {
-                    threads,
-                    reason: e.to_string(),
-                })?;
-            let net = NativeNet::new(model.arch(), &model.param_set()?, threads)?;
-            Backend::Native {
-                net: Box::new(net),
-                pool,
+        let plan = model
+            .native_plan()
+            .filter(|_| device.is_cpu() && opts.engine == Engine::Auto);
+        let backend = match plan {
+            Some(plan) => {
+                let threads = opts.threads();
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("fedmq-train-{i}"))
+                    .build()
+                    .map_err(|e| Error::ThreadPool {
+                        threads,
+                        reason: e.to_string(),
+                    })?;
+                let net = match &plan.0 {
+                    Plan::Image(arch) => NativeNet::new(arch, &model.param_set()?, threads)?,
+                };
+                Backend::Native {
+                    net: Box::new(net),
+                    pool,
+                }
             }
-        } else {
-            Backend::Candle {
+            None => Backend::Candle {
                 device: device.clone(),
                 opt: None,
-            }
+            },
         };
         Ok(Self {
             model,
             opts: opts.clone(),
-            features: Vec::new(),
-            labels: Vec::new(),
+            buf: BatchBuf::default(),
             backend,
+        })
+    }
+
+    /// One batch: a training step when `train`, else evaluation only.
+    fn batch(&mut self, dataset: &dyn Dataset, batch: &[usize], train: bool) -> Result<BatchStats> {
+        let data = self.model.data();
+        self.buf.gather(dataset, data, batch);
+        Ok(match &mut self.backend {
+            Backend::Native { net, pool } => {
+                let input = net.input();
+                input.clear();
+                dataset.gather_features(batch, input);
+                let labels = &self.buf.labels;
+                // One hop into the pool per step: both parallel phases run on its threads.
+                if train {
+                    pool.install(|| net.train_step(labels))
+                } else {
+                    pool.install(|| net.eval(labels))
+                }
+            }
+            Backend::Candle { device, opt } => {
+                if data.input == Input::Dense {
+                    self.buf.features.clear();
+                    dataset.gather_features(batch, &mut self.buf.features);
+                }
+                let opt = if train {
+                    let Some(opt) = opt.as_mut() else {
+                        unreachable!("training sessions are built with an optimizer")
+                    };
+                    Some(opt)
+                } else {
+                    None
+                };
+                candle_step(self.model, device, &self.buf, opt)?
+            }
         })
     }
 
@@ -594,33 +709,13 @@ impl<'m> Session<'m> {
             correct: 0,
             seconds: 0.0,
         };
-        let all_labels = dataset.labels();
         let mut done = true;
         for batch in order.chunks(self.opts.batch_size) {
             if interrupt.load(Ordering::Relaxed) {
                 done = false;
                 break;
             }
-            self.labels.clear();
-            self.labels.extend(batch.iter().map(|&i| all_labels[i]));
-            let stats = match &mut self.backend {
-                Backend::Native { net, pool } => {
-                    let input = net.input();
-                    input.clear();
-                    dataset.gather_features(batch, input);
-                    let labels = &self.labels;
-                    // One hop into the pool per step: both parallel phases run on its threads.
-                    pool.install(|| net.train_step(labels))
-                }
-                Backend::Candle { device, opt } => {
-                    self.features.clear();
-                    dataset.gather_features(batch, &mut self.features);
-                    let Some(opt) = opt.as_mut() else {
-                        unreachable!("training sessions are built with an optimizer")
-                    };
-                    candle_step(self.model, device, &self.features, &self.labels, Some(opt))?
-                }
-            };
+            let stats = self.batch(dataset, batch, true)?;
             sums.samples += stats.samples;
             sums.loss_sum += stats.loss_sum;
             sums.correct += stats.correct;
@@ -638,43 +733,23 @@ impl<'m> Session<'m> {
                 &all
             }
         };
-        let all_labels = dataset.labels();
-        let mut total = BatchStats::default();
+        let mut t = BatchStats::default();
         for batch in indices.chunks(self.opts.batch_size) {
-            self.labels.clear();
-            self.labels.extend(batch.iter().map(|&i| all_labels[i]));
-            let stats = match &mut self.backend {
-                Backend::Native { net, pool } => {
-                    let input = net.input();
-                    input.clear();
-                    dataset.gather_features(batch, input);
-                    let labels = &self.labels;
-                    pool.install(|| net.eval(labels))
-                }
-                Backend::Candle { device, .. } => {
-                    self.features.clear();
-                    dataset.gather_features(batch, &mut self.features);
-                    candle_step(self.model, device, &self.features, &self.labels, None)?
-                }
-            };
-            total.samples += stats.samples;
-            total.loss_sum += stats.loss_sum;
-            total.correct += stats.correct;
+            let stats = self.batch(dataset, batch, false)?;
+            t.samples += stats.samples;
+            t.loss_sum += stats.loss_sum;
+            t.correct += stats.correct;
+            t.sq_err += stats.sq_err;
+            t.abs_err += stats.abs_err;
         }
-        let n = total.samples as f64;
-        Ok(EvalReport {
-            loss: if total.samples == 0 {
-                f64::NAN
-            } else {
-                total.loss_sum / n
-            },
-            accuracy: if total.samples == 0 {
-                f64::NAN
-            } else {
-                total.correct as f64 / n
-            },
-            samples: total.samples,
-        })
+        Ok(EvalReport::from_sums(
+            &self.model.data().target,
+            t.samples,
+            t.loss_sum,
+            t.correct,
+            t.sq_err,
+            t.abs_err,
+        ))
     }
 
     /// Writes the native engine's parameters back to `varmap` (candle updated it in place).
@@ -710,35 +785,60 @@ fn model_vars(model: &Model, varmap: &VarMap) -> Result<Vec<Var>> {
 }
 
 /// One batch through candle: forward, loss, and (with an optimizer) backward and step.
+///
+/// Classification: mean cross-entropy. A real target: mean squared error. Either plus the
+/// network's penalty in training (evaluation reports the task loss alone).
 fn candle_step(
     model: &Model,
     device: &Device,
-    features: &[f32],
-    labels: &[u32],
+    buf: &BatchBuf,
     opt: Option<&mut TensorOptimizer>,
 ) -> Result<BatchStats> {
-    let n = labels.len();
+    let data = model.data();
+    let n = buf.labels.len();
     let mut dims = vec![n];
-    dims.extend_from_slice(model.sample_shape());
-    let xs = Tensor::from_slice(features, dims.as_slice(), device)?;
-    let ys = Tensor::from_slice(labels, n, device)?;
-    let logits = model.forward(&xs)?;
-    let loss = candle_nn::loss::cross_entropy(&logits, &ys)?;
-    // Counted in f32 (exact below 2²⁴ samples per batch), a sum every backend has.
-    let correct = logits
-        .argmax(1)?
-        .eq(&ys)?
-        .to_dtype(candle_core::DType::F32)?
-        .sum_all()?
-        .to_scalar::<f32>()? as usize;
+    dims.extend_from_slice(&data.sample_shape);
+    let xs = match data.input {
+        Input::Dense => Tensor::from_slice(&buf.features, dims.as_slice(), device)?,
+        Input::Tokens { .. } | Input::Ids { .. } => {
+            Tensor::from_slice(&buf.ids, dims.as_slice(), device)?
+        }
+    };
+    let net = model.network();
+    let out = net.forward(&xs)?;
+    let mut stats = BatchStats {
+        samples: n,
+        ..BatchStats::default()
+    };
+    let loss = match data.target {
+        Target::Classes { .. } => {
+            let ys = Tensor::from_slice(&buf.labels, n, device)?;
+            // Counted in f32 (exact below 2²⁴ samples per batch), a sum every backend has.
+            stats.correct = out
+                .argmax(1)?
+                .eq(&ys)?
+                .to_dtype(candle_core::DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()? as usize;
+            candle_nn::loss::cross_entropy(&out, &ys)?
+        }
+        Target::Real { .. } => {
+            let ys = Tensor::from_slice(&buf.targets, n, device)?;
+            let err = (&out - &ys)?;
+            stats.sq_err = err.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+            stats.abs_err = err.abs()?.sum_all()?.to_scalar::<f32>()? as f64;
+            err.sqr()?.mean_all()?
+        }
+    };
+    let loss = match (&opt, net.penalty(&xs)?) {
+        (Some(_), Some(p)) => (loss + p)?,
+        _ => loss,
+    };
     if let Some(opt) = opt {
         opt.step(&loss.backward()?)?;
     }
-    Ok(BatchStats {
-        loss_sum: loss.to_scalar::<f32>()? as f64 * n as f64,
-        correct,
-        samples: n,
-    })
+    stats.loss_sum = loss.to_scalar::<f32>()? as f64 * n as f64;
+    Ok(stats)
 }
 
 /// The architecture check used by the benchmark.

@@ -57,6 +57,7 @@ fn samples() -> Vec<Envelope> {
                 metrics: TrainMetrics {
                     train_loss: 0.25,
                     train_seconds: 3.5,
+                    eval: None,
                 },
                 report: Default::default(),
             }),

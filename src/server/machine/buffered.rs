@@ -42,6 +42,8 @@ pub(super) struct BufferState {
     /// Updates folded into this round's buffer: (client, samples, loss); a client can appear
     /// twice (a stale update and one of the current version).
     reported: Vec<(String, u64, f64)>,
+    /// The reporting clients' own evaluations, summed.
+    evals: super::EvalSums,
     failed: BTreeMap<String, FailureReason>,
     /// Clients not to be sent the current version (again): those sent it already, and those
     /// that timed out, failed or were refused on an older one. They wait for the next version.
@@ -98,6 +100,7 @@ impl RoundMachine {
             fetching: BTreeMap::new(),
             aggregate,
             reported: Vec::new(),
+            evals: super::EvalSums::default(),
             failed: BTreeMap::new(),
             cooldown: BTreeSet::new(),
             started: now,
@@ -367,6 +370,7 @@ impl RoundMachine {
             });
         match added {
             Ok(()) => {
+                b.evals.add(p.metrics.eval.as_ref());
                 b.reported.push((client, p.samples, p.metrics.train_loss));
                 b.last_progress = now;
             }
@@ -406,6 +410,7 @@ impl RoundMachine {
             .strategy
             .end_round(version, &self.global, aggregate.finish(&failures));
         end.metrics.extend(agg_metrics);
+        end.metrics.extend(std::mem::take(&mut b.evals).metrics());
         let updated = end.global.is_some();
         if let Some(g) = end.global {
             self.global = g;

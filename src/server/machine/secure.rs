@@ -380,6 +380,7 @@ impl RoundMachine {
         let added = secagg::decode_masked(blob).and_then(|v| s.session.add_masked(&client, &v));
         match added {
             Ok(()) => {
+                r.evals.add(p.metrics.eval.as_ref());
                 r.reported.insert(client, (p.samples, p.metrics.train_loss));
             }
             Err(e) => {

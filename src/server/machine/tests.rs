@@ -102,6 +102,7 @@ impl Harness {
             metrics: TrainMetrics {
                 train_loss: 1.0,
                 train_seconds: 0.1,
+                eval: None,
             },
             report: Default::default(),
         });

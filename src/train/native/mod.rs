@@ -25,10 +25,11 @@
 mod conv;
 mod gemm;
 
-use super::model::{Arch, ParamSpec, CNN_CHANNELS, CNN_HIDDEN, CNN_KERNEL, CNN_PADDING};
+use super::model::{Arch, CNN_CHANNELS, CNN_HIDDEN, CNN_KERNEL, CNN_PADDING};
 use super::optim::{
     adam_update_with, add_offset, add_proximal, sgd_update, AdamStep, OptimizerConfig,
 };
+use super::registry::ParamSpec;
 use super::Result;
 use crate::tensor::{NamedTensor, ParamSet};
 use conv::ConvGeom;
@@ -126,11 +127,25 @@ struct OptState {
     offset: Option<Vec<Vec<f32>>>,
 }
 
-/// Loss sum and correct predictions over one batch.
+/// Which native engine trains a model (see [`crate::train::NativePlan`]).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Plan {
+    /// The dense and convolution engine of this module.
+    Image(Arch),
+}
+
+/// Loss sum, correct predictions and errors over one batch.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct BatchStats {
+    /// Sum over the batch of the per-sample loss (cross-entropy, or squared error plus the
+    /// model's penalty).
     pub loss_sum: f64,
+    /// Correct predictions (classification).
     pub correct: usize,
+    /// Sum of squared errors (a real target).
+    pub sq_err: f64,
+    /// Sum of absolute errors (a real target).
+    pub abs_err: f64,
     pub samples: usize,
 }
 
