@@ -119,6 +119,8 @@ pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOption
 pub struct ModelEvaluator {
     model: ModelRef,
     test: Arc<dyn Dataset>,
+    /// The test samples evaluated; `None`: all.
+    subset: Option<Vec<usize>>,
     device: Device,
     backdoor: Option<Arc<dyn Dataset>>,
 }
@@ -129,9 +131,24 @@ impl ModelEvaluator {
         Self {
             model: model.into(),
             test,
+            subset: None,
             device,
             backdoor: None,
         }
+    }
+
+    /// Evaluates on a seeded random choice of `n` test samples (all of them when `n` is 0 or
+    /// at least the test set's size), the same samples every round.
+    pub fn with_max_samples(mut self, n: usize, seed: u64) -> Self {
+        let len = self.test.len();
+        if n > 0 && n < len {
+            let mut rng =
+                <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed ^ 0x7e57);
+            let mut idx = rand::seq::index::sample(&mut rng, len, n).into_vec();
+            idx.sort_unstable();
+            self.subset = Some(idx);
+        }
+        self
     }
 
     /// Also measures a backdoor's success: accuracy on `triggered` (test inputs of other
@@ -151,8 +168,14 @@ impl Evaluator for ModelEvaluator {
             &self.device,
         )
         .map_err(|e| e.to_string())?;
-        let r = train::evaluate(&model, self.test.as_ref(), None, 500, &self.device)
-            .map_err(|e| e.to_string())?;
+        let r = train::evaluate(
+            &model,
+            self.test.as_ref(),
+            self.subset.as_deref(),
+            500,
+            &self.device,
+        )
+        .map_err(|e| e.to_string())?;
         let mut extra = std::collections::BTreeMap::new();
         if let Some(triggered) = &self.backdoor {
             let b = train::evaluate(&model, triggered.as_ref(), None, 500, &self.device)
@@ -569,6 +592,21 @@ fn strategy_with_model(
 ) -> Result<Box<dyn Strategy>> {
     let mut strategy = crate::strategy::from_config(&cfg.train_args, &cfg.fedmq_args)
         .map_err(|e| anyhow::anyhow!("{}: {}", e.key, e.reason))?;
+    let sparse: std::collections::BTreeSet<String> = model
+        .params(&DataSpec::of(split.train.as_ref()))?
+        .into_iter()
+        .filter(|p| p.row_sparse && p.scope == Scope::Shared)
+        .map(|p| p.name)
+        .collect();
+    if !sparse.is_empty() && !strategy.set_row_sparse(sparse, cfg.fedmq_args.row_sparse_step_cap) {
+        tracing::warn!(
+            strategy = strategy.name(),
+            "model `{}` has embedding tables this strategy averages over every client, not only \
+             those that changed a row: each row moves by the share of clients that saw it (slow); \
+             FedAvg and the FedOpt family average them row by row",
+            model.name()
+        );
+    }
     let root = root_trainer(cfg, model, split)?;
     if let Some(defense) = crate::strategy::defense_from_config(
         &cfg.defense_args,
@@ -777,7 +815,11 @@ async fn serve(
     };
     let initial = initial_model_of(model, cfg, split.train.as_ref())?;
     let (device, _) = training_device(cfg);
-    let mut evaluator = ModelEvaluator::new(model.clone(), split.test.clone(), device);
+    let mut evaluator = ModelEvaluator::new(model.clone(), split.test.clone(), device)
+        .with_max_samples(
+            cfg.validation_args.max_test_samples,
+            cfg.common_args.random_seed,
+        );
     if let Some(a) = crate::attack::Attack::from_config(cfg)
         .map_err(|e| anyhow::anyhow!(e))?
         .filter(crate::attack::Attack::is_backdoor)
@@ -991,7 +1033,7 @@ async fn run_local_inner(
     let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
     // `serve` below warns when using_gpu falls back to the CPU.
     let mut clients = LocalClients::new(cancel.child_token());
-    for i in 0..part.num_clients() {
+    for (i, sec) in client_secs.iter_mut().enumerate().take(part.num_clients()) {
         let id = client::client_id(i + 1);
         let state_dir = opts.output_dir.join("clients").join(&id);
         let trainer = client_trainer(
@@ -1004,7 +1046,7 @@ async fn run_local_inner(
             device.clone(),
             threads,
         )?;
-        let sec = std::mem::take(&mut client_secs[i]);
+        let sec = std::mem::take(sec);
         let copts = ClientOptions {
             run: cfg.common_args.run_id.clone(),
             keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),

@@ -345,7 +345,7 @@ impl Fixture {
             opts,
             mqtt,
             self.s3(),
-            Box::new(FedAvg),
+            Box::new(FedAvg::default()),
             initial,
             None,
             Some(ev),

@@ -4,16 +4,22 @@ use anyhow::Result;
 use clap::Subcommand;
 use fedmq::bench::train::{bench_train, BenchOptions};
 use fedmq::config::LoadMode;
-use fedmq::train::{Engine, ModelKind};
+use fedmq::data::DatasetKind;
+use fedmq::train::{Engine, Registry};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Training throughput: forward + backward + SGD step on MNIST-shaped synthetic batches.
-    /// Prints {"model","batch","samples_per_s",...} with the median over timed runs after warm-up.
+    /// Training throughput: forward + backward + SGD step on synthetic batches shaped like the
+    /// model's data set (MNIST for the image models, Shakespeare for rnn, MovieLens-100k for
+    /// mf). Prints {"model","batch","samples_per_s",...} with the median over timed runs after
+    /// warm-up.
     Train {
-        /// lr | mlp | cnn
+        /// lr | mlp | cnn | rnn | mf (any registered model)
         #[arg(long, default_value = "cnn")]
         model: String,
+        /// The data set whose shape the batches take (default: the model's own).
+        #[arg(long)]
+        dataset: Option<String>,
         /// Mini-batch size.
         #[arg(long, default_value_t = 32)]
         batch: usize,
@@ -179,6 +185,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Train {
             model,
+            dataset,
             batch,
             runs,
             warmup,
@@ -186,10 +193,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             threads,
             engine,
         } => {
-            let kind: ModelKind = model.parse()?;
+            let model = Registry::default().get(&model)?;
+            let dataset = dataset.map(|d| d.parse::<DatasetKind>()).transpose()?;
             let defaults = BenchOptions::default();
             let report = bench_train(
-                kind,
+                &model,
                 batch,
                 BenchOptions {
                     warmup,
@@ -201,6 +209,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     },
                     threads,
                     engine,
+                    dataset,
                     ..defaults
                 },
             )?;

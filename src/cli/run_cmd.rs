@@ -269,6 +269,7 @@ impl Ui {
                             r.test_loss.unwrap_or(f64::NAN)
                         )
                     })
+                    .or_else(|| fedmq::metrics::client_eval_text(r))
                     .unwrap_or_else(|| "not evaluated".into());
                 // What a defense or privacy adds to the round: the spent ε, the backdoor's
                 // success.
@@ -287,10 +288,14 @@ impl Ui {
                     r.round_s,
                     r.participants,
                     r.failures,
-                    if r.failed_clients.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", r.failed_clients.join(", "))
+                    match r.failed_clients.as_slice() {
+                        [] => String::new(),
+                        few @ [_, ..] if few.len() <= 5 => format!(" ({})", few.join(", ")),
+                        many => format!(
+                            " ({} and {} more)",
+                            many[..5].join(", "),
+                            many.len() - 5
+                        ),
                     }
                 ));
             }

@@ -131,9 +131,14 @@ pub enum RoundError {
     /// Local training failed.
     #[error(transparent)]
     Train(Box<TrainError>),
-    /// Training produced a non-finite loss.
-    #[error("training diverged (train loss {0}); lower train_args.learning_rate")]
-    Diverged(f64),
+    /// Training produced a non-finite loss, or a model whose test loss is not finite.
+    #[error("training diverged ({what} {value}); lower train_args.learning_rate")]
+    Diverged {
+        /// Which figure: `train loss`, `test loss`.
+        what: &'static str,
+        /// Its value.
+        value: f64,
+    },
     /// The update could not be stored before the round's deadline.
     #[error("storing the update: {0}")]
     Store(#[source] Box<crate::store::Error>),

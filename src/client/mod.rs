@@ -478,7 +478,21 @@ impl JobCtx {
         .map_err(task("training"))??;
         drop(_permit);
         if !trained.metrics.train_loss.is_finite() {
-            return Err(RoundError::Diverged(trained.metrics.train_loss));
+            return Err(RoundError::Diverged {
+                what: "train loss",
+                value: trained.metrics.train_loss,
+            });
+        }
+        // A model that trains to finite losses can still measure non-finite on the test samples;
+        // such sums do not serialize as numbers, and the server would drop the whole update.
+        if let Some(eval) = &trained.metrics.eval {
+            let sums = [Some(eval.loss_sum), eval.sq_err_sum, eval.abs_err_sum];
+            if let Some(value) = sums.into_iter().flatten().find(|v| !v.is_finite()) {
+                return Err(RoundError::Diverged {
+                    what: "test loss",
+                    value,
+                });
+            }
         }
         Ok((global, trained, finished))
     }

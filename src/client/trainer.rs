@@ -271,8 +271,8 @@ impl LocalTrainer for DataTrainer {
                     samples: r.samples as u64,
                     loss_sum: r.loss * n,
                     correct: (!real).then(|| (r.accuracy * n).round() as u64),
-                    sq_err_sum: real.then(|| r.rmse * r.rmse * n),
-                    abs_err_sum: real.then(|| r.mae * n),
+                    sq_err_sum: real.then_some(r.rmse * r.rmse * n),
+                    abs_err_sum: real.then_some(r.mae * n),
                 })
             }
             None => None,

@@ -265,12 +265,17 @@ impl Default for TrainArgs {
 pub struct ValidationArgs {
     /// Evaluate the global model every this many rounds (and after the last).
     pub frequency_of_the_test: usize,
+    /// (fedmq) The server evaluates on a fixed random subset of this many test samples (seeded
+    /// by `common_args.random_seed`); 0: the whole test set. For large test sets and slow models
+    /// (Shakespeare's 863 k sequences through an LSTM).
+    pub max_test_samples: usize,
 }
 
 impl Default for ValidationArgs {
     fn default() -> Self {
         Self {
             frequency_of_the_test: 1,
+            max_test_samples: 0,
         }
     }
 }
@@ -520,6 +525,10 @@ pub struct FedmqArgs {
     /// Clients of `fedmq run` that train at the same time (0: one per 2 cores, at least 1).
     /// Training clients share the CPU; one at a time with all cores is fastest on small machines.
     pub concurrent_training: usize,
+    /// Embedding tables of models such as `mf` are aggregated row by row: a row moves by the
+    /// mean change of the clients that changed it times their number, at most this many times
+    /// (1: the plain mean, slow for rows many clients change; the full sum diverges on them).
+    pub row_sparse_step_cap: u32,
     /// This participant's Ed25519 signing key (`<id>.key` from `fedmq keys`); when set, every
     /// message it publishes is signed. Empty: unsigned.
     pub signing_key: String,
@@ -578,6 +587,7 @@ impl Default for FedmqArgs {
             admission_timeout_s: 300.0,
             keep_rounds: 2,
             concurrent_training: 1,
+            row_sparse_step_cap: 128,
             signing_key: String::new(),
             trusted_keys: String::new(),
             encrypt_blobs: None,
@@ -959,10 +969,20 @@ impl Config {
     }
 
     /// Checks values that parse but make no sense together; every problem is reported at once.
+    /// `model_args.model` must name a built-in model.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] listing each problem with its key.
     pub fn validate(&self) -> Result<()> {
+        self.validate_with(&crate::train::Registry::default())
+    }
+
+    /// [`Config::validate`], with `model_args.model` looked up in `models` (an application's
+    /// registry with its own models added).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] listing each problem with its key.
+    pub fn validate_with(&self, models: &crate::train::Registry) -> Result<()> {
         let mut problems = Vec::new();
         let mut check = |ok: bool, key: &str, msg: String| {
             if !ok {
@@ -1130,11 +1150,16 @@ impl Config {
             ),
         );
         check(
+            f.row_sparse_step_cap >= 1,
+            "fedmq_args.row_sparse_step_cap",
+            "must be at least 1 (1: the plain mean of the clients' changes)".into(),
+        );
+        check(
             f.admission_timeout_s.is_finite() && f.admission_timeout_s >= 0.0,
             "fedmq_args.admission_timeout_s",
             format!("must be ≥ 0 seconds, got {}", f.admission_timeout_s),
         );
-        if let Err(e) = crate::train::Registry::default().get(&self.model_args.model) {
+        if let Err(e) = models.get(&self.model_args.model) {
             check(false, "model_args.model", e.to_string());
         }
         check(

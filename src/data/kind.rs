@@ -26,10 +26,16 @@ pub enum DatasetKind {
     Shakespeare,
     /// MovieLens-100k ratings, one owner per user; the last 20 % of each user's ratings by time
     /// are the test set.
-    #[serde(alias = "movielens", alias = "ml-100k", alias = "ml_100k")]
+    #[serde(
+        rename = "movielens_100k",
+        alias = "movielens",
+        alias = "ml-100k",
+        alias = "ml_100k"
+    )]
     Movielens100k,
     /// MovieLens-100k with a random 80/20 split of all ratings (seed 0), as Surprise's and most
     /// papers' figures.
+    #[serde(rename = "movielens_100k_random")]
     Movielens100kRandom,
 }
 
@@ -94,6 +100,38 @@ impl DatasetKind {
             DatasetKind::Mnist | DatasetKind::FashionMnist => [1, 28, 28],
             DatasetKind::Cifar10 => [3, 32, 32],
             _ => [0, 0, 0],
+        }
+    }
+
+    /// What a model sees of this set (inputs, sample shape, target), without loading it.
+    pub fn spec(self) -> super::DataSpec {
+        use super::{DataSpec, Input, Target};
+        match self {
+            DatasetKind::Mnist | DatasetKind::FashionMnist | DatasetKind::Cifar10 => {
+                DataSpec::image(&self.sample_shape(), self.num_classes())
+            }
+            DatasetKind::Shakespeare => DataSpec {
+                input: Input::Tokens {
+                    vocab: super::shakespeare::VOCAB_SIZE,
+                },
+                sample_shape: vec![super::shakespeare::SEQ_LEN],
+                target: Target::Classes {
+                    classes: super::shakespeare::VOCAB_SIZE,
+                },
+            },
+            DatasetKind::Movielens100k | DatasetKind::Movielens100kRandom => DataSpec {
+                input: Input::Ids {
+                    cardinalities: vec![
+                        super::movielens::ML100K_USERS,
+                        super::movielens::ML100K_ITEMS,
+                    ],
+                },
+                sample_shape: vec![2],
+                target: Target::Real {
+                    min: super::movielens::RATING_MIN,
+                    max: super::movielens::RATING_MAX,
+                },
+            },
         }
     }
 
@@ -184,6 +222,10 @@ mod tests {
         );
         for k in DatasetKind::ALL {
             assert_eq!(k.name().parse::<DatasetKind>().ok(), Some(k));
+            // serde (config files, JSON reports) spells every set as its name.
+            let json = serde_json::to_string(&k).unwrap();
+            assert_eq!(json, format!("\"{}\"", k.name()));
+            assert_eq!(serde_json::from_str::<DatasetKind>(&json).unwrap(), k);
         }
     }
 

@@ -28,6 +28,10 @@ pub const ML100K_FILE: &str = "ml-100k.inter";
 pub const RATING_MIN: f32 = 1.0;
 /// Largest rating.
 pub const RATING_MAX: f32 = 5.0;
+/// Users of MovieLens-100k.
+pub const ML100K_USERS: usize = 943;
+/// Items (films) of MovieLens-100k.
+pub const ML100K_ITEMS: usize = 1682;
 
 /// The one member used of the recbole wheel.
 const RECBOLE_MEMBERS: [WheelMember; 1] = [WheelMember {

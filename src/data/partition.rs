@@ -608,4 +608,47 @@ mod tests {
         assert_eq!(sizes.iter().sum::<usize>(), 103);
         assert!(sizes.iter().all(|&s| s == 10 || s == 11), "{sizes:?}");
     }
+
+    #[test]
+    fn natural_gives_each_client_one_owner() {
+        // Owners 7, 3, 5 with 3, 2 and 1 samples, interleaved.
+        let groups = [7, 3, 7, 5, 3, 7];
+        let p = partition_natural(&groups, 3, 0, 1).unwrap();
+        assert_eq!(p.groups, Some(vec![3, 5, 7]));
+        assert_eq!(p.clients, vec![vec![1, 4], vec![3], vec![0, 2, 5]]);
+        // Owners below the minimum are left out; then too few owners is an error naming them.
+        let p = partition_natural(&groups, 2, 0, 2).unwrap();
+        assert_eq!(p.groups, Some(vec![3, 7]));
+        let err = partition_natural(&groups, 3, 0, 2).unwrap_err();
+        assert!(err.to_string().contains("owners"), "{err}");
+        assert!(matches!(
+            partition_natural(&groups, 0, 0, 1),
+            Err(Error::NoClients)
+        ));
+        // The method itself needs owners: a set without them cannot take it.
+        assert!(matches!(
+            partition(&[0, 1, 0, 1], 2, 2, PartitionMethod::Natural, 0, 1),
+            Err(Error::NoOwners)
+        ));
+    }
+
+    #[test]
+    fn natural_samples_owners_with_the_seed() {
+        let groups: Vec<u32> = (0..1000).map(|i| i % 100).collect();
+        let a = partition_natural(&groups, 10, 1, 1).unwrap();
+        assert_eq!(a, partition_natural(&groups, 10, 1, 1).unwrap());
+        assert_ne!(
+            a.groups,
+            partition_natural(&groups, 10, 2, 1).unwrap().groups
+        );
+        let owners = a.groups.clone().unwrap();
+        assert!(
+            owners.windows(2).all(|w| w[0] < w[1]),
+            "ascending: {owners:?}"
+        );
+        for (c, samples) in a.clients.iter().enumerate() {
+            assert_eq!(samples.len(), 10);
+            assert!(samples.iter().all(|&i| groups[i] == owners[c]));
+        }
+    }
 }

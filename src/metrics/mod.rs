@@ -53,7 +53,7 @@ mod table;
 mod tests;
 
 pub use plot::{render_curves_svg, render_plot_svg, write_plot_svg, Curve, CurvePanel};
-pub use table::summary_table;
+pub use table::{client_eval_line, client_eval_text, summary_table};
 
 use serde::Deserialize;
 use std::fmt::Write as _;

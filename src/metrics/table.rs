@@ -93,9 +93,38 @@ pub fn summary_table(records: &[RoundRecord]) -> String {
         records.len(),
         if records.len() == 1 { "" } else { "s" }
     );
+    if let Some(line) = client_eval_line(records) {
+        let _ = writeln!(out, "{line}");
+    }
     out
 }
 
+/// The last round's measure on the clients' own test samples (models with local parameters,
+/// which the server cannot evaluate), e.g. `clients' test sets: RMSE 0.9714, MAE 0.7650 (round
+/// 30)`; `None` when no round has one.
+pub fn client_eval_line(records: &[RoundRecord]) -> Option<String> {
+    records
+        .iter()
+        .rev()
+        .find_map(|r| client_eval_text(r).map(|t| format!("{t} (round {})", r.round)))
+}
+
+/// A round's measure on the clients' own test samples, e.g. `clients' test sets: RMSE 0.9714,
+/// MAE 0.7650`; `None` when the round has none.
+pub fn client_eval_text(r: &RoundRecord) -> Option<String> {
+    let m = &r.strategy;
+    let what = match (
+        m.get("client_test_rmse"),
+        m.get("client_test_mae"),
+        m.get("client_test_accuracy"),
+    ) {
+        (Some(rmse), Some(mae), _) => format!("RMSE {rmse:.4}, MAE {mae:.4}"),
+        (Some(rmse), None, _) => format!("RMSE {rmse:.4}"),
+        (None, _, Some(acc)) => format!("accuracy {:.2}%", acc * 100.0),
+        (None, _, None) => return None,
+    };
+    Some(format!("clients' test sets: {what}"))
+}
 fn opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
 }

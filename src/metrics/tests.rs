@@ -523,6 +523,31 @@ fn summary_table_handles_empty_and_unevaluated_runs() {
         table.contains("final accuracy -, total time 2.00 s, 3.00 MiB moved in 1 round\n"),
         "{table}"
     );
+    assert!(!table.contains("clients' test sets"), "{table}");
+}
+
+#[test]
+fn summary_table_shows_the_clients_own_evaluation() {
+    // A model with local parameters: the server cannot evaluate, the clients measure theirs.
+    let mut rated = vec![record(1, None), record(2, None), record(3, None)];
+    for (r, rmse) in rated.iter_mut().zip([1.1, 0.99]) {
+        r.strategy.insert("client_test_rmse".into(), rmse);
+        r.strategy.insert("client_test_mae".into(), rmse * 0.8);
+    }
+    let table = summary_table(&rated);
+    assert!(
+        table.ends_with("clients' test sets: RMSE 0.9900, MAE 0.7920 (round 2)\n"),
+        "{table}"
+    );
+    assert_eq!(client_eval_text(&rated[2]), None);
+    let mut classified = record(4, None);
+    classified
+        .strategy
+        .insert("client_test_accuracy".into(), 0.5123);
+    assert_eq!(
+        client_eval_text(&classified).as_deref(),
+        Some("clients' test sets: accuracy 51.23%")
+    );
 }
 
 #[test]

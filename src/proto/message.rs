@@ -500,4 +500,71 @@ mod tests {
         check_text("reason", &c).unwrap();
         assert_eq!(clip_text("short"), "short");
     }
+
+    #[test]
+    fn a_clients_own_evaluation_is_checked() {
+        let metrics = |eval: ClientEval| TrainMetrics {
+            train_loss: 0.5,
+            train_seconds: 1.0,
+            eval: Some(eval),
+        };
+        let rated = ClientEval {
+            samples: 20,
+            loss_sum: 18.0,
+            correct: None,
+            sq_err_sum: Some(18.0),
+            abs_err_sum: Some(15.0),
+        };
+        metrics(rated.clone()).validate().unwrap();
+        // The wire form: absent fields are left out.
+        let json = serde_json::to_string(&rated).unwrap();
+        assert_eq!(
+            json,
+            r#"{"samples":20,"loss_sum":18.0,"sq_err_sum":18.0,"abs_err_sum":15.0}"#
+        );
+        for (bad, why) in [
+            (
+                ClientEval {
+                    samples: 0,
+                    ..rated.clone()
+                },
+                "eval.samples",
+            ),
+            (
+                ClientEval {
+                    samples: ClientEval::MAX_SAMPLES + 1,
+                    ..rated.clone()
+                },
+                "eval.samples",
+            ),
+            (
+                ClientEval {
+                    loss_sum: -1.0,
+                    ..rated.clone()
+                },
+                "finite",
+            ),
+            (
+                ClientEval {
+                    sq_err_sum: Some(f64::INFINITY),
+                    ..rated.clone()
+                },
+                "finite",
+            ),
+            (
+                ClientEval {
+                    correct: Some(21),
+                    ..rated.clone()
+                },
+                "exceeds",
+            ),
+        ] {
+            let err = metrics(bad).validate().unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
+        // A message without the field (an older client) still reads.
+        let old: TrainMetrics =
+            serde_json::from_str(r#"{"train_loss":0.2,"train_seconds":3.0}"#).unwrap();
+        assert_eq!(old.eval, None);
+    }
 }

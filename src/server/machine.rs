@@ -1202,17 +1202,33 @@ fn describe_failures(
     failed: &BTreeMap<String, FailureReason>,
     earlier: &BTreeMap<String, FailureReason>,
 ) -> String {
+    /// Clients named per reason; the rest are counted (a round of thousands of clients that
+    /// all failed the same way must not make a message of thousands of lines).
+    const NAMED: usize = 5;
     if failed.is_empty() {
         return "none".into();
     }
-    failed
+    let mut by_reason: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for (c, r) in failed {
+        let reason = match earlier.get(c) {
+            Some(e) if e != r => format!("{r} (before the re-send: {e})"),
+            _ => r.to_string(),
+        };
+        by_reason.entry(reason).or_default().push(c);
+    }
+    by_reason
         .iter()
-        .map(|(c, r)| match earlier.get(c) {
-            Some(e) if e != r => format!("{c}: {r} (before the re-send: {e})"),
-            _ => format!("{c}: {r}"),
+        .map(|(reason, clients)| match clients.as_slice() {
+            [one] => format!("{one}: {reason}"),
+            many if many.len() <= NAMED => format!("{}: {reason}", many.join(", ")),
+            many => format!(
+                "{} and {} more: {reason}",
+                many[..NAMED].join(", "),
+                many.len() - NAMED
+            ),
         })
         .collect::<Vec<_>>()
-        .join(", ")
+        .join("; ")
 }
 
 mod buffered;

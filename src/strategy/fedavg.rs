@@ -3,11 +3,16 @@
 
 use super::{ClientFailure, Error, Report, Result, RoundAggregate, Strategy};
 use crate::tensor::{ParamSet, ParamsView};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// Sample-weighted federated averaging.
 #[derive(Debug, Default, Clone)]
-pub struct FedAvg;
+pub struct FedAvg {
+    /// Row-sparse tensors and their step cap ([`Strategy::set_row_sparse`]).
+    sparse: Arc<BTreeSet<String>>,
+    step_cap: u32,
+}
 
 impl Strategy for FedAvg {
     fn secure_aggregation(&self) -> std::result::Result<(), String> {
@@ -19,7 +24,13 @@ impl Strategy for FedAvg {
     }
 
     fn begin_round(&mut self, _round: u64, global: &ParamSet) -> Box<dyn RoundAggregate> {
-        Box::new(StreamingMean::new(global))
+        Box::new(StreamingMean::new(global).with_row_sparse(self.sparse.clone(), self.step_cap))
+    }
+
+    fn set_row_sparse(&mut self, tensors: BTreeSet<String>, step_cap: u32) -> bool {
+        self.sparse = Arc::new(tensors);
+        self.step_cap = step_cap;
+        true
     }
 }
 
@@ -32,9 +43,20 @@ impl Strategy for FedAvg {
 ///
 /// It also measures how far the clients moved: the weighted mean of `‖x − global‖₂` over the
 /// updates, the round metric `update_distance` (what FedProx's proximal term shrinks).
+///
+/// Row-sparse tensors (embedding tables, [`StreamingMean::with_row_sparse`]) are averaged row by
+/// row over the updates whose row differs from the global model's: a client that never saw an
+/// item leaves its row as it was, and counting it would shrink every item's step by the share of
+/// clients that rated it. The row then moves by that mean change times the number of clients
+/// that changed it, up to a cap (see [`StreamingMean::with_row_sparse`]).
 pub struct StreamingMean {
     mean: ParamSet,
     global: ParamSet,
+    /// Row-sparse tensors, and for each the weight each of its rows has gathered (by tensor
+    /// position in `mean`).
+    sparse: BTreeMap<usize, SparseRows>,
+    /// Most times a row-sparse row's mean change is applied.
+    step_cap: u32,
     total_weight: f64,
     distance_sum: f64,
     count: usize,
@@ -46,10 +68,54 @@ impl StreamingMean {
         Self {
             mean: global.zeros_like(),
             global: global.clone(),
+            sparse: BTreeMap::new(),
+            step_cap: 1,
             total_weight: 0.0,
             distance_sum: 0.0,
             count: 0,
         }
+    }
+}
+
+/// The per-row figures of a row-sparse tensor.
+struct SparseRows {
+    /// Values per row.
+    width: usize,
+    /// Sample weight each row gathered.
+    weights: Vec<f64>,
+    /// Updates that changed each row.
+    counts: Vec<u32>,
+}
+
+impl StreamingMean {
+    /// Aggregates the tensors named in `tensors` row by row (a row: the values of one index of
+    /// the first dimension). A row that `n` updates changed moves from the global value by the
+    /// sample-weighted mean of their changes times `min(n, step_cap)`; rows no update changed
+    /// keep the global value.
+    ///
+    /// Why not the plain mean (`step_cap` 1): in central training an item's row takes one step
+    /// per rating of it in every epoch; the mean of the clients' changes gives it the step of one
+    /// client, so items many clients rate learn as many times slower. The sum of the changes
+    /// (federated collaborative filtering's sum of item gradients) matches central training for
+    /// rarely rated items but applies all of a popular item's steps at once from the same stale
+    /// point, and diverges (measured on MovieLens-100k: the sum diverged in 3 rounds; a cap of 64
+    /// or more follows central training). The cap bounds that overshoot.
+    pub fn with_row_sparse(mut self, tensors: Arc<BTreeSet<String>>, step_cap: u32) -> Self {
+        self.step_cap = step_cap.max(1);
+        for (i, t) in self.global.tensors().iter().enumerate() {
+            if tensors.contains(t.name()) && t.shape().len() >= 2 && t.shape()[0] > 0 {
+                let rows = t.shape()[0];
+                self.sparse.insert(
+                    i,
+                    SparseRows {
+                        width: t.len() / rows,
+                        weights: vec![0.0; rows],
+                        counts: vec![0; rows],
+                    },
+                );
+            }
+        }
+        self
     }
 }
 
@@ -78,8 +144,37 @@ impl RoundAggregate for StreamingMean {
         self.total_weight += num_samples as f64;
         let frac = (num_samples as f64 / self.total_weight) as f32;
         // Both are sorted by name and have the same layout (checked above).
-        for (m, x) in self.mean.tensors_mut().zip(update.tensors()) {
-            x.zip_apply(m.data_mut(), |m, x| *m += frac * (x - *m));
+        let w = num_samples as f64;
+        for (i, ((m, x), g)) in self
+            .mean
+            .tensors_mut()
+            .zip(update.tensors())
+            .zip(self.global.tensors())
+            .enumerate()
+        {
+            match self.sparse.get_mut(&i) {
+                None => x.zip_apply(m.data_mut(), |m, x| *m += frac * (x - *m)),
+                Some(rows) => {
+                    let width = rows.width;
+                    let x: Vec<f32> = x.values().collect();
+                    let data = m
+                        .data_mut()
+                        .chunks_mut(width)
+                        .zip(x.chunks(width).zip(g.data().chunks(width)));
+                    let stats = rows.weights.iter_mut().zip(rows.counts.iter_mut());
+                    for ((m, (x, g)), (rw, count)) in data.zip(stats) {
+                        if x == g {
+                            continue;
+                        }
+                        *rw += w;
+                        *count += 1;
+                        let frac = (w / *rw) as f32;
+                        for (m, &x) in m.iter_mut().zip(x) {
+                            *m += frac * (x - *m);
+                        }
+                    }
+                }
+            }
         }
         self.count += 1;
         Ok(())
@@ -99,8 +194,36 @@ impl RoundAggregate for StreamingMean {
         )])
     }
 
-    fn finish(self: Box<Self>, _failures: &[ClientFailure]) -> Option<ParamSet> {
-        (self.count > 0).then_some(self.mean)
+    fn finish(mut self: Box<Self>, _failures: &[ClientFailure]) -> Option<ParamSet> {
+        if self.count == 0 {
+            return None;
+        }
+        // Rows no update changed keep the global value.
+        for (i, (m, g)) in self
+            .mean
+            .tensors_mut()
+            .zip(self.global.tensors())
+            .enumerate()
+        {
+            if let Some(rows) = self.sparse.get(&i) {
+                let cap = self.step_cap;
+                let data = m
+                    .data_mut()
+                    .chunks_mut(rows.width)
+                    .zip(g.data().chunks(rows.width));
+                for ((m, g), &count) in data.zip(&rows.counts) {
+                    if count == 0 {
+                        m.copy_from_slice(g);
+                    } else {
+                        let scale = count.min(cap) as f32;
+                        for (m, &g) in m.iter_mut().zip(g) {
+                            *m = g + scale * (*m - g);
+                        }
+                    }
+                }
+            }
+        }
+        Some(self.mean)
     }
 }
 
@@ -124,7 +247,7 @@ mod tests {
     #[test]
     fn weighted_mean_of_two() {
         let g = params(vec![0.0; 2], vec![0.0]);
-        let mut agg = FedAvg.begin_round(1, &g);
+        let mut agg = FedAvg::default().begin_round(1, &g);
         agg.add(
             "c1",
             &ParamsView::of(&params(vec![1.0, 2.0], vec![10.0])),
@@ -145,17 +268,68 @@ mod tests {
         assert_eq!(m.get("b.bias").unwrap().data(), &[30.0]);
     }
 
+    /// A 3×2 table `emb` (row-sparse) and a dense `bias`.
+    fn table(rows: [[f32; 2]; 3], bias: f32) -> ParamSet {
+        ParamSet::new(vec![
+            NamedTensor::new("emb", vec![3, 2], rows.concat()).unwrap(),
+            NamedTensor::new("bias", vec![1], vec![bias]).unwrap(),
+        ])
+        .unwrap()
+    }
+
+    fn row_sparse_round(step_cap: u32) -> Vec<f32> {
+        let g = table([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], 0.0);
+        let mut fedavg = FedAvg::default();
+        assert!(fedavg.set_row_sparse(BTreeSet::from(["emb".to_string()]), step_cap));
+        let mut agg = fedavg.begin_round(1, &g);
+        // c1 (weight 1) changes rows 0 and 1; c2 (weight 3) changes row 1 only.
+        let c1 = table([[1.5, 0.5], [2.4, 2.0], [3.0, 3.0]], 4.0);
+        let c2 = table([[1.0, 1.0], [2.8, 2.0], [3.0, 3.0]], 8.0);
+        agg.add("c1", &ParamsView::of(&c1), 1, &NONE).unwrap();
+        agg.add("c2", &ParamsView::of(&c2), 3, &NONE).unwrap();
+        let out = agg.finish(&[]).unwrap();
+        let mut v: Vec<f32> = out.get("emb").unwrap().data().to_vec();
+        v.extend_from_slice(out.get("bias").unwrap().data());
+        v
+    }
+
+    #[test]
+    fn row_sparse_rows_average_over_the_clients_that_changed_them() {
+        // Row 0: c1's alone; row 1: (1·2.4 + 3·2.8) / 4 = 2.7; row 2: untouched, global. The
+        // dense bias is the plain weighted mean over both: (4 + 24) / 4.
+        let want = [1.5, 0.5, 2.7, 2.0, 3.0, 3.0, 7.0];
+        let got = row_sparse_round(1);
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+        // Cap 2: row 1 (two clients) moves twice its mean change, 2 + 2·0.7; row 0 (one client)
+        // once; the dense bias is not scaled.
+        let want = [1.5, 0.5, 3.4, 2.0, 3.0, 3.0, 7.0];
+        let got = row_sparse_round(2);
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?}");
+        }
+        // Without row-sparse tensors every row is a plain mean over every client.
+        let g = table([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]], 0.0);
+        let mut agg = FedAvg::default().begin_round(1, &g);
+        let c1 = table([[1.5, 0.5], [2.4, 2.0], [3.0, 3.0]], 4.0);
+        agg.add("c1", &ParamsView::of(&c1), 1, &NONE).unwrap();
+        agg.add("c2", &ParamsView::of(&g), 3, &NONE).unwrap();
+        let out = agg.finish(&[]).unwrap();
+        assert!((out.get("emb").unwrap().data()[0] - 1.125).abs() < 1e-6);
+    }
+
     #[test]
     fn no_updates_keeps_the_old_model() {
         let g = params(vec![1.0], vec![1.0]);
-        let agg = FedAvg.begin_round(1, &g);
+        let agg = FedAvg::default().begin_round(1, &g);
         assert!(agg.finish(&[]).is_none());
     }
 
     #[test]
     fn bad_updates_are_rejected_and_leave_the_mean_unchanged() {
         let g = params(vec![0.0; 2], vec![0.0]);
-        let mut agg = FedAvg.begin_round(1, &g);
+        let mut agg = FedAvg::default().begin_round(1, &g);
         agg.add(
             "c1",
             &ParamsView::of(&params(vec![1.0, 1.0], vec![1.0])),
@@ -193,7 +367,7 @@ mod tests {
         let avail: Vec<String> = (1..=20).map(|i| format!("c{i}")).collect();
         let pick = |seed| {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            FedAvg.configure_train(1, &avail, 5, &mut rng)
+            FedAvg::default().configure_train(1, &avail, 5, &mut rng)
         };
         assert_eq!(pick(7), pick(7));
         let p = pick(7);
@@ -202,7 +376,12 @@ mod tests {
         d.dedup();
         assert_eq!(d.len(), 5);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        assert_eq!(FedAvg.configure_train(1, &avail[..3], 5, &mut rng).len(), 3);
+        assert_eq!(
+            FedAvg::default()
+                .configure_train(1, &avail[..3], 5, &mut rng)
+                .len(),
+            3
+        );
     }
 
     proptest! {
@@ -212,7 +391,7 @@ mod tests {
             weights in proptest::collection::vec(1u64..10_000, 1..12),
         ) {
             let u = params(x.clone(), vec![0.5]);
-            let mut agg = FedAvg.begin_round(1, &u.zeros_like());
+            let mut agg = FedAvg::default().begin_round(1, &u.zeros_like());
             for (i, w) in weights.iter().enumerate() {
                 agg.add(&format!("c{i}"), &ParamsView::of(&u), *w, &NONE).unwrap();
             }
@@ -228,7 +407,7 @@ mod tests {
         ) {
             let g = params(vec![0.0; 4], vec![0.0]);
             let run = |order: &[usize]| {
-                let mut agg = FedAvg.begin_round(1, &g);
+                let mut agg = FedAvg::default().begin_round(1, &g);
                 for &i in order {
                     agg.add(&format!("c{i}"), &ParamsView::of(&params(xs[i].0.clone(), vec![1.0])), xs[i].1, &NONE).unwrap();
                 }

@@ -130,6 +130,10 @@ pub struct FedOpt {
     v: Option<Arc<ParamSet>>,
     /// Server steps taken.
     steps: u64,
+    /// Row-sparse tensors ([`Strategy::set_row_sparse`]).
+    sparse: Arc<std::collections::BTreeSet<String>>,
+    /// Their step cap.
+    step_cap: u32,
 }
 
 impl FedOpt {
@@ -145,6 +149,8 @@ impl FedOpt {
             m: None,
             v: None,
             steps: 0,
+            sparse: Arc::default(),
+            step_cap: 1,
         })
     }
 
@@ -281,7 +287,17 @@ impl Strategy for FedOpt {
     }
 
     fn begin_round(&mut self, _round: u64, global: &ParamSet) -> Box<dyn RoundAggregate> {
-        Box::new(StreamingMean::new(global))
+        Box::new(StreamingMean::new(global).with_row_sparse(self.sparse.clone(), self.step_cap))
+    }
+
+    fn set_row_sparse(
+        &mut self,
+        tensors: std::collections::BTreeSet<String>,
+        step_cap: u32,
+    ) -> bool {
+        self.sparse = Arc::new(tensors);
+        self.step_cap = step_cap;
+        true
     }
 
     fn end_round(

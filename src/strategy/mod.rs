@@ -206,7 +206,7 @@ pub fn from_config(
     };
     match name.as_str() {
         // FedML's names for FedAvg with secure aggregation (`Config::secure_aggregation`).
-        "fedavg" | "sa" | "lsa" => Ok(Box::new(FedAvg)),
+        "fedavg" | "sa" | "lsa" => Ok(Box::new(FedAvg::default())),
         "fedprox" => {
             let mu = t.fedprox_mu.unwrap_or(0.01);
             if !(mu.is_finite() && mu >= 0.0) {
@@ -328,6 +328,19 @@ pub trait Strategy: Send {
     /// synchronous rounds.
     fn buffered(&self) -> Option<Buffered> {
         None
+    }
+
+    /// Asks the strategy to aggregate the tensors named in `tensors` (embedding tables) row by
+    /// row, each row over the updates that changed it, its mean change applied up to
+    /// `step_cap` times ([`StreamingMean::with_row_sparse`]). Returns whether it does; the
+    /// default does not (every row is averaged over every update).
+    fn set_row_sparse(
+        &mut self,
+        tensors: std::collections::BTreeSet<String>,
+        step_cap: u32,
+    ) -> bool {
+        let _ = (tensors, step_cap);
+        false
     }
 
     /// Whether the strategy works with secure aggregation, which gives it only the weighted

@@ -33,7 +33,6 @@ pub mod rnn;
 pub mod trainer;
 
 pub use model::{init_model, init_params, Model, ModelKind};
-pub(crate) use native::NativeNet;
 pub use optim::{OptimizerConfig, OptimizerKind, TensorOptimizer};
 pub use registry::{
     ModelDef, ModelRef, NativePlan, Network, ParamInit, ParamSpec, Registry, Scope,

@@ -195,12 +195,14 @@ impl Arch {
                 shape: vec![o, i],
                 init: ParamInit::fan_in(i),
                 scope: Scope::Shared,
+                row_sparse: false,
             });
             out.push(ParamSpec {
                 name: format!("{name}.bias"),
                 shape: vec![o],
                 init: ParamInit::fan_in(i),
                 scope: Scope::Shared,
+                row_sparse: false,
             });
         }
         fn conv(out: &mut Vec<ParamSpec>, name: &str, i: usize, o: usize) {
@@ -210,12 +212,14 @@ impl Arch {
                 shape: vec![o, i, k, k],
                 init: ParamInit::fan_in(i * k * k),
                 scope: Scope::Shared,
+                row_sparse: false,
             });
             out.push(ParamSpec {
                 name: format!("{name}.bias"),
                 shape: vec![o],
                 init: ParamInit::fan_in(i * k * k),
                 scope: Scope::Shared,
+                row_sparse: false,
             });
         }
         let mut out = Vec::new();

@@ -95,6 +95,10 @@ pub struct ParamSpec {
     pub init: ParamInit,
     /// Aggregated or kept on the client.
     pub scope: Scope,
+    /// An embedding table whose rows a client changes only for the ids in its data: the server
+    /// averages each row over the clients that changed it
+    /// ([`crate::strategy::Strategy::set_row_sparse`]).
+    pub row_sparse: bool,
 }
 
 impl ParamSpec {
@@ -105,7 +109,14 @@ impl ParamSpec {
             shape: shape.to_vec(),
             init,
             scope: Scope::Shared,
+            row_sparse: false,
         }
+    }
+
+    /// Marks the parameter as a row-sparse embedding table.
+    pub fn row_sparse(mut self) -> Self {
+        self.row_sparse = true;
+        self
     }
 
     /// A local parameter (never leaves the client).
@@ -270,5 +281,148 @@ pub(crate) fn classes_of(model: &str, data: &DataSpec) -> Result<usize> {
             data: format!("{} with real-valued targets", data.input.describe()),
             takes: "class labels".to_string(),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{DatasetKind, Input};
+    use crate::train::Model;
+    use candle_core::Device;
+
+    /// A model an application might add: one linear layer on dense inputs.
+    #[derive(Debug)]
+    struct Probe;
+
+    impl ModelDef for Probe {
+        fn name(&self) -> &str {
+            "Probe"
+        }
+        fn describe(&self) -> String {
+            "a probe".into()
+        }
+        fn params(&self, data: &DataSpec) -> Result<Vec<ParamSpec>> {
+            let classes = classes_of("probe", data)?;
+            let d = data.sample_shape.iter().product();
+            Ok(vec![ParamSpec::shared(
+                "w",
+                &[classes, d],
+                ParamInit::Uniform { bound: 0.1 },
+            )])
+        }
+        fn build(&self, data: &DataSpec, vb: VarBuilder) -> Result<Box<dyn Network>> {
+            struct Net(Tensor);
+            impl Network for Net {
+                fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+                    x.flatten_from(1)?.matmul(&self.0.t()?)
+                }
+            }
+            let w = self.params(data)?[0].get(&vb)?;
+            Ok(Box::new(Net(w)))
+        }
+    }
+
+    #[test]
+    fn builtins_and_aliases_resolve() {
+        let r = Registry::default();
+        assert_eq!(r.names(), ["cnn", "lr", "mf", "mlp", "rnn"]);
+        for (alias, name) in [
+            ("LSTM", "rnn"),
+            ("char_lstm", "rnn"),
+            ("RNN_OriginalFedAvg", "rnn"),
+            ("matrix_factorization", "mf"),
+            (" CNN ", "cnn"),
+        ] {
+            assert_eq!(r.get(alias).unwrap().name(), name);
+        }
+        let err = r.get("resnet56").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("resnet56") && msg.contains("cnn, lr, mf, mlp, rnn"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn applications_add_models_but_not_over_builtins() {
+        let mut r = Registry::default();
+        r.register(Arc::new(Probe)).unwrap();
+        assert_eq!(r.get("probe").unwrap().name(), "Probe");
+        let err = r.register(Arc::new(Probe)).unwrap_err();
+        assert!(matches!(err, Error::DuplicateModel { .. }), "{err}");
+        let err = r
+            .register(Arc::new(crate::train::ModelKind::Cnn))
+            .unwrap_err();
+        assert!(matches!(err, Error::DuplicateModel { .. }), "{err}");
+        // The added model trains through the generic model type.
+        let data = DataSpec::image(&[1, 4, 4], 3);
+        let def = r.get("probe").unwrap();
+        let (model, _vars) = Model::init(&def, &data, 0, &Device::Cpu).unwrap();
+        assert_eq!(model.num_params(), 48);
+        let x = Tensor::zeros((2, 1, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(model.network().forward(&x).unwrap().dims(), [2, 3]);
+    }
+
+    #[test]
+    fn models_refuse_data_they_do_not_take() {
+        let r = Registry::default();
+        let shakespeare = DatasetKind::Shakespeare.spec();
+        let movielens = DatasetKind::Movielens100k.spec();
+        let mnist = DatasetKind::Mnist.spec();
+        for (model, data, says) in [
+            ("cnn", &shakespeare, "token"),
+            ("mlp", &movielens, "ids"),
+            ("rnn", &mnist, "dense"),
+            ("rnn", &movielens, "ids"),
+            ("mf", &mnist, "dense"),
+            ("mf", &shakespeare, "token"),
+        ] {
+            let err = r.get(model).unwrap().params(data).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(err, Error::Unsupported { .. }) && msg.contains(model),
+                "{model} on {data:?}: {msg}"
+            );
+            assert!(msg.to_lowercase().contains(says), "{model}: {msg}");
+        }
+        // Each model takes its own data set.
+        for (model, data) in [("cnn", &mnist), ("rnn", &shakespeare), ("mf", &movielens)] {
+            assert!(r.get(model).unwrap().params(data).is_ok(), "{model}");
+        }
+        assert!(matches!(movielens.input, Input::Ids { .. }));
+    }
+
+    #[test]
+    fn the_shakespeare_lstm_has_fedmls_names_and_size() {
+        let rnn = Registry::default().get("rnn").unwrap();
+        let specs = rnn.params(&DatasetKind::Shakespeare.spec()).unwrap();
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "embeddings.weight",
+                "lstm.weight_ih_l0",
+                "lstm.weight_hh_l0",
+                "lstm.bias_ih_l0",
+                "lstm.bias_hh_l0",
+                "lstm.weight_ih_l1",
+                "lstm.weight_hh_l1",
+                "lstm.bias_ih_l1",
+                "lstm.bias_hh_l1",
+                "fc.weight",
+                "fc.bias",
+            ]
+        );
+        // FedML's RNN_OriginalFedAvg on the 81-symbol vocabulary (PyTorch counts 820,185 with
+        // the same layers: nn.Embedding(81, 8), nn.LSTM(8, 256, 2), nn.Linear(256, 81)).
+        let n: usize = specs
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(n, 820_185);
+        assert!(specs
+            .iter()
+            .all(|s| s.scope == Scope::Shared && !s.row_sparse));
     }
 }

@@ -15,6 +15,11 @@
 //! # Initialization
 //! PyTorch's defaults: the embedding `N(0, 1)`, every LSTM tensor `U(-1/√H, 1/√H)`, the linear
 //! layer `U(-1/√H, 1/√H)`.
+//!
+//! # Engines
+//! On the CPU the native engine trains it (`native::lstm`, chosen by
+//! [`ModelDef::native_plan`]); the candle network below runs elsewhere and with
+//! `Engine::Candle`, and tests compare the two.
 
 use super::registry::{classes_of, ModelDef, NativePlan, Network, ParamInit, ParamSpec};
 use super::{Error, Result};
@@ -182,9 +187,13 @@ impl ModelDef for CharLstm {
         }))
     }
 
+    /// The native LSTM engine (`native::lstm`) for any data this model takes whose token ids
+    /// are exact in `f32` (the engine reads them from `Dataset::gather_features`, which for
+    /// token data writes the ids as `f32`).
     fn native_plan(&self, data: &DataSpec) -> Option<NativePlan> {
-        let _ = data;
-        None
+        let dims = self.dims(data).ok()?;
+        (dims.vocab <= 1 << f32::MANTISSA_DIGITS)
+            .then_some(NativePlan(super::native::Plan::Lstm(dims)))
     }
 
     fn recommended(&self) -> Option<(f64, usize)> {

@@ -5,7 +5,7 @@
 //! It checks an interrupt flag between batches and reports an interrupted run as an outcome,
 //! not an error.
 
-use super::model::{Arch, Model, ModelKind};
+use super::model::{Model, ModelKind};
 use super::native::{BatchStats, NativeNet, Plan};
 use super::optim::{OptimizerConfig, OptimizerKind, TensorOptimizer};
 use super::registry::ModelRef;
@@ -441,6 +441,36 @@ pub fn train_central(
     })
 }
 
+/// Times training steps as `fedmq bench train` measures them: `model` (whose parameters are
+/// the variables of `varmap`) takes `warmup + runs` runs of `steps` optimizer steps, each on
+/// all the samples of `dataset` as one batch, on the engine `opts` selects. Returns the
+/// measured runs' seconds.
+///
+/// # Errors
+/// As [`train_local`].
+pub(crate) fn time_steps(
+    model: &Model,
+    varmap: &VarMap,
+    dataset: &dyn Dataset,
+    opts: &TrainOptions,
+    (warmup, runs, steps): (usize, usize, usize),
+) -> Result<Vec<f64>> {
+    check_data(model, dataset, None)?;
+    let batch: Vec<usize> = (0..dataset.len()).collect();
+    let mut session = Session::new(model, varmap, opts, &Device::Cpu)?;
+    let mut seconds = Vec::with_capacity(runs);
+    for run in 0..warmup + runs {
+        let start = std::time::Instant::now();
+        for _ in 0..steps {
+            session.batch(dataset, &batch, true)?;
+        }
+        if run >= warmup {
+            seconds.push(start.elapsed().as_secs_f64());
+        }
+    }
+    Ok(seconds)
+}
+
 fn check_data(model: &Model, dataset: &dyn Dataset, indices: Option<&[usize]>) -> Result<()> {
     let mismatch = |reason: String| Error::DataMismatch {
         dataset: dataset.name().to_string(),
@@ -636,6 +666,7 @@ impl<'m> Session<'m> {
                     })?;
                 let net = match &plan.0 {
                     Plan::Image(arch) => NativeNet::new(arch, &model.param_set()?, threads)?,
+                    Plan::Lstm(dims) => NativeNet::new_lstm(dims, &model.param_set()?, threads)?,
                 };
                 Backend::Native {
                     net: Box::new(net),
@@ -839,9 +870,4 @@ fn candle_step(
     }
     stats.loss_sum = loss.to_scalar::<f32>()? as f64 * n as f64;
     Ok(stats)
-}
-
-/// The architecture check used by the benchmark.
-pub(crate) fn arch_for(kind: ModelKind, shape: &[usize], classes: usize) -> Result<Arch> {
-    Arch::new(kind, shape, classes)
 }

@@ -87,7 +87,12 @@ impl Round {
         let now = Instant::now();
         let cfg = cfg(on_failure);
         let keys = cfg.keys.clone();
-        let mut m = RoundMachine::new(cfg, Box::new(FedAvg), model(&[0.0, 0.5, -0.5]), now);
+        let mut m = RoundMachine::new(
+            cfg,
+            Box::new(FedAvg::default()),
+            model(&[0.0, 0.5, -0.5]),
+            now,
+        );
         for i in 1..=5 {
             m.handle(
                 Event::ClientOnline {

@@ -67,7 +67,7 @@ impl Harness {
     fn new(cfg: RoundConfig) -> Self {
         let now = Instant::now();
         Self {
-            m: RoundMachine::new(cfg, Box::new(FedAvg), params(0.0), now),
+            m: RoundMachine::new(cfg, Box::new(FedAvg::default()), params(0.0), now),
             now,
         }
     }
@@ -773,4 +773,33 @@ fn a_buffered_update_under_another_key_is_refused() {
         failure_of(s, "a"),
         Some(FailureReason::BadUpdate(_))
     ));
+}
+
+#[test]
+fn failures_are_grouped_by_reason_and_long_lists_counted() {
+    let mut failed = BTreeMap::new();
+    for i in 0..943 {
+        failed.insert(
+            format!("client-{i:03}"),
+            FailureReason::Reported("training diverged".into()),
+        );
+    }
+    failed.insert("late".into(), FailureReason::Timeout);
+    let mut earlier = BTreeMap::new();
+    earlier.insert("late".to_string(), FailureReason::Disconnected);
+    let msg = describe_failures(&failed, &earlier);
+    assert!(msg.len() < 300, "{msg}");
+    assert!(
+        msg.contains("client-000, client-001, client-002, client-003, client-004 and 938 more"),
+        "{msg}"
+    );
+    assert!(msg.contains("late: "), "{msg}");
+    assert!(msg.contains("before the re-send"), "{msg}");
+    failed.retain(|c, _| c == "client-007" || c == "client-008");
+    let two = describe_failures(&failed, &BTreeMap::new());
+    assert!(two.starts_with("client-007, client-008: "), "{two}");
+    assert_eq!(
+        describe_failures(&BTreeMap::new(), &BTreeMap::new()),
+        "none"
+    );
 }

@@ -27,7 +27,7 @@ fn round(defense: Defense) -> (Vec<f32>, BTreeMap<String, f64>) {
 
 /// `10 − bad` honest clients and `bad` attackers.
 fn round_with(defense: Defense, bad: usize) -> (Vec<f32>, BTreeMap<String, f64>) {
-    let mut s = Defended::new(Box::new(FedAvg), defense).unwrap();
+    let mut s = Defended::new(Box::new(FedAvg::default()), defense).unwrap();
     let g = params(&[0.0, 0.0, 0.0]);
     let mut agg = s.begin_round(1, &g);
     for i in 0..10 {
@@ -130,7 +130,7 @@ fn fltrust_trusts_what_agrees_with_the_root_update() {
 fn foolsgold_silences_clients_that_push_the_same_way() {
     // Honest client i moves parameter i (non-IID clients move apart); the three sybils all push
     // every parameter down together.
-    let mut s = Defended::new(Box::new(FedAvg), defense("foolsgold")).unwrap();
+    let mut s = Defended::new(Box::new(FedAvg::default()), defense("foolsgold")).unwrap();
     let g = params(&[0.0; 10]);
     let mut agg = s.begin_round(1, &g);
     for i in 0..10 {
@@ -186,7 +186,7 @@ fn bad_defense_settings_are_errors_naming_the_key() {
         .err()
         .unwrap();
     assert!(e.contains("SCAFFOLD"), "{e}");
-    let s = Defended::new(Box::new(FedAvg), Defense::Median).unwrap();
+    let s = Defended::new(Box::new(FedAvg::default()), Defense::Median).unwrap();
     assert!(s
         .secure_aggregation()
         .unwrap_err()
@@ -195,7 +195,7 @@ fn bad_defense_settings_are_errors_naming_the_key() {
 
 #[test]
 fn bad_updates_are_refused_and_the_round_goes_on() {
-    let mut s = Defended::new(Box::new(FedAvg), Defense::Median).unwrap();
+    let mut s = Defended::new(Box::new(FedAvg::default()), Defense::Median).unwrap();
     let g = params(&[0.0, 0.0, 0.0]);
     let mut agg = s.begin_round(1, &g);
     let nan = params(&[f32::NAN, 0.0, 0.0]);

@@ -39,7 +39,7 @@ fn the_noise_is_chosen_to_fit_the_budget_and_the_accountant_charges_it() {
         s.noise_multiplier
     );
 
-    let mut p = Private::new(Box::new(FedAvg), s.clone()).unwrap();
+    let mut p = Private::new(Box::new(FedAvg::default()), s.clone()).unwrap();
     let g = params(&[0.0; 4]);
     let mut last = 0.0;
     for round in 1..=3 {
@@ -59,7 +59,7 @@ fn the_noise_is_chosen_to_fit_the_budget_and_the_accountant_charges_it() {
 fn central_dp_clips_each_update_and_noises_the_sum() {
     let mut s = settings("  noise_multiplier: 1.0e-6\n  clipping_norm: 1.0\n");
     s.per_round = 2;
-    let mut p = Private::new(Box::new(FedAvg), s).unwrap();
+    let mut p = Private::new(Box::new(FedAvg::default()), s).unwrap();
     let g = params(&[0.0, 0.0]);
     let mut agg = p.begin_round(1, &g);
     // Norm 5, cut to 1; and one under the bound.
@@ -87,7 +87,7 @@ fn central_dp_clips_each_update_and_noises_the_sum() {
     // Real noise: z·C = 0.5 on the sum of two.
     let mut s = settings("  noise_multiplier: 0.5\n  clipping_norm: 1.0\n");
     s.per_round = 2;
-    let mut p = Private::new(Box::new(FedAvg), s).unwrap();
+    let mut p = Private::new(Box::new(FedAvg::default()), s).unwrap();
     let g = params(&[0.0; 4000]);
     let mut agg = p.begin_round(1, &g);
     for c in ["a", "b"] {
@@ -102,7 +102,7 @@ fn central_dp_clips_each_update_and_noises_the_sum() {
 #[test]
 fn a_small_budget_stops_the_run_before_it_is_overspent() {
     let s = settings("  noise_multiplier: 2.0\n  stop_training_at_epsilon: 1.0\n");
-    let mut p = Private::new(Box::new(FedAvg), s).unwrap();
+    let mut p = Private::new(Box::new(FedAvg::default()), s).unwrap();
     let g = params(&[0.0]);
     let mut rounds = 0;
     let mut spent = 0.0;
@@ -138,7 +138,7 @@ fn adaptive_clipping_follows_the_quantile_and_pays_for_its_count() {
     assert_eq!(a.count_std, 0.5);
     // z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) > z: the count takes part of the budget.
     assert!(s.noise_multiplier > 0.8 && s.accounted_multiplier == 0.8);
-    let mut p = Private::new(Box::new(FedAvg), s).unwrap();
+    let mut p = Private::new(Box::new(FedAvg::default()), s).unwrap();
     let g = params(&[0.0, 0.0]);
     // Every update is far under C = 10: C shrinks towards the median norm.
     let mut clip = 10.0;
@@ -171,7 +171,7 @@ fn clients_are_told_their_share_of_the_noise() {
     )
     .unwrap();
     let s = dp_from_config(&ddp).unwrap().unwrap();
-    let p = Private::new(Box::new(FedAvg), s).unwrap();
+    let p = Private::new(Box::new(FedAvg::default()), s).unwrap();
     let i = p.instruction(1, "c").unwrap();
     // Sixteen shares of N(0, (zC/4)²) sum to N(0, (zC)²).
     assert_eq!(i.params[DP_GAUSSIAN], 2.0 * 0.5 / 4.0);
@@ -179,7 +179,7 @@ fn clients_are_told_their_share_of_the_noise() {
     assert!(p.secure_aggregation().is_ok());
 
     let ldp = settings("  dp_solution_type: ldp\n  epsilon: 2.0\n  mechanism_type: laplace\n  clipping_norm: 0.1\n");
-    let p = Private::new(Box::new(FedAvg), ldp).unwrap();
+    let p = Private::new(Box::new(FedAvg::default()), ldp).unwrap();
     let i = p.instruction(1, "c").unwrap();
     assert!((i.params[DP_LAPLACE] - 0.1).abs() < 1e-12, "b = 2C/ε");
 }

@@ -1,5 +1,6 @@
-//! The native CPU engine: hand-written forward and backward passes of the three architectures
-//! over host buffers, `gemm` called directly, parameters updated in place.
+//! The native CPU engine: hand-written forward and backward passes of the built-in
+//! architectures (the three image models and the next-character LSTM) over host buffers, `gemm`
+//! called directly, parameters updated in place.
 //!
 //! # Why
 //! candle's CPU path costs a heap allocation, a graph node and (for element-wise ops) a thread
@@ -20,21 +21,26 @@
 //!
 //! Convolutions are im2col + gemm per sample; activations after the first convolution are
 //! channels-last, and some parameters are stored in an engine layout converted at the boundary
-//! (see `conv`). Measurements: `docs/BENCHMARKS.md`, "Training throughput".
+//! (see `conv`). The LSTM follows the same two phases (see `lstm`). Measurements:
+//! `docs/BENCHMARKS.md`, "Training throughput".
 
+mod act;
 mod conv;
 mod gemm;
+mod lstm;
 
 use super::model::{Arch, CNN_CHANNELS, CNN_HIDDEN, CNN_KERNEL, CNN_PADDING};
 use super::optim::{
     adam_update_with, add_offset, add_proximal, sgd_update, AdamStep, OptimizerConfig,
 };
 use super::registry::ParamSpec;
+use super::rnn::LstmDims;
 use super::Result;
 use crate::tensor::{NamedTensor, ParamSet};
 use conv::ConvGeom;
 use conv::Reorder;
 use gemm::{matmul, Mat};
+use lstm::LstmEngine;
 use rayon::prelude::*;
 
 /// One layer of the engine.
@@ -132,6 +138,8 @@ struct OptState {
 pub(crate) enum Plan {
     /// The dense and convolution engine of this module.
     Image(Arch),
+    /// The next-character LSTM (`lstm`).
+    Lstm(LstmDims),
 }
 
 /// Loss sum, correct predictions and errors over one batch.
@@ -151,9 +159,7 @@ pub(crate) struct BatchStats {
 
 /// A model's parameters, optimizer state and scratch buffers on the host.
 pub(crate) struct NativeNet {
-    layers: Vec<Layer>,
     specs: Vec<ParamSpec>,
-    roles: Vec<Role>,
     /// Engine layout of each parameter relative to PyTorch's.
     reorders: Vec<Reorder>,
     /// Parameters in `specs` (forward) order, engine layout.
@@ -161,6 +167,20 @@ pub(crate) struct NativeNet {
     grads: Vec<Vec<f32>>,
     threads: usize,
     num_classes: usize,
+    opt: Option<OptState>,
+    engine: Engine,
+}
+
+/// The architecture-specific part of a [`NativeNet`]: layers and scratch buffers.
+enum Engine {
+    Image(ImageEngine),
+    Lstm(LstmEngine),
+}
+
+/// The dense and convolution engine's layers and scratch buffers.
+struct ImageEngine {
+    layers: Vec<Layer>,
+    roles: Vec<Role>,
     /// Batch capacity of the buffers below.
     cap: usize,
     /// `acts[0]` is the input batch, `acts[l + 1]` the output of layer `l`.
@@ -173,7 +193,32 @@ pub(crate) struct NativeNet {
     /// Flipped kernels for the input gradient of conv layers after the first.
     flips: Vec<Vec<f32>>,
     tw: Vec<ThreadWork>,
-    opt: Option<OptState>,
+}
+
+/// `params` in the order and engine layout of `specs` and `reorders`, after checking that it
+/// has exactly `specs`' names and shapes.
+fn engine_values(
+    specs: &[ParamSpec],
+    reorders: &[Reorder],
+    params: &ParamSet,
+) -> Result<Vec<Vec<f32>>> {
+    let expected = ParamSet::new(
+        specs
+            .iter()
+            .map(|s| NamedTensor::zeros(s.name.clone(), s.shape.clone()))
+            .collect(),
+    )?;
+    expected.check_same_layout(params)?;
+    Ok(specs
+        .iter()
+        .zip(reorders)
+        .map(|(s, r)| {
+            params
+                .get(&s.name)
+                .map(|t| r.to_engine(t.data()))
+                .unwrap_or_default()
+        })
+        .collect())
 }
 
 impl NativeNet {
@@ -184,61 +229,60 @@ impl NativeNet {
     /// shapes.
     pub fn new(arch: &Arch, params: &ParamSet, threads: usize) -> Result<Self> {
         let specs = arch.param_specs();
-        let expected = ParamSet::new(
-            specs
-                .iter()
-                .map(|s| NamedTensor::zeros(s.name.clone(), s.shape.clone()))
-                .collect(),
-        )?;
-        expected.check_same_layout(params)?;
         let layers = layers_of(arch);
         let reorders = reorders_of(&layers, specs.len());
-        let values = specs
-            .iter()
-            .zip(&reorders)
-            .map(|(s, r)| {
-                params
-                    .get(&s.name)
-                    .map(|t| r.to_engine(t.data()))
-                    .unwrap_or_default()
-            })
-            .collect();
-        let mut roles = vec![Role::Conv; specs.len()];
-        for (l, layer) in layers.iter().enumerate() {
-            match *layer {
-                Layer::Dense { w, b, .. } => {
-                    roles[w] = Role::DenseWeight(l);
-                    roles[b] = Role::DenseBias(l);
-                }
-                Layer::Conv { w, b, .. } => {
-                    roles[w] = Role::Conv;
-                    roles[b] = Role::Conv;
-                }
-            }
-        }
+        let values = engine_values(&specs, &reorders, params)?;
         let threads = threads.max(1);
-        let mut net = Self {
-            grads: specs
-                .iter()
-                .map(|s| vec![0.0; s.shape.iter().product()])
-                .collect(),
-            layers,
+        let engine = ImageEngine::new(layers, &values, threads);
+        Ok(Self::with_engine(
             specs,
-            roles,
             reorders,
-            params: values,
+            values,
             threads,
-            num_classes: arch.num_classes(),
-            cap: 0,
-            acts: Vec::new(),
-            dacts: Vec::new(),
-            routes: Vec::new(),
-            flips: Vec::new(),
-            tw: Vec::new(),
+            arch.num_classes(),
+            Engine::Image(engine),
+        ))
+    }
+
+    /// An engine for the next-character LSTM of `dims` holding a copy of `params` (PyTorch's
+    /// layout, kept as is), splitting batches over `threads`. The input is `dims.seq_len` token
+    /// ids per sample, as `f32`.
+    ///
+    /// # Errors
+    /// [`crate::train::Error::Tensor`] when `params` does not have the model's names and shapes.
+    pub fn new_lstm(dims: &LstmDims, params: &ParamSet, threads: usize) -> Result<Self> {
+        let specs = dims.param_specs();
+        let reorders = vec![Reorder::Same; specs.len()];
+        let values = engine_values(&specs, &reorders, params)?;
+        let threads = threads.max(1);
+        Ok(Self::with_engine(
+            specs,
+            reorders,
+            values,
+            threads,
+            dims.classes,
+            Engine::Lstm(LstmEngine::new(*dims, threads)),
+        ))
+    }
+
+    fn with_engine(
+        specs: Vec<ParamSpec>,
+        reorders: Vec<Reorder>,
+        params: Vec<Vec<f32>>,
+        threads: usize,
+        num_classes: usize,
+        engine: Engine,
+    ) -> Self {
+        Self {
+            grads: params.iter().map(|p| vec![0.0; p.len()]).collect(),
+            specs,
+            reorders,
+            params,
+            threads,
+            num_classes,
             opt: None,
-        };
-        net.alloc_scratch();
-        Ok(net)
+            engine,
+        }
     }
 
     /// Sets (or resets) the optimizer; its state starts at zero.
@@ -264,24 +308,7 @@ impl NativeNet {
     /// # Errors
     /// [`crate::train::Error::Tensor`] when `offset` does not have the model's names and shapes.
     pub fn set_grad_offset(&mut self, offset: &ParamSet) -> Result<()> {
-        let expected = ParamSet::new(
-            self.specs
-                .iter()
-                .map(|s| NamedTensor::zeros(s.name.clone(), s.shape.clone()))
-                .collect(),
-        )?;
-        expected.check_same_layout(offset)?;
-        let values = self
-            .specs
-            .iter()
-            .zip(&self.reorders)
-            .map(|(s, r)| {
-                offset
-                    .get(&s.name)
-                    .map(|t| r.to_engine(t.data()))
-                    .unwrap_or_default()
-            })
-            .collect();
+        let values = engine_values(&self.specs, &self.reorders, offset)?;
         if let Some(opt) = self.opt.as_mut() {
             opt.offset = Some(values);
         }
@@ -295,12 +322,18 @@ impl NativeNet {
 
     /// Values per input sample.
     pub fn input_len(&self) -> usize {
-        self.layers[0].in_len()
+        match &self.engine {
+            Engine::Image(e) => e.layers[0].in_len(),
+            Engine::Lstm(e) => e.input_len(),
+        }
     }
 
     /// The input buffer: the caller appends a batch of samples to it (after clearing it).
     pub fn input(&mut self) -> &mut Vec<f32> {
-        &mut self.acts[0]
+        match &mut self.engine {
+            Engine::Image(e) => &mut e.acts[0],
+            Engine::Lstm(e) => e.input(),
+        }
     }
 
     /// The current parameters.
@@ -322,7 +355,10 @@ impl NativeNet {
     /// The logits of the last batch (after [`NativeNet::train_step`] or [`NativeNet::eval`]).
     #[cfg(test)]
     pub fn logits(&self, batch: usize) -> &[f32] {
-        &self.acts[self.layers.len()][..batch * self.num_classes]
+        match &self.engine {
+            Engine::Image(e) => &e.acts[e.layers.len()][..batch * self.num_classes],
+            Engine::Lstm(e) => e.logits(batch),
+        }
     }
 
     /// The parameter gradients of the last training step, in spec order and PyTorch layout.
@@ -335,7 +371,164 @@ impl NativeNet {
             .collect()
     }
 
-    fn alloc_scratch(&mut self) {
+    /// Forward, backward and optimizer step on the batch in [`NativeNet::input`] with `labels`.
+    ///
+    /// # Panics
+    /// When no optimizer is set, or the input holds another number of samples than `labels`.
+    pub fn train_step(&mut self, labels: &[u32]) -> BatchStats {
+        let stats = self.run(labels, true);
+        self.update(labels.len());
+        stats
+    }
+
+    /// Forward pass and loss only.
+    ///
+    /// # Panics
+    /// When the input holds another number of samples than `labels`.
+    pub fn eval(&mut self, labels: &[u32]) -> BatchStats {
+        self.run(labels, false)
+    }
+
+    /// Phase 1: forward (and backward when `train`) per shard.
+    fn run(&mut self, labels: &[u32], train: bool) -> BatchStats {
+        let batch = labels.len();
+        assert_eq!(
+            self.input().len(),
+            batch * self.input_len(),
+            "input buffer holds another number of samples than the labels"
+        );
+        if let Some(l) = labels.iter().find(|&&l| l as usize >= self.num_classes) {
+            panic!("label {l} out of range for {} classes", self.num_classes);
+        }
+        match &mut self.engine {
+            Engine::Image(e) => {
+                e.run_shards(&self.params, self.threads, self.num_classes, labels, train)
+            }
+            Engine::Lstm(e) => e.run(&self.params, labels, train),
+        }
+    }
+
+    /// Phase 2: gradients of parameter slices and the optimizer update.
+    fn update(&mut self, batch: usize) {
+        let Some(opt) = self.opt.as_mut() else {
+            panic!("NativeNet::train_step needs an optimizer (set_optimizer)");
+        };
+        let (specs, params, grads, threads) =
+            (&self.specs, &mut self.params, &mut self.grads, self.threads);
+        match &self.engine {
+            Engine::Image(e) => optimizer_step(opt, specs, params, grads, threads, |c| {
+                e.chunk_grad(c, batch)
+            }),
+            Engine::Lstm(e) => {
+                optimizer_step(opt, specs, params, grads, threads, |c| e.chunk_grad(c))
+            }
+        }
+    }
+}
+
+/// Phase 2 over flat buffers: every parameter split into `threads` row ranges, one list of
+/// ranges per thread; for each range `grad` writes its gradient (the engine's part), then the
+/// proximal term, the gradient offset and the optimizer update of that range, in place.
+fn optimizer_step(
+    opt: &mut OptState,
+    specs: &[ParamSpec],
+    params: &mut [Vec<f32>],
+    grads: &mut [Vec<f32>],
+    threads: usize,
+    grad: impl Fn(&mut ParamChunk<'_>) + Sync,
+) {
+    opt.t += 1;
+    let cfg = opt.cfg;
+    let adam = AdamStep::new(&cfg, opt.t);
+    let anchor = opt.anchor.as_deref();
+    let offset = opt.offset.as_deref();
+    let mut per_thread: Vec<Vec<ParamChunk<'_>>> = (0..threads).map(|_| Vec::new()).collect();
+    for (p, ((param, grad), state)) in params
+        .iter_mut()
+        .zip(grads.iter_mut())
+        .zip(opt.bufs.iter_mut())
+        .enumerate()
+    {
+        let rows = specs[p].shape[0];
+        let width = param.len() / rows.max(1);
+        let counts = split_counts(rows, threads);
+        let mut states: Vec<std::vec::IntoIter<&mut [f32]>> = state
+            .iter_mut()
+            .map(|s| split_rows(s, width, &counts).into_iter())
+            .collect();
+        let mut r0 = 0;
+        for (t, (pp, gg)) in split_rows(param, width, &counts)
+            .into_iter()
+            .zip(split_rows(grad, width, &counts))
+            .enumerate()
+        {
+            let rows_t = counts[t];
+            let state = states.iter_mut().filter_map(|it| it.next()).collect();
+            if rows_t > 0 {
+                per_thread[t].push(ParamChunk {
+                    p,
+                    r0,
+                    r1: r0 + rows_t,
+                    param: pp,
+                    grad: gg,
+                    state,
+                });
+            }
+            r0 += rows_t;
+        }
+    }
+    per_thread.into_par_iter().for_each(|chunks| {
+        for mut c in chunks {
+            grad(&mut c);
+            if let Some(anchor) = anchor {
+                let width = c.param.len() / (c.r1 - c.r0);
+                let a = &anchor[c.p][c.r0 * width..c.r1 * width];
+                add_proximal(cfg.proximal_mu as f32, c.param, a, c.grad);
+            }
+            if let Some(offset) = offset {
+                let width = c.param.len() / (c.r1 - c.r0);
+                add_offset(&offset[c.p][c.r0 * width..c.r1 * width], c.grad);
+            }
+            match c.state.as_mut_slice() {
+                [] => sgd_update(&cfg, c.param, c.grad, &mut []),
+                [buf] => sgd_update(&cfg, c.param, c.grad, buf),
+                [m, v] => adam_update_with(&cfg, adam, c.param, c.grad, m, v),
+                _ => unreachable!("optimizers keep at most two buffers"),
+            }
+        }
+    });
+}
+
+impl ImageEngine {
+    fn new(layers: Vec<Layer>, params: &[Vec<f32>], threads: usize) -> Self {
+        let mut roles = vec![Role::Conv; params.len()];
+        for (l, layer) in layers.iter().enumerate() {
+            match *layer {
+                Layer::Dense { w, b, .. } => {
+                    roles[w] = Role::DenseWeight(l);
+                    roles[b] = Role::DenseBias(l);
+                }
+                Layer::Conv { w, b, .. } => {
+                    roles[w] = Role::Conv;
+                    roles[b] = Role::Conv;
+                }
+            }
+        }
+        let mut e = Self {
+            layers,
+            roles,
+            cap: 0,
+            acts: Vec::new(),
+            dacts: Vec::new(),
+            routes: Vec::new(),
+            flips: Vec::new(),
+            tw: Vec::new(),
+        };
+        e.alloc_scratch(params, threads);
+        e
+    }
+
+    fn alloc_scratch(&mut self, params: &[Vec<f32>], threads: usize) {
         let l = self.layers.len();
         self.acts.resize_with(l + 1, Vec::new);
         self.dacts.resize_with(l + 1, Vec::new);
@@ -369,7 +562,7 @@ impl NativeNet {
                 .collect()
         };
         let (xpad, dpad) = (pads(|g| g.cin), pads(|g| g.cout));
-        self.tw = (0..self.threads)
+        self.tw = (0..threads)
             .map(|_| ThreadWork {
                 xpad: xpad.clone(),
                 dpad: dpad.clone(),
@@ -379,7 +572,7 @@ impl NativeNet {
                 conv_grads: self
                     .roles
                     .iter()
-                    .zip(&self.params)
+                    .zip(params)
                     .map(|(r, p)| match r {
                         Role::Conv => vec![0.0; p.len()],
                         _ => Vec::new(),
@@ -409,46 +602,27 @@ impl NativeNet {
         }
     }
 
-    /// Forward, backward and optimizer step on the batch in [`NativeNet::input`] with `labels`.
-    ///
-    /// # Panics
-    /// When no optimizer is set, or the input holds another number of samples than `labels`.
-    pub fn train_step(&mut self, labels: &[u32]) -> BatchStats {
-        let stats = self.run_shards(labels, true);
-        self.update(labels.len());
-        stats
-    }
-
-    /// Forward pass and loss only.
-    ///
-    /// # Panics
-    /// When the input holds another number of samples than `labels`.
-    pub fn eval(&mut self, labels: &[u32]) -> BatchStats {
-        self.run_shards(labels, false)
-    }
-
     /// Phase 1: forward (and backward when `train`) per shard.
-    fn run_shards(&mut self, labels: &[u32], train: bool) -> BatchStats {
+    fn run_shards(
+        &mut self,
+        params: &[Vec<f32>],
+        threads: usize,
+        classes: usize,
+        labels: &[u32],
+        train: bool,
+    ) -> BatchStats {
         let batch = labels.len();
-        assert_eq!(
-            self.acts[0].len(),
-            batch * self.input_len(),
-            "input buffer holds another number of samples than the labels"
-        );
-        if let Some(l) = labels.iter().find(|&&l| l as usize >= self.num_classes) {
-            panic!("label {l} out of range for {} classes", self.num_classes);
-        }
         self.ensure_capacity(batch);
         if train {
             for (l, layer) in self.layers.iter().enumerate() {
                 if let Layer::Conv { g, w, .. } = *layer {
                     if g.hwc_in {
-                        conv::flip_kernel(&self.params[w], g.cout, g.cin, g.k, &mut self.flips[l]);
+                        conv::flip_kernel(&params[w], g.cout, g.cin, g.k, &mut self.flips[l]);
                     }
                 }
             }
         }
-        let counts = split_counts(batch, self.threads);
+        let counts = split_counts(batch, threads);
         let mut shards: Vec<Shard<'_>> = counts
             .iter()
             .map(|&rows| Shard {
@@ -497,9 +671,9 @@ impl NativeNet {
         }
         let ctx = Ctx {
             layers: &self.layers,
-            params: &self.params,
+            params,
             flips: &self.flips,
-            classes: self.num_classes,
+            classes,
             inv_batch: 1.0 / batch.max(1) as f32,
             train,
         };
@@ -518,120 +692,50 @@ impl NativeNet {
         stats
     }
 
-    /// Phase 2: gradients of parameter slices and the optimizer update.
-    fn update(&mut self, batch: usize) {
-        let Some(opt) = self.opt.as_mut() else {
-            panic!("NativeNet::train_step needs an optimizer (set_optimizer)");
-        };
-        opt.t += 1;
-        let cfg = opt.cfg;
-        let adam = AdamStep::new(&cfg, opt.t);
-        let anchor = opt.anchor.as_deref();
-        let offset = opt.offset.as_deref();
-        let mut per_thread: Vec<Vec<ParamChunk<'_>>> =
-            (0..self.threads).map(|_| Vec::new()).collect();
-        for (p, ((param, grad), state)) in self
-            .params
-            .iter_mut()
-            .zip(self.grads.iter_mut())
-            .zip(opt.bufs.iter_mut())
-            .enumerate()
-        {
-            let rows = self.specs[p].shape[0];
-            let width = param.len() / rows.max(1);
-            let counts = split_counts(rows, self.threads);
-            let mut states: Vec<std::vec::IntoIter<&mut [f32]>> = state
-                .iter_mut()
-                .map(|s| split_rows(s, width, &counts).into_iter())
-                .collect();
-            let mut r0 = 0;
-            for (t, (pp, gg)) in split_rows(param, width, &counts)
-                .into_iter()
-                .zip(split_rows(grad, width, &counts))
-                .enumerate()
-            {
-                let rows_t = counts[t];
-                let state = states.iter_mut().filter_map(|it| it.next()).collect();
-                if rows_t > 0 {
-                    per_thread[t].push(ParamChunk {
-                        p,
-                        r0,
-                        r1: r0 + rows_t,
-                        param: pp,
-                        grad: gg,
-                        state,
-                    });
+    /// Phase 2's gradient of one parameter slice over the batch of `batch` samples.
+    fn chunk_grad(&self, c: &mut ParamChunk<'_>, batch: usize) {
+        let (layers, acts, dacts, tw) = (&self.layers, &self.acts, &self.dacts, &self.tw);
+        match self.roles[c.p] {
+            Role::DenseWeight(l) => {
+                let Layer::Dense { inp, out, .. } = layers[l] else {
+                    unreachable!("dense roles point at dense layers")
+                };
+                let dy = &dacts[l + 1][c.r0..batch * out];
+                matmul(
+                    c.r1 - c.r0,
+                    inp,
+                    batch,
+                    c.grad,
+                    inp,
+                    false,
+                    Mat::rows_t(dy, out),
+                    Mat::rows(&acts[l][..batch * inp], inp),
+                );
+            }
+            Role::DenseBias(l) => {
+                let Layer::Dense { out, .. } = layers[l] else {
+                    unreachable!("dense roles point at dense layers")
+                };
+                let dy = &dacts[l + 1][..batch * out];
+                c.grad.fill(0.0);
+                for row in dy.chunks_exact(out) {
+                    for (g, &d) in c.grad.iter_mut().zip(&row[c.r0..c.r1]) {
+                        *g += d;
+                    }
                 }
-                r0 += rows_t;
+            }
+            Role::Conv => {
+                let width = c.grad.len() / (c.r1 - c.r0);
+                let range = c.r0 * width..c.r1 * width;
+                c.grad
+                    .copy_from_slice(&tw[0].conv_grads[c.p][range.clone()]);
+                for other in &tw[1..] {
+                    for (g, &o) in c.grad.iter_mut().zip(&other.conv_grads[c.p][range.clone()]) {
+                        *g += o;
+                    }
+                }
             }
         }
-        let layers = &self.layers;
-        let roles = &self.roles;
-        let acts = &self.acts;
-        let dacts = &self.dacts;
-        let tw = &self.tw;
-        per_thread.into_par_iter().for_each(|chunks| {
-            for mut c in chunks {
-                match roles[c.p] {
-                    Role::DenseWeight(l) => {
-                        let Layer::Dense { inp, out, .. } = layers[l] else {
-                            unreachable!("dense roles point at dense layers")
-                        };
-                        let dy = &dacts[l + 1][c.r0..batch * out];
-                        matmul(
-                            c.r1 - c.r0,
-                            inp,
-                            batch,
-                            c.grad,
-                            inp,
-                            false,
-                            Mat::rows_t(dy, out),
-                            Mat::rows(&acts[l][..batch * inp], inp),
-                        );
-                    }
-                    Role::DenseBias(l) => {
-                        let Layer::Dense { out, .. } = layers[l] else {
-                            unreachable!("dense roles point at dense layers")
-                        };
-                        let dy = &dacts[l + 1][..batch * out];
-                        c.grad.fill(0.0);
-                        for row in dy.chunks_exact(out) {
-                            for (g, &d) in c.grad.iter_mut().zip(&row[c.r0..c.r1]) {
-                                *g += d;
-                            }
-                        }
-                    }
-                    Role::Conv => {
-                        let width = c.grad.len() / (c.r1 - c.r0);
-                        let range = c.r0 * width..c.r1 * width;
-                        c.grad
-                            .copy_from_slice(&tw[0].conv_grads[c.p][range.clone()]);
-                        for other in &tw[1..] {
-                            for (g, &o) in
-                                c.grad.iter_mut().zip(&other.conv_grads[c.p][range.clone()])
-                            {
-                                *g += o;
-                            }
-                        }
-                    }
-                }
-                if let Some(anchor) = anchor {
-                    let width = c.param.len() / (c.r1 - c.r0);
-                    let a = &anchor[c.p][c.r0 * width..c.r1 * width];
-                    add_proximal(cfg.proximal_mu as f32, c.param, a, c.grad);
-                }
-                if let Some(offset) = offset {
-                    let width = c.param.len() / (c.r1 - c.r0);
-                    add_offset(&offset[c.p][c.r0 * width..c.r1 * width], c.grad);
-                }
-                match c.state.as_mut_slice() {
-                    [] => sgd_update(&cfg, c.param, c.grad, &mut []),
-                    [buf] => sgd_update(&cfg, c.param, c.grad, buf),
-                    [m, v] => adam_update_with(&cfg, adam, c.param, c.grad, m, v),
-                    _ => unreachable!("optimizers keep at most two buffers"),
-                }
-            }
-        });
     }
 }
 
