@@ -204,10 +204,34 @@ fn env_overrides_secrets() {
 
 #[test]
 fn shipped_configs_are_valid() {
-    for f in ["config/fedml_config.yaml", "config/fedml_config_minio.yaml"] {
+    for f in [
+        "config/fedml_config.yaml",
+        "config/fedml_config_minio.yaml",
+        "config/fashion_mnist.yaml",
+        "config/shakespeare.yaml",
+        "config/movielens.yaml",
+    ] {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
+    // The scenario configs name the data set, model and partition the scenario is about.
+    let load = |f: &str| Config::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join(f)).unwrap();
+    for (f, dataset, model) in [
+        ("config/fashion_mnist.yaml", "fashion_mnist", "cnn"),
+        ("config/shakespeare.yaml", "shakespeare", "rnn"),
+        ("config/movielens.yaml", "movielens_100k", "mf"),
+    ] {
+        let c = load(f);
+        assert_eq!(
+            (c.data_args.dataset.as_str(), c.model_args.model.as_str()),
+            (dataset, model),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        load("config/movielens.yaml").data_args.partition_method,
+        "natural"
+    );
 }
 
 mod tls {

@@ -33,7 +33,9 @@ const TRAIN_LOSS_COLOR: &str = "#2ca02c";
 
 /// An SVG (hand-written XML, no dependency) with two panels side by side: (1) test accuracy per
 /// round (in %), (2) test loss and train loss per round; axes with ticks and labels, a legend, the
-/// title.
+/// title. A run the server did not evaluate (a model with local parameters) plots the clients'
+/// own measures instead: their test RMSE (`data-series="client-test-rmse"`) or accuracy
+/// (`"client-test-accuracy"`), and their test loss.
 ///
 /// Rounds without evaluation are skipped in the accuracy/test-loss lines (no gaps drawn as zero).
 /// Renders with any number of rounds, including none; a panel without data says so ("no evaluation
@@ -43,8 +45,39 @@ const TRAIN_LOSS_COLOR: &str = "#2ca02c";
 ///
 /// The string starts with `<svg` and ends with `</svg>` (no XML declaration, no trailing newline).
 pub fn render_plot_svg(records: &[RoundRecord], title: &str) -> String {
-    let acc = series(records, |r| r.test_accuracy.map(|a| a * 100.0));
-    let test_loss = series(records, |r| r.test_loss);
+    let client = |name: &'static str| move |r: &RoundRecord| r.strategy.get(name).copied();
+    // The first panel shows what the task is measured by: the server's test accuracy; for
+    // models only the clients can evaluate (local parameters), their own test RMSE (a real
+    // target) or accuracy.
+    let server_acc = series(records, |r| r.test_accuracy.map(|a| a * 100.0));
+    let rmse = series(records, client("client_test_rmse"));
+    let client_acc = series(records, |r| {
+        client("client_test_accuracy")(r).map(|a| a * 100.0)
+    });
+    let (acc, measure) = if !server_acc.is_empty() {
+        (
+            server_acc,
+            Measure::Accuracy("test-accuracy", "Test accuracy"),
+        )
+    } else if !rmse.is_empty() {
+        (rmse, Measure::Rmse)
+    } else if !client_acc.is_empty() {
+        (
+            client_acc,
+            Measure::Accuracy(
+                "client-test-accuracy",
+                "Test accuracy (clients' own test sets)",
+            ),
+        )
+    } else {
+        (
+            server_acc,
+            Measure::Accuracy("test-accuracy", "Test accuracy"),
+        )
+    };
+    let test_loss = series(records, |r| {
+        r.test_loss.or_else(|| client("client_test_loss")(r))
+    });
     let train_loss = series(records, |r| r.train_loss);
 
     let (rmin, rmax) = min_max(records.iter().map(|r| r.round as f64)).unwrap_or((0.0, 1.0));
@@ -72,30 +105,39 @@ pub fn render_plot_svg(records: &[RoundRecord], title: &str) -> String {
     // Panel 1: accuracy.
     let acc_panel = Panel::new(0);
     let acc_last = acc.last().map(|&(_, v)| v);
-    let acc_label = match acc_last {
-        Some(v) => format!("test accuracy (last {v:.2}%)"),
-        None => "test accuracy".to_string(),
+    let acc_label = match (acc_last, measure) {
+        (Some(v), Measure::Accuracy(..)) => format!("test accuracy (last {v:.2}%)"),
+        (Some(v), Measure::Rmse) => format!("test RMSE (last {v:.4})"),
+        (None, _) => "test accuracy".to_string(),
     };
-    // Accuracy stays within 0..=100 % unless the data do not.
+    // Accuracy stays within 0..=100 % unless the data do not; an error from 0 up.
     let acc_axis = min_max(acc.iter().map(|&(_, v)| v)).map(|(lo, hi)| {
         let mut axis = Axis::new(lo, hi, 6, 0.0);
         if lo >= 0.0 {
             axis.lo = axis.lo.max(0.0);
         }
-        if hi <= 100.0 {
+        if hi <= 100.0 && matches!(measure, Measure::Accuracy(..)) {
             axis.hi = axis.hi.min(100.0);
         }
         axis.retain_ticks();
         axis
     });
+    let (id, panel_title, unit) = match measure {
+        Measure::Accuracy(id, title) => (id, title, "accuracy (%)"),
+        Measure::Rmse => (
+            "client-test-rmse",
+            "Test RMSE (clients' own test sets)",
+            "RMSE",
+        ),
+    };
     acc_panel.draw(
         &mut svg,
-        "Test accuracy",
-        "accuracy (%)",
+        panel_title,
+        unit,
         &x_axis,
         acc_axis.as_ref(),
         &[Line {
-            id: "test-accuracy",
+            id,
             label: &acc_label,
             color: ACC_COLOR,
             dashed: false,
@@ -283,6 +325,15 @@ fn min_max(values: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
 }
 
 /// One series of a panel.
+/// What the first panel shows.
+#[derive(Clone, Copy)]
+enum Measure {
+    /// An accuracy in %: the series id and the panel's title.
+    Accuracy(&'static str, &'static str),
+    /// The clients' test RMSE.
+    Rmse,
+}
+
 struct Line<'a> {
     /// `data-series` attribute.
     id: &'a str,

@@ -567,3 +567,19 @@ fn the_well_formedness_check_rejects_broken_xml() {
     }
     assert_well_formed(r#"<svg a="1"><g/><text>x &amp; y</text></svg>"#);
 }
+
+#[test]
+fn a_rating_run_plots_the_clients_rmse() {
+    let mut records: Vec<RoundRecord> = (1..=3).map(|i| record(i, None)).collect();
+    for (r, rmse) in records.iter_mut().zip([1.14, 1.01, 0.97]) {
+        r.strategy.insert("client_test_rmse".into(), rmse);
+        r.strategy.insert("client_test_loss".into(), rmse * rmse);
+    }
+    let svg = render_plot_svg(&records, "mf on ml-100k");
+    assert_well_formed(&svg);
+    assert!(svg.contains("Test RMSE (clients"), "{svg}");
+    assert!(svg.contains("test RMSE (last 0.9700)"), "{svg}");
+    assert_eq!(polyline_points(&svg, "client-test-rmse").unwrap().len(), 3);
+    assert_eq!(polyline_points(&svg, "test-loss").unwrap().len(), 3);
+    assert!(polyline_points(&svg, "test-accuracy").is_none());
+}

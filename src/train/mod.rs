@@ -7,12 +7,13 @@
 //!
 //! Training runs on one of two engines with the same semantics:
 //! - on the CPU, a native engine (`native`) with hand-written forward and backward passes over
-//!   the built-in image architectures, calling the `gemm` crate directly, splitting each mini-batch over
-//!   the rayon pool and updating parameters in place. It exists because candle's CPU path
-//!   spends most of a small step in per-op overhead and does not use the second core well
-//!   (measurements in `docs/BENCHMARKS.md`, "Training throughput");
-//! - on other devices (CUDA), candle's autograd with the [`optim`] optimizers written in candle
-//!   tensor ops. [`Engine::Candle`] forces this path on the CPU too (tests compare both).
+//!   the built-in image architectures and the `rnn` LSTM, calling the `gemm` crate directly,
+//!   splitting each mini-batch over the rayon pool and updating parameters in place. It exists
+//!   because candle's CPU path spends most of a small step in per-op overhead and does not use
+//!   the second core well (measurements in `docs/BENCHMARKS.md`, "Training throughput");
+//! - on other devices (CUDA), and for models without a native plan, candle's autograd with the
+//!   [`optim`] optimizers written in candle tensor ops. [`Engine::Candle`] forces this path on
+//!   the CPU too (tests compare both).
 //!
 //! # Layout
 //! - [`registry`]: [`ModelDef`], [`Registry`], [`ParamSpec`] with its [`Scope`] (shared or local).

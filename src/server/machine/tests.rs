@@ -752,7 +752,7 @@ fn a_buffered_run_times_out_silent_clients_and_aborts_when_nothing_arrives() {
     match acts.last() {
         Some(Action::Finish(Outcome::Aborted(why))) => {
             assert!(
-                why.contains("no update arrived") && why.contains("a: "),
+                why.contains("no update arrived") && why.contains("a, b: timeout"),
                 "{why}"
             )
         }

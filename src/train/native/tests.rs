@@ -635,36 +635,3 @@ fn rnn_trainer_native_matches_candle() {
         "evaluate accuracy",
     );
 }
-
-/// Training throughput of `rnn` (Shakespeare sizes), native engine and candle, batches of 10
-/// and 32 on 2 threads, through the training benchmark (`fedmq bench train --model rnn`):
-/// `RAYON_NUM_THREADS=2 cargo test --release --lib rnn_throughput -- --ignored --nocapture`
-/// (candle's element-wise pool takes its size from `RAYON_NUM_THREADS`).
-#[test]
-#[ignore = "a benchmark"]
-fn rnn_throughput() {
-    use crate::bench::train::{bench_train, BenchOptions};
-    use crate::train::trainer::Engine;
-    let def: ModelRef = Arc::new(CharLstm::default());
-    for batch in [10, 32] {
-        for engine in [Engine::Auto, Engine::Candle] {
-            let r = bench_train(
-                &def,
-                batch,
-                BenchOptions {
-                    warmup: 1,
-                    runs: 5,
-                    steps_per_run: 10,
-                    threads: 2,
-                    engine,
-                    ..BenchOptions::default()
-                },
-            )
-            .unwrap();
-            println!(
-                "rnn batch {batch} {engine:?} (native {}): {:.1} samples/s (min {:.1}, max {:.1})",
-                r.native, r.samples_per_s, r.samples_per_s_min, r.samples_per_s_max
-            );
-        }
-    }
-}
