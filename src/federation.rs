@@ -39,14 +39,18 @@ pub const KEY_PREFIX: &str = "fedmq";
 pub fn round_config(cfg: &Config) -> RoundConfig {
     let t = &cfg.train_args;
     let f = &cfg.fedmq_args;
+    // Hierarchical FL: the cloud server's clients are the edges, every one of them each round.
+    let (per_round, min_clients) = if cfg.hierarchical() {
+        (t.group_num, t.group_num)
+    } else if f.min_clients == 0 {
+        (t.client_num_per_round, t.client_num_per_round)
+    } else {
+        (t.client_num_per_round, f.min_clients)
+    };
     RoundConfig {
         rounds: t.comm_round as u64,
-        clients_per_round: t.client_num_per_round,
-        min_clients: if f.min_clients == 0 {
-            t.client_num_per_round
-        } else {
-            f.min_clients
-        },
+        clients_per_round: per_round,
+        min_clients,
         admission_timeout: (f.admission_timeout_s > 0.0)
             .then(|| Duration::from_secs_f64(f.admission_timeout_s)),
         round_timeout: Duration::from_secs_f64(f.round_timeout_s),
@@ -91,6 +95,7 @@ pub fn round_config(cfg: &Config) -> RoundConfig {
                 crate::server::Protocol::SecAggPlus
             },
         }),
+        paced: false,
     }
 }
 
@@ -100,9 +105,15 @@ pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOption
     ServerOptions {
         keys: BlobKeys::new(KEY_PREFIX, &run),
         round: round_config(cfg),
-        expected_clients: (1..=cfg.train_args.client_num_in_total)
-            .map(client::client_id)
-            .collect(),
+        expected_clients: if cfg.hierarchical() {
+            (1..=cfg.train_args.group_num)
+                .map(crate::edge::edge_id)
+                .collect()
+        } else {
+            (1..=cfg.train_args.client_num_in_total)
+                .map(client::client_id)
+                .collect()
+        },
         retention: NonZeroU64::new(cfg.fedmq_args.keep_rounds)
             .map_or(RetentionPolicy::KeepAll, RetentionPolicy::KeepLast),
         fetch_concurrency: 0,
@@ -110,6 +121,7 @@ pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOption
         connect_timeout: Duration::from_secs(30),
         keyring: None,
         crypto: None,
+        health: None,
         run,
     }
 }
@@ -505,6 +517,21 @@ pub async fn run_client_from_config(
         );
     }
     require_external(cfg, "fedmq client")?;
+    // Hierarchical FL: a device is a client of its edge, on its site's run.
+    let site_cfg;
+    let cfg = match crate::edge::site_of(cfg, rank).filter(|_| cfg.hierarchical()) {
+        Some(site) => {
+            site_cfg = crate::edge::site_config(cfg, site);
+            tracing::info!(
+                site,
+                run = %site_cfg.common_args.run_id,
+                "a device of {}",
+                crate::edge::edge_id(site)
+            );
+            &site_cfg
+        }
+        None => cfg,
+    };
     if let Some(w) = unauthenticated_warning(cfg, &client::client_id(rank)) {
         tracing::warn!("{w}");
     }
@@ -529,6 +556,7 @@ pub async fn run_client_from_config(
         connect_timeout: Duration::from_secs(30),
         keyring: None,
         crypto: None,
+        link_timeout: None,
         id: id.clone(),
     };
     let sec = Security::from_config(cfg, &id)?;
@@ -792,6 +820,10 @@ async fn serve(
     let mut opts = server_options(cfg, output_dir);
     opts.keyring = sec.keyring;
     opts.crypto = sec.crypto;
+    // The health endpoint lives as long as the server.
+    let health_stop = CancellationToken::new();
+    let _stop_health = health_stop.clone().drop_guard();
+    opts.health = start_health(cfg, "server", health_stop).await?;
     let mut mqtt = mqtt;
     mqtt.signer = sec.signer;
     let resume_from: Option<Checkpoint> = if resume {
@@ -847,7 +879,34 @@ async fn serve(
     .await?)
 }
 
-fn require_external(cfg: &Config, what: &str) -> Result<()> {
+/// Starts the health and metrics endpoints of a `role` where `fedmq_args.health_listen` says,
+/// until `stop`.
+///
+/// # Errors
+/// The address does not parse or cannot be bound.
+pub async fn start_health(
+    cfg: &Config,
+    role: &'static str,
+    stop: CancellationToken,
+) -> Result<Option<Arc<crate::health::Health>>> {
+    let listen = &cfg.fedmq_args.health_listen;
+    if listen.is_empty() {
+        return Ok(None);
+    }
+    let addr: std::net::SocketAddr = listen.parse().with_context(|| {
+        format!("fedmq_args.health_listen {listen:?}: not an address and port such as 0.0.0.0:9464")
+    })?;
+    let h = Arc::new(crate::health::Health::new(role));
+    let bound = crate::health::serve(addr, h.clone(), stop).await?;
+    tracing::info!("{role}: health endpoints at http://{bound}/healthz, /readyz and /metrics");
+    Ok(Some(h))
+}
+
+/// Fails unless `cfg` names an external broker and store (`what`: the command, for the message).
+///
+/// # Errors
+/// No broker port or no store endpoint, naming the keys.
+pub fn require_external(cfg: &Config, what: &str) -> Result<()> {
     let c = &cfg.comm_args;
     if c.customized_training_mqtt_config.broker_port == 0 {
         bail!(
@@ -940,6 +999,140 @@ pub async fn run_local_with(
     run_local_inner(cfg, opts, Some(strategy), progress, cancel).await
 }
 
+/// The broker and store of a local federation: embedded unless the config names external
+/// ones.
+pub struct LocalInfra {
+    /// The config with the embedded broker's address and store's endpoint and credential
+    /// filled in, and key files cleared (participants get fresh keys).
+    pub cfg: Config,
+    /// The embedded broker's port, when embedded.
+    pub mqtt_port: Option<u16>,
+    /// The root store options.
+    pub s3: S3Options,
+    /// Whether the store is the embedded one (participants then get derived credentials).
+    pub embedded_store: bool,
+    /// The broker, for the report.
+    pub broker_desc: String,
+    _broker: Option<EmbeddedBroker>,
+    store_server: Option<EmbeddedStore>,
+}
+
+impl LocalInfra {
+    /// Starts the embedded broker and store where the config names none.
+    ///
+    /// # Errors
+    /// The broker or store cannot start.
+    pub async fn start(cfg: &Config, output_dir: &std::path::Path) -> Result<Self> {
+        let mut mqtt_port = None;
+        let m = &cfg.comm_args.customized_training_mqtt_config;
+        let broker_desc;
+        let broker = if m.broker_port == 0 {
+            let b = tokio::task::block_in_place(|| EmbeddedBroker::start(BrokerOptions::default()))
+                .context("starting the embedded MQTT broker")?;
+            mqtt_port = Some(b.addr().port());
+            broker_desc = format!("embedded rumqttd at {}", b.addr());
+            Some(b)
+        } else {
+            broker_desc = format!("{}:{}", m.broker_host, m.broker_port);
+            None
+        };
+        let mut cfg = cfg.clone();
+        if !cfg.fedmq_args.signing_key.is_empty() || !cfg.fedmq_args.trusted_keys.is_empty() {
+            // One key file cannot sign for every participant of the process.
+            tracing::warn!(
+                "fedmq_args.signing_key / trusted_keys are ignored by fedmq run: its participants \
+                 get fresh keys of their own; use key files with fedmq server and fedmq client"
+            );
+            cfg.fedmq_args.signing_key.clear();
+            cfg.fedmq_args.trusted_keys.clear();
+        }
+        if mqtt_port.is_some() {
+            cfg.comm_args.customized_training_mqtt_config.broker_host = "127.0.0.1".into();
+        }
+        let s3 = &mut cfg.comm_args.customized_training_s3_config;
+        let embedded_store = s3.cn_s3_endpoint.is_empty();
+        let store_server = if embedded_store {
+            if s3.cn_s3_aki.is_empty() {
+                s3.cn_s3_aki = "fedmq".into();
+            }
+            if s3.cn_s3_sak.is_empty() {
+                // A secret for this process only; nothing outside it can use the store.
+                s3.cn_s3_sak = random_secret();
+            }
+            let dir = output_dir.join("store");
+            let st = EmbeddedStore::start(StoreOptions::new(&dir, &s3.cn_s3_aki, &s3.cn_s3_sak))
+                .await
+                .with_context(|| format!("starting the embedded store over {}", dir.display()))?;
+            s3.cn_s3_endpoint = st.endpoint();
+            Some(st)
+        } else {
+            None
+        };
+        let s3 = S3Options::from(&cfg.comm_args.customized_training_s3_config);
+        Ok(Self {
+            cfg,
+            mqtt_port,
+            s3,
+            embedded_store,
+            broker_desc,
+            _broker: broker,
+            store_server,
+        })
+    }
+
+    /// Participant `id`'s store options: its derived credential on the embedded store, its
+    /// configured one on an external store.
+    ///
+    /// # Errors
+    /// As [`store_options`].
+    pub fn participant_store(&self, id: &str) -> Result<S3Options> {
+        if self.embedded_store {
+            Ok(participant_store_options(&self.s3, id))
+        } else {
+            store_options(&self.cfg, id)
+        }
+    }
+
+    /// The store options of a participant with a server's rights (the root credential on the
+    /// embedded store).
+    ///
+    /// # Errors
+    /// As [`store_options`].
+    pub fn server_store(&self) -> Result<S3Options> {
+        if self.embedded_store {
+            Ok(self.s3.clone())
+        } else {
+            store_options(&self.cfg, server::SERVER_ID)
+        }
+    }
+
+    /// MQTT session options of participant `id`.
+    pub fn session(&self, id: &str) -> SessionOptions {
+        session_options(&self.cfg, id, self.mqtt_port)
+    }
+
+    /// Stops the embedded store (the broker stops when dropped).
+    pub async fn shutdown(self) {
+        if let Some(st) = self.store_server {
+            st.shutdown().await;
+        }
+    }
+}
+
+/// Training slots and threads of the clients of a local federation of `n` clients: at most
+/// `fedmq_args.concurrent_training` train at once, each with an equal share of the cores.
+pub fn local_training(cfg: &Config, n: usize) -> (Arc<Semaphore>, usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let concurrent = match cfg.fedmq_args.concurrent_training {
+        0 => (cores / 2).max(1),
+        c => c,
+    }
+    .min(n)
+    .max(1);
+    let threads = (cores / concurrent).max(1);
+    (Arc::new(Semaphore::new(concurrent)), threads)
+}
+
 /// [`run_local`] with the caller's strategy, or (`None`) the one the config names.
 async fn run_local_inner(
     cfg: &Config,
@@ -954,129 +1147,28 @@ async fn run_local_inner(
         Some(s) => s,
         None => strategy_with_model(cfg, &model, &split)?,
     };
-
-    // Broker.
-    let mut mqtt_port = None;
-    let m = &cfg.comm_args.customized_training_mqtt_config;
-    let broker_desc;
-    let _broker = if m.broker_port == 0 {
-        let b = tokio::task::block_in_place(|| EmbeddedBroker::start(BrokerOptions::default()))
-            .context("starting the embedded MQTT broker")?;
-        mqtt_port = Some(b.addr().port());
-        broker_desc = format!("embedded rumqttd at {}", b.addr());
-        Some(b)
-    } else {
-        broker_desc = format!("{}:{}", m.broker_host, m.broker_port);
-        None
-    };
-    let mut cfg = cfg.clone();
-    if !cfg.fedmq_args.signing_key.is_empty() || !cfg.fedmq_args.trusted_keys.is_empty() {
-        // One key file cannot sign for every participant of the process.
-        tracing::warn!(
-            "fedmq_args.signing_key / trusted_keys are ignored by fedmq run: its participants get \
-             fresh keys of their own; use key files with fedmq server and fedmq client"
-        );
-        cfg.fedmq_args.signing_key.clear();
-        cfg.fedmq_args.trusted_keys.clear();
-    }
-    let client_ids: Vec<String> = (1..=cfg.train_args.client_num_in_total)
-        .map(client::client_id)
-        .collect();
-    let (server_sec, mut client_secs) =
-        Security::ephemeral(&client_ids, cfg.fedmq_args.encrypt_blobs)?;
-    tracing::info!(
-        sealed = server_sec.crypto.is_some(),
-        "participants have fresh Ed25519 identities: messages are signed{}",
-        if server_sec.crypto.is_some() {
-            " and blobs sealed"
-        } else {
-            " (blobs not sealed: fedmq_args.encrypt_blobs is false)"
-        }
-    );
-    if mqtt_port.is_some() {
-        cfg.comm_args.customized_training_mqtt_config.broker_host = "127.0.0.1".into();
-    }
-
-    // Store.
-    let s3 = &mut cfg.comm_args.customized_training_s3_config;
-    let embedded_store = s3.cn_s3_endpoint.is_empty();
-    let store_server = if embedded_store {
-        if s3.cn_s3_aki.is_empty() {
-            s3.cn_s3_aki = "fedmq".into();
-        }
-        if s3.cn_s3_sak.is_empty() {
-            // A secret for this process only; nothing outside it can use the store.
-            s3.cn_s3_sak = random_secret();
-        }
-        let dir = opts.output_dir.join("store");
-        let st = EmbeddedStore::start(StoreOptions::new(&dir, &s3.cn_s3_aki, &s3.cn_s3_sak))
-            .await
-            .with_context(|| format!("starting the embedded store over {}", dir.display()))?;
-        s3.cn_s3_endpoint = st.endpoint();
-        Some(st)
-    } else {
-        None
-    };
-    let s3_opts = S3Options::from(&cfg.comm_args.customized_training_s3_config);
-    let store_desc = s3_opts.endpoint.clone();
-
-    // Clients.
-    let n = cfg.train_args.client_num_in_total;
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let concurrent = match cfg.fedmq_args.concurrent_training {
-        0 => (cores / 2).max(1),
-        c => c,
-    }
-    .min(n);
-    let threads = (cores / concurrent).max(1);
-    let slots = Arc::new(Semaphore::new(concurrent));
-    let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
-    // `serve` below warns when using_gpu falls back to the CPU.
+    let infra = LocalInfra::start(cfg, &opts.output_dir).await?;
+    let cfg = infra.cfg.clone();
     let mut clients = LocalClients::new(cancel.child_token());
-    for (i, sec) in client_secs.iter_mut().enumerate().take(part.num_clients()) {
-        let id = client::client_id(i + 1);
-        let state_dir = opts.output_dir.join("clients").join(&id);
-        let trainer = client_trainer(
-            &cfg,
-            &model,
-            i + 1,
+    let server_sec = if cfg.hierarchical() {
+        let data = crate::edge::local::Data {
+            split: &split,
+            part: &part,
+            model: &model,
+        };
+        crate::edge::local::spawn_hierarchy(&infra, data, &opts.output_dir, &mut clients)?
+    } else {
+        spawn_clients(
+            &infra,
             &split,
             &part,
-            &state_dir,
-            device.clone(),
-            threads,
-        )?;
-        let sec = std::mem::take(sec);
-        let copts = ClientOptions {
-            run: cfg.common_args.run_id.clone(),
-            keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
-            capabilities: capabilities(&desc, trainer.num_samples()),
-            train_slots: Some(slots.clone()),
-            connect_timeout: Duration::from_secs(30),
-            keyring: sec.keyring,
-            crypto: sec.crypto,
-            id: id.clone(),
-        };
-        // Each client signs with its own credential: the embedded store derives it from its
-        // secret; an external one needs fedmq_args.store_credentials (or shares the run's).
-        let client_s3 = if embedded_store {
-            participant_store_options(&s3_opts, &id)
-        } else {
-            store_options(&cfg, &id)?
-        };
-        let store = BlobStore::connect(&client_s3)?;
-        let mut mqtt = session_options(&cfg, &id, mqtt_port);
-        mqtt.signer = sec.signer;
-        let client = client::run_client(copts, mqtt, store, trainer, clients.cancel_token());
-        clients.spawn(async move { Ok(client.await?) });
-    }
-
-    let store = BlobStore::connect(&if embedded_store {
-        s3_opts
-    } else {
-        store_options(&cfg, server::SERVER_ID)?
-    })?;
-    let mqtt = session_options(&cfg, server::SERVER_ID, mqtt_port);
+            &model,
+            &opts.output_dir,
+            &mut clients,
+        )?
+    };
+    let store = BlobStore::connect(&infra.server_store()?)?;
+    let mqtt = infra.session(server::SERVER_ID);
     let report = serve(
         &cfg,
         &model,
@@ -1092,15 +1184,85 @@ async fn run_local_inner(
     )
     .await;
     let results = clients.join(CLIENT_GRACE).await;
-    if let Some(st) = store_server {
-        st.shutdown().await;
-    }
+    let broker = infra.broker_desc.clone();
+    let store_desc = infra.s3.endpoint.clone();
+    infra.shutdown().await;
     Ok(LocalReport {
         server: report?,
         clients: results,
-        broker: broker_desc,
+        broker,
         store: store_desc,
     })
+}
+
+/// Starts the `client_num_in_total` clients of a flat local federation; returns the server's
+/// security (every participant has a fresh identity).
+fn spawn_clients(
+    infra: &LocalInfra,
+    split: &DataSplit,
+    part: &Partition,
+    model: &ModelRef,
+    output_dir: &std::path::Path,
+    clients: &mut LocalClients<ClientReport>,
+) -> Result<Security> {
+    let cfg = &infra.cfg;
+    let client_ids: Vec<String> = (1..=cfg.train_args.client_num_in_total)
+        .map(client::client_id)
+        .collect();
+    let (server_sec, mut client_secs) =
+        Security::ephemeral(&client_ids, cfg.fedmq_args.encrypt_blobs)?;
+    log_ephemeral(&server_sec);
+    let n = cfg.train_args.client_num_in_total;
+    let (slots, threads) = local_training(cfg, n);
+    let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
+    // `serve` warns when using_gpu falls back to the CPU.
+    for (i, sec) in client_secs.iter_mut().enumerate().take(part.num_clients()) {
+        let id = client::client_id(i + 1);
+        let state_dir = output_dir.join("clients").join(&id);
+        let trainer = client_trainer(
+            cfg,
+            model,
+            i + 1,
+            split,
+            part,
+            &state_dir,
+            device.clone(),
+            threads,
+        )?;
+        let sec = std::mem::take(sec);
+        let copts = ClientOptions {
+            run: cfg.common_args.run_id.clone(),
+            keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
+            capabilities: capabilities(&desc, trainer.num_samples()),
+            train_slots: Some(slots.clone()),
+            connect_timeout: Duration::from_secs(30),
+            keyring: sec.keyring,
+            crypto: sec.crypto,
+            link_timeout: None,
+            id: id.clone(),
+        };
+        // Each client signs with its own credential: the embedded store derives it from its
+        // secret; an external one needs fedmq_args.store_credentials (or shares the run's).
+        let store = BlobStore::connect(&infra.participant_store(&id)?)?;
+        let mut mqtt = infra.session(&id);
+        mqtt.signer = sec.signer;
+        let client = client::run_client(copts, mqtt, store, trainer, clients.cancel_token());
+        clients.spawn(async move { Ok(client.await?) });
+    }
+    Ok(server_sec)
+}
+
+/// Says how a local federation's participants are secured.
+pub fn log_ephemeral(server_sec: &Security) {
+    tracing::info!(
+        sealed = server_sec.crypto.is_some(),
+        "participants have fresh Ed25519 identities: messages are signed{}",
+        if server_sec.crypto.is_some() {
+            " and blobs sealed"
+        } else {
+            " (blobs not sealed: fedmq_args.encrypt_blobs is false)"
+        }
+    );
 }
 
 /// A fresh secret for an embedded store that lives as long as this process (48 hex digits).

@@ -292,6 +292,7 @@ impl Fixture {
             connect_timeout: WAIT,
             keyring: self.signing.as_ref().map(|s| s.0.clone()),
             crypto: self.crypto(&id),
+            link_timeout: None,
         };
         let mut mqtt = federation::session_options(&self.cfg, &id, None);
         mqtt.signer = self.signing.as_ref().map(|s| s.1[&id].clone());

@@ -789,6 +789,7 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
                     Protocol::SecAggPlus
                 },
             }),
+            paced: false,
         },
         expected_clients: (1..=cfg.clients).map(client::client_id).collect(),
         retention: RetentionPolicy::KeepLast(KEEP_ROUNDS),
@@ -797,6 +798,7 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
         connect_timeout: Duration::from_secs(30),
         keyring: None,
         crypto: None,
+        health: None,
     }
 }
 
@@ -1035,6 +1037,7 @@ pub async fn run_bench_client(
         connect_timeout: Duration::from_secs(30),
         keyring: sec.keyring,
         crypto: sec.crypto,
+        link_timeout: None,
     };
     Ok(client::run_client(
         opts,

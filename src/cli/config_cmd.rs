@@ -43,7 +43,7 @@ pub fn run(cmd: ConfigCommand) -> Result<()> {
             let cfg = super::load_config_args(
                 &super::ConfigArg {
                     config: file.clone(),
-                    rank,
+                    rank: rank.map(super::Numbered::Given),
                     run_id,
                 },
                 mode,

@@ -38,8 +38,11 @@ enum Command {
     Run(run_cmd::RunArgs),
     /// Run the server role against the configured broker and S3 endpoint.
     Server(run_cmd::ServerArgs),
-    /// Run one client (--rank N, 1-based) against the configured broker and S3 endpoint.
+    /// Run one client (--rank N, 1-based, or auto) against the configured broker and S3 endpoint.
     Client(run_cmd::ClientArgs),
+    /// Run one edge of a hierarchical federation (--site K, or auto): a client of the server,
+    /// and the server of its site's devices.
+    Edge(run_cmd::EdgeArgs),
     /// Fetch data sets and inspect federated partitions.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
@@ -70,6 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run_cmd::run(a),
         Command::Server(a) => run_cmd::server(a),
         Command::Client(a) => run_cmd::client(a),
+        Command::Edge(a) => run_cmd::edge(a),
         Command::Data(c) => data_cmd::run(c),
         Command::Train(a) => train_cmd::run(a),
         Command::Bench(c) => bench::run(c),
@@ -89,7 +93,7 @@ impl Cli {
     /// per-batch buffers are recycled instead of page-faulted in afresh.
     pub fn moves_buffers_only(&self) -> bool {
         match &self.command {
-            Command::Server(_) | Command::Store(_) | Command::Broker(_) => true,
+            Command::Server(_) | Command::Edge(_) | Command::Store(_) | Command::Broker(_) => true,
             // With --processes this process is only the server; in-process it hosts clients too.
             Command::Bench(bench::BenchCommand::Round(a)) => a.processes,
             _ => false,
@@ -154,8 +158,15 @@ pub const DEFAULT_CONFIG: &str = "config/fedml_config.yaml";
 /// result.
 pub fn load_config_args(a: &ConfigArg, mode: LoadMode) -> Result<Config> {
     let mut cfg = load_config(&a.config, mode)?;
-    if let Some(r) = a.rank {
-        cfg.fedmq_args.rank = r;
+    match a.rank {
+        Some(Numbered::Given(r)) => cfg.fedmq_args.rank = r,
+        Some(Numbered::Auto) => {
+            use fedmq::deploy::{derive, Environment, Ordinal};
+            let env = Environment::current(Ordinal::Rank);
+            cfg.fedmq_args.rank = derive(Ordinal::Rank, cfg.train_args.client_num_in_total, &env)?;
+            tracing::info!(rank = cfg.fedmq_args.rank, "rank derived (--rank auto)");
+        }
+        None => {}
     }
     if let Some(id) = &a.run_id {
         cfg.common_args.run_id = id.clone();
@@ -190,12 +201,33 @@ pub struct ConfigArg {
     /// Configuration file (FedML's fedml_config.yaml layout).
     #[arg(short, long = "config", default_value = DEFAULT_CONFIG)]
     pub config: PathBuf,
-    /// This process's rank: 0 = server, 1.. = clients (overrides fedmq_args.rank).
-    #[arg(long)]
-    pub rank: Option<usize>,
+    /// This process's rank: 0 = server, 1.. = clients (overrides fedmq_args.rank); `auto`:
+    /// from FEDMQ_RANK, a claim in FEDMQ_RANK_DIR, or a StatefulSet host name's ordinal + 1.
+    #[arg(long, value_parser = parse_numbered)]
+    pub rank: Option<Numbered>,
     /// Run id scoping MQTT topics and S3 keys (overrides common_args.run_id; env FEDMQ_RUN_ID).
     #[arg(long)]
     pub run_id: Option<String>,
+}
+
+/// A number given on the command line, or `auto` (derived where the process runs:
+/// [`fedmq::deploy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Numbered {
+    /// Derive it.
+    Auto,
+    /// This one.
+    Given(usize),
+}
+
+/// Parses `--rank` and `--site`: a number or `auto`.
+pub fn parse_numbered(s: &str) -> std::result::Result<Numbered, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(Numbered::Auto);
+    }
+    s.parse()
+        .map(Numbered::Given)
+        .map_err(|_| format!("{s:?} is neither a number nor auto"))
 }
 
 /// Parses `--engine`.

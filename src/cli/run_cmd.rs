@@ -41,12 +41,33 @@ pub struct ServerArgs {
     /// Continue after the newest checkpoint of this run in the store.
     #[arg(long)]
     resume: bool,
+    /// Answer GET /healthz, /readyz and /metrics here, e.g. 0.0.0.0:9464 (overrides
+    /// fedmq_args.health_listen).
+    #[arg(long)]
+    health: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
     #[command(flatten)]
     config: ConfigArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EdgeArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// This edge (1..=train_args.group_num), or `auto`: from FEDMQ_SITE, a claim in
+    /// FEDMQ_RANK_DIR, or a StatefulSet host name's ordinal + 1.
+    #[arg(long, value_parser = super::parse_numbered)]
+    site: super::Numbered,
+    /// Output directory for the site's metrics (default: <log_file_dir>/<run_id>/edge-<site>).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Answer GET /healthz, /readyz and /metrics here, e.g. 0.0.0.0:9464 (overrides
+    /// fedmq_args.health_listen).
+    #[arg(long)]
+    health: Option<String>,
 }
 
 fn output_dir(cfg: &Config, o: Option<PathBuf>) -> PathBuf {
@@ -136,7 +157,11 @@ pub fn run(a: RunArgs) -> Result<()> {
 }
 
 pub fn server(a: ServerArgs) -> Result<()> {
-    let cfg = load_config_args(&a.config, LoadMode::Distributed)?;
+    let mut cfg = load_config_args(&a.config, LoadMode::Distributed)?;
+    if let Some(h) = a.health {
+        cfg.fedmq_args.health_listen = h;
+        cfg.validate()?;
+    }
     let out = output_dir(&cfg, a.output);
     let rt = runtime()?;
     let report = rt.block_on(async {
@@ -165,6 +190,69 @@ pub fn client(a: ClientArgs) -> Result<()> {
         bail!("the run was aborted: {}", report.reason);
     }
     Ok(())
+}
+
+pub fn edge(a: EdgeArgs) -> Result<()> {
+    let mut cfg = load_config_args(&a.config, LoadMode::Distributed)?;
+    if let Some(h) = a.health {
+        cfg.fedmq_args.health_listen = h;
+        cfg.validate()?;
+    }
+    let site = match a.site {
+        super::Numbered::Given(k) => k,
+        super::Numbered::Auto => {
+            use fedmq::deploy::{derive, Environment, Ordinal};
+            let k = derive(
+                Ordinal::Site,
+                cfg.train_args.group_num.max(1),
+                &Environment::current(Ordinal::Site),
+            )?;
+            tracing::info!(site = k, "site derived (--site auto)");
+            k
+        }
+    };
+    let out = a
+        .output
+        .unwrap_or_else(|| output_dir(&cfg, None).join(fedmq::edge::edge_id(site)));
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let cancel = CancellationToken::new();
+        cancel_on_ctrl_c(cancel.clone());
+        let id = fedmq::edge::edge_id(site);
+        fedmq::edge::run_edge_from_config(
+            &cfg,
+            site,
+            Some(out.clone()),
+            |p| {
+                if let Progress::RoundClosed(r) = p {
+                    eprintln!(
+                        "{id}: site round {} closed: {} devices, {} failed, {:.1} s",
+                        r.round, r.participants, r.failures, r.round_s
+                    );
+                }
+            },
+            cancel,
+        )
+        .await
+    })?;
+    let id = fedmq::edge::edge_id(site);
+    eprintln!(
+        "{id}: {} site round(s); site {}; metrics in {}",
+        report.site.records.len(),
+        report.site.outcome.summary(),
+        out.display()
+    );
+    match report.cloud {
+        Ok(r) if r.reason.starts_with("aborted") => bail!("{id}: {}", r.reason),
+        Ok(r) => {
+            eprintln!(
+                "{id}: {} cloud round(s) reported; {}",
+                r.rounds_reported, r.reason
+            );
+            Ok(())
+        }
+        Err(e) => bail!("{id}: its cloud client failed: {e}"),
+    }
 }
 
 fn finish(report: &ServerReport, out: &std::path::Path) -> Result<()> {

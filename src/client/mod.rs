@@ -73,6 +73,9 @@ pub struct ClientOptions {
     /// for this client, and updates are sealed for the server. The client stores and fetches
     /// through a [`SealedStore`] built from it.
     pub crypto: Option<Arc<BlobCrypto>>,
+    /// Give up when the broker stays unreachable this long after the session was up (an edge's
+    /// cloud link: `fedmq_args.edge_uplink_timeout_s`); `None`: reconnect for ever.
+    pub link_timeout: Option<Duration>,
 }
 
 /// How a client's run ended.
@@ -185,9 +188,47 @@ pub async fn run_client(
     // The strategy's state on this client (SCAFFOLD's control variate), kept across rounds.
     let memory = Arc::new(ClientMemory::default());
 
+    // When the broker link went down (with a link timeout): the client gives up after it.
+    let mut link = handle.watch_state();
+    let mut down_since: Option<tokio::time::Instant> = None;
     let (reason, final_model) = 'run: loop {
+        let give_up = async {
+            match (down_since, opts.link_timeout) {
+                (Some(t), Some(limit)) => tokio::time::sleep_until(t + limit).await,
+                _ => std::future::pending().await,
+            }
+        };
         let event = tokio::select! {
             _ = cancel.cancelled() => break ("cancelled".to_string(), None),
+            changed = link.changed(), if opts.link_timeout.is_some() => {
+                if changed.is_err() {
+                    break ("the MQTT session ended".to_string(), None);
+                }
+                let up = *link.borrow_and_update() == crate::transport::ConnState::Connected;
+                match (up, down_since) {
+                    (true, Some(_)) => {
+                        info!(client = %opts.id, "broker link back");
+                        down_since = None;
+                    }
+                    (false, None) => {
+                        warn!(client = %opts.id, "broker link lost; reconnecting");
+                        down_since = Some(tokio::time::Instant::now());
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            () = give_up => {
+                let secs = opts.link_timeout.map_or(0, |d| d.as_secs());
+                break (
+                    format!(
+                        "aborted: the broker stayed unreachable for {secs} s \
+                         (fedmq_args.edge_uplink_timeout_s); check the link to {}",
+                        endpoint
+                    ),
+                    None,
+                );
+            }
             Some((round, outcome)) = done_rx.recv() => Event::JobDone { round, outcome },
             msg = incoming.recv() => {
                 let Some(m) = msg else {

@@ -235,6 +235,14 @@ pub struct TrainArgs {
     pub server_momentum: Option<f64>,
     /// FedProx's proximal coefficient `μ` (unset: 0.01).
     pub fedprox_mu: Option<f64>,
+    /// Hierarchical FL (`federated_optimizer: HierarchicalFL`): edges (sites), each a server to
+    /// its devices and one client to the cloud server (`fedmq edge`).
+    pub group_num: usize,
+    /// Hierarchical FL: rounds each edge runs with its devices per cloud round.
+    pub group_comm_round: usize,
+    /// Hierarchical FL: how devices are assigned to edges: `random` (seeded by
+    /// `common_args.random_seed`, sizes differing by at most one).
+    pub group_method: String,
 }
 
 impl Default for TrainArgs {
@@ -255,6 +263,9 @@ impl Default for TrainArgs {
             server_lr: None,
             server_momentum: None,
             fedprox_mu: None,
+            group_num: 0,
+            group_comm_round: 1,
+            group_method: "random".into(),
         }
     }
 }
@@ -574,6 +585,16 @@ pub struct FedmqArgs {
     /// Secure aggregation: what a round that fails (fewer than the threshold left) does:
     /// `abort` the run, or `skip` the round (model unchanged) and go on.
     pub secagg_on_failure: String,
+    /// Where the server and edges answer `GET /healthz`, `/readyz` and `/metrics` (Prometheus),
+    /// e.g. `0.0.0.0:9464` (CLI `--health`, env `FEDMQ_HEALTH_LISTEN`). Empty: no endpoint.
+    pub health_listen: String,
+    /// Hierarchical FL: seconds an edge keeps its site running while its link to the cloud
+    /// broker is down; after that it stops and tells its devices.
+    pub edge_uplink_timeout_s: f64,
+    /// Hierarchical FL: seconds from a site round's train commands to its deadline (0: the
+    /// cloud's `round_timeout_s` split over `group_comm_round` site rounds, with a fifth kept
+    /// for the edge's upload).
+    pub edge_round_timeout_s: f64,
 }
 
 impl Default for FedmqArgs {
@@ -603,6 +624,9 @@ impl Default for FedmqArgs {
             secagg_threshold: 0,
             secagg_stage_timeout_s: 30.0,
             secagg_on_failure: "abort".into(),
+            health_listen: String::new(),
+            edge_uplink_timeout_s: 300.0,
+            edge_round_timeout_s: 0.0,
         }
     }
 }
@@ -676,6 +700,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
         "comm_args.customized_training_s3_config.CN_S3_ENDPOINT",
     ),
     ("FEDMQ_RUN_ID", "common_args.run_id"),
+    ("FEDMQ_HEALTH_LISTEN", "fedmq_args.health_listen"),
 ];
 
 impl Config {
@@ -732,6 +757,14 @@ impl Config {
     }
 
     /// Whether secure rounds run LightSecAgg: `sa_method: lightsecagg`, or FedML's
+    /// Hierarchical FL: `federated_optimizer: HierarchicalFL` (edges between the devices and the
+    /// cloud server; `crate::edge`).
+    pub fn hierarchical(&self) -> bool {
+        self.train_args
+            .federated_optimizer
+            .eq_ignore_ascii_case("hierarchicalfl")
+    }
+
     /// `federated_optimizer: LSA`.
     pub fn light_secagg(&self) -> bool {
         self.secure_aggregation()
@@ -953,13 +986,14 @@ impl Config {
     pub fn apply_env_from(&mut self, get: impl Fn(&str) -> Option<String>) {
         let mqtt = &mut self.comm_args.customized_training_mqtt_config;
         let s3 = &mut self.comm_args.customized_training_s3_config;
-        let slots: [(&str, &mut String); 6] = [
+        let slots: [(&str, &mut String); 7] = [
             ("FEDMQ_MQTT_USER", &mut mqtt.mqtt_user),
             ("FEDMQ_MQTT_PWD", &mut mqtt.mqtt_pwd),
             ("FEDMQ_S3_AKI", &mut s3.cn_s3_aki),
             ("FEDMQ_S3_SAK", &mut s3.cn_s3_sak),
             ("FEDMQ_S3_ENDPOINT", &mut s3.cn_s3_endpoint),
             ("FEDMQ_RUN_ID", &mut self.common_args.run_id),
+            ("FEDMQ_HEALTH_LISTEN", &mut self.fedmq_args.health_listen),
         ];
         for (name, slot) in slots {
             if let Some(v) = get(name).filter(|v| !v.is_empty()) {
@@ -1035,6 +1069,61 @@ impl Config {
         );
         if let Err(e) = t.client_optimizer.parse::<crate::train::OptimizerKind>() {
             check(false, "train_args.client_optimizer", e.to_string());
+        }
+        if self.hierarchical() {
+            check(
+                (1..=t.client_num_in_total).contains(&t.group_num),
+                "train_args.group_num",
+                format!(
+                    "HierarchicalFL needs between 1 and client_num_in_total ({}) edges, got {}",
+                    t.client_num_in_total, t.group_num
+                ),
+            );
+            check(
+                t.group_comm_round >= 1,
+                "train_args.group_comm_round",
+                "must be at least 1".into(),
+            );
+            check(
+                t.group_method.eq_ignore_ascii_case("random"),
+                "train_args.group_method",
+                format!(
+                    "{:?} is not supported; use random (devices spread over the edges by \
+                     common_args.random_seed)",
+                    t.group_method
+                ),
+            );
+            check(
+                !self.secure_aggregation() || t.group_comm_round == 1,
+                "train_args.group_comm_round",
+                "with secure aggregation each edge forwards one masked site round per cloud \
+                 round: set group_comm_round: 1"
+                    .into(),
+            );
+        }
+        let f = &self.fedmq_args;
+        check(
+            f.edge_uplink_timeout_s.is_finite() && f.edge_uplink_timeout_s > 0.0,
+            "fedmq_args.edge_uplink_timeout_s",
+            format!(
+                "must be a positive number of seconds, got {}",
+                f.edge_uplink_timeout_s
+            ),
+        );
+        check(
+            f.edge_round_timeout_s.is_finite() && f.edge_round_timeout_s >= 0.0,
+            "fedmq_args.edge_round_timeout_s",
+            format!("must be ≥ 0 seconds, got {}", f.edge_round_timeout_s),
+        );
+        if !f.health_listen.is_empty() {
+            check(
+                f.health_listen.parse::<std::net::SocketAddr>().is_ok(),
+                "fedmq_args.health_listen",
+                format!(
+                    "{:?} is not an address and port such as 0.0.0.0:9464",
+                    f.health_listen
+                ),
+            );
         }
         match crate::strategy::from_config(t, &self.fedmq_args) {
             Err(e) => check(false, e.key, e.reason),

@@ -22,6 +22,7 @@ use super::checkpoint::{
 use super::machine::{Action, Event, Outcome, RoundConfig, RoundMachine, RoundSummary};
 use crate::crypto::identity::Keyring;
 use crate::crypto::seal::BlobCrypto;
+use crate::health::Health;
 use crate::metrics::{MetricsWriter, RoundRecord};
 use crate::proto::{self, BlobKeys, BlobRef, Body, Envelope, Finish, Role, Topics, Train};
 use crate::store::{self, BlobStore, RetentionPolicy, SealedStore, Written};
@@ -31,6 +32,7 @@ use crate::transport::{MqttHandle, MqttSession, PresenceMessages, SessionOptions
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,6 +102,50 @@ pub struct ServerOptions {
     /// each client they are sent to, checkpoints for the server itself; updates must arrive sealed
     /// for the server. The driver stores and fetches through a [`SealedStore`] built from it.
     pub crypto: Option<Arc<BlobCrypto>>,
+    /// What the health and metrics endpoints report ([`crate::health`]), kept up to date.
+    pub health: Option<Arc<Health>>,
+}
+
+/// A paced server's link to its upstream (an edge's site: [`run_site_server`]).
+pub struct SiteLink {
+    /// Rounds, and the end of the run, from the upstream.
+    pub commands: mpsc::UnboundedReceiver<SiteCommand>,
+    /// Set once enough clients are online to start a round, to the samples the online clients
+    /// announced (updated as clients come and go): what the edge may claim upstream.
+    pub ready: tokio::sync::watch::Sender<Option<u64>>,
+}
+
+/// What the upstream asks of a paced server.
+pub enum SiteCommand {
+    /// Run a round from `global` with the upstream's training settings; its result goes to
+    /// `reply`.
+    Round {
+        /// The upstream's model.
+        global: ParamSet,
+        /// The upstream's local-training settings.
+        train: Option<proto::TrainConfig>,
+        /// Where the round's result goes.
+        reply: std::sync::mpsc::Sender<Result<SiteRound, String>>,
+    },
+    /// The upstream's run is over: tell the clients and stop.
+    Finish(Outcome),
+}
+
+/// A paced server's closed round, as its upstream sees it.
+#[derive(Debug, Clone)]
+pub struct SiteRound {
+    /// The site's round number.
+    pub round: u64,
+    /// The aggregated model.
+    pub global: ParamSet,
+    /// Samples behind it.
+    pub num_samples: u64,
+    /// Sample-weighted mean training loss of the participants.
+    pub train_loss: f64,
+    /// Updates aggregated.
+    pub participants: usize,
+    /// The round's metrics (the strategy's, and the clients' own evaluations).
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// Progress notifications for a user interface (progress bars, logs).
@@ -227,6 +273,49 @@ pub async fn run_server(
     initial: ParamSet,
     resume_from: Option<Checkpoint>,
     evaluator: Option<Arc<dyn Evaluator>>,
+    progress: impl FnMut(&Progress) + Send,
+    cancel: CancellationToken,
+) -> Result<ServerReport, ServerError> {
+    let link = None;
+    let parts = (strategy, initial, resume_from, evaluator);
+    serve_rounds(opts, mqtt, store, parts, link, progress, cancel).await
+}
+
+/// The server of an edge's site: rounds paced by the upstream over `link` (the machine's
+/// [`RoundConfig::paced`] is set here). Each round starts from the upstream's model when
+/// [`SiteCommand::Round`] arrives and its aggregate (or failure) goes back to the round's
+/// reply; [`SiteCommand::Finish`] ends the run and tells the clients.
+///
+/// # Errors
+/// As [`run_server`].
+pub async fn run_site_server(
+    mut opts: ServerOptions,
+    mqtt: SessionOptions,
+    store: BlobStore,
+    strategy: Box<dyn Strategy>,
+    link: SiteLink,
+    progress: impl FnMut(&Progress) + Send,
+    cancel: CancellationToken,
+) -> Result<ServerReport, ServerError> {
+    opts.round.paced = true;
+    let parts = (strategy, ParamSet::default(), None, None);
+    serve_rounds(opts, mqtt, store, parts, Some(link), progress, cancel).await
+}
+
+/// The strategy, initial model, checkpoint to resume from and evaluator of a run.
+type RunParts = (
+    Box<dyn Strategy>,
+    ParamSet,
+    Option<Checkpoint>,
+    Option<Arc<dyn Evaluator>>,
+);
+
+async fn serve_rounds(
+    opts: ServerOptions,
+    mqtt: SessionOptions,
+    store: BlobStore,
+    (strategy, initial, resume_from, evaluator): RunParts,
+    mut link: Option<SiteLink>,
     mut progress: impl FnMut(&Progress) + Send,
     cancel: CancellationToken,
 ) -> Result<ServerReport, ServerError> {
@@ -248,6 +337,20 @@ pub async fn run_server(
     handle.wait_started(&endpoint, opts.connect_timeout).await?;
     for c in &opts.expected_clients {
         handle.clear_retained(&topics.command(c)).await?;
+    }
+    if let Some(h) = &opts.health {
+        // Ready while the broker session is up (the store answered at start).
+        let (h, mut state) = (h.clone(), handle.watch_state());
+        tokio::spawn(async move {
+            loop {
+                let up = *state.borrow_and_update() == crate::transport::ConnState::Connected;
+                h.set_connected(up);
+                if state.changed().await.is_err() {
+                    h.set_connected(false);
+                    break;
+                }
+            }
+        });
     }
 
     let fetch_concurrency = match opts.fetch_concurrency {
@@ -285,6 +388,7 @@ pub async fn run_server(
         cleanup_task: None,
         global: None,
         elapsed_before: 0.0,
+        replies: VecDeque::new(),
     };
     if let Some(dir) = &driver.opts.output_dir {
         // A resumed run appends to the metrics of the rounds its checkpoint covers.
@@ -348,6 +452,28 @@ pub async fn run_server(
                 Some(e) => e,
                 None => continue,
             },
+            cmd = next_command(&mut link) => match cmd {
+                Some(SiteCommand::Round { global, train, reply }) => {
+                    // One round pending besides the one in progress: an older pending round is
+                    // superseded (its upstream gave up on it).
+                    let cap = if machine.current_round().is_some() { 2 } else { 1 };
+                    while driver.replies.len() >= cap {
+                        if let Some(old) = driver.replies.pop_back() {
+                            let _ = old.send(Err("superseded by a newer round from the upstream".into()));
+                        }
+                    }
+                    driver.replies.push_back(reply);
+                    Event::Upstream { global, train }
+                }
+                Some(SiteCommand::Finish(outcome)) => Event::UpstreamFinished { outcome },
+                None => {
+                    // The upstream is gone: nothing will pace this server again.
+                    link = None;
+                    Event::UpstreamFinished {
+                        outcome: Outcome::Aborted("the edge's upstream link ended".into()),
+                    }
+                }
+            },
             _ = sleep => Event::Tick,
             _ = tokio::time::sleep_until(next_ask.into()), if asking => {
                 let online = machine.online_clients().len();
@@ -364,9 +490,29 @@ pub async fn run_server(
             Event::UpdateFetched { client, round, .. } => Some((client.clone(), *round)),
             _ => None,
         };
+        let presence = matches!(
+            event,
+            Event::ClientOnline { .. } | Event::ClientOffline { .. }
+        );
         in_admission = machine.current_round().is_none() && !machine.is_finished();
         let actions = machine.handle(event, Instant::now());
         driver.held_permit = None;
+        if presence {
+            let online = machine.online_count();
+            if let Some(h) = &driver.opts.health {
+                h.set_online(online);
+            }
+            if let Some(l) = &link {
+                let samples = (online >= clients_needed.max(1)).then(|| machine.online_samples());
+                l.ready.send_if_modified(|v| {
+                    let changed = *v != samples && samples.is_some();
+                    if changed {
+                        *v = samples;
+                    }
+                    changed
+                });
+            }
+        }
         if let Some((client, round)) = folded {
             progress(&Progress::UpdateFolded { round, client });
         }
@@ -437,7 +583,13 @@ pub async fn run_server(
         }
         other => other,
     };
-    let report = driver.finish(outcome, &machine).await;
+    for reply in driver.replies.drain(..) {
+        let _ = reply.send(Err(format!("the site's run ended: {}", outcome.summary())));
+    }
+    let report = driver.finish(outcome, &mut machine).await;
+    if let Some(h) = &driver.opts.health {
+        h.finished(&report.outcome.summary());
+    }
     progress(&Progress::Finished(report.outcome.clone()));
     driver.handle.shutdown().await;
     Ok(ServerReport {
@@ -478,6 +630,16 @@ struct Driver {
     global: Option<(u64, Written)>,
     /// Seconds the run had taken before this server resumed it (from its metrics).
     elapsed_before: f64,
+    /// A paced server's upstream rounds, oldest first: the one in progress, then the next.
+    replies: VecDeque<std::sync::mpsc::Sender<Result<SiteRound, String>>>,
+}
+
+/// The next command of a paced server's upstream; never, without one.
+async fn next_command(link: &mut Option<SiteLink>) -> Option<SiteCommand> {
+    match link {
+        Some(l) => l.commands.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Driver {
@@ -747,6 +909,19 @@ impl Driver {
                     }
                 }
                 progress(&Progress::RoundClosed(record.clone()));
+                if let Some(h) = &self.opts.health {
+                    h.round_closed(&record);
+                }
+                if let Some(reply) = self.replies.pop_front() {
+                    let _ = reply.send(Ok(SiteRound {
+                        round: summary.round,
+                        global: machine.global().clone(),
+                        num_samples: summary.num_samples,
+                        train_loss: summary.train_loss,
+                        participants: summary.participants.len(),
+                        metrics: record.strategy.clone(),
+                    }));
+                }
                 self.records.push(record);
                 self.checkpoints.round_closed(
                     summary.round,
@@ -775,12 +950,22 @@ impl Driver {
                     }));
                 }
             }
+            Action::RoundFailed { round, reason } => {
+                if let Some(h) = &self.opts.health {
+                    h.round_failed(round);
+                }
+                if let Some(reply) = self.replies.pop_front() {
+                    let _ = reply.send(Err(reason));
+                }
+            }
             Action::Finish(outcome) => return Some(outcome),
         }
         None
     }
 
-    async fn close_round(&mut self, s: &RoundSummary, machine: &RoundMachine) -> RoundRecord {
+    // `&mut`: the machine is `Send` but not `Sync`, and the reference lives across awaits of a
+    // future that may be spawned (an edge's site server).
+    async fn close_round(&mut self, s: &RoundSummary, machine: &mut RoundMachine) -> RoundRecord {
         let mut extra = BTreeMap::new();
         let (test_accuracy, test_loss, eval_s) = match (&self.evaluator, s.evaluate) {
             (Some(ev), true) => {
@@ -844,7 +1029,7 @@ impl Driver {
     }
 
     /// Stores the final model, tells every known client, writes the final model to disk.
-    async fn finish(&mut self, outcome: Outcome, machine: &RoundMachine) -> ServerReport {
+    async fn finish(&mut self, outcome: Outcome, machine: &mut RoundMachine) -> ServerReport {
         let mut final_model: Option<Written> = None;
         let mut final_path = None;
         if outcome == Outcome::Completed || machine.completed_rounds() > 0 {

@@ -62,6 +62,10 @@ pub struct RoundConfig {
     /// Secure aggregation (`secure_aggregation_args.enable_sa`): each round's updates are
     /// masked and only their weighted mean is unmasked (`secure.rs`).
     pub secure: Option<SecureConfig>,
+    /// Paced by an upstream server (an edge's site, `crate::edge`): a round starts only on
+    /// [`Event::Upstream`], from the model it brings; between rounds the machine waits; a round
+    /// that misses its quorum ends in [`Action::RoundFailed`] rather than the run's abort.
+    pub paced: bool,
 }
 
 /// How the server weights each update (`fedmq_args.weighting`).
@@ -180,6 +184,20 @@ pub enum Event {
     },
     /// Time passed (the driver sends this at [`RoundMachine::next_deadline`]).
     Tick,
+    /// A paced machine's next round ([`RoundConfig::paced`]): start it from `global` with the
+    /// upstream's training settings (`train`; the seed is still set per round), once enough
+    /// clients are online and the round in progress, if any, has closed.
+    Upstream {
+        /// The upstream's model.
+        global: ParamSet,
+        /// The upstream's local-training settings, forwarded to this machine's clients.
+        train: Option<TrainConfig>,
+    },
+    /// The upstream ended the run: finish with `outcome` (an open round is abandoned).
+    UpstreamFinished {
+        /// How the upstream's run ended.
+        outcome: Outcome,
+    },
 }
 
 /// What the driver must do.
@@ -252,6 +270,15 @@ pub enum Action {
     /// A round closed: [`RoundMachine::global`] is its new model. Record metrics, evaluate when
     /// `summary.evaluate`, checkpoint, delete blobs of old rounds.
     RoundClosed(RoundSummary),
+    /// A paced machine's round ended without a model ([`RoundConfig::paced`]): it missed its
+    /// quorum, or its global model could not be stored. The machine waits for the next
+    /// [`Event::Upstream`].
+    RoundFailed {
+        /// Round.
+        round: u64,
+        /// Why, naming what to check.
+        reason: String,
+    },
     /// The run is over: store the final model, send finish to the clients, stop.
     Finish(Outcome),
 }
@@ -368,6 +395,8 @@ enum Phase {
     Training(Box<RoundState>),
     /// An asynchronous run ([`Strategy::buffered`]): `buffered.rs`.
     Buffered(Box<buffered::BufferState>),
+    /// A paced machine between rounds: waiting for [`Event::Upstream`].
+    Waiting,
     Finished,
 }
 
@@ -447,6 +476,8 @@ pub struct RoundMachine {
     early: BTreeMap<String, Notice>,
     /// Whether the LightSecAgg parameters were adjusted already (the warning is said once).
     light_adjusted: bool,
+    /// A paced machine's next round, when it arrived before the machine could start it.
+    pending: Option<(ParamSet, Option<TrainConfig>)>,
 }
 
 impl RoundMachine {
@@ -470,6 +501,7 @@ impl RoundMachine {
             upload_started: None,
             early: BTreeMap::new(),
             light_adjusted: false,
+            pending: None,
         }
     }
 
@@ -532,6 +564,22 @@ impl RoundMachine {
             .filter(|(_, c)| c.online)
             .map(|(id, _)| id.clone())
             .collect()
+    }
+
+    /// Clients online now.
+    pub fn online_count(&self) -> usize {
+        self.clients.values().filter(|c| c.online).count()
+    }
+
+    /// The samples the online clients announced when they joined (an edge's bound on what it
+    /// may claim upstream).
+    pub fn online_samples(&self) -> u64 {
+        self.clients
+            .values()
+            .filter(|c| c.online)
+            .filter_map(|c| c.capabilities.as_ref())
+            .map(|c| c.samples)
+            .sum()
     }
 
     /// When the driver must send [`Event::Tick`] next.
@@ -601,13 +649,11 @@ impl RoundMachine {
             }
             Event::GlobalUploadFailed { round, reason } => {
                 if matches!(self.phase, Phase::Uploading { round: r } if r == round) {
-                    self.finish(
-                        Outcome::Aborted(format!(
-                            "round {round}: storing the global model failed: {reason}; check the \
-                             object store (comm_args.customized_training_s3_config)"
-                        )),
-                        &mut out,
+                    let msg = format!(
+                        "round {round}: storing the global model failed: {reason}; check the \
+                         object store (comm_args.customized_training_s3_config)"
                     );
+                    self.round_failed(round, msg, now, &mut out);
                 }
             }
             Event::UpdateReady {
@@ -723,11 +769,28 @@ impl RoundMachine {
                 round,
                 bundle,
             } => self.on_bundle_fetched(client, round, bundle, now, &mut out),
+            Event::Upstream { global, train } => {
+                self.pending = Some((global, train));
+                match self.phase {
+                    Phase::Admitting { .. } => self.maybe_start(now, &mut out),
+                    Phase::Waiting => self.begin_round(self.completed + 1, now, &mut out),
+                    // Started when the round in progress closes.
+                    _ => {}
+                }
+            }
+            Event::UpstreamFinished { outcome } => {
+                if !self.is_finished() {
+                    self.finish(outcome, &mut out);
+                }
+            }
             Event::Tick if self.is_secure_round() => self.advance_secure(now, &mut out),
             Event::Tick => match &mut self.phase {
                 Phase::Admitting { since } => {
                     if let Some(t) = self.cfg.admission_timeout {
-                        if now >= *since + t {
+                        // A paced machine with its clients online waits for its upstream.
+                        let due = now >= *since + t;
+                        let ready = self.online_clients().len() >= self.cfg.min_clients.max(1);
+                        if due && (!self.cfg.paced || !ready) {
                             let online = self.online_clients().len();
                             let setting = if self.cfg.min_clients == self.cfg.clients_per_round {
                                 "train_args.client_num_per_round"
@@ -871,6 +934,9 @@ impl RoundMachine {
 
     fn maybe_start(&mut self, now: Instant, out: &mut Vec<Action>) {
         if let Phase::Admitting { .. } = self.phase {
+            if self.cfg.paced && self.pending.is_none() {
+                return;
+            }
             if self.online_clients().len() >= self.cfg.min_clients.max(1) {
                 self.begin_round(self.completed + 1, now, out);
             }
@@ -881,6 +947,16 @@ impl RoundMachine {
         if round > self.cfg.rounds {
             self.finish(Outcome::Completed, out);
             return;
+        }
+        if self.cfg.paced {
+            let Some((global, train)) = self.pending.take() else {
+                self.phase = Phase::Waiting;
+                return;
+            };
+            self.global = global;
+            if let Some(t) = train {
+                self.cfg.train = t;
+            }
         }
         if let Some(schedule) = self.strategy.buffered() {
             self.begin_buffered(round, schedule, now, out);
@@ -1019,8 +1095,23 @@ impl RoundMachine {
                 r.retries + 1,
                 describe_failures(&r.failed, &r.earlier)
             );
-            self.finish(Outcome::Aborted(msg), out);
+            let round = r.round;
+            self.round_failed(round, msg, now, out);
         }
+    }
+
+    /// A round that cannot produce a model: the run's abort, or, for a paced machine, the
+    /// round's failure (the upstream is told; the machine waits for its next round).
+    fn round_failed(&mut self, round: u64, msg: String, now: Instant, out: &mut Vec<Action>) {
+        if !self.cfg.paced {
+            self.finish(Outcome::Aborted(msg), out);
+            return;
+        }
+        warn!(round, "round failed: {msg}");
+        self.completed = round;
+        out.push(Action::RoundFailed { round, reason: msg });
+        self.phase = Phase::Waiting;
+        self.begin_round(round + 1, now, out);
     }
 
     /// Re-sends a round that missed its quorum: to failed clients that are online, plus

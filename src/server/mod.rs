@@ -18,8 +18,8 @@ pub mod machine;
 
 pub use checkpoint::{latest_checkpoint, load_checkpoint_model, Checkpoint};
 pub use driver::{
-    run_server, Evaluation, Evaluator, Progress, ServerError, ServerOptions, ServerReport,
-    SERVER_ID,
+    run_server, run_site_server, Evaluation, Evaluator, Progress, ServerError, ServerOptions,
+    ServerReport, SiteCommand, SiteLink, SiteRound, SERVER_ID,
 };
 pub use machine::{
     Action, Event, OnFailure, Outcome, Protocol, RoundConfig, RoundMachine, RoundSummary,

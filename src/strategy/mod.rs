@@ -162,6 +162,7 @@ pub const STRATEGIES: &[&str] = &[
     "Async_FedAvg",
     "SA",
     "LSA",
+    "HierarchicalFL",
 ];
 
 /// A config value [`from_config`] cannot use: the key and why.
@@ -206,7 +207,8 @@ pub fn from_config(
     };
     match name.as_str() {
         // FedML's names for FedAvg with secure aggregation (`Config::secure_aggregation`).
-        "fedavg" | "sa" | "lsa" => Ok(Box::new(FedAvg::default())),
+        // HierarchicalFL: FedAvg at the cloud over the edges' site aggregates (`crate::edge`).
+        "fedavg" | "sa" | "lsa" | "hierarchicalfl" => Ok(Box::new(FedAvg::default())),
         "fedprox" => {
             let mu = t.fedprox_mu.unwrap_or(0.01);
             if !(mu.is_finite() && mu >= 0.0) {

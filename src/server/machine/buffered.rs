@@ -203,6 +203,9 @@ impl RoundMachine {
             Event::Secure { client, .. } | Event::BundleFetched { client, .. } => {
                 debug!(%client, "secure-aggregation message in an asynchronous run ignored");
             }
+            // An edge's site is never asynchronous (its config is FedAvg's).
+            Event::Upstream { .. } => debug!("upstream round in an asynchronous run ignored"),
+            Event::UpstreamFinished { outcome } => self.finish(outcome, out),
             Event::Tick => {
                 let stall = self.cfg.round_timeout * (self.cfg.max_retries + 1);
                 let b = self.buffer_mut();

@@ -57,6 +57,7 @@ fn cfg(on_failure: OnFailure) -> RoundConfig {
             on_failure,
             protocol: Default::default(),
         }),
+        paced: false,
     }
 }
 

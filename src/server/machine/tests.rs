@@ -44,6 +44,7 @@ fn cfg(rounds: u64, per_round: usize) -> RoundConfig {
         keys: BlobKeys::new("p", "run"),
         weighting: Weighting::Samples,
         secure: None,
+        paced: false,
     }
 }
 
@@ -801,5 +802,160 @@ fn failures_are_grouped_by_reason_and_long_lists_counted() {
     assert_eq!(
         describe_failures(&BTreeMap::new(), &BTreeMap::new()),
         "none"
+    );
+}
+
+/// A paced machine (an edge's site) with two clients, quorum 1: rounds only on `Upstream`.
+fn paced() -> Harness {
+    let mut c = cfg(u64::MAX, 2);
+    c.paced = true;
+    c.quorum = 1.0;
+    Harness::new(c)
+}
+
+fn upstream(h: &mut Harness, v: f32, lr: f64) -> Vec<Action> {
+    let mut train = h.m.cfg.train.clone();
+    train.learning_rate = lr;
+    h.ev(Event::Upstream {
+        global: params(v),
+        train: Some(train),
+    })
+}
+
+#[test]
+fn a_paced_machine_starts_rounds_only_from_its_upstream_and_waits_between_them() {
+    let mut h = paced();
+    assert!(
+        h.online(&["a", "b"]).is_empty(),
+        "clients alone start nothing"
+    );
+    // Past the admission timeout with its clients online: it waits for its upstream.
+    assert!(h.advance(120 * SEC).is_empty());
+    assert!(!h.m.is_finished());
+    let acts = upstream(&mut h, 4.0, 0.25);
+    assert_eq!(acts, vec![Action::UploadGlobal { round: 1 }]);
+    assert_eq!(
+        h.m.global(),
+        &params(4.0),
+        "the round starts from the upstream's model"
+    );
+    let acts = h.ev(Event::GlobalUploaded {
+        round: 1,
+        blob: blob("p/run/r000001/global"),
+    });
+    let lrs: Vec<f64> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendTrain { config, .. } => Some(config.learning_rate),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        lrs,
+        vec![0.25, 0.25],
+        "the upstream's settings go to the clients"
+    );
+    h.report("a", 1, 1.0, 10);
+    let acts = h.report("b", 1, 3.0, 30);
+    let s = closed(&acts).expect("closed");
+    assert_eq!(s.num_samples, 40);
+    assert!(
+        !acts
+            .iter()
+            .any(|a| matches!(a, Action::UploadGlobal { .. } | Action::Finish(_))),
+        "no next round without the upstream: {acts:?}"
+    );
+    assert_eq!(h.m.global(), &params(2.5), "(1·10 + 3·30) / 40");
+    assert_eq!(h.m.current_round(), None);
+    assert_eq!(
+        h.m.next_deadline(),
+        None,
+        "nothing to time out while waiting"
+    );
+    // The next upstream round starts at once, numbered on.
+    assert_eq!(
+        upstream(&mut h, 0.0, 0.1),
+        vec![Action::UploadGlobal { round: 2 }]
+    );
+    assert_eq!(h.m.global(), &params(0.0));
+}
+
+#[test]
+fn a_paced_round_that_misses_its_quorum_fails_without_ending_the_run() {
+    let mut h = paced();
+    h.online(&["a", "b"]);
+    upstream(&mut h, 1.0, 0.1);
+    h.upload(1);
+    h.report("a", 1, 2.0, 10);
+    // b never answers: deadline, one re-send (max_retries 1), deadline again.
+    h.advance(11 * SEC);
+    let acts = h.advance(11 * SEC);
+    let failed = acts.iter().find_map(|a| match a {
+        Action::RoundFailed { round, reason } => Some((*round, reason.clone())),
+        _ => None,
+    });
+    let (round, reason) = failed.expect("the round failed");
+    assert_eq!(round, 1);
+    assert!(reason.contains("quorum"), "{reason}");
+    assert!(
+        !acts.iter().any(|a| matches!(a, Action::Finish(_))),
+        "{acts:?}"
+    );
+    assert!(!h.m.is_finished());
+    assert_eq!(h.m.global(), &params(1.0), "the model is unchanged");
+    // The next upstream round goes on with a fresh number.
+    assert_eq!(
+        upstream(&mut h, 1.0, 0.1),
+        vec![Action::UploadGlobal { round: 2 }]
+    );
+}
+
+#[test]
+fn an_upstream_round_during_a_round_waits_for_it_and_the_upstream_ends_the_run() {
+    let mut h = paced();
+    // Before the clients: kept until they come.
+    assert!(upstream(&mut h, 1.0, 0.1).is_empty());
+    assert_eq!(
+        h.online(&["a", "b"]),
+        vec![Action::UploadGlobal { round: 1 }]
+    );
+    h.upload(1);
+    // The next one arrives while round 1 trains: started when it closes.
+    assert!(upstream(&mut h, 7.0, 0.1).is_empty());
+    h.report("a", 1, 1.0, 10);
+    let acts = h.report("b", 1, 1.0, 10);
+    assert!(closed(&acts).is_some());
+    assert!(
+        acts.contains(&Action::UploadGlobal { round: 2 }),
+        "{acts:?}"
+    );
+    assert_eq!(
+        h.m.global(),
+        &params(7.0),
+        "round 2 starts from the newer model"
+    );
+    let acts = h.ev(Event::UpstreamFinished {
+        outcome: Outcome::Completed,
+    });
+    assert_eq!(acts, vec![Action::Finish(Outcome::Completed)]);
+    assert!(h.m.is_finished());
+}
+
+#[test]
+fn an_unpaced_machine_still_aborts_on_a_missed_quorum() {
+    let mut h = Harness::new({
+        let mut c = cfg(3, 2);
+        c.quorum = 1.0;
+        c
+    });
+    h.online(&["a", "b"]);
+    h.upload(1);
+    h.report("a", 1, 2.0, 10);
+    h.advance(11 * SEC);
+    let acts = h.advance(11 * SEC);
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::Finish(Outcome::Aborted(_)))),
+        "{acts:?}"
     );
 }
