@@ -107,7 +107,7 @@ pub fn server_options(cfg: &Config, output_dir: Option<PathBuf>) -> ServerOption
         round: round_config(cfg),
         expected_clients: if cfg.hierarchical() {
             (1..=cfg.train_args.group_num)
-                .map(crate::edge::edge_id)
+                .map(|k| crate::edge::edge_id(&cfg.common_args.run_id, k))
                 .collect()
         } else {
             (1..=cfg.train_args.client_num_in_total)
@@ -526,7 +526,7 @@ pub async fn run_client_from_config(
                 site,
                 run = %site_cfg.common_args.run_id,
                 "a device of {}",
-                crate::edge::edge_id(site)
+                crate::edge::edge_id(&cfg.common_args.run_id, site)
             );
             &site_cfg
         }

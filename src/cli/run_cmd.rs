@@ -211,14 +211,14 @@ pub fn edge(a: EdgeArgs) -> Result<()> {
             k
         }
     };
-    let out = a
-        .output
-        .unwrap_or_else(|| output_dir(&cfg, None).join(fedmq::edge::edge_id(site)));
+    let out = a.output.unwrap_or_else(|| {
+        output_dir(&cfg, None).join(fedmq::edge::edge_id(&cfg.common_args.run_id, site))
+    });
     let rt = runtime()?;
     let report = rt.block_on(async {
         let cancel = CancellationToken::new();
         cancel_on_ctrl_c(cancel.clone());
-        let id = fedmq::edge::edge_id(site);
+        let id = fedmq::edge::edge_id(&cfg.common_args.run_id, site);
         fedmq::edge::run_edge_from_config(
             &cfg,
             site,
@@ -235,7 +235,7 @@ pub fn edge(a: EdgeArgs) -> Result<()> {
         )
         .await
     })?;
-    let id = fedmq::edge::edge_id(site);
+    let id = fedmq::edge::edge_id(&cfg.common_args.run_id, site);
     eprintln!(
         "{id}: {} site round(s); site {}; metrics in {}",
         report.site.records.len(),

@@ -347,7 +347,7 @@ pub struct MqttConfig {
     /// Broker port; 0 with `fedmq run` means "embedded broker on a free port".
     #[serde(rename = "BROKER_PORT")]
     pub broker_port: u16,
-    /// MQTT user name (env `FEDMQ_MQTT_USER` overrides).
+    /// MQTT user name (env `FEDMQ_MQTT_USER` overrides); `{id}` stands for the participant id.
     #[serde(rename = "MQTT_USER")]
     pub mqtt_user: String,
     /// MQTT password (env `FEDMQ_MQTT_PWD` overrides; prefer the environment for secrets).
@@ -364,6 +364,7 @@ pub struct MqttConfig {
     #[serde(rename = "MQTT_CA_PATH")]
     pub mqtt_ca_path: String,
     /// fedmq addition: client certificate (PEM) for mutual TLS, with `MQTT_KEY_PATH`; empty: none.
+    /// `{id}` in either path stands for the participant id.
     #[serde(rename = "MQTT_CERT_PATH")]
     pub mqtt_cert_path: String,
     /// fedmq addition: private key (PEM) of `MQTT_CERT_PATH`.
@@ -1320,6 +1321,8 @@ impl Config {
                 file(format!("{MQTT}.MQTT_CA_PATH"), &m.mqtt_ca_path, &ca);
             }
             match (m.mqtt_cert_path.is_empty(), m.mqtt_key_path.is_empty()) {
+                // `{id}` stands for the participant id: the files are read when it connects.
+                (false, false) if m.mqtt_cert_path.contains("{id}") => {}
                 (false, false) => {
                     file(format!("{MQTT}.MQTT_CERT_PATH"), &m.mqtt_cert_path, &cert);
                     file(format!("{MQTT}.MQTT_KEY_PATH"), &m.mqtt_key_path, &key);

@@ -199,7 +199,9 @@ fn env_overrides_secrets() {
         "from-env"
     );
     assert_eq!(cfg.comm_args.customized_training_mqtt_config.mqtt_pwd, "");
-    assert_eq!(ENV_OVERRIDES.len(), 6);
+    assert_eq!(ENV_OVERRIDES.len(), 7);
+    cfg.apply_env_from(|k| (k == "FEDMQ_HEALTH_LISTEN").then(|| "0.0.0.0:9464".into()));
+    assert_eq!(cfg.fedmq_args.health_listen, "0.0.0.0:9464");
 }
 
 #[test]
@@ -210,6 +212,7 @@ fn shipped_configs_are_valid() {
         "config/fashion_mnist.yaml",
         "config/shakespeare.yaml",
         "config/movielens.yaml",
+        "config/hierarchical.yaml",
     ] {
         let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
         Config::load(&p).unwrap_or_else(|e| panic!("{f}: {e}"));
@@ -232,6 +235,9 @@ fn shipped_configs_are_valid() {
         load("config/movielens.yaml").data_args.partition_method,
         "natural"
     );
+    let h = load("config/hierarchical.yaml");
+    assert!(h.hierarchical());
+    assert!(h.train_args.group_num >= 10 && h.train_args.client_num_in_total >= 50);
 }
 
 mod tls {

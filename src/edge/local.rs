@@ -40,14 +40,15 @@ pub fn spawn_hierarchy(
 ) -> Result<Security> {
     let cfg = &infra.cfg;
     let groups = sites(cfg);
-    let edge_ids: Vec<String> = (1..=groups.len()).map(edge_id).collect();
+    let run = &cfg.common_args.run_id;
+    let edge_ids: Vec<String> = (1..=groups.len()).map(|k| edge_id(run, k)).collect();
     let (cloud_sec, edge_secs) = Security::ephemeral(&edge_ids, cfg.fedmq_args.encrypt_blobs)?;
     log_ephemeral(&cloud_sec);
     let (slots, threads) = local_training(cfg, cfg.train_args.client_num_in_total);
     let (device, desc) = train::select_device(cfg.device_args.using_gpu, cfg.device_args.gpu_id);
     for ((k, members), edge_sec) in (1..).zip(&groups).zip(edge_secs) {
         let site_cfg = site_config(cfg, k);
-        let run = site_cfg.common_args.run_id.clone();
+        let site_run = site_cfg.common_args.run_id.clone();
         let ids: Vec<String> = members.iter().map(|&r| client::client_id(r)).collect();
         let (site_sec, device_secs) = Security::ephemeral(&ids, cfg.fedmq_args.encrypt_blobs)?;
         for (&rank, sec) in members.iter().zip(device_secs) {
@@ -64,8 +65,8 @@ pub fn spawn_hierarchy(
                 threads,
             )?;
             let copts = ClientOptions {
-                run: run.clone(),
-                keys: BlobKeys::new(KEY_PREFIX, &run),
+                run: site_run.clone(),
+                keys: BlobKeys::new(KEY_PREFIX, &site_run),
                 capabilities: capabilities(&desc, trainer.num_samples()),
                 train_slots: Some(slots.clone()),
                 connect_timeout: Duration::from_secs(30),
@@ -80,13 +81,13 @@ pub fn spawn_hierarchy(
             let device = client::run_client(copts, mqtt, store, trainer, clients.cancel_token());
             clients.spawn(async move { Ok(device.await?) });
         }
-        let id = edge_id(k);
+        let id = edge_id(run, k);
         let parts = EdgeParts {
             site: k,
             cfg: cfg.clone(),
             site_store: BlobStore::connect(&infra.server_store()?)?,
             cloud_store: BlobStore::connect(&infra.participant_store(&id)?)?,
-            site_mqtt: infra.session(crate::server::SERVER_ID),
+            site_mqtt: infra.session(&id),
             cloud_mqtt: infra.session(&id),
             site_security: site_sec,
             cloud_security: edge_sec,

@@ -1,6 +1,6 @@
 //! Hierarchical FL (FedML's `HierarchicalFL`): edges between the devices and the cloud server.
 //!
-//! To the cloud server an edge is one client (`edge-<k>`); to the devices of its site it is a
+//! To the cloud server an edge is one client (`<run>-edge-<k>`); to the devices of its site it is a
 //! server. Each cloud round, the edge's [`SiteTrainer`] (the "local training" of its cloud
 //! client) runs `group_comm_round` rounds of its site from the cloud's model, through a paced
 //! [`RoundMachine`](crate::server::RoundMachine) ([`run_site_server`]), and the site's aggregate
@@ -40,14 +40,17 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-/// The participant id of edge `site` (1-based): its id as the cloud server's client.
-pub fn edge_id(site: usize) -> String {
-    format!("edge-{site}")
+/// The participant id of edge `site` (1-based) of run `run`: `<run>-edge-<k>`, its id as the
+/// cloud server's client and its MQTT user name.
+pub fn edge_id(run: &str, site: usize) -> String {
+    format!("{run}-edge-{site}")
 }
 
-/// The run id of edge `site`'s rounds with its devices: topics and blob keys of its own.
+/// The run id of edge `site`'s rounds with its devices: the edge's own id, so topics and blob
+/// keys are the site's own, and a broker ACL can give each edge the server's rights over exactly
+/// its site's topics with one pattern (`fedmq/v1/%u/cmd/+`, `broker/fedmq.acl`).
 pub fn site_run(run: &str, site: usize) -> String {
-    format!("{run}-{}", edge_id(site))
+    edge_id(run, site)
 }
 
 /// The device ranks of each edge (`sites(cfg)[k - 1]` for edge `k`): ranks 1..=N shuffled with
@@ -86,8 +89,9 @@ fn share(n: usize, part: usize, whole: usize) -> usize {
 /// devices use it: the site's run id; its share of `client_num_per_round` (and of
 /// `min_clients`); a site round's deadline (`fedmq_args.edge_round_timeout_s`, or the cloud's
 /// round time split over `group_comm_round` rounds with a fifth kept for the edge's upload);
-/// key files from the subdirectory `edge-<k>` of `trusted_keys` and of `signing_key`'s
-/// directory (in a site, `server` is the edge).
+/// key files from the subdirectory named by the edge's id (`<run>-edge-<k>`) of `trusted_keys`
+/// and of `signing_key`'s and `store_credentials`' directories (in a site, `server` is the
+/// edge; `fedmq keys --hierarchy` writes this layout).
 pub fn site_config(cfg: &Config, site: usize) -> Config {
     let members = sites(cfg).get(site.saturating_sub(1)).map_or(0, Vec::len);
     let n = cfg.train_args.client_num_in_total;
@@ -105,18 +109,25 @@ pub fn site_config(cfg: &Config, site: usize) -> Config {
     } else {
         f.round_timeout_s * 0.8 / cfg.train_args.group_comm_round.max(1) as f64
     };
-    let dir = edge_id(site);
+    let dir = edge_id(&cfg.common_args.run_id, site);
     if !f.trusted_keys.is_empty() {
         c.fedmq_args.trusted_keys = Path::new(&f.trusted_keys)
             .join(&dir)
             .to_string_lossy()
             .into_owned();
     }
-    if !f.signing_key.is_empty() {
-        let p = Path::new(&f.signing_key);
+    // `keys/{id}.key` → `keys/<edge id>/{id}.key` (and the store credentials alike).
+    let in_site = |template: &str| {
+        let p = Path::new(template);
         let file = p.file_name().map(PathBuf::from).unwrap_or_default();
         let parent = p.parent().unwrap_or(Path::new(""));
-        c.fedmq_args.signing_key = parent.join(&dir).join(file).to_string_lossy().into_owned();
+        parent.join(&dir).join(file).to_string_lossy().into_owned()
+    };
+    if !f.signing_key.is_empty() {
+        c.fedmq_args.signing_key = in_site(&f.signing_key);
+    }
+    if !f.store_credentials.is_empty() {
+        c.fedmq_args.store_credentials = in_site(&f.store_credentials);
     }
     c
 }
@@ -324,7 +335,7 @@ pub async fn run_edge(
             cfg.train_args.group_num
         );
     }
-    let id = edge_id(site);
+    let id = edge_id(&cfg.common_args.run_id, site);
     let mut opts = site_server_options(&cfg, site, output_dir);
     opts.keyring = site_security.keyring;
     opts.crypto = site_security.crypto;
@@ -448,7 +459,7 @@ pub async fn run_edge_from_config(
         );
     }
     federation::require_external(cfg, "fedmq edge")?;
-    let id = edge_id(site);
+    let id = edge_id(&cfg.common_args.run_id, site);
     if let Some(w) = federation::unauthenticated_warning(cfg, &id) {
         tracing::warn!("{w}");
     }
@@ -465,7 +476,9 @@ pub async fn run_edge_from_config(
         cfg: cfg.clone(),
         site_store: BlobStore::connect(&site_s3)?,
         cloud_store: BlobStore::connect(&cloud_s3)?,
-        site_mqtt: federation::session_options(&site_cfg, server::SERVER_ID, None),
+        // Both sessions authenticate as the edge (user name, certificate): the broker's ACL
+        // gives it the server's rights over its site's topics only.
+        site_mqtt: federation::session_options(&site_cfg, &id, None),
         cloud_mqtt: federation::session_options(cfg, &id, None),
         site_security: Security::from_config(&site_cfg, server::SERVER_ID)
             .with_context(|| format!("the keys of {id}'s site"))?,
@@ -478,7 +491,7 @@ pub async fn run_edge_from_config(
 
 /// The store options of an edge's two sides from a distributed config: the site side with the
 /// run's shared credential (it writes the site's global models, which a participant's own
-/// credential may not), the cloud side as `edge-<k>` (its own credential when
+/// credential may not), the cloud side as `<run>-edge-<k>` (its own credential when
 /// `fedmq_args.store_credentials` is set).
 ///
 /// # Errors
@@ -486,7 +499,7 @@ pub async fn run_edge_from_config(
 pub fn edge_store_options(cfg: &Config, site: usize) -> Result<(S3Options, S3Options)> {
     Ok((
         S3Options::from(&cfg.comm_args.customized_training_s3_config),
-        federation::store_options(cfg, &edge_id(site))?,
+        federation::store_options(cfg, &edge_id(&cfg.common_args.run_id, site))?,
     ))
 }
 

@@ -60,8 +60,8 @@ fn a_site_config_is_the_sites_share_of_the_federation() {
         s.fedmq_args.round_timeout_s, 40.0,
         "0.8 × 100 s over 2 site rounds"
     );
-    assert_eq!(s.fedmq_args.trusted_keys, "keys/edge-3");
-    assert_eq!(s.fedmq_args.signing_key, "keys/edge-3/{id}.key");
+    assert_eq!(s.fedmq_args.trusted_keys, "keys/run-edge-3");
+    assert_eq!(s.fedmq_args.signing_key, "keys/run-edge-3/{id}.key");
     assert!(!s.hierarchical(), "a site's rounds are plain FedAvg rounds");
     c.fedmq_args.edge_round_timeout_s = 7.0;
     assert_eq!(site_config(&c, 3).fedmq_args.round_timeout_s, 7.0);
@@ -74,7 +74,7 @@ fn a_site_config_is_the_sites_share_of_the_federation() {
     // The cloud's: the edges, all of them every round.
     let cloud = federation::server_options(&c, None);
     assert_eq!(cloud.expected_clients.len(), 10);
-    assert_eq!(cloud.expected_clients[0], "edge-1");
+    assert_eq!(cloud.expected_clients[0], "run-edge-1");
     assert_eq!(cloud.round.clients_per_round, 10);
     assert_eq!(cloud.round.min_clients, 10);
 }

@@ -393,16 +393,21 @@ impl SessionOptions {
 
     /// Defaults plus the broker address, credentials (when `MQTT_USER` is non-empty),
     /// keep-alive and TLS settings (when `MQTT_TLS` is true) of
-    /// `comm_args.customized_training_mqtt_config`.
+    /// `comm_args.customized_training_mqtt_config`, for participant `client_id`: `{id}` in
+    /// `MQTT_USER`, `MQTT_CERT_PATH` and `MQTT_KEY_PATH` is replaced by it.
     pub fn from_config(cfg: &MqttConfig, client_id: impl Into<String>) -> Self {
-        let mut opts = Self::new(cfg.broker_host.clone(), cfg.broker_port, client_id);
+        let client_id = client_id.into();
+        // `{id}` in the user name and the certificate paths stands for the participant id, so
+        // one config serves every participant of a deployment.
+        let own = |v: &str| v.replace("{id}", &client_id);
+        let mut opts = Self::new(cfg.broker_host.clone(), cfg.broker_port, client_id.clone());
         if !cfg.mqtt_user.is_empty() {
-            opts.user = Some(cfg.mqtt_user.clone());
+            opts.user = Some(own(&cfg.mqtt_user));
             opts.password = Some(cfg.mqtt_pwd.clone());
         }
         opts.keepalive = Duration::from_secs(cfg.mqtt_keepalive);
         if cfg.mqtt_tls {
-            let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(p));
+            let path = |p: &str| (!p.is_empty()).then(|| PathBuf::from(own(p)));
             opts.tls = Some(MqttTls {
                 ca: PathBuf::from(&cfg.mqtt_ca_path),
                 identity: path(&cfg.mqtt_cert_path)
