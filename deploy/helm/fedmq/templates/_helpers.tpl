@@ -157,6 +157,47 @@ fedmq_args:
   readOnly: true
 {{- end -}}
 
+{{/* The edges' ids (edge.enabled; else none), a JSON list: <runId>-edge-1 ... -<replicas>
+(fedmq::edge::edge_id). Each is an edge's certificate name, MQTT user and the run id of its
+site, and names the Secret of its site's keys; the run id must therefore suit a Secret name. */}}
+{{- define "fedmq.edgeIds" -}}
+{{- $ids := list -}}
+{{- if .Values.edge.enabled -}}
+{{- $run := toString .Values.federation.runId -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" $run) -}}
+{{- fail (printf "federation.runId %q: with edge.enabled it is part of the edges' ids and of their Secrets' names (%s-<runId>-edge-<k>): use lower-case letters, digits and '-'" $run .Values.secrets.keys) -}}
+{{- end -}}
+{{- range $k := untilStep 1 (int (add .Values.edge.replicas 1)) 1 -}}
+{{- $ids = append $ids (printf "%s-edge-%d" $run $k) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $ids -}}
+{{- end -}}
+
+{{/* HierarchicalFL: the keys of each site (`fedmq keys --hierarchy` writes them to
+keys/<edge id>/: that site's `server`, i.e. its edge, and its devices), one Secret per site,
+<secrets.keys>-<edge id>. A Secret cannot hold a subdirectory, and the pods of a StatefulSet share
+one template, so every edge and client pod mounts every site's Secret at keys/<edge id>/ inside
+the keys Secret's mount (Kubernetes supports Secret volumes nested in one another): each edge
+and each device finds its own site's directory there, as site_config points it. */}}
+{{- define "fedmq.siteKeyVolumes" -}}
+{{- range $i, $id := fromJsonArray (include "fedmq.edgeIds" .) }}
+- name: keys-site-{{ add $i 1 }}
+  secret:
+    secretName: {{ printf "%s-%s" $.Values.secrets.keys $id }}
+    defaultMode: 0440
+{{- end }}
+{{- end -}}
+
+{{/* Their mounts; call with (dict "root" $ "keysDir" "<where the keys Secret is mounted>"). */}}
+{{- define "fedmq.siteKeyMounts" -}}
+{{- range $i, $id := fromJsonArray (include "fedmq.edgeIds" .root) }}
+- name: keys-site-{{ add $i 1 }}
+  mountPath: {{ $.keysDir }}/{{ $id }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
 {{/* Liveness and readiness probes on the health port (server, edge). */}}
 {{- define "fedmq.probes" -}}
 livenessProbe:
