@@ -89,9 +89,11 @@ async fn a_hierarchy_with_one_site_round_equals_the_flat_federation() {
     }
     // Each edge ran its own site: its metrics name its devices' rounds.
     for k in 1..=3 {
-        let csv =
-            std::fs::read_to_string(dir.path().join(format!("hier/edges/edge-{k}/metrics.csv")))
-                .unwrap();
+        let csv = std::fs::read_to_string(
+            dir.path()
+                .join(format!("hier/edges/hier-edge-{k}/metrics.csv")),
+        )
+        .unwrap();
         assert_eq!(csv.lines().count(), 3, "header and two site rounds: {csv}");
     }
     // Every participant's run ended with the cloud's finish (edges and devices alike).
@@ -99,5 +101,64 @@ async fn a_hierarchy_with_one_site_round_equals_the_flat_federation() {
     for c in &hier.clients {
         let r = c.as_ref().expect("every participant finished");
         assert!(r.reason.contains("completed"), "{r:?}");
+    }
+}
+
+/// Secure aggregation in a hierarchy: each site's rounds and the cloud's are securely
+/// aggregated (`enable_sa`), and the model is the plain hierarchy's up to quantization.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_securely_aggregated_hierarchy_gives_the_plain_hierarchys_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |cfg: Config, out: std::path::PathBuf| async move {
+        federation::run_local(
+            &cfg,
+            &LocalOptions::new(out),
+            |_| {},
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap()
+    };
+    let mut secure = config("hsa", "HierarchicalFL");
+    secure.secure_aggregation_args.enable_sa = true;
+    secure.validate().unwrap();
+    let plain = run(config("hplain", "HierarchicalFL"), dir.path().join("plain")).await;
+    let masked = run(secure, dir.path().join("secure")).await;
+    assert_eq!(plain.server.outcome, Outcome::Completed);
+    assert_eq!(
+        masked.server.outcome,
+        Outcome::Completed,
+        "{:?}",
+        masked.clients
+    );
+    // The cloud's rounds and every site's were masked.
+    assert!(masked.server.records[0]
+        .strategy
+        .contains_key("secagg_survivors"));
+    for k in 1..=3 {
+        let site = fedmq::metrics::read_jsonl(
+            &dir.path()
+                .join(format!("secure/edges/hsa-edge-{k}/metrics.jsonl")),
+        )
+        .unwrap();
+        assert_eq!(site.len(), 2);
+        assert!(
+            site.iter()
+                .all(|r| r.strategy.contains_key("secagg_survivors")),
+            "{site:?}"
+        );
+    }
+    let (p, m) = (
+        final_model(&dir.path().join("plain")),
+        final_model(&dir.path().join("secure")),
+    );
+    for (a, b) in p.tensors().iter().zip(m.tensors()) {
+        let worst = a
+            .data()
+            .iter()
+            .zip(b.data())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-4, "{}: differs by {worst}", a.name());
     }
 }
