@@ -1230,26 +1230,62 @@ fn spawn_clients(
             threads,
         )?;
         let sec = std::mem::take(sec);
+        let local = LocalClient {
+            run: &cfg.common_args.run_id,
+            id: &id,
+            device: &desc,
+            slots: &slots,
+        };
+        local.spawn(infra, trainer, sec, clients)?;
+    }
+    Ok(server_sec)
+}
+
+/// One client of a local federation: its run, id, device description and training slots.
+pub struct LocalClient<'a> {
+    /// The run it joins.
+    pub run: &'a str,
+    /// Its participant id.
+    pub id: &'a str,
+    /// What it trains on (its capabilities).
+    pub device: &'a str,
+    /// The federation's training slots.
+    pub slots: &'a Arc<Semaphore>,
+}
+
+impl LocalClient<'_> {
+    /// Starts it into `clients` with `trainer` and its security `sec`, with its own MQTT
+    /// session and store client.
+    ///
+    /// # Errors
+    /// Its store options are unusable.
+    pub fn spawn(
+        &self,
+        infra: &LocalInfra,
+        trainer: Arc<dyn LocalTrainer>,
+        sec: Security,
+        clients: &mut LocalClients<ClientReport>,
+    ) -> Result<()> {
         let copts = ClientOptions {
-            run: cfg.common_args.run_id.clone(),
-            keys: BlobKeys::new(KEY_PREFIX, &cfg.common_args.run_id),
-            capabilities: capabilities(&desc, trainer.num_samples()),
-            train_slots: Some(slots.clone()),
+            run: self.run.to_string(),
+            keys: BlobKeys::new(KEY_PREFIX, self.run),
+            capabilities: capabilities(self.device, trainer.num_samples()),
+            train_slots: Some(self.slots.clone()),
             connect_timeout: Duration::from_secs(30),
             keyring: sec.keyring,
             crypto: sec.crypto,
             link_timeout: None,
-            id: id.clone(),
+            id: self.id.to_string(),
         };
         // Each client signs with its own credential: the embedded store derives it from its
         // secret; an external one needs fedmq_args.store_credentials (or shares the run's).
-        let store = BlobStore::connect(&infra.participant_store(&id)?)?;
-        let mut mqtt = infra.session(&id);
+        let store = BlobStore::connect(&infra.participant_store(self.id)?)?;
+        let mut mqtt = infra.session(self.id);
         mqtt.signer = sec.signer;
         let client = client::run_client(copts, mqtt, store, trainer, clients.cancel_token());
         clients.spawn(async move { Ok(client.await?) });
+        Ok(())
     }
-    Ok(server_sec)
 }
 
 /// Says how a local federation's participants are secured.

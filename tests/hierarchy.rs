@@ -28,6 +28,32 @@ fn config(run: &str, optimizer: &str) -> Config {
     c
 }
 
+async fn run(cfg: Config, out: std::path::PathBuf) -> federation::LocalReport {
+    federation::run_local(
+        &cfg,
+        &LocalOptions::new(out),
+        |_| {},
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap()
+}
+
+/// The two runs' final models agree within `tol` in every value.
+fn assert_same_model(a: &std::path::Path, b: &std::path::Path, tol: f32) {
+    let (a, b) = (final_model(a), final_model(b));
+    for (x, y) in a.tensors().iter().zip(b.tensors()) {
+        assert_eq!(x.name(), y.name());
+        let worst = x
+            .data()
+            .iter()
+            .zip(y.data())
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < tol, "{}: differs by {worst}", x.name());
+    }
+}
+
 fn final_model(dir: &std::path::Path) -> ParamSet {
     ParamSet::from_safetensors_bytes(&std::fs::read(dir.join("final_model.safetensors")).unwrap())
         .unwrap()
@@ -39,16 +65,6 @@ fn final_model(dir: &std::path::Path) -> ParamSet {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hierarchy_with_one_site_round_equals_the_flat_federation() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |cfg: Config, out: std::path::PathBuf| async move {
-        federation::run_local(
-            &cfg,
-            &LocalOptions::new(out),
-            |_| {},
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap()
-    };
     let flat = run(config("flat", "FedAvg"), dir.path().join("flat")).await;
     let hier = run(config("hier", "HierarchicalFL"), dir.path().join("hier")).await;
     assert_eq!(flat.server.outcome, Outcome::Completed);
@@ -73,20 +89,7 @@ async fn a_hierarchy_with_one_site_round_equals_the_flat_federation() {
             f.round
         );
     }
-    let (f, h) = (
-        final_model(&dir.path().join("flat")),
-        final_model(&dir.path().join("hier")),
-    );
-    for (a, b) in f.tensors().iter().zip(h.tensors()) {
-        assert_eq!(a.name(), b.name());
-        let worst = a
-            .data()
-            .iter()
-            .zip(b.data())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(worst < 1e-4, "{}: differs by {worst}", a.name());
-    }
+    assert_same_model(&dir.path().join("flat"), &dir.path().join("hier"), 1e-4);
     // Each edge ran its own site: its metrics name its devices' rounds.
     for k in 1..=3 {
         let csv = std::fs::read_to_string(
@@ -109,16 +112,6 @@ async fn a_hierarchy_with_one_site_round_equals_the_flat_federation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_securely_aggregated_hierarchy_gives_the_plain_hierarchys_model() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |cfg: Config, out: std::path::PathBuf| async move {
-        federation::run_local(
-            &cfg,
-            &LocalOptions::new(out),
-            |_| {},
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap()
-    };
     let mut secure = config("hsa", "HierarchicalFL");
     secure.secure_aggregation_args.enable_sa = true;
     secure.validate().unwrap();
@@ -148,17 +141,5 @@ async fn a_securely_aggregated_hierarchy_gives_the_plain_hierarchys_model() {
             "{site:?}"
         );
     }
-    let (p, m) = (
-        final_model(&dir.path().join("plain")),
-        final_model(&dir.path().join("secure")),
-    );
-    for (a, b) in p.tensors().iter().zip(m.tensors()) {
-        let worst = a
-            .data()
-            .iter()
-            .zip(b.data())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0f32, f32::max);
-        assert!(worst < 1e-4, "{}: differs by {worst}", a.name());
-    }
+    assert_same_model(&dir.path().join("plain"), &dir.path().join("secure"), 1e-4);
 }

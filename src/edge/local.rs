@@ -3,18 +3,15 @@
 //! store client and fresh identity, on the broker and store of the local federation.
 
 use super::{edge_id, run_edge, site_config, sites, EdgeParts};
-use crate::client::{self, ClientOptions, ClientReport};
+use crate::client::{self, ClientReport};
 use crate::data::{DataSplit, Partition};
 use crate::federation::{
-    capabilities, client_trainer, local_training, log_ephemeral, LocalClients, LocalInfra,
-    Security, KEY_PREFIX,
+    client_trainer, local_training, log_ephemeral, LocalClient, LocalClients, LocalInfra, Security,
 };
-use crate::proto::BlobKeys;
 use crate::store::BlobStore;
 use crate::train::{self, ModelRef};
 use anyhow::Result;
 use std::path::Path;
-use std::time::Duration;
 
 /// The data and model every device trains.
 pub struct Data<'a> {
@@ -64,22 +61,13 @@ pub fn spawn_hierarchy(
                 device.clone(),
                 threads,
             )?;
-            let copts = ClientOptions {
-                run: site_run.clone(),
-                keys: BlobKeys::new(KEY_PREFIX, &site_run),
-                capabilities: capabilities(&desc, trainer.num_samples()),
-                train_slots: Some(slots.clone()),
-                connect_timeout: Duration::from_secs(30),
-                keyring: sec.keyring,
-                crypto: sec.crypto,
-                link_timeout: None,
-                id: id.clone(),
+            let device = LocalClient {
+                run: &site_run,
+                id: &id,
+                device: &desc,
+                slots: &slots,
             };
-            let store = BlobStore::connect(&infra.participant_store(&id)?)?;
-            let mut mqtt = infra.session(&id);
-            mqtt.signer = sec.signer;
-            let device = client::run_client(copts, mqtt, store, trainer, clients.cancel_token());
-            clients.spawn(async move { Ok(device.await?) });
+            device.spawn(infra, trainer, sec, clients)?;
         }
         let id = edge_id(run, k);
         let parts = EdgeParts {
