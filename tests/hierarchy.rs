@@ -143,3 +143,88 @@ async fn a_securely_aggregated_hierarchy_gives_the_plain_hierarchys_model() {
     }
     assert_same_model(&dir.path().join("plain"), &dir.path().join("secure"), 1e-4);
 }
+
+/// An edge keeps reconnecting while its broker is away, and gives up once it has been away for
+/// longer than its uplink timeout (`fedmq_args.edge_uplink_timeout_s`): here the broker is a
+/// `fedmq broker` process killed with SIGKILL and never restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_a_link_timeout_gives_up_when_its_broker_stays_away() {
+    use fedmq::client::{self, ClientOptions, NoopTrainer};
+    use fedmq::proto::BlobKeys;
+    use fedmq::store::{BlobStore, EmbeddedStore, S3Options, StoreOptions};
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = std::process::Command::new(env!("CARGO_BIN_EXE_fedmq"))
+        .args(["broker", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(broker.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line
+        .strip_prefix("fedmq broker listening on ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("broker said {line:?}"));
+    let store = EmbeddedStore::start(StoreOptions::new(dir.path().join("store"), "fedmq", "s"))
+        .await
+        .unwrap();
+    let s3 = S3Options {
+        endpoint: store.endpoint(),
+        access_key: "fedmq".into(),
+        secret_key: "s".into(),
+        bucket: "fedmq".into(),
+        ..S3Options::default()
+    };
+    let id = "lt-edge-1";
+    let opts = ClientOptions {
+        run: "lt".into(),
+        id: id.into(),
+        keys: BlobKeys::new(federation::KEY_PREFIX, "lt"),
+        capabilities: federation::capabilities("cpu", 10),
+        train_slots: None,
+        connect_timeout: Duration::from_secs(10),
+        keyring: None,
+        crypto: None,
+        link_timeout: Some(Duration::from_secs(2)),
+    };
+    let mqtt = fedmq::transport::SessionOptions::new("127.0.0.1", addr.port(), id);
+    let trainer = NoopTrainer {
+        num_samples: 10,
+        delta: 0.0,
+        steps: 1,
+        delay: Duration::ZERO,
+        fail: false,
+    };
+    let run = tokio::spawn(client::run_client(
+        opts,
+        mqtt,
+        BlobStore::connect(&s3).unwrap(),
+        std::sync::Arc::new(trainer),
+        CancellationToken::new(),
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!run.is_finished(), "connected and waiting for the server");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+    let killed = Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("gave up within 30 s")
+        .unwrap()
+        .unwrap();
+    let waited = killed.elapsed();
+    assert!(
+        report.reason.starts_with("aborted") && report.reason.contains("unreachable for 2 s"),
+        "{}",
+        report.reason
+    );
+    // Not at once: it reconnected for the link timeout first (keep-alive detection included).
+    assert!(waited >= Duration::from_secs(2), "gave up after {waited:?}");
+    store.shutdown().await;
+}

@@ -206,19 +206,18 @@ fn the_site_trainer_runs_group_comm_round_site_rounds_and_reports_the_sites_samp
     );
 }
 
+/// The error of one cloud round of `t` from `params(1.0)` with `hooks`.
+fn train_err(t: &SiteTrainer, hooks: &LocalHooks) -> String {
+    t.train(params(1.0), &train_config(), hooks, &AtomicBool::new(false))
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
 fn a_failed_site_round_or_a_strategy_instruction_is_the_edges_failure() {
     let (tx, _site) = fake_site(Some(2));
     let t = SiteTrainer::new(tx, 2, 100);
-    let e = t
-        .train(
-            params(1.0),
-            &train_config(),
-            &LocalHooks::default(),
-            &AtomicBool::new(false),
-        )
-        .unwrap_err()
-        .to_string();
+    let e = train_err(&t, &LocalHooks::default());
     assert!(
         e.contains("site's round failed") && e.contains("1 of 3"),
         "{e}"
@@ -227,24 +226,13 @@ fn a_failed_site_round_or_a_strategy_instruction_is_the_edges_failure() {
         proximal_mu: 0.1,
         ..LocalHooks::default()
     };
-    let e = t
-        .train(params(1.0), &train_config(), &prox, &AtomicBool::new(false))
-        .unwrap_err()
-        .to_string();
+    let e = train_err(&t, &prox);
     assert!(e.contains("HierarchicalFL"), "{e}");
     // A site server that is gone.
     let (tx, rx) = mpsc::unbounded_channel();
     drop(rx);
     let t = SiteTrainer::new(tx, 1, 1);
-    let e = t
-        .train(
-            params(1.0),
-            &train_config(),
-            &LocalHooks::default(),
-            &AtomicBool::new(false),
-        )
-        .unwrap_err()
-        .to_string();
+    let e = train_err(&t, &LocalHooks::default());
     assert!(e.contains("stopped"), "{e}");
 }
 

@@ -314,15 +314,7 @@ impl LstmEngine {
             .into_par_iter()
             .zip(self.tw.par_iter_mut())
             .for_each(|(mut shard, tw)| ctx.run_shard(&mut shard, tw));
-        let mut stats = BatchStats {
-            samples: n,
-            ..Default::default()
-        };
-        for tw in &self.tw {
-            stats.loss_sum += tw.loss;
-            stats.correct += tw.correct;
-        }
-        stats
+        BatchStats::of_shards(n, self.tw.iter().map(|tw| (tw.loss, tw.correct)))
     }
 
     /// Phase 2's gradient of one parameter slice over the last batch (after a training

@@ -157,6 +157,21 @@ pub(crate) struct BatchStats {
     pub samples: usize,
 }
 
+impl BatchStats {
+    /// The stats of a classification batch of `samples` from its shards' (loss sum, correct).
+    pub(crate) fn of_shards(samples: usize, shards: impl Iterator<Item = (f64, usize)>) -> Self {
+        let mut stats = BatchStats {
+            samples,
+            ..Default::default()
+        };
+        for (loss, correct) in shards {
+            stats.loss_sum += loss;
+            stats.correct += correct;
+        }
+        stats
+    }
+}
+
 /// A model's parameters, optimizer state and scratch buffers on the host.
 pub(crate) struct NativeNet {
     specs: Vec<ParamSpec>,
@@ -681,15 +696,7 @@ impl ImageEngine {
             .into_par_iter()
             .zip(self.tw.par_iter_mut())
             .for_each(|(mut shard, tw)| ctx.run_shard(&mut shard, tw));
-        let mut stats = BatchStats {
-            samples: batch,
-            ..Default::default()
-        };
-        for tw in &self.tw {
-            stats.loss_sum += tw.loss;
-            stats.correct += tw.correct;
-        }
-        stats
+        BatchStats::of_shards(batch, self.tw.iter().map(|tw| (tw.loss, tw.correct)))
     }
 
     /// Phase 2's gradient of one parameter slice over the batch of `batch` samples.
